@@ -1,0 +1,479 @@
+//! A fake OpenAI-compatible upstream, served over real HTTP on a port of its
+//! own. Tests and benchmarks point the gateway at [`FakeUpstream::base_url`].
+//!
+//! It answers chat completions (plain, streamed, tool calls, `n > 1`,
+//! structured output), legacy completions, embeddings (float and base64),
+//! responses and the model list; reports usage (honouring
+//! `stream_options.include_usage`) with reasoning and cached token details or
+//! omits it; and injects faults (see [`Fault`]). It records every request it
+//! received so tests can assert what the gateway sent.
+
+pub mod responses;
+pub mod scenario;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+
+pub use scenario::{ErrorStyle, Fault, Scenario, UsageStyle};
+
+/// One request as the fake received it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: http::Method,
+    /// Path and query, e.g. `/v1/chat/completions`.
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl RecordedRequest {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// What the fake reported as usage for one answered request (`None` when it
+/// reported none the client could see).
+#[derive(Debug, Clone)]
+pub struct Reported {
+    pub path: String,
+    pub usage: Option<Value>,
+}
+
+#[derive(Default)]
+struct Shared {
+    defaults: Mutex<Scenario>,
+    queued: Mutex<VecDeque<Fault>>,
+    requests: Mutex<Vec<RecordedRequest>>,
+    reported: Mutex<Vec<Reported>>,
+    streams_started: AtomicUsize,
+    streams_cancelled: AtomicUsize,
+    streams_completed: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave bad state
+    // behind (each is a plain push or read), so poisoning is ignored.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running fake upstream. Dropping it stops the server.
+pub struct FakeUpstream {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), Scenario::default()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, defaults: Scenario) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            defaults: Mutex::new(defaults),
+            ..Shared::default()
+        });
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(serve(listener, router(shared.clone()), stopped));
+        Ok(Self {
+            addr,
+            shared,
+            _stop: stop,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL to configure as the gateway's upstream (ends in `/v1`).
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn set_defaults(&self, scenario: Scenario) {
+        *lock(&self.shared.defaults) = scenario;
+    }
+
+    /// The next request (of any kind) gets this fault.
+    pub fn enqueue_fault(&self, fault: Fault) {
+        lock(&self.shared.queued).push_back(fault);
+    }
+
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.shared.requests).clone()
+    }
+
+    pub fn reported(&self) -> Vec<Reported> {
+        lock(&self.shared.reported).clone()
+    }
+
+    pub fn streams_started(&self) -> usize {
+        self.shared.streams_started.load(Ordering::SeqCst)
+    }
+
+    /// Streams whose client (the gateway) went away before the end.
+    pub fn streams_cancelled(&self) -> usize {
+        self.shared.streams_cancelled.load(Ordering::SeqCst)
+    }
+
+    pub fn streams_completed(&self) -> usize {
+        self.shared.streams_completed.load(Ordering::SeqCst)
+    }
+}
+
+/// Lets a handler drop its own connection without answering.
+#[derive(Clone)]
+struct ConnectionKill(Arc<Notify>);
+
+/// Serves connections by hand (rather than `axum::serve`) so that a handler
+/// can close its connection without a response: the `reset` fault.
+async fn serve(listener: TcpListener, app: Router, mut stopped: oneshot::Receiver<()>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((tcp, _)) = accepted else { continue };
+        let _ = tcp.set_nodelay(true);
+        let kill = Arc::new(Notify::new());
+        let app = app.clone();
+        let conn_kill = ConnectionKill(kill.clone());
+        let service =
+            hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(conn_kill.clone());
+                let app = app.clone();
+                async move {
+                    Ok::<_, Infallible>(
+                        tower::ServiceExt::oneshot(app, request.map(Body::new))
+                            .await
+                            .into_response(),
+                    )
+                }
+            });
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                _ = conn => {}
+                () = kill.notified() => {}
+            }
+        });
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(answer))
+        .route("/v1/completions", post(answer))
+        .route("/v1/embeddings", post(answer))
+        .route("/v1/responses", post(answer))
+        .route("/v1/models", get(answer))
+        .route("/v1/models/{*id}", get(answer))
+        .fallback(answer)
+        .with_state(shared)
+}
+
+async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.to_string());
+    lock(&shared.requests).push(RecordedRequest {
+        method: parts.method.clone(),
+        path: path.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+
+    let mut scenario = lock(&shared.defaults).clone();
+    if let Err(e) = scenario.apply_headers(&parts.headers) {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": {"message": e.0,
+            "type": "invalid_request_error", "param": null, "code": "fake_bad_directive"}}),
+        );
+    }
+    if let Some(fault) = lock(&shared.queued).pop_front() {
+        scenario.fault = Some(fault);
+    }
+    if !scenario.latency.is_zero() {
+        tokio::time::sleep(scenario.latency).await;
+    }
+
+    match scenario.fault {
+        Some(Fault::Status { status, style }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return json_response(status, &responses::error_body(status.as_u16(), style));
+        }
+        Some(Fault::Html301) => {
+            return Response::builder()
+                .status(StatusCode::MOVED_PERMANENTLY)
+                .header(header::LOCATION, "https://example.invalid/")
+                .header(header::CONTENT_TYPE, "text/html")
+                .body(Body::from("<html><body>Moved Permanently</body></html>"))
+                .unwrap_or_default();
+        }
+        Some(Fault::Html200) => {
+            return (
+                [(header::CONTENT_TYPE, "text/html")],
+                "<!doctype html><html><body>Welcome</body></html>",
+            )
+                .into_response();
+        }
+        Some(Fault::Reset) => {
+            if let Some(kill) = parts.extensions.get::<ConnectionKill>() {
+                kill.0.notify_one();
+            }
+            std::future::pending::<()>().await;
+            unreachable_response()
+        }
+        Some(Fault::Stall) => {
+            std::future::pending::<()>().await;
+            unreachable_response()
+        }
+        _ => respond(&shared, &parts, &path, &body, &scenario),
+    }
+}
+
+fn unreachable_response() -> Response {
+    StatusCode::INTERNAL_SERVER_ERROR.into_response()
+}
+
+fn respond(
+    shared: &Arc<Shared>,
+    parts: &http::request::Parts,
+    path: &str,
+    body: &Bytes,
+    scenario: &Scenario,
+) -> Response {
+    let ask = responses::Ask::read(body);
+    let stream = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["stream"].as_bool())
+        .unwrap_or(false);
+    let route = parts.uri.path();
+    let record = |usage: Option<Value>| {
+        lock(&shared.reported).push(Reported {
+            path: path.to_owned(),
+            usage,
+        })
+    };
+
+    if parts.method == http::Method::GET {
+        if route == "/v1/models" {
+            return json_response(StatusCode::OK, &responses::model_list());
+        }
+        if let Some(id) = route.strip_prefix("/v1/models/") {
+            let id = percent_decode(id);
+            if responses::MODELS.contains(&id.as_str()) {
+                return json_response(StatusCode::OK, &responses::model(&id));
+            }
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": {
+                "message": format!("The model `{id}` does not exist"), "type": "invalid_request_error",
+                "param": null, "code": "model_not_found"}}),
+            );
+        }
+    }
+
+    let (events, usage) = match (route, stream) {
+        ("/v1/chat/completions", false) => {
+            return json_with_usage(responses::chat_completion(&ask, scenario), record);
+        }
+        ("/v1/completions", false) => {
+            return json_with_usage(responses::completion(&ask, scenario), record);
+        }
+        ("/v1/embeddings", _) => {
+            return json_with_usage(responses::embeddings(body, &ask, scenario), record);
+        }
+        ("/v1/responses", false) => {
+            return json_with_usage(responses::response(&ask, scenario), record);
+        }
+        ("/v1/chat/completions", true) => responses::chat_stream(&ask, scenario),
+        ("/v1/completions", true) => responses::completion_stream(&ask, scenario),
+        ("/v1/responses", true) => responses::response_stream(&ask, scenario),
+        _ => {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": {
+                "message": format!("unknown path {route}"), "type": "invalid_request_error",
+                "param": null, "code": "unknown_url"}}),
+            );
+        }
+    };
+    record(usage);
+    let with_done = route != "/v1/responses";
+    sse_response(shared.clone(), events, with_done, scenario)
+}
+
+fn json_with_usage(
+    (body, usage): (Value, Option<Value>),
+    record: impl FnOnce(Option<Value>),
+) -> Response {
+    record(usage);
+    json_response(StatusCode::OK, &body)
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    let mut response = (status, body.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response.headers_mut().insert(
+        "x-request-id",
+        HeaderValue::from_static("fake-upstream-request"),
+    );
+    response
+}
+
+/// Counts a stream as cancelled unless it ran to its end.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    completed: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let counter = if self.completed {
+            &self.shared.streams_completed
+        } else {
+            &self.shared.streams_cancelled
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn sse_response(
+    shared: Arc<Shared>,
+    events: Vec<String>,
+    with_done: bool,
+    scenario: &Scenario,
+) -> Response {
+    shared.streams_started.fetch_add(1, Ordering::SeqCst);
+    let mut frames: VecDeque<Bytes> = events.into_iter().map(Bytes::from).collect();
+    if with_done {
+        frames.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+    }
+    let interval = scenario.chunk_interval;
+    let fault = scenario.fault;
+    struct St {
+        frames: VecDeque<Bytes>,
+        sent: usize,
+        guard: StreamGuard,
+    }
+    let state = St {
+        frames,
+        sent: 0,
+        guard: StreamGuard {
+            shared,
+            completed: false,
+        },
+    };
+    let stream = futures_util::stream::unfold(state, move |mut st| async move {
+        match fault {
+            Some(Fault::DropMidStream { after_chunks }) if st.sent >= after_chunks => {
+                st.guard.completed = true;
+                return Some((
+                    Err(std::io::Error::other("fake: connection dropped mid-stream")),
+                    st,
+                ));
+            }
+            Some(Fault::StallMidStream { after_chunks }) if st.sent >= after_chunks => {
+                std::future::pending::<()>().await;
+            }
+            _ => {}
+        }
+        if st.sent > 0 && !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+        match st.frames.pop_front() {
+            Some(frame) => {
+                st.sent += 1;
+                Some((Ok(frame), st))
+            }
+            None => {
+                st.guard.completed = true;
+                drop(st);
+                None
+            }
+        }
+    });
+    // After a deliberate drop the stream must end, not yield more errors.
+    let stream = futures_util::StreamExt::take_while(stream, {
+        let mut failed = false;
+        move |item: &Result<Bytes, std::io::Error>| {
+            let go = !failed;
+            failed |= item.is_err();
+            std::future::ready(go)
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-request-id", "fake-upstream-request")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Convenience for the binary: waits forever.
+pub async fn run_forever(addr: SocketAddr, defaults: Scenario) -> anyhow::Result<()> {
+    let fake = FakeUpstream::start_on(addr, defaults).await?;
+    eprintln!("fake upstream listening on {}", fake.base_url());
+    std::future::pending::<()>().await;
+    drop(fake);
+    Ok(())
+}
+
+/// Reexported for the binary's flag parsing.
+pub fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}

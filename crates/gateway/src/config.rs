@@ -1,0 +1,226 @@
+//! Typed configuration: a TOML file, then `TOLLGATE_<SECTION>__<KEY>`
+//! environment overrides, validated once at start-up.
+//!
+//! Unknown keys (in the file or the environment) are start-up errors that name
+//! the key, so a typo never silently falls back to a default. Secrets are
+//! never part of the file: the config names the environment variable or file
+//! they are read from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use reqwest::Url;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `TOLLGATE_` prefix that are not config keys.
+const NON_CONFIG_ENV: &[&str] = &["CONFIG", "ADMIN_TOKEN"];
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the public OpenAI-compatible listener. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger ones get 413 before
+    /// anything is sent upstream. The default leaves room for inline images.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests and streams may run after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 32 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// OpenAI-compatible base URL, including its `/v1` (or equivalent) prefix.
+    pub base_url: String,
+    /// Environment variable holding the upstream API key.
+    pub api_key_env: String,
+    /// File holding the upstream API key (takes precedence over `api_key_env`).
+    pub api_key_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed from sending the request to receiving response headers.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Longest silence allowed between two chunks of a response body.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long an unused pooled connection is kept.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// Upper bound on one SSE event from the upstream.
+    pub max_event_bytes: usize,
+    /// Upper bound on a non-streamed upstream response body.
+    pub max_response_bytes: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.cometapi.com/v1".to_owned(),
+            api_key_env: "COMETAPI_KEY".to_owned(),
+            api_key_file: None,
+            connect_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(120),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 256,
+            max_event_bytes: 16 * 1024 * 1024,
+            max_response_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `tollgate_gateway=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+    #[error("configuration: cannot read `upstream.api_key_file` {path}: {source}")]
+    KeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid {
+                    key: "--config",
+                    problem: format!("names {}, which does not exist", path.display()),
+                });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(
+            Env::prefixed("TOLLGATE_")
+                .ignore(NON_CONFIG_ENV)
+                .split("__"),
+        );
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                problem: problem.into(),
+            }
+        }
+        let url = Url::parse(&self.upstream.base_url)
+            .map_err(|e| invalid("upstream.base_url", format!("is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid("upstream.base_url", "must be an http or https URL"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid(
+                "upstream.base_url",
+                "must not have a query or fragment",
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be greater than 0"));
+        }
+        if self.upstream.max_event_bytes == 0 {
+            return Err(invalid(
+                "upstream.max_event_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if self.upstream.max_response_bytes == 0 {
+            return Err(invalid(
+                "upstream.max_response_bytes",
+                "must be greater than 0",
+            ));
+        }
+        for (key, value) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            (
+                "upstream.first_byte_timeout",
+                self.upstream.first_byte_timeout,
+            ),
+            ("upstream.idle_timeout", self.upstream.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", format!("is not a valid filter: {e}")))?;
+        Ok(())
+    }
+}
+
+impl UpstreamConfig {
+    /// The upstream key, from `api_key_file` or else `api_key_env`. `None`
+    /// when neither is set: requests are then forwarded without a key, which
+    /// suits local upstreams that need none.
+    pub fn api_key(&self) -> Result<Option<SecretString>, ConfigError> {
+        if let Some(path) = &self.api_key_file {
+            let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFile {
+                path: path.clone(),
+                source,
+            })?;
+            return Ok(Some(SecretString::from(raw.trim().to_owned())));
+        }
+        Ok(std::env::var(&self.api_key_env)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .map(SecretString::from))
+    }
+}

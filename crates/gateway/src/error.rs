@@ -1,0 +1,156 @@
+//! The one place where failures become client responses.
+//!
+//! Every error a client sees is an OpenAI error envelope with the status the
+//! SDKs expect. An error records whose fault it is (the client, the upstream
+//! or the gateway), which decides the status and whether a retry can help.
+//! Constructing or converting an error never logs: the trace layer logs each
+//! response once, with its status.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use tollgate_openai::ErrorEnvelope;
+
+/// Whose fault a failure is. Drives the status class and, later, metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+    Gateway,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("failed to read the request body")]
+    BodyRead,
+    #[error("unknown path {0}")]
+    UnknownRoute(String),
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("the upstream could not be reached")]
+    UpstreamUnavailable,
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("{0}")]
+    UpstreamBadResponse(String),
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error("internal error")]
+    Internal,
+}
+
+impl GatewayError {
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::InvalidJson(_)
+            | Self::BodyTooLarge { .. }
+            | Self::BodyRead
+            | Self::UnknownRoute(_)
+            | Self::MethodNotAllowed { .. } => Fault::Client,
+            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamBadResponse(_) => {
+                Fault::Upstream
+            }
+            Self::ShuttingDown | Self::Internal => Fault::Gateway,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidJson(_) | Self::BodyRead => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnknownRoute(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UpstreamUnavailable | Self::UpstreamBadResponse(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable `code` of the envelope.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::BodyRead => "invalid_body",
+            Self::UnknownRoute(_) => "unknown_url",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamBadResponse(_) => "upstream_bad_response",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    /// The envelope `type`, following OpenAI's vocabulary.
+    pub fn kind(&self) -> &'static str {
+        match self.fault() {
+            Fault::Client => "invalid_request_error",
+            Fault::Upstream => "upstream_error",
+            Fault::Gateway => "server_error",
+        }
+    }
+
+    pub fn envelope(&self) -> ErrorEnvelope {
+        ErrorEnvelope::new(self.to_string(), self.kind(), self.code())
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (status, self.envelope().to_json_bytes()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.fault() == Fault::Client {
+            // A retry of the same bad request cannot succeed; tell the SDKs so
+            // they do not retry a 404/405 or a connection they believe flaky.
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        response.extensions_mut().insert(self.fault());
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn renders_an_openai_envelope_with_status() {
+        let response = GatewayError::BodyTooLarge { limit: 10 }.into_response();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let envelope: ErrorEnvelope = serde_json::from_slice(&body).unwrap();
+        assert_eq!(envelope.error.code.as_deref(), Some("request_too_large"));
+        assert_eq!(envelope.error.kind, "invalid_request_error");
+    }
+
+    #[test]
+    fn upstream_faults_are_5xx_and_client_faults_4xx() {
+        assert_eq!(
+            GatewayError::UpstreamTimeout.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            GatewayError::UpstreamUnavailable.status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert!(
+            GatewayError::InvalidJson("x".into())
+                .status()
+                .is_client_error()
+        );
+        assert_eq!(GatewayError::Internal.fault(), Fault::Gateway);
+    }
+}

@@ -1,0 +1,17 @@
+//! The Tollgate gateway as a library: `Application::build(config)` gives a
+//! server bound to its listener; the `tollgate` binary and the tests both
+//! start it this way.
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod proxy;
+pub mod request_id;
+pub mod router;
+pub mod shutdown;
+pub mod telemetry;
+pub mod upstream;
+
+pub use app::Application;
+pub use config::Config;

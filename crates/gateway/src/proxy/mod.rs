@@ -1,0 +1,235 @@
+//! The `/v1` handlers: read and check the request, forward it, relay the answer.
+//!
+//! Request bodies are forwarded as the original bytes; the gateway only peeks
+//! at the fields it routes on. Responses keep their status, body and
+//! headers, except where the upstream answered with something no OpenAI SDK
+//! can use (a redirect, an HTML page), which becomes a JSON 502.
+
+pub mod body;
+pub mod headers;
+pub mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Method, StatusCode, header};
+use tollgate_openai::RequestPeek;
+
+use crate::error::GatewayError;
+use crate::request_id::RequestId;
+use crate::upstream::{Upstream, classify};
+
+/// What the `/v1` handlers share.
+#[derive(Debug)]
+pub struct Proxy {
+    pub upstream: Upstream,
+    pub max_body_bytes: usize,
+    pub max_response_bytes: usize,
+}
+
+pub type ProxyState = State<Arc<Proxy>>;
+
+/// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`.
+pub async fn forward_post(
+    State(proxy): ProxyState,
+    request: Request,
+) -> Result<Response, GatewayError> {
+    let (parts, body) = request.into_parts();
+    let request_id = request_id(&parts.extensions);
+    let body = body::read_limited(body, &parts.headers, proxy.max_body_bytes).await?;
+    let wants_stream = RequestPeek::parse(&body)
+        .map_err(|e| GatewayError::InvalidJson(e.to_string()))?
+        .is_stream();
+    let upstream_response = proxy
+        .upstream
+        .send(
+            Method::POST,
+            upstream_path(&parts.uri),
+            &parts.headers,
+            &request_id,
+            Some(body),
+        )
+        .await?;
+    tracing::debug!(
+        wants_stream,
+        status = upstream_response.status().as_u16(),
+        "upstream answered"
+    );
+    relay_response(&proxy, upstream_response).await
+}
+
+/// `GET /v1/models` and `GET /v1/models/{id}`.
+pub async fn forward_get(
+    State(proxy): ProxyState,
+    request: Request,
+) -> Result<Response, GatewayError> {
+    let (parts, _body) = request.into_parts();
+    let request_id = request_id(&parts.extensions);
+    let upstream_response = proxy
+        .upstream
+        .send(
+            Method::GET,
+            upstream_path(&parts.uri),
+            &parts.headers,
+            &request_id,
+            None,
+        )
+        .await?;
+    relay_response(&proxy, upstream_response).await
+}
+
+fn request_id(extensions: &http::Extensions) -> RequestId {
+    // The request-id layer sits above every route; generating here keeps the
+    // handler total should a route ever be mounted outside it.
+    extensions
+        .get::<RequestId>()
+        .cloned()
+        .unwrap_or_else(RequestId::generate)
+}
+
+/// The path and query after the `/v1` prefix, still percent-encoded as the
+/// client sent it.
+fn upstream_path(uri: &http::Uri) -> &str {
+    let pq = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+    pq.strip_prefix("/v1").unwrap_or(pq)
+}
+
+async fn relay_response(
+    proxy: &Proxy,
+    upstream: reqwest::Response,
+) -> Result<Response, GatewayError> {
+    let status = upstream.status();
+    if status.is_redirection() || status.is_informational() {
+        return Err(GatewayError::UpstreamBadResponse(format!(
+            "the upstream answered with status {status} instead of an API response; check upstream.base_url"
+        )));
+    }
+    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    let is_event_stream = content_type
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+
+    let mut response = Response::builder().status(status);
+    if let Some(headers) = response.headers_mut() {
+        headers::copy_response_headers(upstream.headers(), headers);
+    }
+
+    if is_event_stream && status.is_success() {
+        let body = stream::relay(
+            upstream,
+            proxy.upstream.idle_timeout(),
+            proxy.upstream.max_event_bytes(),
+        );
+        if let Some(headers) = response.headers_mut() {
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Tells nginx-style proxies in front of the gateway not to buffer.
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        }
+        return response
+            .body(Body::from_stream(body))
+            .map_err(|_| GatewayError::Internal);
+    }
+
+    let body = read_upstream_body(
+        upstream,
+        proxy.upstream.idle_timeout(),
+        proxy.max_response_bytes,
+    )
+    .await?;
+    if !is_json(content_type.as_ref(), &body) {
+        return Err(GatewayError::UpstreamBadResponse(format!(
+            "the upstream answered with status {} and a body that is not JSON",
+            status.as_u16()
+        )));
+    }
+    if status == StatusCode::OK && content_type.is_none() {
+        if let Some(headers) = response.headers_mut() {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    response
+        .body(Body::from(body))
+        .map_err(|_| GatewayError::Internal)
+}
+
+/// Reads a whole upstream body, allowing at most `idle` between chunks.
+async fn read_upstream_body(
+    mut upstream: reqwest::Response,
+    idle: Duration,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    loop {
+        let chunk = match tokio::time::timeout(idle, upstream.chunk()).await {
+            Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
+            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        // Most bodies arrive in one chunk: keep it without copying.
+        match first.take() {
+            None if rest.is_empty() => first = Some(chunk),
+            prev => {
+                if let Some(prev) = prev {
+                    rest.extend_from_slice(&prev);
+                }
+                rest.extend_from_slice(&chunk);
+            }
+        }
+        let len = first.as_ref().map_or(0, Bytes::len) + rest.len();
+        if len > limit {
+            return Err(GatewayError::UpstreamBadResponse(format!(
+                "the upstream response is larger than {limit} bytes"
+            )));
+        }
+    }
+    Ok(first.unwrap_or_else(|| rest.freeze()))
+}
+
+/// JSON by content type, or, when the upstream sent none or a generic one,
+/// by its first byte. HTML error pages and redirects' bodies fail this.
+fn is_json(content_type: Option<&HeaderValue>, body: &[u8]) -> bool {
+    let declared = content_type
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    match declared.as_deref() {
+        Some(ct) if ct.contains("json") => true,
+        Some(ct) if ct.starts_with("text/html") => false,
+        _ => matches!(
+            body.iter().find(|b| !b.is_ascii_whitespace()),
+            Some(b'{' | b'[')
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_only_the_v1_prefix_and_keeps_the_query() {
+        let uri: http::Uri = "/v1/models/google%2Fgemini?x=1".parse().unwrap();
+        assert_eq!(upstream_path(&uri), "/models/google%2Fgemini?x=1");
+    }
+
+    #[test]
+    fn html_is_not_json_even_if_it_looks_like_it() {
+        let html = HeaderValue::from_static("text/html; charset=utf-8");
+        assert!(!is_json(Some(&html), b"{}"));
+        assert!(is_json(None, b"  {\"a\":1}"));
+        assert!(!is_json(None, b"<html>"));
+        assert!(is_json(
+            Some(&HeaderValue::from_static("application/json")),
+            b""
+        ));
+    }
+}

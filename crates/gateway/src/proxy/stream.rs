@@ -1,0 +1,184 @@
+//! Relaying an upstream SSE stream to the client, event by event.
+//!
+//! Each upstream chunk is split into whole events by the scanner and the
+//! events are forwarded as they complete: nothing is re-encoded and nothing
+//! waits for more than the rest of its own event. Because the client only
+//! ever receives whole events, a failure can always be reported by appending
+//! one `data: {"error":…}` event, which makes the SDKs raise `APIError`.
+//!
+//! Dropping the stream (the client went away) drops the upstream response,
+//! which closes or resets the upstream connection and so cancels the request.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tollgate_openai::{ErrorEnvelope, SseScanner};
+
+/// Where a relayed stream gets its bytes: the upstream response in
+/// production, a scripted source in unit tests.
+pub trait ChunkSource: Send + 'static {
+    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
+}
+
+impl ChunkSource for reqwest::Response {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        self.chunk().await.map_err(|e| e.to_string())
+    }
+}
+
+struct Relay<S> {
+    source: S,
+    scanner: SseScanner,
+    ready: VecDeque<Bytes>,
+    idle_timeout: Duration,
+    finished: bool,
+}
+
+fn error_event(message: &str, code: &str) -> Bytes {
+    Bytes::from(ErrorEnvelope::new(message, "upstream_error", code).to_sse_event())
+}
+
+impl<S: ChunkSource> Relay<S> {
+    /// Reads from the upstream until at least one frame is ready or the
+    /// stream is over.
+    async fn fill(&mut self) {
+        let mut events = Vec::new();
+        while self.ready.is_empty() && !self.finished {
+            match tokio::time::timeout(self.idle_timeout, self.source.next_chunk()).await {
+                Ok(Ok(Some(chunk))) => {
+                    if let Err(e) = self.scanner.push(chunk, &mut events) {
+                        self.ready.extend(events.drain(..).map(|e| e.into_bytes()));
+                        self.fail(&e.to_string(), "upstream_bad_response");
+                    }
+                }
+                Ok(Ok(None)) => {
+                    let tail = self.scanner.finish(&mut events);
+                    self.ready.extend(events.drain(..).map(|e| e.into_bytes()));
+                    if tail.is_some() {
+                        self.fail(
+                            "the upstream stream ended in the middle of an event",
+                            "upstream_disconnected",
+                        );
+                    }
+                    self.finished = true;
+                }
+                Ok(Err(detail)) => {
+                    tracing::warn!(error = %detail, "upstream stream failed");
+                    self.fail(
+                        "the upstream connection failed during the stream",
+                        "upstream_disconnected",
+                    );
+                }
+                Err(_elapsed) => {
+                    self.fail(
+                        "the upstream stopped sending during the stream",
+                        "upstream_timeout",
+                    );
+                }
+            }
+            self.ready.extend(events.drain(..).map(|e| e.into_bytes()));
+        }
+    }
+
+    fn fail(&mut self, message: &str, code: &str) {
+        self.ready.push_back(error_event(message, code));
+        self.finished = true;
+    }
+}
+
+/// The client-facing body stream for an upstream SSE response.
+pub fn relay<S: ChunkSource>(
+    source: S,
+    idle_timeout: Duration,
+    max_event_bytes: usize,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
+    let relay = Relay {
+        source,
+        scanner: SseScanner::new(max_event_bytes),
+        ready: VecDeque::new(),
+        idle_timeout,
+        finished: false,
+    };
+    futures_util::stream::unfold(relay, |mut relay| async move {
+        relay.fill().await;
+        let frame = relay.ready.pop_front()?;
+        Some((Ok(frame), relay))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    struct Script(VecDeque<Result<Option<Bytes>, String>>);
+
+    impl ChunkSource for Script {
+        async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+            match self.0.pop_front() {
+                Some(step) => step,
+                // Stall forever: lets the idle timeout fire.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    async fn run(steps: Vec<Result<Option<&'static [u8]>, &'static str>>) -> Vec<Bytes> {
+        let script = Script(
+            steps
+                .into_iter()
+                .map(|s| s.map(|o| o.map(Bytes::from_static)).map_err(str::to_owned))
+                .collect(),
+        );
+        relay(script, Duration::from_millis(50), 1024)
+            .map(|r| r.unwrap())
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn forwards_whole_events_and_reassembles_split_ones() {
+        let frames = run(vec![
+            Ok(Some(b"data: 1\n\ndata: ")),
+            Ok(Some(b"2\n\n")),
+            Ok(None),
+        ])
+        .await;
+        assert_eq!(
+            frames,
+            vec![
+                Bytes::from_static(b"data: 1\n\n"),
+                Bytes::from_static(b"data: 2\n\n")
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failure_mid_stream_ends_with_one_error_event_at_a_boundary() {
+        let frames = run(vec![Ok(Some(b"data: 1\n\ndata: {\"partial")), Err("reset")]).await;
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0], Bytes::from_static(b"data: 1\n\n"));
+        assert!(
+            frames[1].starts_with(b"data: {\"error\":"),
+            "{:?}",
+            frames[1]
+        );
+        assert!(String::from_utf8_lossy(&frames[1]).contains("upstream_disconnected"));
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_inside_an_event_reports_an_error() {
+        let frames = run(vec![Ok(Some(b"data: 1\n\ndata: 2")), Ok(None)]).await;
+        assert_eq!(frames.len(), 2);
+        assert!(String::from_utf8_lossy(&frames[1]).contains("upstream_disconnected"));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_upstream_times_out_with_an_error_event() {
+        let frames = run(vec![Ok(Some(b"data: 1\n\n"))]).await;
+        assert_eq!(frames.len(), 2);
+        assert!(String::from_utf8_lossy(&frames[1]).contains("upstream_timeout"));
+    }
+}

@@ -1,0 +1,107 @@
+//! The HTTP surface and the middleware stack, built in one place.
+//!
+//! Layers, outermost first (a request passes them top to bottom, a response
+//! bottom to top):
+//!
+//! 1. `RequestIdLayer` — inserts the `RequestId` extension and echoes
+//!    `x-request-id` on every response, including errors from any layer below.
+//! 2. `TraceLayer` — one span per request carrying the request id, so every
+//!    log line below it has the id; logs each response once with its status
+//!    and latency. Sits under (1) because it reads the `RequestId` extension.
+//! 3. `CatchPanicLayer` — a panic in a handler becomes a 500 envelope instead
+//!    of a dropped connection. Innermost, so (1) and (2) still see a response.
+//! 4. Routes. The body limit is applied where the body is read
+//!    (`proxy::body`), so that it answers with our envelope.
+//!
+//! Tenant authentication, policy, rate limits and budgets go between (3) and
+//! the `/v1` routes, in that order.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+use crate::error::GatewayError;
+use crate::health::{self, Readiness};
+use crate::proxy::{self, Proxy};
+use crate::request_id::{RequestId, RequestIdLayer};
+
+pub fn build(proxy: Arc<Proxy>, readiness: Readiness) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(proxy::forward_post))
+        .route("/v1/completions", post(proxy::forward_post))
+        .route("/v1/embeddings", post(proxy::forward_post))
+        .route("/v1/responses", post(proxy::forward_post))
+        .route("/v1/models", get(proxy::forward_get))
+        // Model ids may contain '/', e.g. `google/gemini-2.5-flash`.
+        .route("/v1/models/{*id}", get(proxy::forward_get))
+        .with_state(proxy);
+
+    let ops = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .with_state(readiness);
+
+    Router::new()
+        .merge(v1)
+        .merge(ops)
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(
+            ServiceBuilder::new()
+                .layer(RequestIdLayer)
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(make_span)
+                        .on_request(())
+                        .on_response(on_response)
+                        .on_failure(()),
+                )
+                .layer(CatchPanicLayer::custom(panic_response)),
+        )
+}
+
+fn make_span(request: &Request) -> Span {
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map_or("", RequestId::as_str);
+    tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %request.method(),
+        path = %request.uri().path(),
+    )
+}
+
+fn on_response<B>(response: &http::Response<B>, latency: Duration, _span: &Span) {
+    tracing::info!(
+        status = response.status().as_u16(),
+        latency_ms = latency.as_secs_f64() * 1000.0,
+        "response"
+    );
+}
+
+async fn unknown_route(request: Request) -> GatewayError {
+    GatewayError::UnknownRoute(request.uri().path().to_owned())
+}
+
+async fn method_not_allowed(request: Request) -> GatewayError {
+    GatewayError::MethodNotAllowed {
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+    }
+}
+
+fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response {
+    tracing::error!("handler panicked");
+    GatewayError::Internal.into_response()
+}

@@ -1,0 +1,13 @@
+//! OpenAI wire format, as far as the gateway needs to understand it.
+//!
+//! Everything here is pure data and parsing: no I/O, no async, no allocation
+//! beyond what the caller hands in. The gateway reads as little of a request or
+//! response as it must and forwards the original bytes otherwise.
+
+pub mod error;
+pub mod request;
+pub mod sse;
+
+pub use error::{ErrorBody, ErrorEnvelope};
+pub use request::{RequestPeek, RequestPeekError};
+pub use sse::{SseEvent, SseScanner, SseScannerError};

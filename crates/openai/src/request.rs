@@ -1,0 +1,124 @@
+//! A borrowed look at a request body: the few fields the gateway routes on.
+//!
+//! Parsing into this struct validates the whole document as JSON (unknown
+//! fields are skipped, not ignored), without building a `Value` tree, so the
+//! gateway can reject malformed bodies and still forward the original bytes.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RequestPeek<'a> {
+    #[serde(borrow, default)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Debug)]
+pub enum RequestPeekError {
+    /// The body is not a JSON object at all.
+    NotAnObject,
+    /// The body is not valid JSON, or a known field has the wrong type.
+    Invalid(serde_json::Error),
+}
+
+impl std::fmt::Display for RequestPeekError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotAnObject => f.write_str("the request body must be a JSON object"),
+            Self::Invalid(e) => write!(f, "the request body is not valid JSON: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RequestPeekError {}
+
+impl<'a> RequestPeek<'a> {
+    pub fn parse(body: &'a [u8]) -> Result<Self, RequestPeekError> {
+        // serde accepts a JSON array for a struct (fields by position); an
+        // OpenAI request is always an object, so check that first.
+        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Err(e) => Err(RequestPeekError::Invalid(e)),
+                Ok(_) => Err(RequestPeekError::NotAnObject),
+            };
+        }
+        serde_json::from_slice(body).map_err(RequestPeekError::Invalid)
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    pub fn client_asked_for_usage(&self) -> bool {
+        self.stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_model_and_stream_flags_and_skips_unknown_fields() {
+        let body = br#"{"model":"gemini-2.5-flash","messages":[{"role":"user","content":"hi"}],
+            "stream":true,"stream_options":{"include_usage":true},
+            "extra_body":{"google":{"thinking_config":{"thinking_budget":1024}}}}"#;
+        let peek = RequestPeek::parse(body).unwrap();
+        assert_eq!(peek.model.as_deref(), Some("gemini-2.5-flash"));
+        assert!(peek.is_stream());
+        assert!(peek.client_asked_for_usage());
+    }
+
+    #[test]
+    fn escaped_model_names_are_decoded() {
+        let peek = RequestPeek::parse(br#"{"model":"a\/b"}"#).unwrap();
+        assert_eq!(peek.model.as_deref(), Some("a/b"));
+    }
+
+    #[test]
+    fn rejects_truncated_json() {
+        let err = RequestPeek::parse(br#"{"model":"x","messages":["#).unwrap_err();
+        assert!(matches!(err, RequestPeekError::Invalid(_)));
+    }
+
+    #[test]
+    fn rejects_arrays_and_scalars() {
+        assert!(matches!(
+            RequestPeek::parse(br#"["gpt-4", true]"#),
+            Err(RequestPeekError::NotAnObject)
+        ));
+        assert!(matches!(
+            RequestPeek::parse(b"42"),
+            Err(RequestPeekError::NotAnObject)
+        ));
+        assert!(matches!(
+            RequestPeek::parse(b""),
+            Err(RequestPeekError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_wrong_types_for_known_fields() {
+        assert!(RequestPeek::parse(br#"{"model":1}"#).is_err());
+        assert!(RequestPeek::parse(br#"{"stream":"yes"}"#).is_err());
+    }
+
+    #[test]
+    fn invalid_json_in_unknown_fields_is_still_rejected() {
+        assert!(RequestPeek::parse(br#"{"model":"x","foo":[1,2,}"#).is_err());
+    }
+}
