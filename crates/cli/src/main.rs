@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 use tollgate_gateway::{Application, Config, shutdown, telemetry};
 
 #[derive(Parser)]
-#[command(
-    name = "tollgate",
-    version,
-    about = "An OpenAI-compatible gateway with keys, limits, budgets and accounting"
-)]
+#[command(name = "tollgate", version, about = "An OpenAI-compatible gateway with keys, limits, budgets and accounting")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,9 +47,7 @@ fn main() -> ExitCode {
 fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
     telemetry::init(&config.log)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let app = Application::build(config).await?;
         app.run_until_stopped(shutdown::signal()).await

@@ -89,17 +89,10 @@ impl FakeUpstream {
     pub async fn start_on(addr: SocketAddr, defaults: Scenario) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            defaults: Mutex::new(defaults),
-            ..Shared::default()
-        });
+        let shared = Arc::new(Shared { defaults: Mutex::new(defaults), ..Shared::default() });
         let (stop, stopped) = oneshot::channel();
         tokio::spawn(serve(listener, router(shared.clone()), stopped));
-        Ok(Self {
-            addr,
-            shared,
-            _stop: stop,
-        })
+        Ok(Self { addr, shared, _stop: stop })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -159,18 +152,11 @@ async fn serve(listener: TcpListener, app: Router, mut stopped: oneshot::Receive
         let kill = Arc::new(Notify::new());
         let app = app.clone();
         let conn_kill = ConnectionKill(kill.clone());
-        let service =
-            hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(conn_kill.clone());
-                let app = app.clone();
-                async move {
-                    Ok::<_, Infallible>(
-                        tower::ServiceExt::oneshot(app, request.map(Body::new))
-                            .await
-                            .into_response(),
-                    )
-                }
-            });
+        let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(conn_kill.clone());
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(tower::ServiceExt::oneshot(app, request.map(Body::new)).await.into_response()) }
+        });
         tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
@@ -200,10 +186,7 @@ async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response
         Ok(b) => b,
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.to_string());
+    let path = parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |pq| pq.to_string());
     lock(&shared.requests).push(RecordedRequest {
         method: parts.method.clone(),
         path: path.clone(),
@@ -229,22 +212,16 @@ async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response
     match scenario.fault {
         Some(Fault::Status { status, style }) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return json_response(status, &responses::error_body(status.as_u16(), style));
+            json_response(status, &responses::error_body(status.as_u16(), style))
         }
-        Some(Fault::Html301) => {
-            return Response::builder()
-                .status(StatusCode::MOVED_PERMANENTLY)
-                .header(header::LOCATION, "https://example.invalid/")
-                .header(header::CONTENT_TYPE, "text/html")
-                .body(Body::from("<html><body>Moved Permanently</body></html>"))
-                .unwrap_or_default();
-        }
+        Some(Fault::Html301) => Response::builder()
+            .status(StatusCode::MOVED_PERMANENTLY)
+            .header(header::LOCATION, "https://example.invalid/")
+            .header(header::CONTENT_TYPE, "text/html")
+            .body(Body::from("<html><body>Moved Permanently</body></html>"))
+            .unwrap_or_default(),
         Some(Fault::Html200) => {
-            return (
-                [(header::CONTENT_TYPE, "text/html")],
-                "<!doctype html><html><body>Welcome</body></html>",
-            )
-                .into_response();
+            ([(header::CONTENT_TYPE, "text/html")], "<!doctype html><html><body>Welcome</body></html>").into_response()
         }
         Some(Fault::Reset) => {
             if let Some(kill) = parts.extensions.get::<ConnectionKill>() {
@@ -273,17 +250,9 @@ fn respond(
     scenario: &Scenario,
 ) -> Response {
     let ask = responses::Ask::read(body);
-    let stream = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v["stream"].as_bool())
-        .unwrap_or(false);
+    let stream = serde_json::from_slice::<Value>(body).ok().and_then(|v| v["stream"].as_bool()).unwrap_or(false);
     let route = parts.uri.path();
-    let record = |usage: Option<Value>| {
-        lock(&shared.reported).push(Reported {
-            path: path.to_owned(),
-            usage,
-        })
-    };
+    let record = |usage: Option<Value>| lock(&shared.reported).push(Reported { path: path.to_owned(), usage });
 
     if parts.method == http::Method::GET {
         if route == "/v1/models" {
@@ -333,24 +302,15 @@ fn respond(
     sse_response(shared.clone(), events, with_done, scenario)
 }
 
-fn json_with_usage(
-    (body, usage): (Value, Option<Value>),
-    record: impl FnOnce(Option<Value>),
-) -> Response {
+fn json_with_usage((body, usage): (Value, Option<Value>), record: impl FnOnce(Option<Value>)) -> Response {
     record(usage);
     json_response(StatusCode::OK, &body)
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
     let mut response = (status, body.to_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response.headers_mut().insert(
-        "x-request-id",
-        HeaderValue::from_static("fake-upstream-request"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert("x-request-id", HeaderValue::from_static("fake-upstream-request"));
     response
 }
 
@@ -362,21 +322,12 @@ struct StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let counter = if self.completed {
-            &self.shared.streams_completed
-        } else {
-            &self.shared.streams_cancelled
-        };
+        let counter = if self.completed { &self.shared.streams_completed } else { &self.shared.streams_cancelled };
         counter.fetch_add(1, Ordering::SeqCst);
     }
 }
 
-fn sse_response(
-    shared: Arc<Shared>,
-    events: Vec<String>,
-    with_done: bool,
-    scenario: &Scenario,
-) -> Response {
+fn sse_response(shared: Arc<Shared>, events: Vec<String>, with_done: bool, scenario: &Scenario) -> Response {
     shared.streams_started.fetch_add(1, Ordering::SeqCst);
     let mut frames: VecDeque<Bytes> = events.into_iter().map(Bytes::from).collect();
     if with_done {
@@ -389,22 +340,15 @@ fn sse_response(
         sent: usize,
         guard: StreamGuard,
     }
-    let state = St {
-        frames,
-        sent: 0,
-        guard: StreamGuard {
-            shared,
-            completed: false,
-        },
-    };
+    let state = St { frames, sent: 0, guard: StreamGuard { shared, completed: false } };
     let stream = futures_util::stream::unfold(state, move |mut st| async move {
         match fault {
             Some(Fault::DropMidStream { after_chunks }) if st.sent >= after_chunks => {
+                // Give hyper time to flush what was sent: an error aborts the
+                // connection without writing buffered frames.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 st.guard.completed = true;
-                return Some((
-                    Err(std::io::Error::other("fake: connection dropped mid-stream")),
-                    st,
-                ));
+                return Some((Err(std::io::Error::other("fake: connection dropped mid-stream")), st));
             }
             Some(Fault::StallMidStream { after_chunks }) if st.sent >= after_chunks => {
                 std::future::pending::<()>().await;
@@ -448,15 +392,13 @@ fn percent_decode(text: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;

@@ -47,12 +47,8 @@ impl Ask {
             model: v["model"].as_str().unwrap_or("fake-model").to_owned(),
             n: v["n"].as_u64().unwrap_or(1).clamp(1, 16) as usize,
             tool_name,
-            json_output: v["response_format"]["type"]
-                .as_str()
-                .is_some_and(|t| t.starts_with("json")),
-            include_usage: v["stream_options"]["include_usage"]
-                .as_bool()
-                .unwrap_or(false),
+            json_output: v["response_format"]["type"].as_str().is_some_and(|t| t.starts_with("json")),
+            include_usage: v["stream_options"]["include_usage"].as_bool().unwrap_or(false),
             prompt_tokens: (body.len() as u64 / 4).max(1),
         }
     }
@@ -62,14 +58,8 @@ impl Ask {
 pub fn usage(ask: &Ask, scenario: &Scenario, content_tokens: u64) -> Value {
     let reasoning = scenario.reasoning_tokens;
     let (completion, total) = match scenario.usage_style {
-        UsageStyle::OpenAi => (
-            content_tokens + reasoning,
-            ask.prompt_tokens + content_tokens + reasoning,
-        ),
-        UsageStyle::GeminiHiddenThinking => (
-            content_tokens,
-            ask.prompt_tokens + content_tokens + reasoning,
-        ),
+        UsageStyle::OpenAi => (content_tokens + reasoning, ask.prompt_tokens + content_tokens + reasoning),
+        UsageStyle::GeminiHiddenThinking => (content_tokens, ask.prompt_tokens + content_tokens + reasoning),
     };
     json!({
         "prompt_tokens": ask.prompt_tokens,
@@ -115,11 +105,7 @@ fn tool_call(name: &str, index: usize) -> Value {
 
 /// Tokens the answer costs, matching what the stream sends.
 fn content_tokens(ask: &Ask, scenario: &Scenario) -> u64 {
-    let per_choice = if ask.tool_name.is_some() || ask.json_output {
-        1
-    } else {
-        scenario.chunks as u64
-    };
+    let per_choice = if ask.tool_name.is_some() || ask.json_output { 1 } else { scenario.chunks as u64 };
     per_choice * ask.n as u64
 }
 
@@ -132,9 +118,7 @@ pub fn chat_completion(ask: &Ask, scenario: &Scenario) -> (Value, Option<Value>)
                 "message": {"role": "assistant", "content": content_text(ask, scenario)}}),
         })
         .collect();
-    let usage = scenario
-        .report_usage
-        .then(|| usage(ask, scenario, content_tokens(ask, scenario)));
+    let usage = scenario.report_usage.then(|| usage(ask, scenario, content_tokens(ask, scenario)));
     let mut body = json!({"id": "chatcmpl-fake", "object": "chat.completion", "created": CREATED,
         "model": ask.model, "choices": choices, "system_fingerprint": "fp_fake",
         "provider_specific": {"untouched": true}});
@@ -158,19 +142,14 @@ pub fn chat_stream(ask: &Ask, scenario: &Scenario) -> (Vec<String>, Option<Value
     for i in 0..ask.n {
         events.push(chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}])));
     }
-    let pieces: Vec<String> = if ask.json_output {
-        vec![content_text(ask, scenario)]
-    } else {
-        (0..scenario.chunks).map(fragment).collect()
-    };
+    let pieces: Vec<String> =
+        if ask.json_output { vec![content_text(ask, scenario)] } else { (0..scenario.chunks).map(fragment).collect() };
     match &ask.tool_name {
         Some(name) => {
             for i in 0..ask.n {
-                events.push(chunk(
-                    json!([{"index": i, "delta": {"tool_calls": [{"index": 0,
+                events.push(chunk(json!([{"index": i, "delta": {"tool_calls": [{"index": 0,
                     "id": format!("call_fake_{i}"), "type": "function",
-                    "function": {"name": name, "arguments": ""}}]}, "finish_reason": null}]),
-                ));
+                    "function": {"name": name, "arguments": ""}}]}, "finish_reason": null}])));
                 events.push(chunk(json!([{"index": i, "delta": {"tool_calls": [{"index": 0,
                     "function": {"arguments": "{\"location\":\"Paris\"}"}}]}, "finish_reason": null}])));
             }
@@ -178,36 +157,21 @@ pub fn chat_stream(ask: &Ask, scenario: &Scenario) -> (Vec<String>, Option<Value
         None => {
             for piece in &pieces {
                 for i in 0..ask.n {
-                    events.push(chunk(
-                        json!([{"index": i, "delta": {"content": piece}, "finish_reason": null}]),
-                    ));
+                    events.push(chunk(json!([{"index": i, "delta": {"content": piece}, "finish_reason": null}])));
                 }
             }
         }
     }
-    let finish = if ask.tool_name.is_some() {
-        "tool_calls"
-    } else {
-        "stop"
-    };
+    let finish = if ask.tool_name.is_some() { "tool_calls" } else { "stop" };
     for i in 0..ask.n {
-        events.push(chunk(
-            json!([{"index": i, "delta": {}, "finish_reason": finish}]),
-        ));
+        events.push(chunk(json!([{"index": i, "delta": {}, "finish_reason": finish}])));
     }
-    let usage = scenario
-        .report_usage
-        .then(|| usage(ask, scenario, content_tokens(ask, scenario)));
+    let usage = scenario.report_usage.then(|| usage(ask, scenario, content_tokens(ask, scenario)));
     if let (true, Some(u)) = (ask.include_usage, &usage) {
-        events.push(
-            json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": CREATED,
-            "model": ask.model, "choices": [], "usage": u}),
-        );
+        events.push(json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": CREATED,
+            "model": ask.model, "choices": [], "usage": u}));
     }
-    let events = events
-        .into_iter()
-        .map(|e| format!("data: {e}\n\n"))
-        .collect();
+    let events = events.into_iter().map(|e| format!("data: {e}\n\n")).collect();
     // Usage the client can see: only what the stream carried.
     (events, usage.filter(|_| ask.include_usage))
 }
@@ -216,9 +180,7 @@ pub fn completion(ask: &Ask, scenario: &Scenario) -> (Value, Option<Value>) {
     let choices: Vec<Value> = (0..ask.n)
         .map(|i| json!({"index": i, "text": content_text(ask, scenario), "finish_reason": "stop", "logprobs": null}))
         .collect();
-    let usage = scenario
-        .report_usage
-        .then(|| usage(ask, scenario, content_tokens(ask, scenario)));
+    let usage = scenario.report_usage.then(|| usage(ask, scenario, content_tokens(ask, scenario)));
     let mut body = json!({"id": "cmpl-fake", "object": "text_completion", "created": CREATED,
         "model": ask.model, "choices": choices});
     if let Some(u) = &usage {
@@ -231,11 +193,7 @@ pub fn completion_stream(ask: &Ask, scenario: &Scenario) -> (Vec<String>, Option
     let mut events = Vec::new();
     for j in 0..scenario.chunks {
         for i in 0..ask.n {
-            let finish = if j + 1 == scenario.chunks {
-                json!("stop")
-            } else {
-                Value::Null
-            };
+            let finish = if j + 1 == scenario.chunks { json!("stop") } else { Value::Null };
             let mut c = json!({"id": "cmpl-fake", "object": "text_completion", "created": CREATED,
                 "model": ask.model, "choices": [{"index": i, "text": fragment(j), "finish_reason": finish, "logprobs": null}]});
             if ask.include_usage {
@@ -244,9 +202,7 @@ pub fn completion_stream(ask: &Ask, scenario: &Scenario) -> (Vec<String>, Option
             events.push(format!("data: {c}\n\n"));
         }
     }
-    let usage = scenario
-        .report_usage
-        .then(|| usage(ask, scenario, content_tokens(ask, scenario)));
+    let usage = scenario.report_usage.then(|| usage(ask, scenario, content_tokens(ask, scenario)));
     if let (true, Some(u)) = (ask.include_usage, &usage) {
         let c = json!({"id": "cmpl-fake", "object": "text_completion", "created": CREATED,
             "model": ask.model, "choices": [], "usage": u});
@@ -266,9 +222,7 @@ pub fn embeddings(body: &[u8], ask: &Ask, scenario: &Scenario) -> (Value, Option
     let base64 = v["encoding_format"].as_str() == Some("base64");
     let data: Vec<Value> = (0..inputs)
         .map(|i| {
-            let vector: Vec<f32> = (0..dims)
-                .map(|d| ((i * dims + d) as f32 + 1.0) / 100.0)
-                .collect();
+            let vector: Vec<f32> = (0..dims).map(|d| ((i * dims + d) as f32 + 1.0) / 100.0).collect();
             let embedding = if base64 {
                 let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
                 json!(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -278,9 +232,8 @@ pub fn embeddings(body: &[u8], ask: &Ask, scenario: &Scenario) -> (Value, Option
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    let usage = scenario
-        .report_usage
-        .then(|| json!({"prompt_tokens": ask.prompt_tokens, "total_tokens": ask.prompt_tokens}));
+    let usage =
+        scenario.report_usage.then(|| json!({"prompt_tokens": ask.prompt_tokens, "total_tokens": ask.prompt_tokens}));
     let mut out = json!({"object": "list", "data": data, "model": ask.model});
     if let Some(u) = &usage {
         out["usage"] = u.clone();
@@ -305,9 +258,11 @@ fn response_object(ask: &Ask, scenario: &Scenario, status: &str, with_output: bo
     } else {
         json!([])
     };
-    let usage = (with_output && scenario.report_usage)
-        .then(|| responses_usage(ask, scenario, scenario.chunks as u64))
-        .unwrap_or(Value::Null);
+    let usage = if with_output && scenario.report_usage {
+        responses_usage(ask, scenario, scenario.chunks as u64)
+    } else {
+        Value::Null
+    };
     json!({"id": "resp_fake", "object": "response", "created_at": CREATED, "status": status,
         "model": ask.model, "output": output, "usage": usage, "parallel_tool_calls": true,
         "tool_choice": "auto", "tools": [], "error": null, "incomplete_details": null,

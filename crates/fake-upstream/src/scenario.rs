@@ -89,15 +89,9 @@ impl Scenario {
             let Some(key) = name.as_str().strip_prefix("x-fake-") else {
                 continue;
             };
-            let value = value
-                .to_str()
-                .map_err(|_| BadDirective(format!("{name} is not ASCII")))?;
+            let value = value.to_str().map_err(|_| BadDirective(format!("{name} is not ASCII")))?;
             let bad = || BadDirective(format!("bad value {value:?} for {name}"));
-            let millis = |v: &str| {
-                v.parse::<u64>()
-                    .map(Duration::from_millis)
-                    .map_err(|_| bad())
-            };
+            let millis = |v: &str| v.parse::<u64>().map(Duration::from_millis).map_err(|_| bad());
             let number = |v: &str| v.parse::<u64>().map_err(|_| bad());
             match key {
                 "latency-ms" => self.latency = millis(value)?,
@@ -145,12 +139,8 @@ pub fn parse_fault(text: &str) -> Option<Fault> {
         "html200" => Fault::Html200,
         "reset" => Fault::Reset,
         "stall" => Fault::Stall,
-        "drop-after" => Fault::DropMidStream {
-            after_chunks: parts.next()?.parse().ok()?,
-        },
-        "stall-after" => Fault::StallMidStream {
-            after_chunks: parts.next()?.parse().ok()?,
-        },
+        "drop-after" => Fault::DropMidStream { after_chunks: parts.next()?.parse().ok()? },
+        "stall-after" => Fault::StallMidStream { after_chunks: parts.next()?.parse().ok()? },
         _ => return None,
     };
     parts.next().is_none().then_some(fault)
@@ -162,24 +152,9 @@ mod tests {
 
     #[test]
     fn parses_every_fault_form() {
-        assert_eq!(
-            parse_fault("status:503"),
-            Some(Fault::Status {
-                status: 503,
-                style: ErrorStyle::OpenAi
-            })
-        );
-        assert_eq!(
-            parse_fault("status:429:comet"),
-            Some(Fault::Status {
-                status: 429,
-                style: ErrorStyle::Comet
-            })
-        );
-        assert_eq!(
-            parse_fault("drop-after:2"),
-            Some(Fault::DropMidStream { after_chunks: 2 })
-        );
+        assert_eq!(parse_fault("status:503"), Some(Fault::Status { status: 503, style: ErrorStyle::OpenAi }));
+        assert_eq!(parse_fault("status:429:comet"), Some(Fault::Status { status: 429, style: ErrorStyle::Comet }));
+        assert_eq!(parse_fault("drop-after:2"), Some(Fault::DropMidStream { after_chunks: 2 }));
         assert_eq!(parse_fault("reset"), Some(Fault::Reset));
         assert_eq!(parse_fault("reset:extra"), None);
         assert_eq!(parse_fault("nonsense"), None);

@@ -37,19 +37,12 @@ impl Application {
         let listener = TcpListener::bind(config.server.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
-        Ok(Self {
-            listener,
-            router,
-            readiness,
-            shutdown_grace: config.server.shutdown_grace,
-        })
+        Ok(Self { listener, router, readiness, shutdown_grace: config.server.shutdown_grace })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         // A bound TCP listener always has a local address.
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     pub fn port(&self) -> u16 {
@@ -59,10 +52,7 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
     /// requests and streams finish for up to `server.shutdown_grace`, and
     /// returns.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let addr = self.local_addr();
         let listener = self.listener.tap_io(|tcp| {
             // Small SSE frames must leave at once, not wait for Nagle.
@@ -71,8 +61,8 @@ impl Application {
             }
         });
         let stop_accepting = CancellationToken::new();
-        let server = axum::serve(listener, self.router)
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        let server =
+            axum::serve(listener, self.router).with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let mut server = std::pin::pin!(server.into_future());
 
         self.readiness.set(true);

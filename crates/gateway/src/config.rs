@@ -111,10 +111,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Pretty,
-            level: "info".to_owned(),
-        }
+        Self { format: LogFormat::Pretty, level: "info".to_owned() }
     }
 }
 
@@ -125,10 +122,7 @@ pub enum ConfigError {
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
     #[error("configuration: cannot read `upstream.api_key_file` {path}: {source}")]
-    KeyFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    KeyFile { path: PathBuf, source: std::io::Error },
 }
 
 impl Config {
@@ -144,11 +138,7 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(
-            Env::prefixed("TOLLGATE_")
-                .ignore(NON_CONFIG_ENV)
-                .split("__"),
-        );
+        figment = figment.merge(Env::prefixed("TOLLGATE_").ignore(NON_CONFIG_ENV).split("__"));
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
@@ -156,10 +146,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                key,
-                problem: problem.into(),
-            }
+            ConfigError::Invalid { key, problem: problem.into() }
         }
         let url = Url::parse(&self.upstream.base_url)
             .map_err(|e| invalid("upstream.base_url", format!("is not a URL: {e}")))?;
@@ -167,32 +154,20 @@ impl Config {
             return Err(invalid("upstream.base_url", "must be an http or https URL"));
         }
         if url.query().is_some() || url.fragment().is_some() {
-            return Err(invalid(
-                "upstream.base_url",
-                "must not have a query or fragment",
-            ));
+            return Err(invalid("upstream.base_url", "must not have a query or fragment"));
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
         }
         if self.upstream.max_event_bytes == 0 {
-            return Err(invalid(
-                "upstream.max_event_bytes",
-                "must be greater than 0",
-            ));
+            return Err(invalid("upstream.max_event_bytes", "must be greater than 0"));
         }
         if self.upstream.max_response_bytes == 0 {
-            return Err(invalid(
-                "upstream.max_response_bytes",
-                "must be greater than 0",
-            ));
+            return Err(invalid("upstream.max_response_bytes", "must be greater than 0"));
         }
         for (key, value) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
-            (
-                "upstream.first_byte_timeout",
-                self.upstream.first_byte_timeout,
-            ),
+            ("upstream.first_byte_timeout", self.upstream.first_byte_timeout),
             ("upstream.idle_timeout", self.upstream.idle_timeout),
         ] {
             if value.is_zero() {
@@ -211,10 +186,8 @@ impl UpstreamConfig {
     /// suits local upstreams that need none.
     pub fn api_key(&self) -> Result<Option<SecretString>, ConfigError> {
         if let Some(path) = &self.api_key_file {
-            let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFile {
-                path: path.clone(),
-                source,
-            })?;
+            let raw =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFile { path: path.clone(), source })?;
             return Ok(Some(SecretString::from(raw.trim().to_owned())));
         }
         Ok(std::env::var(&self.api_key_env)

@@ -50,9 +50,7 @@ impl GatewayError {
             | Self::BodyRead
             | Self::UnknownRoute(_)
             | Self::MethodNotAllowed { .. } => Fault::Client,
-            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamBadResponse(_) => {
-                Fault::Upstream
-            }
+            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamBadResponse(_) => Fault::Upstream,
             Self::ShuttingDown | Self::Internal => Fault::Gateway,
         }
     }
@@ -104,16 +102,11 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut response = (status, self.envelope().to_json_bytes()).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if self.fault() == Fault::Client {
             // A retry of the same bad request cannot succeed; tell the SDKs so
             // they do not retry a 404/405 or a connection they believe flaky.
-            response
-                .headers_mut()
-                .insert("x-should-retry", HeaderValue::from_static("false"));
+            response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response.extensions_mut().insert(self.fault());
         response
@@ -138,19 +131,9 @@ mod tests {
 
     #[test]
     fn upstream_faults_are_5xx_and_client_faults_4xx() {
-        assert_eq!(
-            GatewayError::UpstreamTimeout.status(),
-            StatusCode::GATEWAY_TIMEOUT
-        );
-        assert_eq!(
-            GatewayError::UpstreamUnavailable.status(),
-            StatusCode::BAD_GATEWAY
-        );
-        assert!(
-            GatewayError::InvalidJson("x".into())
-                .status()
-                .is_client_error()
-        );
+        assert_eq!(GatewayError::UpstreamTimeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(GatewayError::UpstreamUnavailable.status(), StatusCode::BAD_GATEWAY);
+        assert!(GatewayError::InvalidJson("x".into()).status().is_client_error());
         assert_eq!(GatewayError::Internal.fault(), Fault::Gateway);
     }
 }

@@ -32,10 +32,6 @@ pub async fn readyz(State(readiness): State<Readiness>) -> Response {
     if readiness.is_ready() {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready"})),
-        )
-            .into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready"}))).into_response()
     }
 }

@@ -22,9 +22,7 @@ impl RequestId {
         let bytes = value.as_bytes();
         let sane = !bytes.is_empty()
             && bytes.len() <= MAX_CLIENT_ID_LEN
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
         sane.then(|| Self(value.clone()))
     }
 
@@ -32,10 +30,7 @@ impl RequestId {
         let id = uuid::Uuid::now_v7().simple();
         let text = format!("req_{id}");
         // A hex uuid with an ASCII prefix is always a valid header value.
-        Self(
-            HeaderValue::from_str(&text)
-                .unwrap_or_else(|_| HeaderValue::from_static("req_invalid")),
-        )
+        Self(HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("req_invalid")))
     }
 
     pub fn as_str(&self) -> &str {
@@ -77,19 +72,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let id = request
-            .headers()
-            .get(&X_REQUEST_ID)
-            .and_then(RequestId::from_client)
-            .unwrap_or_else(RequestId::generate);
-        request
-            .headers_mut()
-            .insert(X_REQUEST_ID.clone(), id.header_value().clone());
+        let id =
+            request.headers().get(&X_REQUEST_ID).and_then(RequestId::from_client).unwrap_or_else(RequestId::generate);
+        request.headers_mut().insert(X_REQUEST_ID.clone(), id.header_value().clone());
         request.extensions_mut().insert(id.clone());
-        RequestIdFuture {
-            inner: self.inner.call(request),
-            id: Some(id),
-        }
+        RequestIdFuture { inner: self.inner.call(request), id: Some(id) }
     }
 }
 
@@ -124,11 +111,7 @@ mod tests {
     use tower::{ServiceExt, service_fn};
 
     async fn echo_extension(request: Request<()>) -> Result<Response<String>, Infallible> {
-        let id = request
-            .extensions()
-            .get::<RequestId>()
-            .map(|id| id.as_str().to_owned())
-            .unwrap_or_default();
+        let id = request.extensions().get::<RequestId>().map(|id| id.as_str().to_owned()).unwrap_or_default();
         Ok(Response::new(id))
     }
 
@@ -139,10 +122,7 @@ mod tests {
             builder = builder.header("x-request-id", h);
         }
         let response = svc.oneshot(builder.body(()).unwrap()).await.unwrap();
-        let header = response.headers()["x-request-id"]
-            .to_str()
-            .unwrap()
-            .to_owned();
+        let header = response.headers()["x-request-id"].to_str().unwrap().to_owned();
         (header, response.into_body())
     }
 

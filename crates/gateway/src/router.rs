@@ -50,30 +50,22 @@ pub fn build(proxy: Arc<Proxy>, readiness: Readiness) -> Router {
         .route("/readyz", get(health::readyz))
         .with_state(readiness);
 
-    Router::new()
-        .merge(v1)
-        .merge(ops)
-        .fallback(unknown_route)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(
-            ServiceBuilder::new()
-                .layer(RequestIdLayer)
-                .layer(
-                    TraceLayer::new_for_http()
-                        .make_span_with(make_span)
-                        .on_request(())
-                        .on_response(on_response)
-                        .on_failure(()),
-                )
-                .layer(CatchPanicLayer::custom(panic_response)),
-        )
+    Router::new().merge(v1).merge(ops).fallback(unknown_route).method_not_allowed_fallback(method_not_allowed).layer(
+        ServiceBuilder::new()
+            .layer(RequestIdLayer)
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(make_span)
+                    .on_request(())
+                    .on_response(on_response)
+                    .on_failure(()),
+            )
+            .layer(CatchPanicLayer::custom(panic_response)),
+    )
 }
 
 fn make_span(request: &Request) -> Span {
-    let request_id = request
-        .extensions()
-        .get::<RequestId>()
-        .map_or("", RequestId::as_str);
+    let request_id = request.extensions().get::<RequestId>().map_or("", RequestId::as_str);
     tracing::info_span!(
         "request",
         request_id = %request_id,
@@ -83,11 +75,7 @@ fn make_span(request: &Request) -> Span {
 }
 
 fn on_response<B>(response: &http::Response<B>, latency: Duration, _span: &Span) {
-    tracing::info!(
-        status = response.status().as_u16(),
-        latency_ms = latency.as_secs_f64() * 1000.0,
-        "response"
-    );
+    tracing::info!(status = response.status().as_u16(), latency_ms = latency.as_secs_f64() * 1000.0, "response");
 }
 
 async fn unknown_route(request: Request) -> GatewayError {
@@ -95,10 +83,7 @@ async fn unknown_route(request: Request) -> GatewayError {
 }
 
 async fn method_not_allowed(request: Request) -> GatewayError {
-    GatewayError::MethodNotAllowed {
-        method: request.method().to_string(),
-        path: request.uri().path().to_owned(),
-    }
+    GatewayError::MethodNotAllowed { method: request.method().to_string(), path: request.uri().path().to_owned() }
 }
 
 fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response {

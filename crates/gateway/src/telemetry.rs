@@ -11,15 +11,9 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global subscriber. Returns an error if one is already set.
 pub fn init(config: &LogConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.level)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_span_events(FmtSpan::NONE);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_span_events(FmtSpan::NONE);
     let result = match config.format {
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
     result.map_err(|e| anyhow::anyhow!("cannot install the log subscriber: {e}"))

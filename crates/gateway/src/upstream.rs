@@ -133,9 +133,5 @@ impl Upstream {
 /// include the upstream host) is logged by the caller at debug level only.
 pub fn classify(error: &reqwest::Error) -> GatewayError {
     tracing::debug!(error = %error, "upstream transport error");
-    if error.is_timeout() {
-        GatewayError::UpstreamTimeout
-    } else {
-        GatewayError::UpstreamUnavailable
-    }
+    if error.is_timeout() { GatewayError::UpstreamTimeout } else { GatewayError::UpstreamUnavailable }
 }

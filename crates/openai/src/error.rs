@@ -24,19 +24,8 @@ pub struct ErrorBody {
 }
 
 impl ErrorEnvelope {
-    pub fn new(
-        message: impl Into<String>,
-        kind: impl Into<String>,
-        code: impl Into<String>,
-    ) -> Self {
-        Self {
-            error: ErrorBody {
-                message: message.into(),
-                kind: kind.into(),
-                param: None,
-                code: Some(code.into()),
-            },
-        }
+    pub fn new(message: impl Into<String>, kind: impl Into<String>, code: impl Into<String>) -> Self {
+        Self { error: ErrorBody { message: message.into(), kind: kind.into(), param: None, code: Some(code.into()) } }
     }
 
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -84,10 +73,9 @@ mod tests {
 
     #[test]
     fn serialises_null_param_and_type_field() {
-        let json = String::from_utf8(
-            ErrorEnvelope::new("bad", "invalid_request_error", "invalid_json").to_json_bytes(),
-        )
-        .unwrap();
+        let json =
+            String::from_utf8(ErrorEnvelope::new("bad", "invalid_request_error", "invalid_json").to_json_bytes())
+                .unwrap();
         assert_eq!(
             json,
             r#"{"error":{"message":"bad","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
@@ -96,8 +84,7 @@ mod tests {
 
     #[test]
     fn sse_event_is_one_data_line_and_a_blank_line() {
-        let ev =
-            ErrorEnvelope::new("gone", "upstream_error", "upstream_disconnected").to_sse_event();
+        let ev = ErrorEnvelope::new("gone", "upstream_error", "upstream_disconnected").to_sse_event();
         assert!(ev.starts_with(b"data: {\"error\""));
         assert!(ev.ends_with(b"}\n\n"));
     }
@@ -107,9 +94,7 @@ mod tests {
         assert!(ErrorEnvelope::looks_like_error(
             br#"{"error":{"message":"x (request id: 1)","type":"comet_api_error","param":"","code":"y"}}"#
         ));
-        assert!(ErrorEnvelope::looks_like_error(
-            br#"{"error":"plain string"}"#
-        ));
+        assert!(ErrorEnvelope::looks_like_error(br#"{"error":"plain string"}"#));
         assert!(!ErrorEnvelope::looks_like_error(b"<html>moved</html>"));
         assert!(!ErrorEnvelope::looks_like_error(br#"{"id":"x"}"#));
     }

@@ -62,9 +62,7 @@ impl<'a> RequestPeek<'a> {
     }
 
     pub fn client_asked_for_usage(&self) -> bool {
-        self.stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false)
+        self.stream_options.and_then(|o| o.include_usage).unwrap_or(false)
     }
 }
 
@@ -97,18 +95,9 @@ mod tests {
 
     #[test]
     fn rejects_arrays_and_scalars() {
-        assert!(matches!(
-            RequestPeek::parse(br#"["gpt-4", true]"#),
-            Err(RequestPeekError::NotAnObject)
-        ));
-        assert!(matches!(
-            RequestPeek::parse(b"42"),
-            Err(RequestPeekError::NotAnObject)
-        ));
-        assert!(matches!(
-            RequestPeek::parse(b""),
-            Err(RequestPeekError::Invalid(_))
-        ));
+        assert!(matches!(RequestPeek::parse(br#"["gpt-4", true]"#), Err(RequestPeekError::NotAnObject)));
+        assert!(matches!(RequestPeek::parse(b"42"), Err(RequestPeekError::NotAnObject)));
+        assert!(matches!(RequestPeek::parse(b""), Err(RequestPeekError::Invalid(_))));
     }
 
     #[test]

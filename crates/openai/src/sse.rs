@@ -40,7 +40,7 @@ impl SseEvent {
                 continue;
             };
             let value = match rest.first() {
-                None => &rest[..],
+                None => rest,
                 Some(b':') => rest[1..].strip_prefix(b" ").unwrap_or(&rest[1..]),
                 // A field named e.g. "database": not ours.
                 Some(_) => continue,
@@ -79,11 +79,7 @@ fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
             }
             Some(pos) => {
                 let line = &rest[..pos];
-                let skip = if rest[pos] == b'\r' && rest.get(pos + 1) == Some(&b'\n') {
-                    2
-                } else {
-                    1
-                };
+                let skip = if rest[pos] == b'\r' && rest.get(pos + 1) == Some(&b'\n') { 2 } else { 1 };
                 rest = &rest[pos + skip..];
                 Some(line)
             }
@@ -123,12 +119,7 @@ pub struct SseScanner {
 
 impl SseScanner {
     pub fn new(max_event_bytes: usize) -> Self {
-        Self {
-            carry: BytesMut::new(),
-            scanned: 0,
-            at_line_start: true,
-            max_event_bytes,
-        }
+        Self { carry: BytesMut::new(), scanned: 0, at_line_start: true, max_event_bytes }
     }
 
     /// Feeds one chunk and appends every event it completes to `out`.
@@ -146,9 +137,7 @@ impl SseScanner {
         } else {
             self.carry.extend_from_slice(&chunk);
             let mut ends = Vec::new();
-            let (pos, at_line_start) = scan(&self.carry, self.scanned, self.at_line_start, |end| {
-                ends.push(end)
-            });
+            let (pos, at_line_start) = scan(&self.carry, self.scanned, self.at_line_start, |end| ends.push(end));
             let mut taken = 0;
             for end in ends {
                 out.push(SseEvent(self.carry.split_to(end - taken).freeze()));
@@ -158,9 +147,7 @@ impl SseScanner {
             self.at_line_start = at_line_start;
         }
         if self.carry.len() > self.max_event_bytes {
-            return Err(SseScannerError::EventTooLarge {
-                limit: self.max_event_bytes,
-            });
+            return Err(SseScannerError::EventTooLarge { limit: self.max_event_bytes });
         }
         Ok(())
     }
@@ -183,23 +170,14 @@ impl SseScanner {
         }
         self.scanned = 0;
         self.at_line_start = true;
-        if self.carry.is_empty() {
-            None
-        } else {
-            Some(self.carry.split().freeze())
-        }
+        if self.carry.is_empty() { None } else { Some(self.carry.split().freeze()) }
     }
 }
 
 /// Scans `data` from `pos`, calling `on_event_end` with the offset just past
 /// each blank line. Returns where scanning stopped and whether that offset is
 /// at a line start. Stops before a trailing `\r` it cannot classify yet.
-fn scan(
-    data: &[u8],
-    mut pos: usize,
-    mut at_line_start: bool,
-    mut on_event_end: impl FnMut(usize),
-) -> (usize, bool) {
+fn scan(data: &[u8], mut pos: usize, mut at_line_start: bool, mut on_event_end: impl FnMut(usize)) -> (usize, bool) {
     while let Some(offset) = memchr::memchr2(b'\r', b'\n', &data[pos..]) {
         let term = pos + offset;
         let len = if data[term] == b'\r' {
@@ -220,11 +198,7 @@ fn scan(
             on_event_end(pos);
         }
     }
-    if pos < data.len() {
-        (data.len(), false)
-    } else {
-        (pos, at_line_start)
-    }
+    if pos < data.len() { (data.len(), false) } else { (pos, at_line_start) }
 }
 
 /// Like [`scan`] at end of input, where a trailing `\r` is a terminator.
@@ -249,22 +223,13 @@ mod tests {
             scanner.push(Bytes::copy_from_slice(c), &mut out).unwrap();
         }
         let tail = scanner.finish(&mut out).map(|b| b.to_vec());
-        (
-            out.into_iter().map(|e| e.into_bytes().to_vec()).collect(),
-            tail,
-        )
+        (out.into_iter().map(|e| e.into_bytes().to_vec()).collect(), tail)
     }
 
     #[test]
     fn whole_events_in_one_chunk_are_split() {
         let (events, tail) = feed(&[b"data: {\"a\":1}\n\ndata: [DONE]\n\n"]);
-        assert_eq!(
-            events,
-            vec![
-                b"data: {\"a\":1}\n\n".to_vec(),
-                b"data: [DONE]\n\n".to_vec()
-            ]
-        );
+        assert_eq!(events, vec![b"data: {\"a\":1}\n\n".to_vec(), b"data: [DONE]\n\n".to_vec()]);
         assert_eq!(tail, None);
     }
 
@@ -281,11 +246,8 @@ mod tests {
     #[test]
     fn events_split_across_chunks_at_every_offset_are_reassembled() {
         let stream: &[u8] = b"data: {\"x\":\"hello\"}\n\n: keep-alive\n\ndata: [DONE]\n\n";
-        let expected = vec![
-            b"data: {\"x\":\"hello\"}\n\n".to_vec(),
-            b": keep-alive\n\n".to_vec(),
-            b"data: [DONE]\n\n".to_vec(),
-        ];
+        let expected =
+            vec![b"data: {\"x\":\"hello\"}\n\n".to_vec(), b": keep-alive\n\n".to_vec(), b"data: [DONE]\n\n".to_vec()];
         for cut in 0..=stream.len() {
             let (events, tail) = feed(&[&stream[..cut], &stream[cut..]]);
             assert_eq!(events, expected, "cut at {cut}");
@@ -299,11 +261,7 @@ mod tests {
     #[test]
     fn crlf_and_cr_terminators_are_recognised_even_when_split() {
         let stream: &[u8] = b"data: a\r\n\r\ndata: b\r\rdata: c\n\r\n";
-        let expected = vec![
-            b"data: a\r\n\r\n".to_vec(),
-            b"data: b\r\r".to_vec(),
-            b"data: c\n\r\n".to_vec(),
-        ];
+        let expected = vec![b"data: a\r\n\r\n".to_vec(), b"data: b\r\r".to_vec(), b"data: c\n\r\n".to_vec()];
         for cut in 0..=stream.len() {
             let (events, tail) = feed(&[&stream[..cut], &stream[cut..]]);
             assert_eq!(events, expected, "cut at {cut}");
@@ -333,9 +291,7 @@ mod tests {
     fn boundary_is_tracked() {
         let mut scanner = SseScanner::new(1024);
         let mut out = Vec::new();
-        scanner
-            .push(Bytes::from_static(b"data: 1\n"), &mut out)
-            .unwrap();
+        scanner.push(Bytes::from_static(b"data: 1\n"), &mut out).unwrap();
         assert!(!scanner.at_event_boundary());
         scanner.push(Bytes::from_static(b"\n"), &mut out).unwrap();
         assert!(scanner.at_event_boundary());
@@ -346,17 +302,13 @@ mod tests {
     fn oversized_events_are_an_error_not_unbounded_memory() {
         let mut scanner = SseScanner::new(16);
         let mut out = Vec::new();
-        let err = scanner
-            .push(Bytes::from_static(b"data: 0123456789abcdef"), &mut out)
-            .unwrap_err();
+        let err = scanner.push(Bytes::from_static(b"data: 0123456789abcdef"), &mut out).unwrap_err();
         assert_eq!(err, SseScannerError::EventTooLarge { limit: 16 });
     }
 
     #[test]
     fn data_joins_multiple_lines_and_skips_comments_and_other_fields() {
-        let ev = SseEvent(Bytes::from_static(
-            b": comment\nevent: x\ndata: a\ndata:b\ndatabase: no\r\n\r\n",
-        ));
+        let ev = SseEvent(Bytes::from_static(b": comment\nevent: x\ndata: a\ndata:b\ndatabase: no\r\n\r\n"));
         assert_eq!(ev.data().as_deref(), Some(&b"a\nb"[..]));
         assert!(SseEvent(Bytes::from_static(b"data: [DONE]\n\n")).is_done());
         assert!(!SseEvent(Bytes::from_static(b": ping\n\n")).is_done());

@@ -10,15 +10,9 @@ use crate::error::GatewayError;
 /// Reads the whole body, refusing it with 413 as soon as it is known to be
 /// too large: at once from `content-length`, or once the streamed bytes pass
 /// the limit. Nothing has been sent upstream at that point.
-pub async fn read_limited(
-    body: Body,
-    headers: &HeaderMap,
-    limit: usize,
-) -> Result<Bytes, GatewayError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+pub async fn read_limited(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, GatewayError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(GatewayError::BodyTooLarge { limit });
     }
@@ -35,17 +29,13 @@ mod tests {
 
     #[tokio::test]
     async fn accepts_a_body_at_the_limit() {
-        let body = read_limited(Body::from("abcd"), &HeaderMap::new(), 4)
-            .await
-            .unwrap();
+        let body = read_limited(Body::from("abcd"), &HeaderMap::new(), 4).await.unwrap();
         assert_eq!(&body[..], b"abcd");
     }
 
     #[tokio::test]
     async fn refuses_a_streamed_body_past_the_limit() {
-        let err = read_limited(Body::from("abcde"), &HeaderMap::new(), 4)
-            .await
-            .unwrap_err();
+        let err = read_limited(Body::from("abcde"), &HeaderMap::new(), 4).await.unwrap_err();
         assert!(matches!(err, GatewayError::BodyTooLarge { limit: 4 }));
     }
 
@@ -53,9 +43,7 @@ mod tests {
     async fn refuses_a_declared_length_past_the_limit_without_reading() {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_LENGTH, "1000".parse().unwrap());
-        let err = read_limited(Body::from("x"), &headers, 4)
-            .await
-            .unwrap_err();
+        let err = read_limited(Body::from("x"), &headers, 4).await.unwrap_err();
         assert!(matches!(err, GatewayError::BodyTooLarge { .. }));
     }
 }

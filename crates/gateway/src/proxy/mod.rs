@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Method, StatusCode, header};
+use http::{HeaderValue, Method, header};
 use tollgate_openai::RequestPeek;
 
 use crate::error::GatewayError;
@@ -34,61 +34,30 @@ pub struct Proxy {
 pub type ProxyState = State<Arc<Proxy>>;
 
 /// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`.
-pub async fn forward_post(
-    State(proxy): ProxyState,
-    request: Request,
-) -> Result<Response, GatewayError> {
+pub async fn forward_post(State(proxy): ProxyState, request: Request) -> Result<Response, GatewayError> {
     let (parts, body) = request.into_parts();
     let request_id = request_id(&parts.extensions);
     let body = body::read_limited(body, &parts.headers, proxy.max_body_bytes).await?;
-    let wants_stream = RequestPeek::parse(&body)
-        .map_err(|e| GatewayError::InvalidJson(e.to_string()))?
-        .is_stream();
-    let upstream_response = proxy
-        .upstream
-        .send(
-            Method::POST,
-            upstream_path(&parts.uri),
-            &parts.headers,
-            &request_id,
-            Some(body),
-        )
-        .await?;
-    tracing::debug!(
-        wants_stream,
-        status = upstream_response.status().as_u16(),
-        "upstream answered"
-    );
+    let wants_stream = RequestPeek::parse(&body).map_err(|e| GatewayError::InvalidJson(e.to_string()))?.is_stream();
+    let upstream_response =
+        proxy.upstream.send(Method::POST, upstream_path(&parts.uri), &parts.headers, &request_id, Some(body)).await?;
+    tracing::debug!(wants_stream, status = upstream_response.status().as_u16(), "upstream answered");
     relay_response(&proxy, upstream_response).await
 }
 
 /// `GET /v1/models` and `GET /v1/models/{id}`.
-pub async fn forward_get(
-    State(proxy): ProxyState,
-    request: Request,
-) -> Result<Response, GatewayError> {
+pub async fn forward_get(State(proxy): ProxyState, request: Request) -> Result<Response, GatewayError> {
     let (parts, _body) = request.into_parts();
     let request_id = request_id(&parts.extensions);
-    let upstream_response = proxy
-        .upstream
-        .send(
-            Method::GET,
-            upstream_path(&parts.uri),
-            &parts.headers,
-            &request_id,
-            None,
-        )
-        .await?;
+    let upstream_response =
+        proxy.upstream.send(Method::GET, upstream_path(&parts.uri), &parts.headers, &request_id, None).await?;
     relay_response(&proxy, upstream_response).await
 }
 
 fn request_id(extensions: &http::Extensions) -> RequestId {
     // The request-id layer sits above every route; generating here keeps the
     // handler total should a route ever be mounted outside it.
-    extensions
-        .get::<RequestId>()
-        .cloned()
-        .unwrap_or_else(RequestId::generate)
+    extensions.get::<RequestId>().cloned().unwrap_or_else(RequestId::generate)
 }
 
 /// The path and query after the `/v1` prefix, still percent-encoded as the
@@ -98,10 +67,7 @@ fn upstream_path(uri: &http::Uri) -> &str {
     pq.strip_prefix("/v1").unwrap_or(pq)
 }
 
-async fn relay_response(
-    proxy: &Proxy,
-    upstream: reqwest::Response,
-) -> Result<Response, GatewayError> {
+async fn relay_response(proxy: &Proxy, upstream: reqwest::Response) -> Result<Response, GatewayError> {
     let status = upstream.status();
     if status.is_redirection() || status.is_informational() {
         return Err(GatewayError::UpstreamBadResponse(format!(
@@ -109,10 +75,8 @@ async fn relay_response(
         )));
     }
     let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
-    let is_event_stream = content_type
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let is_event_stream =
+        content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
 
     let mut response = Response::builder().status(status);
     if let Some(headers) = response.headers_mut() {
@@ -120,44 +84,28 @@ async fn relay_response(
     }
 
     if is_event_stream && status.is_success() {
-        let body = stream::relay(
-            upstream,
-            proxy.upstream.idle_timeout(),
-            proxy.upstream.max_event_bytes(),
-        );
+        let body = stream::relay(upstream, proxy.upstream.idle_timeout(), proxy.upstream.max_event_bytes());
         if let Some(headers) = response.headers_mut() {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Tells nginx-style proxies in front of the gateway not to buffer.
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
         }
-        return response
-            .body(Body::from_stream(body))
-            .map_err(|_| GatewayError::Internal);
+        return response.body(Body::from_stream(body)).map_err(|_| GatewayError::Internal);
     }
 
-    let body = read_upstream_body(
-        upstream,
-        proxy.upstream.idle_timeout(),
-        proxy.max_response_bytes,
-    )
-    .await?;
+    let body = read_upstream_body(upstream, proxy.upstream.idle_timeout(), proxy.max_response_bytes).await?;
     if !is_json(content_type.as_ref(), &body) {
         return Err(GatewayError::UpstreamBadResponse(format!(
             "the upstream answered with status {} and a body that is not JSON",
             status.as_u16()
         )));
     }
-    if status == StatusCode::OK && content_type.is_none() {
-        if let Some(headers) = response.headers_mut() {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
+    if content_type.is_none()
+        && let Some(headers) = response.headers_mut()
+    {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
-    response
-        .body(Body::from(body))
-        .map_err(|_| GatewayError::Internal)
+    response.body(Body::from(body)).map_err(|_| GatewayError::Internal)
 }
 
 /// Reads a whole upstream body, allowing at most `idle` between chunks.
@@ -198,16 +146,11 @@ async fn read_upstream_body(
 /// JSON by content type, or, when the upstream sent none or a generic one,
 /// by its first byte. HTML error pages and redirects' bodies fail this.
 fn is_json(content_type: Option<&HeaderValue>, body: &[u8]) -> bool {
-    let declared = content_type
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_ascii_lowercase);
+    let declared = content_type.and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase);
     match declared.as_deref() {
         Some(ct) if ct.contains("json") => true,
         Some(ct) if ct.starts_with("text/html") => false,
-        _ => matches!(
-            body.iter().find(|b| !b.is_ascii_whitespace()),
-            Some(b'{' | b'[')
-        ),
+        _ => matches!(body.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'[')),
     }
 }
 
@@ -227,9 +170,6 @@ mod tests {
         assert!(!is_json(Some(&html), b"{}"));
         assert!(is_json(None, b"  {\"a\":1}"));
         assert!(!is_json(None, b"<html>"));
-        assert!(is_json(
-            Some(&HeaderValue::from_static("application/json")),
-            b""
-        ));
+        assert!(is_json(Some(&HeaderValue::from_static("application/json")), b""));
     }
 }

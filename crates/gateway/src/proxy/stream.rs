@@ -57,25 +57,16 @@ impl<S: ChunkSource> Relay<S> {
                     let tail = self.scanner.finish(&mut events);
                     self.ready.extend(events.drain(..).map(|e| e.into_bytes()));
                     if tail.is_some() {
-                        self.fail(
-                            "the upstream stream ended in the middle of an event",
-                            "upstream_disconnected",
-                        );
+                        self.fail("the upstream stream ended in the middle of an event", "upstream_disconnected");
                     }
                     self.finished = true;
                 }
                 Ok(Err(detail)) => {
                     tracing::warn!(error = %detail, "upstream stream failed");
-                    self.fail(
-                        "the upstream connection failed during the stream",
-                        "upstream_disconnected",
-                    );
+                    self.fail("the upstream connection failed during the stream", "upstream_disconnected");
                 }
                 Err(_elapsed) => {
-                    self.fail(
-                        "the upstream stopped sending during the stream",
-                        "upstream_timeout",
-                    );
+                    self.fail("the upstream stopped sending during the stream", "upstream_timeout");
                 }
             }
             self.ready.extend(events.drain(..).map(|e| e.into_bytes()));
@@ -126,33 +117,15 @@ mod tests {
     }
 
     async fn run(steps: Vec<Result<Option<&'static [u8]>, &'static str>>) -> Vec<Bytes> {
-        let script = Script(
-            steps
-                .into_iter()
-                .map(|s| s.map(|o| o.map(Bytes::from_static)).map_err(str::to_owned))
-                .collect(),
-        );
-        relay(script, Duration::from_millis(50), 1024)
-            .map(|r| r.unwrap())
-            .collect()
-            .await
+        let script =
+            Script(steps.into_iter().map(|s| s.map(|o| o.map(Bytes::from_static)).map_err(str::to_owned)).collect());
+        relay(script, Duration::from_millis(50), 1024).map(|r| r.unwrap()).collect().await
     }
 
     #[tokio::test]
     async fn forwards_whole_events_and_reassembles_split_ones() {
-        let frames = run(vec![
-            Ok(Some(b"data: 1\n\ndata: ")),
-            Ok(Some(b"2\n\n")),
-            Ok(None),
-        ])
-        .await;
-        assert_eq!(
-            frames,
-            vec![
-                Bytes::from_static(b"data: 1\n\n"),
-                Bytes::from_static(b"data: 2\n\n")
-            ]
-        );
+        let frames = run(vec![Ok(Some(b"data: 1\n\ndata: ")), Ok(Some(b"2\n\n")), Ok(None)]).await;
+        assert_eq!(frames, vec![Bytes::from_static(b"data: 1\n\n"), Bytes::from_static(b"data: 2\n\n")]);
     }
 
     #[tokio::test]
@@ -160,11 +133,7 @@ mod tests {
         let frames = run(vec![Ok(Some(b"data: 1\n\ndata: {\"partial")), Err("reset")]).await;
         assert_eq!(frames.len(), 2);
         assert_eq!(frames[0], Bytes::from_static(b"data: 1\n\n"));
-        assert!(
-            frames[1].starts_with(b"data: {\"error\":"),
-            "{:?}",
-            frames[1]
-        );
+        assert!(frames[1].starts_with(b"data: {\"error\":"), "{:?}", frames[1]);
         assert!(String::from_utf8_lossy(&frames[1]).contains("upstream_disconnected"));
     }
 

@@ -1,0 +1,10 @@
+//! Black-box tests of the gateway: the real server over real HTTP, against
+//! the fake upstream. One binary, so one link step for all of them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod errors;
+mod helpers;
+mod lifecycle;
+mod passthrough;
+mod streaming;
+mod upstream_failures;

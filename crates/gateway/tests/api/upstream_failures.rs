@@ -1,0 +1,105 @@
+//! What the client sees when the upstream misbehaves.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tollgate_fake_upstream::{ErrorStyle, Fault};
+
+use crate::helpers::{TestGateway, envelope};
+
+const CHAT: &str = r#"{"model":"gpt-4.1","messages":[]}"#;
+const STREAM: &str = r#"{"model":"gpt-4.1","stream":true,"messages":[]}"#;
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502_envelope() {
+    // Bind then drop: nothing listens on that port any more.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let gw = TestGateway::start_with(|c| c.upstream.base_url = format!("http://{closed}/v1")).await;
+    let response = gw.post_json("/v1/chat/completions", CHAT).await;
+    assert_eq!(response.status(), 502);
+    let body = envelope(response).await;
+    assert_eq!(body["error"]["code"], "upstream_unavailable");
+    assert!(!body["error"]["message"].as_str().unwrap().contains(&closed.to_string()), "no internal addresses");
+}
+
+#[tokio::test]
+async fn a_redirect_or_an_html_page_is_a_502_envelope() {
+    let gw = TestGateway::start().await;
+    for fault in [Fault::Html301, Fault::Html200] {
+        gw.fake.enqueue_fault(fault);
+        let response = gw.post_json("/v1/chat/completions", CHAT).await;
+        assert_eq!(response.status(), 502, "{fault:?}");
+        assert_eq!(envelope(response).await["error"]["code"], "upstream_bad_response");
+    }
+    // A redirect is never followed.
+    assert_eq!(gw.fake.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_connection_reset_before_the_answer_is_a_502_envelope() {
+    let gw = TestGateway::start().await;
+    gw.fake.enqueue_fault(Fault::Reset);
+    let response = gw.post_json("/v1/chat/completions", CHAT).await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(envelope(response).await["error"]["code"], "upstream_unavailable");
+}
+
+#[tokio::test]
+async fn an_upstream_that_does_not_answer_in_time_is_a_504_envelope() {
+    let gw = TestGateway::start_with(|c| c.upstream.first_byte_timeout = Duration::from_millis(300)).await;
+    gw.fake.enqueue_fault(Fault::Stall);
+    let response = gw.post_json("/v1/chat/completions", CHAT).await;
+    assert_eq!(response.status(), 504);
+    assert_eq!(envelope(response).await["error"]["code"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn upstream_json_errors_pass_through_with_status_and_body() {
+    let gw = TestGateway::start().await;
+    for (status, style) in [(500, ErrorStyle::OpenAi), (429, ErrorStyle::Comet), (400, ErrorStyle::OpenAi)] {
+        gw.fake.enqueue_fault(Fault::Status { status, style });
+        let response = gw.post_json("/v1/chat/completions", CHAT).await;
+        assert_eq!(response.status().as_u16(), status);
+        let body: serde_json::Value = response.json().await.unwrap();
+        let expected = tollgate_fake_upstream::responses::error_body(status, style);
+        assert_eq!(body, expected, "body passed through untouched");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_cut_by_the_upstream_ends_with_an_error_event() {
+    let gw = TestGateway::start().await;
+    gw.fake.enqueue_fault(Fault::DropMidStream { after_chunks: 2 });
+    let response = gw.post_json("/v1/chat/completions", STREAM).await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("the client stream ends cleanly");
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert_eq!(events.len(), 3, "{text}");
+    assert!(events[2].starts_with(r#"data: {"error":"#), "{text}");
+    assert!(events[2].contains("upstream_disconnected"));
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_ends_with_an_error_event_after_the_idle_timeout() {
+    let gw = TestGateway::start_with(|c| c.upstream.idle_timeout = Duration::from_millis(300)).await;
+    gw.fake.enqueue_fault(Fault::StallMidStream { after_chunks: 1 });
+    let response = gw.post_json("/v1/chat/completions", STREAM).await;
+    let mut frames = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        frames.push(String::from_utf8(chunk.unwrap().to_vec()).unwrap());
+    }
+    let text = frames.concat();
+    assert!(text.ends_with("\n\n"));
+    assert!(text.contains("upstream_timeout"), "{text}");
+}
+
+#[tokio::test]
+async fn a_stream_request_answered_with_an_error_passes_the_error_through() {
+    let gw = TestGateway::start().await;
+    gw.fake.enqueue_fault(Fault::Status { status: 503, style: ErrorStyle::Comet });
+    let response = gw.post_json("/v1/chat/completions", STREAM).await;
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "comet_api_error");
+}
