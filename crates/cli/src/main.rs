@@ -57,11 +57,7 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
 fn check_config(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
     // The config holds no secret values, only where to find them.
-    let text = toml_text(&config)?;
+    let text = serde_json::to_string_pretty(&config)?;
     eprintln!("configuration is valid:\n{text}");
     Ok(())
-}
-
-fn toml_text(config: &Config) -> anyhow::Result<String> {
-    Ok(serde_json::to_string_pretty(config)?)
 }

@@ -117,12 +117,20 @@ impl Default for LogConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// Not `#[source]`: figment's message already is the whole story, and a
+    /// source would print it twice in an error chain.
     #[error("configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
+    Load(Box<figment::Error>),
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
     #[error("configuration: cannot read `upstream.api_key_file` {path}: {source}")]
     KeyFile { path: PathBuf, source: std::io::Error },
+}
+
+impl From<Box<figment::Error>> for ConfigError {
+    fn from(e: Box<figment::Error>) -> Self {
+        Self::Load(e)
+    }
 }
 
 impl Config {

@@ -46,9 +46,7 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Self, UpstreamSetupError> {
-        // reqwest is built without a bundled crypto provider; ring is the
-        // smaller one to build. Installing twice (tests) is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
 
         let authorization = match config.api_key()? {
             None => None,
@@ -127,6 +125,13 @@ impl Upstream {
             Ok(Ok(response)) => Ok(response),
         }
     }
+}
+
+/// reqwest is built without a bundled TLS crypto provider; ring is the
+/// smaller one to build. Must run before any reqwest client is built;
+/// installing twice is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Maps a transport error to the client-facing error. The detail (which may

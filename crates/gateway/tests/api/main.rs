@@ -6,5 +6,6 @@ mod errors;
 mod helpers;
 mod lifecycle;
 mod passthrough;
+mod sdk;
 mod streaming;
 mod upstream_failures;

@@ -1,0 +1,48 @@
+//! Runs the Python suite in `tests/sdk` (the official `openai` SDK) against
+//! a real gateway and fake upstream started here.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::helpers::TestGateway;
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_sdk_works_through_the_gateway() {
+    let root = workspace_root();
+    let python =
+        std::env::var_os("TOLLGATE_SDK_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".venv/bin/python"));
+    if !python.exists() {
+        let required = std::env::var_os("CI").is_some() || std::env::var_os("TOLLGATE_REQUIRE_SDK_TESTS").is_some();
+        assert!(!required, "{} is missing: scripts/test installs the SDK test environment", python.display());
+        eprintln!("SKIPPED: the Python SDK suite ({} is missing; scripts/test installs it)", python.display());
+        return;
+    }
+
+    let gw = TestGateway::start_with(|c| {
+        c.server.max_body_bytes = 64 * 1024;
+        c.upstream.first_byte_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let base_url = format!("{}/v1", gw.url(""));
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sdk"])
+            .current_dir(root)
+            .env("TOLLGATE_BASE_URL", base_url)
+            .output()
+            .expect("pytest runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the SDK suite failed:\n{stdout}");
+    assert!(stdout.contains(" passed"), "the SDK suite ran no test:\n{stdout}");
+    assert!(!gw.fake.requests().is_empty(), "the SDK traffic went through the fake upstream");
+}
