@@ -1,0 +1,178 @@
+//! Tollgate's durable state behind one interface, [`Store`], on two backends:
+//! Postgres (production, several replicas) and a SQLite file (the embedded
+//! single-node default).
+//!
+//! Both backends share one query layer through sqlx's `Any` driver: the
+//! schemas keep to portable types (TEXT, BIGINT milliseconds), and each
+//! backend has its own migrations under `migrations/`. Every change made
+//! through the store writes its audit row in the same transaction and, on
+//! Postgres, a `NOTIFY` so other replicas refresh their caches at commit.
+
+mod admin_tokens;
+mod audit;
+mod keys;
+pub mod model;
+mod tenants;
+mod time;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+pub use model::*;
+pub use time::{from_millis, now_millis, to_millis};
+
+/// The Postgres channel that carries cache invalidations.
+pub const CHANGES_CHANNEL: &str = "tollgate_changes";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A change other replicas must apply to their caches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Tenant(String),
+    Key(String),
+    AdminToken(String),
+}
+
+impl Change {
+    pub fn to_payload(&self) -> String {
+        match self {
+            Self::Tenant(id) => format!("tenant:{id}"),
+            Self::Key(id) => format!("key:{id}"),
+            Self::AdminToken(id) => format!("admin_token:{id}"),
+        }
+    }
+
+    pub fn from_payload(payload: &str) -> Option<Self> {
+        let (kind, id) = payload.split_once(':')?;
+        let id = id.to_owned();
+        match kind {
+            "tenant" => Some(Self::Tenant(id)),
+            "key" => Some(Self::Key(id)),
+            "admin_token" => Some(Self::AdminToken(id)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    url: String,
+}
+
+impl Store {
+    /// Connects to `postgres://…` or `sqlite://…` (the file is created if
+    /// missing).
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(StoreError::Conflict("the database URL must start with postgres:// or sqlite:".into()));
+        };
+        let options = AnyConnectOptions::from_str(url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers work while the writer commits.
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool, backend, url: url.to_owned() })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The URL this store was opened with (it may hold a password: never log it).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> StoreResult<()> {
+        match self.backend {
+            Backend::Postgres => sqlx::migrate!("../../migrations/postgres").run(&self.pool).await?,
+            Backend::Sqlite => sqlx::migrate!("../../migrations/sqlite").run(&self.pool).await?,
+        }
+        Ok(())
+    }
+
+    /// A cheap round trip, for readiness checks.
+    pub async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Queues a change notification inside `tx`; Postgres delivers it at
+    /// commit, so no replica ever reloads state that is not committed yet.
+    pub(crate) async fn notify(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>, change: &Change) -> StoreResult<()> {
+        if self.backend == Backend::Postgres {
+            // Selecting a value (rather than pg_notify's `void`) keeps the
+            // result decodable by the Any driver.
+            sqlx::query("SELECT 1 AS queued FROM (SELECT pg_notify($1, $2)) AS n")
+                .bind(CHANGES_CHANNEL)
+                .bind(change.to_payload())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether an error is a unique-constraint violation on either backend.
+pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|c| c == "23505" || c == "2067" || c == "1555") || db.message().contains("UNIQUE")
+        }
+        _ => false,
+    }
+}
+
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,0 +1,202 @@
+//! The storage contract: the same assertions on Postgres and on SQLite.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{Duration, Utc};
+use serde_json::json;
+use tollgate_store::testing::TestDatabase;
+use tollgate_store::{KeyPatch, Limits, NewKey, NewTenant, Store, StoreError, TenantPatch, TenantStatus};
+
+async fn open(db: &TestDatabase) -> Store {
+    let store = Store::connect(&db.url, 4).await.unwrap();
+    store.migrate().await.unwrap();
+    // Migrations are idempotent.
+    store.migrate().await.unwrap();
+    store
+}
+
+fn new_tenant(id: &str) -> NewTenant {
+    NewTenant { id: id.into(), display_name: format!("Tenant {id}"), metadata: json!({"team": "x"}) }
+}
+
+fn new_key(id: &str, tenant: &str) -> NewKey {
+    NewKey {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        name: "svc".into(),
+        secret_hash: format!("hash-{id}"),
+        expires_at: None,
+        allowed_models: vec!["gemini-*".into()],
+        limits: Limits { rpm: Some(60), ..Limits::default() },
+    }
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(&super::open(&tollgate_store::testing::TestDatabase::postgres().await).await).await; })*
+        }
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(&super::open(&tollgate_store::testing::TestDatabase::sqlite()).await).await; })*
+        }
+    };
+}
+
+contract!(
+    tenants_are_created_listed_updated_and_paginated,
+    duplicate_tenants_conflict,
+    suspending_and_deleting_tenants,
+    keys_lifecycle,
+    rotation_links_keys_and_bounds_the_old_one,
+    every_change_is_audited_newest_first,
+    admin_tokens_lifecycle,
+    touching_keys_records_last_use,
+);
+
+async fn tenants_are_created_listed_updated_and_paginated(store: &Store) {
+    for id in ["acme", "beta", "gamma"] {
+        store.create_tenant(&new_tenant(id), "bootstrap").await.unwrap();
+    }
+    let t = store.get_tenant("acme").await.unwrap();
+    assert_eq!(t.status, TenantStatus::Active);
+    assert_eq!(t.metadata, json!({"team": "x"}));
+
+    let first = store.list_tenants(None, 2).await.unwrap();
+    assert_eq!(first.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["acme", "beta"]);
+    let second = store.list_tenants(Some("beta"), 2).await.unwrap();
+    assert_eq!(second.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["gamma"]);
+
+    let patch = TenantPatch { display_name: Some("ACME Corp".into()), metadata: None };
+    let updated = store.update_tenant("acme", &patch, "bootstrap").await.unwrap();
+    assert_eq!(updated.display_name, "ACME Corp");
+    assert_eq!(updated.metadata, json!({"team": "x"}), "unpatched fields are kept");
+    assert!(updated.updated_at >= t.updated_at);
+
+    assert!(matches!(store.get_tenant("nope").await, Err(StoreError::NotFound)));
+}
+
+async fn duplicate_tenants_conflict(store: &Store) {
+    store.create_tenant(&new_tenant("acme"), "bootstrap").await.unwrap();
+    let err = store.create_tenant(&new_tenant("acme"), "bootstrap").await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+}
+
+async fn suspending_and_deleting_tenants(store: &Store) {
+    store.create_tenant(&new_tenant("acme"), "bootstrap").await.unwrap();
+    store.create_key(&new_key("k1", "acme"), "bootstrap").await.unwrap();
+    store.create_key(&new_key("k2", "acme"), "bootstrap").await.unwrap();
+
+    let s = store.set_tenant_status("acme", TenantStatus::Suspended, "bootstrap").await.unwrap();
+    assert_eq!(s.status, TenantStatus::Suspended);
+    let r = store.set_tenant_status("acme", TenantStatus::Active, "bootstrap").await.unwrap();
+    assert_eq!(r.status, TenantStatus::Active);
+
+    let d = store.delete_tenant("acme", "bootstrap").await.unwrap();
+    assert_eq!(d.status, TenantStatus::Deleted);
+    assert!(matches!(store.get_tenant("acme").await, Err(StoreError::NotFound)));
+    assert!(store.list_tenants(None, 10).await.unwrap().is_empty());
+    for k in ["k1", "k2"] {
+        assert!(store.get_key(k).await.unwrap().revoked_at.is_some(), "{k} revoked with its tenant");
+    }
+    assert!(store.all_live_keys().await.unwrap().is_empty());
+    // A deleted tenant gets no new keys.
+    assert!(matches!(store.create_key(&new_key("k3", "acme"), "bootstrap").await, Err(StoreError::NotFound)));
+}
+
+async fn keys_lifecycle(store: &Store) {
+    store.create_tenant(&new_tenant("acme"), "bootstrap").await.unwrap();
+    store.create_tenant(&new_tenant("beta"), "bootstrap").await.unwrap();
+    let k = store.create_key(&new_key("k1", "acme"), "bootstrap").await.unwrap();
+    assert_eq!(k.allowed_models, vec!["gemini-*".to_owned()]);
+    assert_eq!(k.limits.rpm, Some(60));
+    assert_eq!(k.secret_hash, "hash-k1");
+    store.create_key(&new_key("k2", "beta"), "bootstrap").await.unwrap();
+    assert!(matches!(store.create_key(&new_key("k1", "beta"), "bootstrap").await, Err(StoreError::Conflict(_))));
+    assert!(matches!(store.create_key(&new_key("k9", "nope"), "bootstrap").await, Err(StoreError::NotFound)));
+
+    let acme_keys = store.list_keys("acme", None, 10).await.unwrap();
+    assert_eq!(acme_keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["k1"], "tenant isolation");
+
+    let expiry = Utc::now() + Duration::hours(1);
+    let patch = KeyPatch {
+        name: Some("renamed".into()),
+        expires_at: Some(Some(expiry)),
+        allowed_models: Some(vec![]),
+        limits: Some(Limits::default()),
+    };
+    let u = store.update_key("k1", &patch, "bootstrap").await.unwrap();
+    assert_eq!(u.name, "renamed");
+    assert_eq!(u.expires_at.map(|t| t.timestamp_millis()), Some(expiry.timestamp_millis()));
+    assert!(u.allowed_models.is_empty());
+    let cleared =
+        store.update_key("k1", &KeyPatch { expires_at: Some(None), ..KeyPatch::default() }, "x").await.unwrap();
+    assert_eq!(cleared.expires_at, None);
+    assert_eq!(cleared.name, "renamed");
+
+    let r = store.revoke_key("k1", "bootstrap").await.unwrap();
+    assert!(r.revoked_at.is_some());
+    let again = store.revoke_key("k1", "bootstrap").await.unwrap();
+    assert_eq!(again.revoked_at, r.revoked_at, "revoking twice keeps the first time");
+    let live: Vec<String> = store.all_live_keys().await.unwrap().into_iter().map(|k| k.id).collect();
+    assert_eq!(live, ["k2"]);
+}
+
+async fn rotation_links_keys_and_bounds_the_old_one(store: &Store) {
+    store.create_tenant(&new_tenant("acme"), "bootstrap").await.unwrap();
+    store.create_key(&new_key("old", "acme"), "bootstrap").await.unwrap();
+    let deadline = Utc::now() + Duration::minutes(10);
+    let (old, new) = store.rotate_key("old", &new_key("new", "acme"), deadline, "bootstrap").await.unwrap();
+    assert_eq!(old.rotated_to.as_deref(), Some("new"));
+    assert_eq!(new.rotated_from.as_deref(), Some("old"));
+    assert_eq!(old.expires_at.map(|t| t.timestamp_millis()), Some(deadline.timestamp_millis()));
+    assert!(old.revoked_at.is_none());
+    assert!(matches!(
+        store.rotate_key("old", &new_key("newer", "acme"), deadline, "bootstrap").await,
+        Err(StoreError::Conflict(_))
+    ));
+    // An earlier expiry is kept: rotation never extends a key's life.
+    let soon = Utc::now() + Duration::minutes(1);
+    store.update_key("new", &KeyPatch { expires_at: Some(Some(soon)), ..KeyPatch::default() }, "x").await.unwrap();
+    let (bounded, _) =
+        store.rotate_key("new", &new_key("third", "acme"), Utc::now() + Duration::hours(5), "x").await.unwrap();
+    assert_eq!(bounded.expires_at.map(|t| t.timestamp_millis()), Some(soon.timestamp_millis()));
+    store.revoke_key("third", "x").await.unwrap();
+    assert!(matches!(
+        store.rotate_key("third", &new_key("fourth", "acme"), deadline, "x").await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+async fn every_change_is_audited_newest_first(store: &Store) {
+    store.create_tenant(&new_tenant("acme"), "admin-1").await.unwrap();
+    store.create_key(&new_key("k1", "acme"), "admin-2").await.unwrap();
+    store.revoke_key("k1", "admin-2").await.unwrap();
+    let entries = store.list_audit(None, 10).await.unwrap();
+    let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["key.revoke", "key.create", "tenant.create"]);
+    assert_eq!(entries[2].actor, "admin-1");
+    assert_eq!(entries[1].target_id, "k1");
+    let older = store.list_audit(Some(entries[1].id), 10).await.unwrap();
+    assert_eq!(older.len(), 1);
+    assert_eq!(older[0].action, "tenant.create");
+}
+
+async fn admin_tokens_lifecycle(store: &Store) {
+    let t = store.create_admin_token("a1", "ops", "h1", "bootstrap").await.unwrap();
+    assert_eq!(t.name, "ops");
+    assert_eq!(store.list_admin_tokens().await.unwrap().len(), 1);
+    let r = store.revoke_admin_token("a1", "bootstrap").await.unwrap();
+    assert!(r.revoked_at.is_some());
+    assert!(matches!(store.revoke_admin_token("zz", "bootstrap").await, Err(StoreError::NotFound)));
+}
+
+async fn touching_keys_records_last_use(store: &Store) {
+    store.create_tenant(&new_tenant("acme"), "bootstrap").await.unwrap();
+    store.create_key(&new_key("k1", "acme"), "bootstrap").await.unwrap();
+    let at = Utc::now();
+    store.touch_keys(&["k1".to_owned(), "missing".to_owned()], at).await.unwrap();
+    let k = store.get_key("k1").await.unwrap();
+    assert_eq!(k.last_used_at.map(|t| t.timestamp_millis()), Some(at.timestamp_millis()));
+    // An older touch never moves it back.
+    store.touch_keys(&["k1".to_owned()], at - Duration::hours(1)).await.unwrap();
+    assert_eq!(store.get_key("k1").await.unwrap().last_used_at, k.last_used_at);
+}
