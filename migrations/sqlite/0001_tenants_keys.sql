@@ -45,3 +45,10 @@ CREATE TABLE audit_log (
     target_id   TEXT NOT NULL,
     details     TEXT NOT NULL DEFAULT '{}'
 );
+
+-- Process-wide settings shared by every replica (e.g. the generated key
+-- hashing secret when none is configured).
+CREATE TABLE settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);

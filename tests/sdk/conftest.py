@@ -13,10 +13,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def base_url() -> str:
-    url = os.environ.get("TOLLGATE_BASE_URL")
-    if not url:
-        pytest.fail("TOLLGATE_BASE_URL is not set: run these tests through scripts/test")
-    return url
+    return _env("TOLLGATE_BASE_URL")
 
 
 class RequestCounter:
@@ -27,14 +24,35 @@ class RequestCounter:
         self.count += 1
 
 
+def _env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        pytest.fail(f"{name} is not set: run these tests through scripts/test")
+    return value
+
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    return _env("SDK_TEST_API_KEY")
+
+
+@pytest.fixture(scope="session")
+def revoked_key() -> str:
+    return _env("SDK_TEST_REVOKED_KEY")
+
+
+@pytest.fixture(scope="session")
+def restricted_key() -> str:
+    """A key allowed only `gemini-*` models."""
+    return _env("SDK_TEST_RESTRICTED_KEY")
+
+
 @pytest.fixture
 def counter() -> RequestCounter:
     return RequestCounter()
 
 
 @pytest.fixture
-def client(base_url: str, counter: RequestCounter) -> openai.OpenAI:
+def client(base_url: str, api_key: str, counter: RequestCounter) -> openai.OpenAI:
     http_client = openai.DefaultHttpxClient(event_hooks={"request": [counter]}, timeout=30)
-    return openai.OpenAI(
-        base_url=base_url, api_key="tg-sdk-test-key", http_client=http_client, max_retries=0
-    )
+    return openai.OpenAI(base_url=base_url, api_key=api_key, http_client=http_client, max_retries=0)

@@ -177,10 +177,10 @@ def test_wrong_method_raises_a_405(client):
     assert caught.value.code == "method_not_allowed"
 
 
-def test_oversized_body_raises_a_413_without_retries(base_url, counter):
+def test_oversized_body_raises_a_413_without_retries(base_url, api_key, counter):
     client = openai.OpenAI(
         base_url=base_url,
-        api_key="tg-sdk-test-key",
+        api_key=api_key,
         http_client=openai.DefaultHttpxClient(event_hooks={"request": [counter]}),
         max_retries=2,
     )
@@ -202,10 +202,10 @@ def test_mid_stream_failure_raises_api_error(client):
     assert "upstream" in str(caught.value)
 
 
-def test_sdk_retries_upstream_5xx(base_url, counter):
+def test_sdk_retries_upstream_5xx(base_url, api_key, counter):
     client = openai.OpenAI(
         base_url=base_url,
-        api_key="tg-sdk-test-key",
+        api_key=api_key,
         http_client=openai.DefaultHttpxClient(event_hooks={"request": [counter]}),
         max_retries=2,
     )
@@ -214,3 +214,28 @@ def test_sdk_retries_upstream_5xx(base_url, counter):
             model=MODEL, messages=MESSAGES, extra_headers=fault("status:503")
         )
     assert counter.count == 3
+
+
+def test_an_unknown_key_raises_authentication_error(base_url):
+    client = openai.OpenAI(base_url=base_url, api_key="tg-aaaaaaaaaaaa-" + "b" * 40, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert caught.value.code == "invalid_api_key"
+
+
+def test_a_revoked_key_raises_authentication_error_saying_so(base_url, revoked_key):
+    client = openai.OpenAI(base_url=base_url, api_key=revoked_key, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.models.list()
+    assert caught.value.code == "api_key_revoked"
+    assert "revoked" in caught.value.message
+
+
+def test_a_model_the_key_may_not_use_raises_permission_denied(base_url, restricted_key):
+    client = openai.OpenAI(base_url=base_url, api_key=restricted_key, max_retries=0)
+    assert client.chat.completions.create(model="gemini-2.5-flash-lite", messages=MESSAGES).choices
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        client.chat.completions.create(model="gpt-4.1", messages=MESSAGES)
+    assert caught.value.code == "model_not_allowed"
+    ids = [m.id for m in client.models.list()]
+    assert ids and all(i.startswith("gemini-") for i in ids)

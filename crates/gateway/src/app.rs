@@ -1,4 +1,4 @@
-//! `Application`: builds everything from a `Config`, binds its own listener
+//! `Application`: builds everything from a `Config`, binds its own listeners
 //! (port 0 in tests) and serves until told to stop.
 
 use std::future::Future;
@@ -8,24 +8,67 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::serve::ListenerExt;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tollgate_store::Store;
 
+use crate::admin::{self, AdminState};
+use crate::auth::sync::{CacheSync, touch_writer};
+use crate::auth::{Authenticator, KeyCache, SecretHasher};
 use crate::config::Config;
 use crate::health::Readiness;
 use crate::proxy::Proxy;
 use crate::router;
 use crate::upstream::Upstream;
 
+/// How often queued `last_used_at` times are written.
+const TOUCH_INTERVAL: Duration = Duration::from_secs(30);
+
 pub struct Application {
-    listener: TcpListener,
-    router: Router,
+    public: TcpListener,
+    public_router: Router,
+    admin: Option<(TcpListener, Router)>,
     readiness: Readiness,
     shutdown_grace: Duration,
+    store: Store,
+    background: TaskTracker,
+    stop_background: CancellationToken,
 }
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let store = Store::connect(config.database.url()?.expose_secret(), config.database.max_connections)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
+        if config.database.migrate_on_start {
+            store.migrate().await?;
+        }
+        let hasher = SecretHasher::new(&hash_secret(&config, &store).await?);
+
+        let cache = Arc::new(KeyCache::default());
+        let sync = Arc::new(CacheSync::new(store.clone(), cache.clone()));
+        sync.refresh_all().await.map_err(|e| anyhow::anyhow!("cannot load keys: {e}"))?;
+        let auth = Arc::new(Authenticator::new(cache, hasher.clone(), config.auth.failed_attempts_per_minute));
+
+        let background = TaskTracker::new();
+        let stop_background = CancellationToken::new();
+        background.spawn(sync.clone().refresh_loop(config.auth.refresh_interval, stop_background.clone()));
+        background.spawn(sync.clone().listen_loop(stop_background.clone()));
+        background.spawn(touch_writer(store.clone(), auth.touches.clone(), TOUCH_INTERVAL, stop_background.clone()));
+
+        let bootstrap_digest = config.admin.bootstrap_token()?.map(|t| hasher.digest(t.expose_secret()));
+        if bootstrap_digest.is_none() {
+            tracing::warn!(
+                env = %config.admin.bootstrap_token_env,
+                "no bootstrap admin token configured; only admin tokens already issued can use the admin API"
+            );
+        }
+        let admin_router = admin::router(AdminState { store: store.clone(), sync, hasher, bootstrap_digest });
+
         let upstream = Upstream::new(&config.upstream)?;
         let proxy = Arc::new(Proxy {
             upstream,
@@ -33,56 +76,108 @@ impl Application {
             max_response_bytes: config.upstream.max_response_bytes,
         });
         let readiness = Readiness::default();
-        let router = router::build(proxy, readiness.clone());
-        let listener = TcpListener::bind(config.server.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
-        Ok(Self { listener, router, readiness, shutdown_grace: config.server.shutdown_grace })
+        let public = bind(config.server.listen).await?;
+        let (admin, merged_admin) = match config.admin.listen {
+            Some(addr) => (Some((bind(addr).await?, router::build_admin(admin_router, readiness.clone()))), None),
+            None => (None, Some(admin_router)),
+        };
+        let public_router = router::build(proxy, readiness.clone(), auth, merged_admin);
+        Ok(Self {
+            public,
+            public_router,
+            admin,
+            readiness,
+            shutdown_grace: config.server.shutdown_grace,
+            store,
+            background,
+            stop_background,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        // A bound TCP listener always has a local address.
-        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        local_addr(&self.public)
     }
 
     pub fn port(&self) -> u16 {
         self.local_addr().port()
     }
 
+    /// The admin listener's address, or `None` when the admin API shares the
+    /// public listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(l, _)| local_addr(l))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
-    /// requests and streams finish for up to `server.shutdown_grace`, and
-    /// returns.
+    /// requests and streams finish for up to `server.shutdown_grace`, stops
+    /// the background tasks (flushing what they hold) and returns.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let addr = self.local_addr();
-        let listener = self.listener.tap_io(|tcp| {
-            // Small SSE frames must leave at once, not wait for Nagle.
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
         let stop_accepting = CancellationToken::new();
-        let server =
-            axum::serve(listener, self.router).with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-        let mut server = std::pin::pin!(server.into_future());
-
+        let mut servers = tokio::task::JoinSet::new();
+        for (name, listener, router) in
+            std::iter::once(("public", self.public, self.public_router)).chain(self.admin.map(|(l, r)| ("admin", l, r)))
+        {
+            let addr = local_addr(&listener);
+            tracing::info!(%addr, listener = name, "listening");
+            let listener = listener.tap_io(|tcp| {
+                // Small SSE frames must leave at once, not wait for Nagle.
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+                }
+            });
+            let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+            servers.spawn(async move { server.await });
+        }
         self.readiness.set(true);
-        tracing::info!(%addr, "listening");
 
+        let mut failed = None;
         tokio::select! {
-            result = &mut server => return result.map_err(Into::into),
+            Some(result) = servers.join_next() => {
+                failed = Some(anyhow::anyhow!("a listener stopped unexpectedly: {result:?}"));
+            }
             () = shutdown => {}
         }
 
         self.readiness.set(false);
         stop_accepting.cancel();
-        match tokio::time::timeout(self.shutdown_grace, server).await {
-            Ok(result) => result?,
-            Err(_) => tracing::warn!(
-                grace = ?self.shutdown_grace,
-                "shutdown grace period over; closing the connections still open"
-            ),
+        let drained = tokio::time::timeout(self.shutdown_grace, async {
+            while servers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace = ?self.shutdown_grace, "shutdown grace period over; closing the connections still open");
+            servers.abort_all();
         }
+        self.stop_background.cancel();
+        self.background.close();
+        self.background.wait().await;
+        self.store.close().await;
         tracing::info!("stopped");
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    // A bound TCP listener always has a local address.
+    listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// The key hashing secret: from the configuration, else generated once and
+/// kept in the database so every replica shares it.
+async fn hash_secret(config: &Config, store: &Store) -> anyhow::Result<SecretString> {
+    if let Some(secret) = config.auth.hash_secret()? {
+        return Ok(secret);
+    }
+    let candidate: String = rand::rng().sample_iter(Alphanumeric).take(64).map(char::from).collect();
+    let stored = store.setting_or_insert("key_hash_secret", &candidate).await?;
+    Ok(SecretString::from(stored))
 }

@@ -17,14 +17,93 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 /// Environment variables with the `TOLLGATE_` prefix that are not config keys.
-const NON_CONFIG_ENV: &[&str] = &["CONFIG", "ADMIN_TOKEN"];
+/// (Secrets and the CLI's own settings.)
+const NON_CONFIG_ENV: &[&str] = &["CONFIG", "ADMIN_TOKEN", "ADMIN_URL", "DATABASE_URL", "HASH_SECRET"];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Environment variable holding a `postgres://` URL (it may contain a
+    /// password, so it never lives in this file). When it is unset, Tollgate
+    /// uses the embedded SQLite file at `sqlite_path`.
+    pub url_env: String,
+    /// File holding the database URL (takes precedence over `url_env`).
+    pub url_file: Option<PathBuf>,
+    pub sqlite_path: PathBuf,
+    pub max_connections: u32,
+    /// Apply pending migrations at start-up (else run `tollgate migrate`).
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url_env: "TOLLGATE_DATABASE_URL".to_owned(),
+            url_file: None,
+            sqlite_path: PathBuf::from("data/tollgate.db"),
+            max_connections: 10,
+            migrate_on_start: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Environment variable holding the secret keyed into key hashes. Every
+    /// replica must use the same one. Unset: one is generated once and kept
+    /// in the database.
+    pub hash_secret_env: String,
+    pub hash_secret_file: Option<PathBuf>,
+    /// Full reload of the key cache, a safety net behind change notifications.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// Failed authentications per minute from one address before its further
+    /// failures are slowed down.
+    pub failed_attempts_per_minute: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hash_secret_env: "TOLLGATE_HASH_SECRET".to_owned(),
+            hash_secret_file: None,
+            refresh_interval: Duration::from_secs(30),
+            failed_attempts_per_minute: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listener for `/admin/v1`, kept off the public network by default.
+    /// Unset: the admin API is served on the public listener.
+    pub listen: Option<SocketAddr>,
+    /// Environment variable holding the bootstrap admin token.
+    pub bootstrap_token_env: String,
+    pub bootstrap_token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8081))),
+            bootstrap_token_env: "TOLLGATE_ADMIN_TOKEN".to_owned(),
+            bootstrap_token_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,8 +202,8 @@ pub enum ConfigError {
     Load(Box<figment::Error>),
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
-    #[error("configuration: cannot read `upstream.api_key_file` {path}: {source}")]
-    KeyFile { path: PathBuf, source: std::io::Error },
+    #[error("configuration: `{key}` {path}: {source}")]
+    SecretFile { key: &'static str, path: PathBuf, source: std::io::Error },
 }
 
 impl From<Box<figment::Error>> for ConfigError {
@@ -182,9 +261,54 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be greater than 0"));
+        }
+        if self.auth.refresh_interval.is_zero() {
+            return Err(invalid("auth.refresh_interval", "must be greater than 0"));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("is not a valid filter: {e}")))?;
         Ok(())
+    }
+}
+
+/// A secret from a file (trimmed) or else an environment variable.
+fn read_secret(file: Option<&Path>, env: &str, key: &'static str) -> Result<Option<SecretString>, ConfigError> {
+    if let Some(path) = file {
+        let raw = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::SecretFile { key, path: path.to_owned(), source })?;
+        return Ok(Some(SecretString::from(raw.trim().to_owned())));
+    }
+    Ok(std::env::var(env).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).map(SecretString::from))
+}
+
+impl DatabaseConfig {
+    /// The database URL: Postgres when configured, else the SQLite file.
+    pub fn url(&self) -> Result<SecretString, ConfigError> {
+        if let Some(url) = read_secret(self.url_file.as_deref(), &self.url_env, "database.url_file")? {
+            return Ok(url);
+        }
+        if let Some(parent) = self.sqlite_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| ConfigError::SecretFile {
+                key: "database.sqlite_path",
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        Ok(SecretString::from(format!("sqlite://{}?mode=rwc", self.sqlite_path.display())))
+    }
+}
+
+impl AuthConfig {
+    pub fn hash_secret(&self) -> Result<Option<SecretString>, ConfigError> {
+        read_secret(self.hash_secret_file.as_deref(), &self.hash_secret_env, "auth.hash_secret_file")
+    }
+}
+
+impl AdminConfig {
+    pub fn bootstrap_token(&self) -> Result<Option<SecretString>, ConfigError> {
+        read_secret(self.bootstrap_token_file.as_deref(), &self.bootstrap_token_env, "admin.bootstrap_token_file")
     }
 }
 
@@ -193,15 +317,6 @@ impl UpstreamConfig {
     /// when neither is set: requests are then forwarded without a key, which
     /// suits local upstreams that need none.
     pub fn api_key(&self) -> Result<Option<SecretString>, ConfigError> {
-        if let Some(path) = &self.api_key_file {
-            let raw =
-                std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFile { path: path.clone(), source })?;
-            return Ok(Some(SecretString::from(raw.trim().to_owned())));
-        }
-        Ok(std::env::var(&self.api_key_env)
-            .ok()
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
-            .map(SecretString::from))
+        read_secret(self.api_key_file.as_deref(), &self.api_key_env, "upstream.api_key_file")
     }
 }

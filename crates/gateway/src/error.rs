@@ -18,8 +18,23 @@ pub enum Fault {
     Gateway,
 }
 
+/// Why a tenant key was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Invalid,
+    Revoked,
+    Expired,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
+    #[error("{}", auth_message(*.0))]
+    Unauthenticated(AuthFailure),
+    #[error("this tenant is suspended; contact the gateway's administrators")]
+    TenantSuspended,
+    #[error("this API key may not use the model `{0}`")]
+    ModelNotAllowed(String),
     #[error("{0}")]
     InvalidJson(String),
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -42,10 +57,24 @@ pub enum GatewayError {
     Internal,
 }
 
+fn auth_message(failure: AuthFailure) -> &'static str {
+    match failure {
+        AuthFailure::Missing => {
+            "You didn't provide an API key. Send it as `Authorization: Bearer tg-...` (or in an `api-key` header)."
+        }
+        AuthFailure::Invalid => "Incorrect API key provided.",
+        AuthFailure::Revoked => "This API key has been revoked.",
+        AuthFailure::Expired => "This API key has expired.",
+    }
+}
+
 impl GatewayError {
     pub fn fault(&self) -> Fault {
         match self {
-            Self::InvalidJson(_)
+            Self::Unauthenticated(_)
+            | Self::TenantSuspended
+            | Self::ModelNotAllowed(_)
+            | Self::InvalidJson(_)
             | Self::BodyTooLarge { .. }
             | Self::BodyRead
             | Self::UnknownRoute(_)
@@ -57,6 +86,8 @@ impl GatewayError {
 
     pub fn status(&self) -> StatusCode {
         match self {
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::TenantSuspended | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::InvalidJson(_) | Self::BodyRead => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownRoute(_) => StatusCode::NOT_FOUND,
@@ -71,6 +102,11 @@ impl GatewayError {
     /// The stable machine-readable `code` of the envelope.
     pub fn code(&self) -> &'static str {
         match self {
+            Self::Unauthenticated(AuthFailure::Missing | AuthFailure::Invalid) => "invalid_api_key",
+            Self::Unauthenticated(AuthFailure::Revoked) => "api_key_revoked",
+            Self::Unauthenticated(AuthFailure::Expired) => "api_key_expired",
+            Self::TenantSuspended => "tenant_suspended",
+            Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::InvalidJson(_) => "invalid_json",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyRead => "invalid_body",
@@ -94,7 +130,11 @@ impl GatewayError {
     }
 
     pub fn envelope(&self) -> ErrorEnvelope {
-        ErrorEnvelope::new(self.to_string(), self.kind(), self.code())
+        let envelope = ErrorEnvelope::new(self.to_string(), self.kind(), self.code());
+        match self {
+            Self::ModelNotAllowed(_) => envelope.with_param("model"),
+            _ => envelope,
+        }
     }
 }
 

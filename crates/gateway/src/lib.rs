@@ -2,7 +2,9 @@
 //! server bound to its listener; the `tollgate` binary and the tests both
 //! start it this way.
 
+pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod health;

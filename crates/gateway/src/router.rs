@@ -13,8 +13,12 @@
 //! 4. Routes. The body limit is applied where the body is read
 //!    (`proxy::body`), so that it answers with our envelope.
 //!
-//! Tenant authentication, policy, rate limits and budgets go between (3) and
-//! the `/v1` routes, in that order.
+//! On the `/v1` routes only (as a route layer, so unknown paths are 404
+//! before any key check):
+//!
+//! 5. `AuthLayer` — resolves the tenant key from the in-memory cache and
+//!    inserts the `Principal` extension that the `/v1` handlers read. Policy,
+//!    rate limits and budgets go after it, in that order.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -29,12 +33,15 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
+use crate::auth::{AuthLayer, Authenticator};
 use crate::error::GatewayError;
 use crate::health::{self, Readiness};
 use crate::proxy::{self, Proxy};
 use crate::request_id::{RequestId, RequestIdLayer};
 
-pub fn build(proxy: Arc<Proxy>, readiness: Readiness) -> Router {
+/// The public router. `admin` is merged in when the admin API has no
+/// listener of its own.
+pub fn build(proxy: Arc<Proxy>, readiness: Readiness, auth: Arc<Authenticator>, admin: Option<Router>) -> Router {
     let v1 = Router::new()
         .route("/v1/chat/completions", post(proxy::forward_post))
         .route("/v1/completions", post(proxy::forward_post))
@@ -43,14 +50,27 @@ pub fn build(proxy: Arc<Proxy>, readiness: Readiness) -> Router {
         .route("/v1/models", get(proxy::forward_get))
         // Model ids may contain '/', e.g. `google/gemini-2.5-flash`.
         .route("/v1/models/{*id}", get(proxy::forward_get))
+        .route_layer(AuthLayer::new(auth))
         .with_state(proxy);
 
-    let ops = Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .with_state(readiness);
+    let mut router = Router::new().merge(v1).merge(ops_routes(readiness));
+    if let Some(admin) = admin {
+        router = router.merge(admin);
+    }
+    with_common_layers(router)
+}
 
-    Router::new().merge(v1).merge(ops).fallback(unknown_route).method_not_allowed_fallback(method_not_allowed).layer(
+/// The admin listener's router: the admin API and the health endpoints.
+pub fn build_admin(admin: Router, readiness: Readiness) -> Router {
+    with_common_layers(admin.merge(ops_routes(readiness)))
+}
+
+fn ops_routes(readiness: Readiness) -> Router {
+    Router::new().route("/healthz", get(health::healthz)).route("/readyz", get(health::readyz)).with_state(readiness)
+}
+
+fn with_common_layers(router: Router) -> Router {
+    router.fallback(unknown_route).method_not_allowed_fallback(method_not_allowed).layer(
         ServiceBuilder::new()
             .layer(RequestIdLayer)
             .layer(

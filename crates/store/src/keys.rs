@@ -124,10 +124,18 @@ impl Store {
 
     /// Every key that could still authenticate, for filling the auth cache.
     pub async fn all_live_keys(&self) -> StoreResult<Vec<ApiKey>> {
+        self.keys_alive_since(now_millis()).await
+    }
+
+    /// Keys neither revoked nor expired before `since_ms`: the live ones plus
+    /// recently dead ones, so the gateway can say "revoked" or "expired"
+    /// rather than "unknown".
+    pub async fn keys_alive_since(&self, since_ms: i64) -> StoreResult<Vec<ApiKey>> {
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM api_keys WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1)"
+            "SELECT {COLUMNS} FROM api_keys WHERE (revoked_at IS NULL OR revoked_at > $1) \
+             AND (expires_at IS NULL OR expires_at > $1)"
         ))
-        .bind(now_millis())
+        .bind(since_ms)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(key).collect()

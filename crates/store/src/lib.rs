@@ -12,6 +12,7 @@ mod admin_tokens;
 mod audit;
 mod keys;
 pub mod model;
+mod settings;
 mod tenants;
 mod time;
 

@@ -6,7 +6,7 @@ use sqlx::Connection;
 
 /// The Postgres server tests create their databases on.
 pub fn postgres_admin_url() -> String {
-    std::env::var("TOLLGATE_TEST_POSTGRES_URL")
+    std::env::var("TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
@@ -22,7 +22,7 @@ impl TestDatabase {
         let admin = postgres_admin_url();
         let mut conn = sqlx::PgConnection::connect(&admin)
             .await
-            .unwrap_or_else(|e| panic!("tests need Postgres at {admin} (TOLLGATE_TEST_POSTGRES_URL): {e}"));
+            .unwrap_or_else(|e| panic!("tests need Postgres at {admin} (TEST_POSTGRES_URL): {e}"));
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut conn)
             .await

@@ -19,6 +19,8 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, header};
 use tollgate_openai::RequestPeek;
 
+use crate::auth::Principal;
+use crate::auth::models::ModelRules;
 use crate::error::GatewayError;
 use crate::request_id::RequestId;
 use crate::upstream::{Upstream, classify};
@@ -37,21 +39,63 @@ pub type ProxyState = State<Arc<Proxy>>;
 pub async fn forward_post(State(proxy): ProxyState, request: Request) -> Result<Response, GatewayError> {
     let (parts, body) = request.into_parts();
     let request_id = request_id(&parts.extensions);
+    let principal = principal(&parts.extensions)?;
     let body = body::read_limited(body, &parts.headers, proxy.max_body_bytes).await?;
-    let wants_stream = RequestPeek::parse(&body).map_err(|e| GatewayError::InvalidJson(e.to_string()))?.is_stream();
+    let wants_stream = {
+        let peek = RequestPeek::parse(&body).map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
+        if let Some(model) = peek.model.as_deref()
+            && !principal.key.models.allows(model)
+        {
+            return Err(GatewayError::ModelNotAllowed(model.to_owned()));
+        }
+        peek.is_stream()
+    };
     let upstream_response =
         proxy.upstream.send(Method::POST, upstream_path(&parts.uri), &parts.headers, &request_id, Some(body)).await?;
     tracing::debug!(wants_stream, status = upstream_response.status().as_u16(), "upstream answered");
     relay_response(&proxy, upstream_response).await
 }
 
-/// `GET /v1/models` and `GET /v1/models/{id}`.
+/// `GET /v1/models` and `GET /v1/models/{id}`: only the models the key may use.
 pub async fn forward_get(State(proxy): ProxyState, request: Request) -> Result<Response, GatewayError> {
     let (parts, _body) = request.into_parts();
     let request_id = request_id(&parts.extensions);
+    let principal = principal(&parts.extensions)?;
+    let rules = &principal.key.models;
+    if let Some(id) = parts.uri.path().strip_prefix("/v1/models/") {
+        let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
+        if !rules.allows(&id) {
+            return Err(GatewayError::ModelNotAllowed(id.into_owned()));
+        }
+    }
     let upstream_response =
         proxy.upstream.send(Method::GET, upstream_path(&parts.uri), &parts.headers, &request_id, None).await?;
-    relay_response(&proxy, upstream_response).await
+    let response = relay_response(&proxy, upstream_response).await?;
+    if rules.is_unrestricted() || parts.uri.path() != "/v1/models" || !response.status().is_success() {
+        return Ok(response);
+    }
+    let (mut head, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, proxy.max_response_bytes).await.map_err(|_| GatewayError::Internal)?;
+    let filtered = filter_model_list(&body, rules);
+    head.headers.remove(header::CONTENT_LENGTH);
+    Ok(Response::from_parts(head, Body::from(filtered)))
+}
+
+/// Keeps the entries of an OpenAI model list whose `id` the rules allow.
+/// Anything that is not a model list is passed on unchanged.
+fn filter_model_list(body: &[u8], rules: &ModelRules) -> Bytes {
+    let Ok(mut list) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Bytes::copy_from_slice(body);
+    };
+    if let Some(data) = list.get_mut("data").and_then(|d| d.as_array_mut()) {
+        data.retain(|m| m.get("id").and_then(|id| id.as_str()).is_some_and(|id| rules.allows(id)));
+    }
+    serde_json::to_vec(&list).map(Bytes::from).unwrap_or_else(|_| Bytes::copy_from_slice(body))
+}
+
+fn principal(extensions: &http::Extensions) -> Result<Principal, GatewayError> {
+    // AuthLayer sits on every /v1 route; without it there is no caller.
+    extensions.get::<Principal>().cloned().ok_or(GatewayError::Internal)
 }
 
 fn request_id(extensions: &http::Extensions) -> RequestId {
@@ -162,6 +206,16 @@ mod tests {
     fn strips_only_the_v1_prefix_and_keeps_the_query() {
         let uri: http::Uri = "/v1/models/google%2Fgemini?x=1".parse().unwrap();
         assert_eq!(upstream_path(&uri), "/models/google%2Fgemini?x=1");
+    }
+
+    #[test]
+    fn model_lists_are_filtered_by_the_rules() {
+        let body = br#"{"object":"list","data":[{"id":"gpt-4.1"},{"id":"gemini-2.5-pro"},{"id":"gemini-2.5-flash"}]}"#;
+        let rules = ModelRules::new(&["gemini-*".to_owned()]);
+        let filtered: serde_json::Value = serde_json::from_slice(&filter_model_list(body, &rules)).unwrap();
+        let ids: Vec<&str> = filtered["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["gemini-2.5-pro", "gemini-2.5-flash"]);
+        assert_eq!(filtered["object"], "list");
     }
 
     #[test]

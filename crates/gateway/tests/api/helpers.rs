@@ -8,16 +8,33 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tollgate_fake_upstream::FakeUpstream;
 use tollgate_gateway::{Application, Config};
+use tollgate_store::testing::TestDatabase;
 
 pub const UPSTREAM_KEY: &str = "sk-upstream-test-key";
+pub const ADMIN_TOKEN: &str = "admin-bootstrap-test-token";
 
 pub struct TestGateway {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub fake: FakeUpstream,
+    /// Sends the tenant key on every request.
     pub http: reqwest::Client,
+    /// Sends no credentials.
+    pub anonymous: reqwest::Client,
+    /// A key of tenant `test`, allowed every model.
+    pub key: String,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
-    _key_dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    _db: Option<TestDatabase>,
+}
+
+/// Where a test gateway keeps its state.
+pub enum Db {
+    Sqlite,
+    Postgres,
+    /// An existing database, shared with another gateway.
+    Shared(String),
 }
 
 impl TestGateway {
@@ -31,26 +48,100 @@ impl TestGateway {
     }
 
     pub async fn start_against(fake: FakeUpstream, adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_full(fake, Db::Sqlite, adjust).await
+    }
+
+    pub async fn start_full(fake: FakeUpstream, db: Db, adjust: impl FnOnce(&mut Config)) -> Self {
         init_test_logging();
-        let key_dir = tempfile::tempdir().expect("tempdir");
-        let key_file = key_dir.path().join("upstream.key");
-        std::fs::write(&key_file, format!("{UPSTREAM_KEY}\n")).expect("write key file");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, value: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("{value}\n")).expect("write secret file");
+            path
+        };
 
         let mut config = Config::default();
         config.server.listen = "127.0.0.1:0".parse().expect("addr");
+        config.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
         config.upstream.base_url = fake.base_url();
-        config.upstream.api_key_file = Some(key_file);
+        config.upstream.api_key_file = Some(write("upstream.key", UPSTREAM_KEY));
+        config.admin.bootstrap_token_file = Some(write("admin.token", ADMIN_TOKEN));
+        config.auth.hash_secret_file = Some(write("hash.secret", "test-hash-secret"));
+        config.database.sqlite_path = dir.path().join("tollgate.db");
+        let test_db = match db {
+            Db::Sqlite => None,
+            Db::Postgres => {
+                let pg = TestDatabase::postgres().await;
+                config.database.url_file = Some(write("database.url", &pg.url));
+                Some(pg)
+            }
+            Db::Shared(url) => {
+                config.database.url_file = Some(write("database.url", &url));
+                None
+            }
+        };
         adjust(&mut config);
         config.validate().expect("test config is valid");
 
         let app = Application::build(config).await.expect("application builds");
         let addr = app.local_addr();
+        let admin_addr = app.admin_addr().unwrap_or(addr);
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        let http = reqwest::Client::builder().no_proxy().build().expect("client");
-        Self { addr, fake, http, stop: Some(stop), server: Some(server), _key_dir: key_dir }
+        let anonymous = reqwest::Client::builder().no_proxy().build().expect("client");
+        let mut gw = Self {
+            addr,
+            admin_addr,
+            fake,
+            http: anonymous.clone(),
+            anonymous,
+            key: String::new(),
+            stop: Some(stop),
+            server: Some(server),
+            _dir: dir,
+            _db: test_db,
+        };
+        gw.ensure_tenant("test").await;
+        gw.key = gw.create_key("test", serde_json::json!({"name": "default"})).await;
+        gw.http = client_with_key(&gw.key);
+        gw
+    }
+
+    pub fn database_url(&self) -> Option<String> {
+        self._db.as_ref().map(|d| d.url.clone())
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
+    }
+
+    /// An admin call with the bootstrap token; returns status and JSON body.
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        let mut request = self.anonymous.request(method, self.admin_url(path)).bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("admin request");
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(serde_json::Value::Null);
+        (status, body)
+    }
+
+    pub async fn ensure_tenant(&self, id: &str) {
+        let (status, body) = self
+            .admin(reqwest::Method::POST, "/admin/v1/tenants", Some(serde_json::json!({"id": id, "display_name": id})))
+            .await;
+        assert!(status == 201 || status == 409, "create tenant {id}: {status} {body}");
+    }
+
+    /// Creates a key under `tenant` and returns its secret.
+    pub async fn create_key(&self, tenant: &str, body: serde_json::Value) -> String {
+        let (status, created) =
+            self.admin(reqwest::Method::POST, &format!("/admin/v1/tenants/{tenant}/keys"), Some(body)).await;
+        assert_eq!(status, 201, "create key: {created}");
+        created["secret"].as_str().expect("secret").to_owned()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -61,7 +152,6 @@ impl TestGateway {
         self.http
             .post(self.url(path))
             .header("content-type", "application/json")
-            .header("authorization", "Bearer tg-client-key")
             .body(body.to_owned())
             .send()
             .await
@@ -75,6 +165,15 @@ impl TestGateway {
         }
         self.server.take().expect("server still running")
     }
+}
+
+/// A client that presents `key` as a bearer token on every request.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).expect("header");
+    value.set_sensitive(true);
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder().no_proxy().default_headers(headers).build().expect("client")
 }
 
 /// Reads an error envelope and checks its shape.

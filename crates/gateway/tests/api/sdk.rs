@@ -17,7 +17,7 @@ async fn the_official_python_sdk_works_through_the_gateway() {
     let python =
         std::env::var_os("TOLLGATE_SDK_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".venv/bin/python"));
     if !python.exists() {
-        let required = std::env::var_os("CI").is_some() || std::env::var_os("TOLLGATE_REQUIRE_SDK_TESTS").is_some();
+        let required = std::env::var_os("CI").is_some() || std::env::var_os("SDK_TESTS_REQUIRED").is_some();
         assert!(!required, "{} is missing: scripts/test installs the SDK test environment", python.display());
         eprintln!("SKIPPED: the Python SDK suite ({} is missing; scripts/test installs it)", python.display());
         return;
@@ -29,11 +29,20 @@ async fn the_official_python_sdk_works_through_the_gateway() {
     })
     .await;
     let base_url = format!("{}/v1", gw.url(""));
+    let revoked = gw.create_key("test", serde_json::json!({"name": "to-revoke"})).await;
+    let revoked_id = revoked.split('-').nth(1).unwrap().to_owned();
+    let (status, _) = gw.admin(reqwest::Method::POST, &format!("/admin/v1/keys/{revoked_id}/revoke"), None).await;
+    assert_eq!(status, 200);
+    let restricted = gw.create_key("test", serde_json::json!({"name": "gemini-only", "allowed_models": ["gemini-*"]})).await;
+    let api_key = gw.key.clone();
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sdk"])
             .current_dir(root)
             .env("TOLLGATE_BASE_URL", base_url)
+            .env("SDK_TEST_API_KEY", api_key)
+            .env("SDK_TEST_REVOKED_KEY", revoked)
+            .env("SDK_TEST_RESTRICTED_KEY", restricted)
             .output()
             .expect("pytest runs")
     })

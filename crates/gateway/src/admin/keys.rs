@@ -1,0 +1,263 @@
+//! `/admin/v1/tenants/{id}/keys` and `/admin/v1/keys/{key_id}`
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use chrono::{DateTime, Utc};
+use http::StatusCode;
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Deserializer, Serialize};
+use tollgate_store::{ApiKey, Change, KeyPatch, Limits, NewKey, StoreError};
+use utoipa::ToSchema;
+
+use super::auth::Admin;
+use super::error::AdminError;
+use super::extract::{AdminJson, AdminQuery};
+use super::tenants::PageQuery;
+use super::{AdminState, validate};
+use crate::auth::token::{self, TENANT_KEY_PREFIX};
+
+/// Longest rotation grace period accepted.
+const MAX_GRACE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    Active,
+    Expired,
+    Revoked,
+}
+
+/// A key as the admin API shows it: never the secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyView {
+    #[serde(flatten)]
+    pub key: ApiKey,
+    pub status: KeyStatus,
+}
+
+impl From<ApiKey> for KeyView {
+    fn from(key: ApiKey) -> Self {
+        let status = if key.revoked_at.is_some() {
+            KeyStatus::Revoked
+        } else if key.expires_at.is_some_and(|t| t <= Utc::now()) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        };
+        Self { key, status }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedKey {
+    pub key: KeyView,
+    /// The full key, `tg-<id>-<secret>`. Shown once: it cannot be retrieved later.
+    pub secret: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RotatedKey {
+    pub key: KeyView,
+    /// The new full key. Shown once.
+    pub secret: String,
+    /// The key that was rotated, valid until its `expires_at`.
+    pub previous_key: KeyView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    pub data: Vec<KeyView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    pub name: String,
+    /// RFC 3339 time after which the key stops working.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Exact model names or glob patterns; empty or absent allows every model.
+    #[serde(default)]
+    pub allowed_models: Vec<String>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKey {
+    pub name: Option<String>,
+    /// A new expiry, or `null` to remove it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    pub allowed_models: Option<Vec<String>>,
+    pub limits: Option<Limits>,
+}
+
+/// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// How long the old key keeps working, e.g. `"24h"`, `"30m"`, `"0s"` (at most 30 days).
+    #[serde(with = "humantime_serde")]
+    #[schema(value_type = String, example = "24h")]
+    pub grace_period: Duration,
+}
+
+#[utoipa::path(post, path = "/admin/v1/tenants/{id}/keys", tag = "keys", request_body = CreateKey,
+    responses((status = 201, body = CreatedKey), (status = 400, description = "validation failed"), (status = 404, description = "no such tenant")))]
+pub async fn create(
+    State(state): State<AdminState>,
+    admin: Admin,
+    Path(tenant_id): Path<String>,
+    AdminJson(body): AdminJson<CreateKey>,
+) -> Result<(StatusCode, Json<CreatedKey>), AdminError> {
+    validate::name("name", &body.name)?;
+    validate::models(&body.allowed_models)?;
+    validate::limits(&body.limits)?;
+    if body.expires_at.is_some_and(|t| t <= Utc::now()) {
+        return Err(AdminError::invalid("expires_at", "must be in the future"));
+    }
+    let issued = token::issue(TENANT_KEY_PREFIX);
+    let new = NewKey {
+        id: issued.id.clone(),
+        tenant_id,
+        name: body.name,
+        secret_hash: state.hasher.hash_hex(issued.secret.expose_secret()),
+        expires_at: body.expires_at,
+        allowed_models: body.allowed_models,
+        limits: body.limits,
+    };
+    let key = state.store.create_key(&new, &admin.actor).await.map_err(|e| match e {
+        StoreError::NotFound => AdminError::not_found("tenant"),
+        other => other.into(),
+    })?;
+    state.changed(Change::Key(key.id.clone())).await;
+    Ok((StatusCode::CREATED, Json(CreatedKey { key: key.into(), secret: issued.full.expose_secret().to_owned() })))
+}
+
+#[utoipa::path(get, path = "/admin/v1/tenants/{id}/keys", tag = "keys", params(PageQuery),
+    responses((status = 200, body = KeyList), (status = 404, description = "no such tenant")))]
+pub async fn list(
+    State(state): State<AdminState>,
+    _admin: Admin,
+    Path(tenant_id): Path<String>,
+    AdminQuery(query): AdminQuery<PageQuery>,
+) -> Result<Json<KeyList>, AdminError> {
+    let limit = validate::page_limit(query.limit)?;
+    state.store.get_tenant(&tenant_id).await.map_err(|e| match e {
+        StoreError::NotFound => AdminError::not_found("tenant"),
+        other => other.into(),
+    })?;
+    let mut keys = state.store.list_keys(&tenant_id, query.cursor.as_deref(), limit + 1).await?;
+    let next_cursor = if keys.len() > limit as usize {
+        keys.truncate(limit as usize);
+        keys.last().map(|k| k.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(KeyList { data: keys.into_iter().map(KeyView::from).collect(), next_cursor }))
+}
+
+#[utoipa::path(get, path = "/admin/v1/keys/{key_id}", tag = "keys",
+    responses((status = 200, body = KeyView), (status = 404, description = "not found")))]
+pub async fn get(
+    State(state): State<AdminState>,
+    _admin: Admin,
+    Path(key_id): Path<String>,
+) -> Result<Json<KeyView>, AdminError> {
+    Ok(Json(state.store.get_key(&key_id).await.map_err(key_not_found)?.into()))
+}
+
+#[utoipa::path(patch, path = "/admin/v1/keys/{key_id}", tag = "keys", request_body = UpdateKey,
+    responses((status = 200, body = KeyView), (status = 404, description = "not found")))]
+pub async fn update(
+    State(state): State<AdminState>,
+    admin: Admin,
+    Path(key_id): Path<String>,
+    AdminJson(body): AdminJson<UpdateKey>,
+) -> Result<Json<KeyView>, AdminError> {
+    if let Some(name) = &body.name {
+        validate::name("name", name)?;
+    }
+    if let Some(models) = &body.allowed_models {
+        validate::models(models)?;
+    }
+    if let Some(limits) = &body.limits {
+        validate::limits(limits)?;
+    }
+    let patch = KeyPatch {
+        name: body.name,
+        expires_at: body.expires_at,
+        allowed_models: body.allowed_models,
+        limits: body.limits,
+    };
+    let key = state.store.update_key(&key_id, &patch, &admin.actor).await.map_err(key_not_found)?;
+    state.changed(Change::Key(key_id)).await;
+    Ok(Json(key.into()))
+}
+
+#[utoipa::path(post, path = "/admin/v1/keys/{key_id}/revoke", tag = "keys",
+    responses((status = 200, body = KeyView), (status = 404, description = "not found")))]
+pub async fn revoke(
+    State(state): State<AdminState>,
+    admin: Admin,
+    Path(key_id): Path<String>,
+) -> Result<Json<KeyView>, AdminError> {
+    let key = state.store.revoke_key(&key_id, &admin.actor).await.map_err(key_not_found)?;
+    state.changed(Change::Key(key_id)).await;
+    Ok(Json(key.into()))
+}
+
+/// Issues a new key with the same tenant, name, models and limits; the old
+/// key keeps working for `grace_period`.
+#[utoipa::path(post, path = "/admin/v1/keys/{key_id}/rotate", tag = "keys", request_body = RotateKey,
+    responses((status = 201, body = RotatedKey), (status = 404, description = "not found"), (status = 409, description = "revoked or already rotated")))]
+pub async fn rotate(
+    State(state): State<AdminState>,
+    admin: Admin,
+    Path(key_id): Path<String>,
+    AdminJson(body): AdminJson<RotateKey>,
+) -> Result<(StatusCode, Json<RotatedKey>), AdminError> {
+    if body.grace_period > MAX_GRACE {
+        return Err(AdminError::invalid("grace_period", "must be at most 30 days"));
+    }
+    let old = state.store.get_key(&key_id).await.map_err(key_not_found)?;
+    let issued = token::issue(TENANT_KEY_PREFIX);
+    let new = NewKey {
+        id: issued.id.clone(),
+        tenant_id: old.tenant_id.clone(),
+        name: old.name.clone(),
+        secret_hash: state.hasher.hash_hex(issued.secret.expose_secret()),
+        expires_at: old.expires_at,
+        allowed_models: old.allowed_models.clone(),
+        limits: old.limits.clone(),
+    };
+    let grace = chrono::Duration::from_std(body.grace_period).unwrap_or(chrono::Duration::zero());
+    let (previous, key) =
+        state.store.rotate_key(&key_id, &new, Utc::now() + grace, &admin.actor).await.map_err(key_not_found)?;
+    state.changed(Change::Key(key_id)).await;
+    state.changed(Change::Key(key.id.clone())).await;
+    Ok((
+        StatusCode::CREATED,
+        Json(RotatedKey {
+            key: key.into(),
+            secret: issued.full.expose_secret().to_owned(),
+            previous_key: previous.into(),
+        }),
+    ))
+}
+
+fn key_not_found(e: StoreError) -> AdminError {
+    match e {
+        StoreError::NotFound => AdminError::not_found("key"),
+        other => other.into(),
+    }
+}

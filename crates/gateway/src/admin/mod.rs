@@ -1,0 +1,107 @@
+//! The admin REST API under `/admin/v1`: tenants, keys, admin tokens and the
+//! audit log, authenticated by admin tokens, documented by an OpenAPI 3.1
+//! document generated from these handlers.
+
+mod audit;
+pub mod auth;
+mod error;
+mod extract;
+mod keys;
+mod tenants;
+mod tokens;
+mod validate;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use tollgate_store::{Change, Store};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use crate::auth::hasher::{Digest, SecretHasher};
+use crate::auth::sync::CacheSync;
+pub use error::AdminError;
+
+/// Admin request bodies are small JSON documents.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub store: Store,
+    pub sync: Arc<CacheSync>,
+    pub hasher: SecretHasher,
+    /// Keyed hash of the bootstrap token (never the token itself).
+    pub bootstrap_digest: Option<Digest>,
+}
+
+impl AdminState {
+    /// Applies a change to this replica's cache at once; other replicas get
+    /// it by notification. A failure here is healed by the next refresh.
+    async fn changed(&self, change: Change) {
+        if let Err(e) = self.sync.apply(&change).await {
+            tracing::warn!(error = %e, "cannot apply an admin change to the key cache yet");
+        }
+    }
+
+    async fn reload_all(&self) {
+        if let Err(e) = self.sync.refresh_all().await {
+            tracing::warn!(error = %e, "cannot reload the key cache yet");
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tollgate admin API", description = "Manage tenants, their API keys and admin tokens; read the audit log."),
+    paths(
+        tenants::create, tenants::list, tenants::get, tenants::update, tenants::suspend, tenants::resume, tenants::delete,
+        keys::create, keys::list, keys::get, keys::update, keys::revoke, keys::rotate,
+        tokens::create, tokens::list, tokens::revoke,
+        audit::list,
+    ),
+    modifiers(&BearerAuth),
+    security(("admin_token" = [])),
+)]
+pub struct AdminApi;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document as served and as checked in (`docs/admin-openapi.json`).
+pub fn openapi_json() -> String {
+    AdminApi::openapi().to_pretty_json().unwrap_or_else(|_| "{}".to_owned())
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(http::header::CONTENT_TYPE, "application/json")], openapi_json())
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/admin/v1/openapi.json", get(openapi))
+        .route("/admin/v1/tenants", post(tenants::create).get(tenants::list))
+        .route("/admin/v1/tenants/{id}", get(tenants::get).patch(tenants::update).delete(tenants::delete))
+        .route("/admin/v1/tenants/{id}/suspend", post(tenants::suspend))
+        .route("/admin/v1/tenants/{id}/resume", post(tenants::resume))
+        .route("/admin/v1/tenants/{id}/keys", post(keys::create).get(keys::list))
+        .route("/admin/v1/keys/{key_id}", get(keys::get).patch(keys::update))
+        .route("/admin/v1/keys/{key_id}/revoke", post(keys::revoke))
+        .route("/admin/v1/keys/{key_id}/rotate", post(keys::rotate))
+        .route("/admin/v1/admin-tokens", post(tokens::create).get(tokens::list))
+        .route("/admin/v1/admin-tokens/{token_id}/revoke", post(tokens::revoke))
+        .route("/admin/v1/audit", get(audit::list))
+        .layer(DefaultBodyLimit::max(MAX_ADMIN_BODY))
+        .with_state(state)
+}

@@ -1,0 +1,71 @@
+//! Field validation for admin input. Each check names its field.
+
+use super::error::AdminError;
+
+pub fn tenant_id(id: &str) -> Result<(), AdminError> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::invalid("id", "must be 1-63 lowercase letters, digits or dashes, not starting or ending with a dash"))
+    }
+}
+
+pub fn name(field: &'static str, value: &str) -> Result<(), AdminError> {
+    if value.trim().is_empty() || value.chars().count() > 200 || value.chars().any(char::is_control) {
+        return Err(AdminError::invalid(field, "must be 1-200 printable characters"));
+    }
+    Ok(())
+}
+
+pub fn metadata(value: &serde_json::Value) -> Result<(), AdminError> {
+    if !value.is_object() {
+        return Err(AdminError::invalid("metadata", "must be a JSON object"));
+    }
+    if value.to_string().len() > 16 * 1024 {
+        return Err(AdminError::invalid("metadata", "must be at most 16 KiB of JSON"));
+    }
+    Ok(())
+}
+
+pub fn limits(limits: &tollgate_store::Limits) -> Result<(), AdminError> {
+    for (field, value) in
+        [("limits.rpm", limits.rpm), ("limits.tpm", limits.tpm), ("limits.max_concurrent", limits.max_concurrent)]
+    {
+        if value == Some(0) {
+            return Err(AdminError::invalid(field, "must be greater than 0 (omit it for no limit)"));
+        }
+    }
+    Ok(())
+}
+
+pub fn models(patterns: &[String]) -> Result<(), AdminError> {
+    crate::auth::models::validate_patterns(patterns).map_err(|m| AdminError::invalid("allowed_models", m))
+}
+
+pub fn page_limit(limit: Option<u32>) -> Result<u32, AdminError> {
+    match limit {
+        None => Ok(50),
+        Some(n @ 1..=200) => Ok(n),
+        Some(_) => Err(AdminError::invalid("limit", "must be between 1 and 200")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_ids_are_slugs() {
+        for good in ["acme", "a", "team-42"] {
+            assert!(tenant_id(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Acme", "-a", "a-", "a_b", "a b", &"a".repeat(64)] {
+            assert_eq!(tenant_id(bad).unwrap_err().param.as_deref(), Some("id"), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Tenant authentication on `/v1`: who is calling, decided from memory.
+//!
+//! `AuthLayer` reads the presented key, finds it in the [`KeyCache`] by its
+//! public id, checks the secret's keyed hash in constant time, checks expiry,
+//! revocation and the tenant's status, and inserts a [`Principal`] for the
+//! handlers. No database round trip: the cache is kept current by
+//! [`sync`] (change notifications plus periodic refresh).
+
+pub mod cache;
+pub mod credentials;
+pub mod hasher;
+pub mod models;
+pub mod sync;
+pub mod throttle;
+pub mod token;
+pub mod touches;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::extract::ConnectInfo;
+use axum::response::{IntoResponse, Response};
+use http::Request;
+use tollgate_store::TenantStatus;
+use tower::{Layer, Service};
+
+pub use cache::{CachedKey, KeyCache};
+pub use hasher::SecretHasher;
+
+use crate::error::{AuthFailure, GatewayError};
+use throttle::FailedAttempts;
+use touches::Touches;
+
+/// The authenticated caller, inserted by `AuthLayer` for the handlers.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key: Arc<CachedKey>,
+}
+
+impl Principal {
+    pub fn tenant_id(&self) -> &str {
+        &self.key.tenant_id
+    }
+}
+
+#[derive(Debug)]
+pub struct Authenticator {
+    pub cache: Arc<KeyCache>,
+    hasher: SecretHasher,
+    failures: FailedAttempts,
+    pub touches: Arc<Touches>,
+}
+
+impl Authenticator {
+    pub fn new(cache: Arc<KeyCache>, hasher: SecretHasher, failed_attempts_per_minute: u32) -> Self {
+        Self {
+            cache,
+            hasher,
+            failures: FailedAttempts::new(failed_attempts_per_minute),
+            touches: Arc::new(Touches::default()),
+        }
+    }
+
+    pub fn hasher(&self) -> &SecretHasher {
+        &self.hasher
+    }
+
+    pub fn authenticate(&self, headers: &http::HeaderMap, now_ms: i64) -> Result<Principal, GatewayError> {
+        let presented = credentials::presented_key(headers).ok_or(GatewayError::Unauthenticated(AuthFailure::Missing))?;
+        let parsed = token::parse(token::TENANT_KEY_PREFIX, presented)
+            .ok_or(GatewayError::Unauthenticated(AuthFailure::Invalid))?;
+        let key = self.cache.key(parsed.id).ok_or(GatewayError::Unauthenticated(AuthFailure::Invalid))?;
+        if !self.hasher.verify(parsed.secret, &key.digest) {
+            return Err(GatewayError::Unauthenticated(AuthFailure::Invalid));
+        }
+        // Only a caller holding the right secret learns a key's state.
+        if key.revoked {
+            return Err(GatewayError::Unauthenticated(AuthFailure::Revoked));
+        }
+        if key.expires_at_ms.is_some_and(|t| t <= now_ms) {
+            return Err(GatewayError::Unauthenticated(AuthFailure::Expired));
+        }
+        match self.cache.tenant(&key.tenant_id).map(|t| t.status) {
+            Some(TenantStatus::Active) => {}
+            Some(TenantStatus::Suspended) => return Err(GatewayError::TenantSuspended),
+            Some(TenantStatus::Deleted) | None => return Err(GatewayError::Unauthenticated(AuthFailure::Revoked)),
+        }
+        if key.should_touch(now_ms / 1000) {
+            self.touches.push(key.id.clone());
+        }
+        Ok(Principal { key })
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    auth: Arc<Authenticator>,
+}
+
+impl AuthLayer {
+    pub fn new(auth: Arc<Authenticator>) -> Self {
+        Self { auth }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService { inner, auth: self.auth.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    auth: Arc<Authenticator>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> Service<Request<B>> for AuthService<S>
+where
+    S: Service<Request<B>, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        match self.auth.authenticate(request.headers(), now_ms) {
+            Ok(principal) => {
+                request.extensions_mut().insert(principal);
+                Box::pin(self.inner.call(request))
+            }
+            Err(error) => {
+                let ip = request
+                    .extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+                let delay = match error {
+                    GatewayError::Unauthenticated(_) => self.auth.failures.record(ip, (now_ms / 60_000) as u64),
+                    _ => std::time::Duration::ZERO,
+                };
+                Box::pin(async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok(error.into_response())
+                })
+            }
+        }
+    }
+}
