@@ -1,10 +1,16 @@
 //! `tollgate`: run the gateway and administer it.
 
+mod admin_client;
+mod commands;
+mod output;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tollgate_gateway::{Application, Config, shutdown, telemetry};
+
+use commands::{AdminArgs, AuditCommand, KeysCommand, TenantsCommand};
 
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "An OpenAI-compatible gateway with keys, limits, budgets and accounting")]
@@ -27,6 +33,34 @@ enum Command {
         #[arg(long, short, env = "TOLLGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Apply pending database migrations and exit.
+    Migrate {
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print the admin API's OpenAPI document.
+    Openapi,
+    /// Manage tenants through the admin API.
+    Tenants {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: TenantsCommand,
+    },
+    /// Manage tenant API keys through the admin API.
+    Keys {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Read the admin audit log.
+    Audit {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        command: AuditCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,6 +68,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => check_config(config),
+        Command::Migrate { config } => migrate(config),
+        Command::Openapi => output::write_stdout(&tollgate_gateway::admin::openapi_json()),
+        Command::Tenants { admin, command } => run(commands::tenants(admin, command)),
+        Command::Keys { admin, command } => run(commands::keys(admin, command)),
+        Command::Audit { admin, command } => run(commands::audit(admin, command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -44,11 +83,18 @@ fn main() -> ExitCode {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn run(command: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    runtime()?.block_on(command)
+}
+
 fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
     telemetry::init(&config.log)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    runtime()?.block_on(async move {
         let app = Application::build(config).await?;
         app.run_until_stopped(shutdown::signal()).await
     })
@@ -60,4 +106,16 @@ fn check_config(config: Option<PathBuf>) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(&config)?;
     eprintln!("configuration is valid:\n{text}");
     Ok(())
+}
+
+fn migrate(config: Option<PathBuf>) -> anyhow::Result<()> {
+    use secrecy::ExposeSecret;
+    let config = Config::load(config.as_deref())?;
+    runtime()?.block_on(async move {
+        let store = tollgate_store::Store::connect(config.database.url()?.expose_secret(), 1).await?;
+        store.migrate().await?;
+        store.close().await;
+        eprintln!("migrations applied");
+        Ok(())
+    })
 }

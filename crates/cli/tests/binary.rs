@@ -86,46 +86,108 @@ fn a_missing_config_file_is_an_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tollgate.toml"));
 }
 
+/// The real binary, serving, with its output collected.
+struct Served {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: Vec<String>,
+    public: String,
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+const ADMIN_TOKEN: &str = "bootstrap-admin-very-secret";
+
+impl Served {
+    fn start(upstream: &str, extra_env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tollgate.db");
+        let mut child = tollgate()
+            .arg("serve")
+            .env("TOLLGATE_SERVER__LISTEN", "127.0.0.1:0")
+            .env("TOLLGATE_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("TOLLGATE_DATABASE__SQLITE_PATH", &db)
+            .env("TOLLGATE_UPSTREAM__BASE_URL", upstream)
+            .env("TOLLGATE_LOG__FORMAT", "json")
+            .env("TOLLGATE_LOG__LEVEL", "debug")
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("TOLLGATE_HASH_SECRET", "hash-secret-very-secret")
+            .env("COMETAPI_KEY", "sk-upstream-very-secret")
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut served = Self { child, lines, log: Vec::new(), public: String::new(), admin: String::new(), _dir: dir };
+        while served.public.is_empty() || served.admin.is_empty() {
+            let line = served.lines.recv_timeout(Duration::from_secs(30)).expect("the gateway starts and logs");
+            let event: Value = serde_json::from_str(&line).expect("every log line is JSON");
+            if event["fields"]["message"] == "listening" {
+                let addr = format!("http://{}", event["fields"]["addr"].as_str().unwrap());
+                match event["fields"]["listener"].as_str() {
+                    Some("public") => served.public = addr,
+                    Some("admin") => served.admin = addr,
+                    other => panic!("unexpected listener {other:?}"),
+                }
+            }
+            served.log.push(line);
+        }
+        served
+    }
+
+    /// Runs an admin subcommand of the binary against this gateway.
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = tollgate()
+            .args(args)
+            .env("TOLLGATE_ADMIN_URL", &self.admin)
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Sends SIGTERM, waits for a clean exit, and returns everything logged.
+    fn stop(mut self) -> String {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let exit = self.child.wait_with_output().unwrap();
+        assert!(exit.status.success(), "clean exit on SIGTERM: {:?}", exit.status);
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.log.push(line);
+        }
+        self.log.join("\n") + &String::from_utf8_lossy(&exit.stderr)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_logs_json_with_request_ids_keeps_secrets_out_and_stops_on_sigterm() {
     tollgate_gateway::upstream::install_crypto_provider();
     let fake = FakeUpstream::start().await.unwrap();
-    let mut child = tollgate()
-        .arg("serve")
-        .env("TOLLGATE_SERVER__LISTEN", "127.0.0.1:0")
-        .env("TOLLGATE_UPSTREAM__BASE_URL", fake.base_url())
-        .env("TOLLGATE_LOG__FORMAT", "json")
-        .env("TOLLGATE_LOG__LEVEL", "debug")
-        .env("COMETAPI_KEY", "sk-upstream-very-secret")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let served = Served::start(&fake.base_url(), &[]);
 
-    // The log line that announces the bound address.
-    let stdout = child.stdout.take().unwrap();
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let addr = loop {
-        let line = lines_rx.recv_timeout(Duration::from_secs(20)).expect("the gateway starts and logs");
-        let event: Value = serde_json::from_str(&line).expect("every log line is JSON");
-        lines.push(line);
-        if event["fields"]["message"] == "listening" {
-            break event["fields"]["addr"].as_str().unwrap().to_owned();
-        }
-    };
+    let (ok, _, err) = served.cli(&["tenants", "create", "acme", "--name", "ACME"]);
+    assert!(ok, "{err}");
+    let (ok, key, err) = served.cli(&["keys", "create", "acme", "--name", "svc"]);
+    assert!(ok, "{err}");
+    assert!(key.starts_with("tg-"), "{key}");
 
     let http = reqwest::Client::new();
     let response = http
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .header("authorization", "Bearer tg-client-very-secret")
+        .post(format!("{}/v1/chat/completions", served.public))
+        .bearer_auth(&key)
         .header("x-request-id", "cli-test-request-1")
         .body(r#"{"model":"gpt-4.1","messages":[]}"#)
         .send()
@@ -133,23 +195,93 @@ async fn serve_logs_json_with_request_ids_keeps_secrets_out_and_stops_on_sigterm
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(fake.requests()[0].headers["authorization"], "Bearer sk-upstream-very-secret");
+    let wrong = http
+        .post(format!("{}/v1/chat/completions", served.public))
+        .bearer_auth(format!("{}x", &key[..key.len() - 1]))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
-    assert!(exit.status.success(), "clean exit on SIGTERM: {:?}", exit.status);
-    while let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200)) {
-        lines.push(line);
-    }
-    let all = lines.join("\n") + &String::from_utf8_lossy(&exit.stderr);
-
-    let request_lines: Vec<Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|e| e["span"]["request_id"] == "cli-test-request-1")
-        .collect();
+    let all = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
+    let lines: Vec<Value> = all.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
+    let request_lines: Vec<&Value> = lines.iter().filter(|e| e["span"]["request_id"] == "cli-test-request-1").collect();
     assert!(!request_lines.is_empty(), "request lines carry the request id: {all}");
     assert!(request_lines.iter().any(|e| e["fields"]["status"] == 200), "{all}");
     assert!(all.contains("SIGTERM received"), "{all}");
     assert!(!all.contains("very-secret"), "a secret reached the logs: {all}");
+    let secret_part = key.rsplit('-').next().unwrap();
+    assert!(!all.contains(secret_part), "a tenant key reached the logs: {all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_tenants_and_keys_with_table_and_json_output() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let served = Served::start(&fake.base_url(), &[]);
+
+    let (ok, out, err) = served.cli(&["tenants", "create", "acme", "--name", "ACME", "--metadata", r#"{"team":"ml"}"#]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("ID") && out.contains("acme") && out.contains("active"), "{out}");
+    let (ok, out, _) = served.cli(&["tenants", "get", "acme", "--output", "json"]);
+    assert!(ok);
+    let tenant: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(tenant["metadata"]["team"], "ml");
+
+    let (ok, _, err) = served.cli(&["tenants", "create", "Bad Id", "--name", "x"]);
+    assert!(!ok);
+    assert!(err.contains("field id"), "validation errors name the field: {err}");
+
+    let (ok, secret, err) =
+        served.cli(&["keys", "create", "acme", "--name", "svc", "--models", "gemini-*,gpt-4.1", "--rpm", "60"]);
+    assert!(ok, "{err}");
+    let key_id = secret.split('-').nth(1).unwrap().to_owned();
+    let (ok, out, _) = served.cli(&["keys", "list", "acme", "--output", "json"]);
+    assert!(ok);
+    let page: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(page["data"][0]["id"], key_id.as_str());
+    assert_eq!(page["data"][0]["limits"]["rpm"], 60);
+    assert!(!out.contains(secret.rsplit('-').next().unwrap()), "listing never shows the secret");
+
+    let (ok, out, _) = served.cli(&["keys", "update", &key_id, "--name", "renamed", "--output", "json"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["name"], "renamed");
+
+    let (ok, new_secret, err) = served.cli(&["keys", "rotate", &key_id, "--grace-period", "1h"]);
+    assert!(ok, "{err}");
+    assert!(new_secret.starts_with("tg-") && new_secret != secret);
+    let (ok, out, _) = served.cli(&["keys", "revoke", &key_id, "--output", "json"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["status"], "revoked");
+
+    let (ok, out, _) = served.cli(&["audit", "--output", "json"]);
+    assert!(ok);
+    let actions: Vec<String> = serde_json::from_str::<Value>(&out).unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(actions[..4], ["key.revoke", "key.rotate", "key.update", "key.create"]);
+
+    let (ok, _, err) = served.cli(&["tenants", "get", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("404"), "{err}");
+    let out =
+        tollgate().args(["tenants", "list", "--admin-url", &served.admin, "--admin-token", "wrong"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    served.stop();
+}
+
+#[test]
+fn migrate_creates_the_schema_and_openapi_prints_the_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("fresh.db");
+    let out = tollgate().arg("migrate").env("TOLLGATE_DATABASE__SQLITE_PATH", &db).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(db.exists());
+    let out = tollgate().arg("openapi").output().unwrap();
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
 }

@@ -145,10 +145,8 @@ impl Application {
 
         self.readiness.set(false);
         stop_accepting.cancel();
-        let drained = tokio::time::timeout(self.shutdown_grace, async {
-            while servers.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(self.shutdown_grace, async { while servers.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!(grace = ?self.shutdown_grace, "shutdown grace period over; closing the connections still open");
             servers.abort_all();

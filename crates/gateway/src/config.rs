@@ -276,8 +276,11 @@ impl Config {
 /// A secret from a file (trimmed) or else an environment variable.
 fn read_secret(file: Option<&Path>, env: &str, key: &'static str) -> Result<Option<SecretString>, ConfigError> {
     if let Some(path) = file {
-        let raw = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::SecretFile { key, path: path.to_owned(), source })?;
+        let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+            key,
+            path: path.to_owned(),
+            source,
+        })?;
         return Ok(Some(SecretString::from(raw.trim().to_owned())));
     }
     Ok(std::env::var(env).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).map(SecretString::from))

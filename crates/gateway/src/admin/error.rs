@@ -46,7 +46,9 @@ impl From<StoreError> for AdminError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => Self::not_found("resource"),
-            StoreError::Conflict(message) => Self { status: StatusCode::CONFLICT, code: "conflict", message, param: None },
+            StoreError::Conflict(message) => {
+                Self { status: StatusCode::CONFLICT, code: "conflict", message, param: None }
+            }
             StoreError::Database(ref db) => {
                 tracing::error!(error = %db, "admin API database error");
                 Self::unavailable()

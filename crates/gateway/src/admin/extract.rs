@@ -48,7 +48,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for AdminQuery<T> 
 }
 
 fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, AdminError> {
-    axum::extract::Query::<T>::try_from_uri(&format!("/?{query}").parse().map_err(|_| AdminError::invalid("query", "bad query string"))?)
-        .map(|q| q.0)
-        .map_err(|e| AdminError::invalid("query", e.body_text()))
+    axum::extract::Query::<T>::try_from_uri(
+        &format!("/?{query}").parse().map_err(|_| AdminError::invalid("query", "bad query string"))?,
+    )
+    .map(|q| q.0)
+    .map_err(|e| AdminError::invalid("query", e.body_text()))
 }

@@ -115,17 +115,30 @@ pub async fn update(
 
 #[utoipa::path(post, path = "/admin/v1/tenants/{id}/suspend", tag = "tenants",
     responses((status = 200, body = Tenant), (status = 404, description = "not found")))]
-pub async fn suspend(State(state): State<AdminState>, admin: Admin, Path(id): Path<String>) -> Result<Json<Tenant>, AdminError> {
+pub async fn suspend(
+    State(state): State<AdminState>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Tenant>, AdminError> {
     set_status(state, admin, id, TenantStatus::Suspended).await
 }
 
 #[utoipa::path(post, path = "/admin/v1/tenants/{id}/resume", tag = "tenants",
     responses((status = 200, body = Tenant), (status = 404, description = "not found")))]
-pub async fn resume(State(state): State<AdminState>, admin: Admin, Path(id): Path<String>) -> Result<Json<Tenant>, AdminError> {
+pub async fn resume(
+    State(state): State<AdminState>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Tenant>, AdminError> {
     set_status(state, admin, id, TenantStatus::Active).await
 }
 
-async fn set_status(state: AdminState, admin: Admin, id: String, status: TenantStatus) -> Result<Json<Tenant>, AdminError> {
+async fn set_status(
+    state: AdminState,
+    admin: Admin,
+    id: String,
+    status: TenantStatus,
+) -> Result<Json<Tenant>, AdminError> {
     let tenant = state.store.set_tenant_status(&id, status, &admin.actor).await.map_err(not_found)?;
     state.changed(Change::Tenant(id)).await;
     Ok(Json(tenant))
@@ -134,7 +147,11 @@ async fn set_status(state: AdminState, admin: Admin, id: String, status: TenantS
 /// Deletes the tenant and revokes all its keys.
 #[utoipa::path(delete, path = "/admin/v1/tenants/{id}", tag = "tenants",
     responses((status = 200, body = Tenant), (status = 404, description = "not found")))]
-pub async fn delete(State(state): State<AdminState>, admin: Admin, Path(id): Path<String>) -> Result<Json<Tenant>, AdminError> {
+pub async fn delete(
+    State(state): State<AdminState>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Tenant>, AdminError> {
     let tenant = state.store.delete_tenant(&id, &admin.actor).await.map_err(not_found)?;
     // The tenant's keys were revoked with it: reload them all.
     state.reload_all().await;

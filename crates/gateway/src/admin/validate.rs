@@ -11,7 +11,10 @@ pub fn tenant_id(id: &str) -> Result<(), AdminError> {
     if ok {
         Ok(())
     } else {
-        Err(AdminError::invalid("id", "must be 1-63 lowercase letters, digits or dashes, not starting or ending with a dash"))
+        Err(AdminError::invalid(
+            "id",
+            "must be 1-63 lowercase letters, digits or dashes, not starting or ending with a dash",
+        ))
     }
 }
 

@@ -74,10 +74,7 @@ impl KeyCache {
 
     /// Replaces everything (start-up and periodic refresh).
     pub fn replace_all(&self, keys: &[ApiKey], tenants: &[Tenant]) {
-        let keys = keys
-            .iter()
-            .filter_map(|k| CachedKey::from_record(k).map(|c| (k.id.clone(), Arc::new(c))))
-            .collect();
+        let keys = keys.iter().filter_map(|k| CachedKey::from_record(k).map(|c| (k.id.clone(), Arc::new(c)))).collect();
         let tenants = tenants
             .iter()
             .map(|t| (t.id.clone(), Arc::new(CachedTenant { id: t.id.clone(), status: t.status })))

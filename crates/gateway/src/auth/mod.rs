@@ -68,7 +68,8 @@ impl Authenticator {
     }
 
     pub fn authenticate(&self, headers: &http::HeaderMap, now_ms: i64) -> Result<Principal, GatewayError> {
-        let presented = credentials::presented_key(headers).ok_or(GatewayError::Unauthenticated(AuthFailure::Missing))?;
+        let presented =
+            credentials::presented_key(headers).ok_or(GatewayError::Unauthenticated(AuthFailure::Missing))?;
         let parsed = token::parse(token::TENANT_KEY_PREFIX, presented)
             .ok_or(GatewayError::Unauthenticated(AuthFailure::Invalid))?;
         let key = self.cache.key(parsed.id).ok_or(GatewayError::Unauthenticated(AuthFailure::Invalid))?;

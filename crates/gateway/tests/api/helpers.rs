@@ -118,7 +118,12 @@ impl TestGateway {
     }
 
     /// An admin call with the bootstrap token; returns status and JSON body.
-    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
         let mut request = self.anonymous.request(method, self.admin_url(path)).bearer_auth(ADMIN_TOKEN);
         if let Some(body) = body {
             request = request.json(&body);

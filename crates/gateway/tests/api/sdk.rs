@@ -33,7 +33,8 @@ async fn the_official_python_sdk_works_through_the_gateway() {
     let revoked_id = revoked.split('-').nth(1).unwrap().to_owned();
     let (status, _) = gw.admin(reqwest::Method::POST, &format!("/admin/v1/keys/{revoked_id}/revoke"), None).await;
     assert_eq!(status, 200);
-    let restricted = gw.create_key("test", serde_json::json!({"name": "gemini-only", "allowed_models": ["gemini-*"]})).await;
+    let restricted =
+        gw.create_key("test", serde_json::json!({"name": "gemini-only", "allowed_models": ["gemini-*"]})).await;
     let api_key = gw.key.clone();
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)

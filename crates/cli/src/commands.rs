@@ -1,0 +1,299 @@
+//! The admin subcommands: each maps to one admin API call.
+
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+
+use crate::admin_client::AdminClient;
+use crate::output::{self, Format};
+
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Base URL of the admin listener.
+    #[arg(long, env = "TOLLGATE_ADMIN_URL", default_value = "http://127.0.0.1:8081", global = true)]
+    admin_url: String,
+    /// Admin token (the bootstrap token or one issued by the admin API).
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    admin_token: Option<String>,
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: Format,
+}
+
+impl AdminArgs {
+    fn client(&self) -> anyhow::Result<AdminClient> {
+        let token = self.admin_token.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("an admin token is required: pass --admin-token or set TOLLGATE_ADMIN_TOKEN")
+        })?;
+        AdminClient::new(&self.admin_url, token)
+    }
+}
+
+const TENANT_COLUMNS: &[&str] = &["id", "display_name", "status", "created_at"];
+const KEY_COLUMNS: &[&str] = &["id", "tenant_id", "name", "status", "allowed_models", "expires_at", "last_used_at"];
+
+#[derive(Subcommand)]
+pub enum TenantsCommand {
+    /// Create a tenant.
+    Create {
+        id: String,
+        #[arg(long)]
+        name: String,
+        /// A JSON object.
+        #[arg(long)]
+        metadata: Option<String>,
+    },
+    /// List tenants (one page; pass --cursor for the next).
+    List {
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    Get {
+        id: String,
+    },
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        metadata: Option<String>,
+    },
+    Suspend {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Delete a tenant and revoke all of its keys.
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Args, Default)]
+pub struct LimitArgs {
+    /// Requests per minute.
+    #[arg(long)]
+    rpm: Option<u64>,
+    /// Tokens per minute.
+    #[arg(long)]
+    tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[arg(long)]
+    max_concurrent: Option<u64>,
+}
+
+impl LimitArgs {
+    fn to_json(&self) -> Option<Value> {
+        let mut limits = Map::new();
+        for (name, value) in [("rpm", self.rpm), ("tpm", self.tpm), ("max_concurrent", self.max_concurrent)] {
+            if let Some(v) = value {
+                limits.insert(name.to_owned(), json!(v));
+            }
+        }
+        (!limits.is_empty()).then_some(Value::Object(limits))
+    }
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create a key under a tenant; prints the secret once.
+    Create {
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        /// RFC 3339 time, e.g. 2027-01-01T00:00:00Z.
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Allowed models, comma-separated names or globs (default: all).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    List {
+        tenant: String,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    Get {
+        key_id: String,
+    },
+    Update {
+        key_id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, conflicts_with = "no_expiry")]
+        expires_at: Option<String>,
+        /// Remove the expiry.
+        #[arg(long)]
+        no_expiry: bool,
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    Revoke {
+        key_id: String,
+    },
+    /// Issue a successor key; the old one works until the grace period ends.
+    Rotate {
+        key_id: String,
+        #[arg(long, default_value = "24h")]
+        grace_period: String,
+    },
+}
+
+#[derive(Args)]
+pub struct AuditCommand {
+    #[arg(long)]
+    limit: Option<u32>,
+    #[arg(long)]
+    cursor: Option<String>,
+}
+
+fn parse_json(field: &str, text: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).map_err(|e| anyhow::anyhow!("--{field} is not valid JSON: {e}"))
+}
+
+fn page_query(limit: Option<u32>, cursor: Option<&str>) -> String {
+    let mut params = Vec::new();
+    if let Some(l) = limit {
+        params.push(format!("limit={l}"));
+    }
+    if let Some(c) = cursor {
+        params.push(format!("cursor={c}"));
+    }
+    if params.is_empty() { String::new() } else { format!("?{}", params.join("&")) }
+}
+
+/// Prints a listing and, when there is more, how to get it.
+fn print_page(format: Format, page: &Value, columns: &[&str]) -> anyhow::Result<()> {
+    match format {
+        Format::Json => output::print(format, page, columns),
+        Format::Table => {
+            output::print(format, &page["data"], columns)?;
+            if let Some(next) = page["next_cursor"].as_str() {
+                eprintln!("more: --cursor {next}");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub async fn tenants(args: AdminArgs, command: TenantsCommand) -> anyhow::Result<()> {
+    let client = args.client()?;
+    let (method, path, body) = match command {
+        TenantsCommand::Create { id, name, metadata } => {
+            let mut body = json!({"id": id, "display_name": name});
+            if let Some(m) = metadata {
+                body["metadata"] = parse_json("metadata", &m)?;
+            }
+            (Method::POST, "/admin/v1/tenants".to_owned(), Some(body))
+        }
+        TenantsCommand::List { limit, cursor } => {
+            let page = client
+                .call(Method::GET, &format!("/admin/v1/tenants{}", page_query(limit, cursor.as_deref())), None)
+                .await?;
+            return print_page(args.output, &page, TENANT_COLUMNS);
+        }
+        TenantsCommand::Get { id } => (Method::GET, format!("/admin/v1/tenants/{id}"), None),
+        TenantsCommand::Update { id, name, metadata } => {
+            let mut body = Map::new();
+            if let Some(n) = name {
+                body.insert("display_name".into(), json!(n));
+            }
+            if let Some(m) = metadata {
+                body.insert("metadata".into(), parse_json("metadata", &m)?);
+            }
+            (Method::PATCH, format!("/admin/v1/tenants/{id}"), Some(Value::Object(body)))
+        }
+        TenantsCommand::Suspend { id } => (Method::POST, format!("/admin/v1/tenants/{id}/suspend"), None),
+        TenantsCommand::Resume { id } => (Method::POST, format!("/admin/v1/tenants/{id}/resume"), None),
+        TenantsCommand::Delete { id } => (Method::DELETE, format!("/admin/v1/tenants/{id}"), None),
+    };
+    let tenant = client.call(method, &path, body).await?;
+    output::print(args.output, &tenant, TENANT_COLUMNS)
+}
+
+pub async fn keys(args: AdminArgs, command: KeysCommand) -> anyhow::Result<()> {
+    let client = args.client()?;
+    let (method, path, body) = match command {
+        KeysCommand::Create { tenant, name, expires_at, models, limits } => {
+            let mut body = json!({"name": name, "allowed_models": models});
+            if let Some(t) = expires_at {
+                body["expires_at"] = json!(t);
+            }
+            if let Some(l) = limits.to_json() {
+                body["limits"] = l;
+            }
+            let created = client.call(Method::POST, &format!("/admin/v1/tenants/{tenant}/keys"), Some(body)).await?;
+            return print_secret(args.output, &created);
+        }
+        KeysCommand::List { tenant, limit, cursor } => {
+            let path = format!("/admin/v1/tenants/{tenant}/keys{}", page_query(limit, cursor.as_deref()));
+            let page = client.call(Method::GET, &path, None).await?;
+            return print_page(args.output, &page, KEY_COLUMNS);
+        }
+        KeysCommand::Get { key_id } => (Method::GET, format!("/admin/v1/keys/{key_id}"), None),
+        KeysCommand::Update { key_id, name, expires_at, no_expiry, models, limits } => {
+            let mut body = Map::new();
+            if let Some(n) = name {
+                body.insert("name".into(), json!(n));
+            }
+            if let Some(t) = expires_at {
+                body.insert("expires_at".into(), json!(t));
+            }
+            if no_expiry {
+                body.insert("expires_at".into(), Value::Null);
+            }
+            if let Some(m) = models {
+                body.insert("allowed_models".into(), json!(m));
+            }
+            if let Some(l) = limits.to_json() {
+                body.insert("limits".into(), l);
+            }
+            (Method::PATCH, format!("/admin/v1/keys/{key_id}"), Some(Value::Object(body)))
+        }
+        KeysCommand::Revoke { key_id } => (Method::POST, format!("/admin/v1/keys/{key_id}/revoke"), None),
+        KeysCommand::Rotate { key_id, grace_period } => {
+            let rotated = client
+                .call(
+                    Method::POST,
+                    &format!("/admin/v1/keys/{key_id}/rotate"),
+                    Some(json!({"grace_period": grace_period})),
+                )
+                .await?;
+            return print_secret(args.output, &rotated);
+        }
+    };
+    let key = client.call(method, &path, body).await?;
+    output::print(args.output, &key, KEY_COLUMNS)
+}
+
+/// A new key: the secret on standard output (so `$(tollgate keys create …)`
+/// captures it), the key's details on standard error.
+fn print_secret(format: Format, created: &Value) -> anyhow::Result<()> {
+    match format {
+        Format::Json => output::print(format, created, &[]),
+        Format::Table => {
+            let key = &created["key"];
+            eprintln!(
+                "created key {} for tenant {} (shown once; store it now)",
+                key["id"].as_str().unwrap_or("?"),
+                key["tenant_id"].as_str().unwrap_or("?")
+            );
+            output::write_stdout(created["secret"].as_str().unwrap_or_default())
+        }
+    }
+}
+
+pub async fn audit(args: AdminArgs, command: AuditCommand) -> anyhow::Result<()> {
+    let client = args.client()?;
+    let path = format!("/admin/v1/audit{}", page_query(command.limit, command.cursor.as_deref()));
+    let page = client.call(Method::GET, &path, None).await?;
+    print_page(args.output, &page, &["id", "at", "actor", "action", "target_type", "target_id"])
+}
