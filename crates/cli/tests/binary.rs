@@ -18,6 +18,11 @@ fn tollgate() -> Command {
     cmd
 }
 
+fn http_client() -> reqwest::Client {
+    tollgate_gateway::upstream::install_crypto_provider();
+    reqwest::Client::new()
+}
+
 fn check_config(file_body: Option<&str>, env: &[(&str, &str)]) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = tollgate();
@@ -174,7 +179,6 @@ impl Served {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_logs_json_with_request_ids_keeps_secrets_out_and_stops_on_sigterm() {
-    tollgate_gateway::upstream::install_crypto_provider();
     let fake = FakeUpstream::start().await.unwrap();
     let served = Served::start(&fake.base_url(), &[]);
 
@@ -184,7 +188,7 @@ async fn serve_logs_json_with_request_ids_keeps_secrets_out_and_stops_on_sigterm
     assert!(ok, "{err}");
     assert!(key.starts_with("tg-"), "{key}");
 
-    let http = reqwest::Client::new();
+    let http = http_client();
     let response = http
         .post(format!("{}/v1/chat/completions", served.public))
         .bearer_auth(&key)
@@ -284,4 +288,74 @@ fn migrate_creates_the_schema_and_openapi_prints_the_document() {
     let out = tollgate().arg("openapi").output().unwrap();
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+}
+
+/// Polls `check` every 20 ms for up to 5 s and returns how long it took to pass.
+async fn time_until(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if check().await {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_on_one_replica_reaches_another_replica_within_a_second() {
+    let db = tollgate_store::testing::TestDatabase::postgres().await;
+    let fake = FakeUpstream::start().await.unwrap();
+    let env = [("TOLLGATE_DATABASE_URL", db.url.as_str())];
+    let a = Served::start(&fake.base_url(), &env);
+    let b = Served::start(&fake.base_url(), &env);
+
+    let (ok, _, err) = a.cli(&["tenants", "create", "acme", "--name", "ACME"]);
+    assert!(ok, "{err}");
+    let (ok, key, err) = a.cli(&["keys", "create", "acme", "--name", "svc"]);
+    assert!(ok, "{err}");
+    let key_id = key.split('-').nth(1).unwrap().to_owned();
+
+    let http = http_client();
+    let status_on = |base: String| {
+        let http = http.clone();
+        let key = key.clone();
+        async move {
+            http.post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .body(r#"{"model":"gpt-4.1","messages":[]}"#)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let created = time_until("B accepts a key created on A", async || status_on(b.public.clone()).await == 200).await;
+    assert!(created < Duration::from_secs(1), "{created:?}");
+
+    let (ok, _, err) = a.cli(&["keys", "revoke", &key_id]);
+    assert!(ok, "{err}");
+    let revoked = time_until("B refuses a key revoked on A", async || status_on(b.public.clone()).await == 401).await;
+    assert!(revoked < Duration::from_secs(1), "revocation took {revoked:?} to reach the other replica");
+    println!("key created on A usable on B after {created:?}; revoke on A effective on B after {revoked:?}");
+
+    let (ok, key2, _) = b.cli(&["keys", "create", "acme", "--name", "svc2"]);
+    assert!(ok);
+    let (ok, _, _) = b.cli(&["tenants", "suspend", "acme"]);
+    assert!(ok);
+    let suspended = time_until("A refuses a tenant suspended on B", async || {
+        http.post(format!("{}/v1/chat/completions", a.public))
+            .bearer_auth(&key2)
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 403
+    })
+    .await;
+    assert!(suspended < Duration::from_secs(1), "{suspended:?}");
+    a.stop();
+    b.stop();
 }

@@ -33,8 +33,6 @@ pub struct TestGateway {
 pub enum Db {
     Sqlite,
     Postgres,
-    /// An existing database, shared with another gateway.
-    Shared(String),
 }
 
 impl TestGateway {
@@ -75,10 +73,6 @@ impl TestGateway {
                 config.database.url_file = Some(write("database.url", &pg.url));
                 Some(pg)
             }
-            Db::Shared(url) => {
-                config.database.url_file = Some(write("database.url", &url));
-                None
-            }
         };
         adjust(&mut config);
         config.validate().expect("test config is valid");
@@ -107,10 +101,6 @@ impl TestGateway {
         gw.key = gw.create_key("test", serde_json::json!({"name": "default"})).await;
         gw.http = client_with_key(&gw.key);
         gw
-    }
-
-    pub fn database_url(&self) -> Option<String> {
-        self._db.as_ref().map(|d| d.url.clone())
     }
 
     pub fn admin_url(&self, path: &str) -> String {

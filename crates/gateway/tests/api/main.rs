@@ -2,8 +2,10 @@
 //! the fake upstream. One binary, so one link step for all of them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
 mod errors;
 mod helpers;
+mod keys;
 mod lifecycle;
 mod passthrough;
 mod sdk;
