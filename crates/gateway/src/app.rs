@@ -25,9 +25,6 @@ use crate::proxy::Proxy;
 use crate::router;
 use crate::upstream::Upstream;
 
-/// How often queued `last_used_at` times are written.
-const TOUCH_INTERVAL: Duration = Duration::from_secs(30);
-
 pub struct Application {
     public: TcpListener,
     public_router: Router,
@@ -58,7 +55,12 @@ impl Application {
         let stop_background = CancellationToken::new();
         background.spawn(sync.clone().refresh_loop(config.auth.refresh_interval, stop_background.clone()));
         background.spawn(sync.clone().listen_loop(stop_background.clone()));
-        background.spawn(touch_writer(store.clone(), auth.touches.clone(), TOUCH_INTERVAL, stop_background.clone()));
+        background.spawn(touch_writer(
+            store.clone(),
+            auth.touches.clone(),
+            config.auth.last_used_flush_interval,
+            stop_background.clone(),
+        ));
 
         let bootstrap_digest = config.admin.bootstrap_token()?.map(|t| hasher.digest(t.expose_secret()));
         if bootstrap_digest.is_none() {

@@ -72,6 +72,9 @@ pub struct AuthConfig {
     /// Failed authentications per minute from one address before its further
     /// failures are slowed down.
     pub failed_attempts_per_minute: u32,
+    /// How often keys' `last_used_at` times are written (in one batch).
+    #[serde(with = "humantime_serde")]
+    pub last_used_flush_interval: Duration,
 }
 
 impl Default for AuthConfig {
@@ -81,6 +84,7 @@ impl Default for AuthConfig {
             hash_secret_file: None,
             refresh_interval: Duration::from_secs(30),
             failed_attempts_per_minute: 20,
+            last_used_flush_interval: Duration::from_secs(30),
         }
     }
 }
@@ -266,6 +270,9 @@ impl Config {
         }
         if self.auth.refresh_interval.is_zero() {
             return Err(invalid("auth.refresh_interval", "must be greater than 0"));
+        }
+        if self.auth.last_used_flush_interval.is_zero() {
+            return Err(invalid("auth.last_used_flush_interval", "must be greater than 0"));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("is not a valid filter: {e}")))?;

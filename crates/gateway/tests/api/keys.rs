@@ -192,3 +192,22 @@ async fn repeated_failures_from_one_address_are_slowed_down() {
     assert_eq!(chat(&gw.key, &gw, CHAT).await.status(), 200);
     assert!(started.elapsed() < Duration::from_millis(200), "a valid key is never slowed down");
 }
+
+#[tokio::test]
+async fn last_use_is_recorded_in_the_background() {
+    let gw = TestGateway::start_with(|c| c.auth.last_used_flush_interval = Duration::from_millis(100)).await;
+    let id = key_id(&gw.key);
+    let (_, before) = gw.admin(Method::GET, &format!("/admin/v1/keys/{id}"), None).await;
+    assert!(before["last_used_at"].is_null());
+    assert_eq!(chat(&gw.key, &gw, CHAT).await.status(), 200);
+    let mut seen = Value::Null;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, view) = gw.admin(Method::GET, &format!("/admin/v1/keys/{id}"), None).await;
+        if !view["last_used_at"].is_null() {
+            seen = view["last_used_at"].clone();
+            break;
+        }
+    }
+    assert!(seen.is_string(), "last_used_at was never written");
+}
