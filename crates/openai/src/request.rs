@@ -61,6 +61,10 @@ impl<'a> RequestPeek<'a> {
         self.stream.unwrap_or(false)
     }
 
+    pub fn has_stream_options(&self) -> bool {
+        self.stream_options.is_some()
+    }
+
     pub fn client_asked_for_usage(&self) -> bool {
         self.stream_options.and_then(|o| o.include_usage).unwrap_or(false)
     }
