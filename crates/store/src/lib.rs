@@ -15,6 +15,7 @@ pub mod model;
 mod settings;
 mod tenants;
 mod time;
+pub mod usage;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use model::*;
 pub use time::{from_millis, now_millis, to_millis};
+pub use usage::{GroupBy, UsageEvent, UsageFilter, UsageTotals};
 
 /// The Postgres channel that carries cache invalidations.
 pub const CHANGES_CHANNEL: &str = "tollgate_changes";

@@ -50,7 +50,112 @@ contract!(
     every_change_is_audited_newest_first,
     admin_tokens_lifecycle,
     touching_keys_records_last_use,
+    usage_inserts_are_idempotent_and_roll_up,
+    usage_events_page_newest_first_with_filters,
+    retention_drops_old_usage_but_keeps_rollups,
 );
+
+fn usage_event(id: &str, at: i64, tenant: &str, model: &str, cost: i64) -> tollgate_store::UsageEvent {
+    tollgate_store::UsageEvent {
+        id: id.into(),
+        at,
+        request_id: format!("req-{id}"),
+        tenant_id: tenant.into(),
+        key_id: format!("key-{tenant}"),
+        endpoint: "/v1/chat/completions".into(),
+        requested_model: model.into(),
+        upstream_model: Some(model.into()),
+        stream: true,
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        reasoning_tokens: 1,
+        cached_tokens: 2,
+        total_tokens: 15,
+        billed_output_tokens: 5,
+        cost_micros: cost,
+        estimated: false,
+        unpriced: false,
+        modified: false,
+        status: 200,
+        error_class: None,
+        latency_ms: 12,
+        ttft_ms: Some(3),
+    }
+}
+
+const DAY_MS: i64 = 86_400_000;
+// 2026-03-01T12:00:00Z
+const T0: i64 = 1_772_366_400_000;
+
+async fn usage_inserts_are_idempotent_and_roll_up(store: &Store) {
+    store.ensure_usage_partitions(T0, 3).await.unwrap();
+    let mut events: Vec<_> = (0..5).map(|i| usage_event(&format!("e{i}"), T0 + i, "acme", "m1", 100)).collect();
+    events.push(usage_event("e5", T0 + DAY_MS, "acme", "m2", 7));
+    let mut failed = usage_event("e6", T0, "beta", "m1", 0);
+    failed.status = 502;
+    failed.error_class = Some("upstream:upstream_unavailable".into());
+    events.push(failed);
+    assert_eq!(store.insert_usage(&events).await.unwrap(), 7);
+    // Replaying (a spool after an outage) inserts and counts nothing twice.
+    assert_eq!(store.insert_usage(&events).await.unwrap(), 0);
+    assert_eq!(store.count_usage_events().await.unwrap(), 7);
+    let got = store.list_usage_events(&Default::default(), None, 100).await.unwrap();
+    let e0 = got.iter().find(|e| e.id == "e0").unwrap();
+    assert_eq!(e0, &events[0], "a record reads back exactly as written");
+
+    let day0 = tollgate_store::usage::day_of(T0);
+    let day1 = tollgate_store::usage::day_of(T0 + DAY_MS);
+    let all = store.usage_totals(&day0, &day1, &Default::default(), &[]).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!((all[0].requests, all[0].errors, all[0].cost_micros), (7, 1, 507));
+    assert_eq!(all[0].prompt_tokens, 70);
+    let by_model =
+        store.usage_totals(&day0, &day1, &Default::default(), &[tollgate_store::GroupBy::Model]).await.unwrap();
+    let models: Vec<(Option<String>, i64)> = by_model.iter().map(|t| (t.model.clone(), t.requests)).collect();
+    assert_eq!(models, [(Some("m1".to_owned()), 6), (Some("m2".to_owned()), 1)]);
+    let acme_by_day = store
+        .usage_totals(
+            &day0,
+            &day1,
+            &tollgate_store::UsageFilter { tenant_id: Some("acme".into()), ..Default::default() },
+            &[tollgate_store::GroupBy::Day, tollgate_store::GroupBy::Tenant],
+        )
+        .await
+        .unwrap();
+    assert_eq!(acme_by_day.len(), 2);
+    assert_eq!(acme_by_day[0].day.as_deref(), Some(day0.as_str()));
+    assert_eq!(acme_by_day[0].cost_micros, 500);
+}
+
+async fn usage_events_page_newest_first_with_filters(store: &Store) {
+    store.ensure_usage_partitions(T0, 1).await.unwrap();
+    let events: Vec<_> = (0..5)
+        .map(|i| usage_event(&format!("e{i}"), T0 + i, if i % 2 == 0 { "acme" } else { "beta" }, "m", 1))
+        .collect();
+    store.insert_usage(&events).await.unwrap();
+    let page1 = store.list_usage_events(&Default::default(), None, 2).await.unwrap();
+    assert_eq!(page1.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e4", "e3"]);
+    let last = page1.last().unwrap();
+    let page2 = store.list_usage_events(&Default::default(), Some((last.at, last.id.clone())), 2).await.unwrap();
+    assert_eq!(page2.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e2", "e1"]);
+    let acme = tollgate_store::UsageFilter { tenant_id: Some("acme".into()), ..Default::default() };
+    let only = store.list_usage_events(&acme, None, 10).await.unwrap();
+    assert_eq!(only.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e4", "e2", "e0"]);
+    let window = tollgate_store::UsageFilter { from_ms: Some(T0 + 1), to_ms: Some(T0 + 3), ..Default::default() };
+    assert_eq!(store.list_usage_events(&window, None, 10).await.unwrap().len(), 2);
+}
+
+async fn retention_drops_old_usage_but_keeps_rollups(store: &Store) {
+    store.ensure_usage_partitions(T0, 3).await.unwrap();
+    let events = vec![usage_event("old", T0, "acme", "m", 1), usage_event("new", T0 + 2 * DAY_MS, "acme", "m", 1)];
+    store.insert_usage(&events).await.unwrap();
+    store.drop_usage_before(tollgate_store::usage::day_start_ms(T0 + DAY_MS)).await.unwrap();
+    let left = store.list_usage_events(&Default::default(), None, 10).await.unwrap();
+    assert_eq!(left.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["new"]);
+    let day0 = tollgate_store::usage::day_of(T0);
+    let totals = store.usage_totals(&day0, &day0, &Default::default(), &[]).await.unwrap();
+    assert_eq!(totals[0].requests, 1, "rollups outlive the raw rows");
+}
 
 async fn tenants_are_created_listed_updated_and_paginated(store: &Store) {
     for id in ["acme", "beta", "gamma"] {

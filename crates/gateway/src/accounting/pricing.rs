@@ -1,0 +1,232 @@
+//! Model prices and the one rounding rule that turns tokens into money.
+//!
+//! Prices come from a TOML file (`config/pricing.toml` is built in as the
+//! default) in USD per million tokens and are held as integer micro-dollars
+//! per million tokens, so cost arithmetic never touches a float:
+//!
+//! ```text
+//! cost_micros = round_half_up((uncached·input + cached·cached_input + output·output) / 1_000_000)
+//!             + per_request_micros
+//! ```
+//!
+//! A price given with more than six decimals (finer than a micro-dollar per
+//! million tokens) is rejected rather than silently rounded.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use tollgate_openai::Usage;
+
+/// The built-in price list.
+pub const DEFAULT_PRICING: &str = include_str!("../../../../config/pricing.toml");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tier {
+    input: i64,
+    cached_input: i64,
+    output: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelPrice {
+    base: Tier,
+    long_context: Option<(u64, Tier)>,
+    per_request: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PriceTable {
+    models: HashMap<String, ModelPrice>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTier {
+    input: f64,
+    cached_input: Option<f64>,
+    output: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileModel {
+    input: f64,
+    cached_input: Option<f64>,
+    output: f64,
+    #[serde(default)]
+    per_request: f64,
+    long_context: Option<FileLongContext>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLongContext {
+    threshold_tokens: u64,
+    #[serde(flatten)]
+    tier: FileTier,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PricingFile {
+    #[serde(default)]
+    models: HashMap<String, FileModel>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("pricing: {0}")]
+pub struct PricingError(String);
+
+/// USD (as written in the file) to integer micro-dollars, exactly.
+fn to_micros(model: &str, field: &str, usd: f64) -> Result<i64, PricingError> {
+    if !usd.is_finite() || usd < 0.0 {
+        return Err(PricingError(format!("models.\"{model}\".{field} must be a non-negative number")));
+    }
+    let micros = (usd * 1_000_000.0).round();
+    if (micros - usd * 1_000_000.0).abs() > 1e-6 * micros.max(1.0) {
+        return Err(PricingError(format!("models.\"{model}\".{field} has more than six decimals")));
+    }
+    if micros > i64::MAX as f64 / 1e9 {
+        return Err(PricingError(format!("models.\"{model}\".{field} is too large")));
+    }
+    Ok(micros as i64)
+}
+
+fn tier(model: &str, prefix: &str, input: f64, cached: Option<f64>, output: f64) -> Result<Tier, PricingError> {
+    let input = to_micros(model, &format!("{prefix}input"), input)?;
+    Ok(Tier {
+        input,
+        cached_input: cached.map(|c| to_micros(model, &format!("{prefix}cached_input"), c)).transpose()?.unwrap_or(input),
+        output: to_micros(model, &format!("{prefix}output"), output)?,
+    })
+}
+
+impl PriceTable {
+    pub fn parse(text: &str) -> Result<Self, PricingError> {
+        let file: PricingFile = toml::from_str(text).map_err(|e| PricingError(e.to_string()))?;
+        let mut models = HashMap::with_capacity(file.models.len());
+        for (name, m) in file.models {
+            let base = tier(&name, "", m.input, m.cached_input, m.output)?;
+            let long_context = match m.long_context {
+                None => None,
+                Some(lc) => Some((
+                    lc.threshold_tokens,
+                    tier(&name, "long_context.", lc.tier.input, lc.tier.cached_input, lc.tier.output)?,
+                )),
+            };
+            let per_request = to_micros(&name, "per_request", m.per_request)?;
+            models.insert(name, ModelPrice { base, long_context, per_request });
+        }
+        Ok(Self { models })
+    }
+
+    pub fn load(path: Option<&Path>) -> Result<Self, PricingError> {
+        match path {
+            None => Self::parse(DEFAULT_PRICING),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| PricingError(format!("{}: {e}", p.display())))?;
+                Self::parse(&text)
+            }
+        }
+    }
+
+    /// The price of `model`: an exact match, else the name after a
+    /// provider prefix (`google/gemini-2.5-pro` → `gemini-2.5-pro`).
+    pub fn price(&self, model: &str) -> Option<&ModelPrice> {
+        self.models.get(model).or_else(|| model.rsplit_once('/').and_then(|(_, bare)| self.models.get(bare)))
+    }
+
+    pub fn contains(&self, model: &str) -> bool {
+        self.price(model).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.models.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+}
+
+impl ModelPrice {
+    /// The cost of `usage` in micro-dollars, by the rule in the module docs.
+    pub fn cost_micros(&self, usage: &Usage) -> i64 {
+        let tier = match self.long_context {
+            Some((threshold, tier)) if usage.prompt > threshold => tier,
+            _ => self.base,
+        };
+        let cached = usage.cached.min(usage.prompt);
+        let uncached = usage.prompt - cached;
+        let scaled = i128::from(uncached) * i128::from(tier.input)
+            + i128::from(cached) * i128::from(tier.cached_input)
+            + i128::from(usage.billed_output()) * i128::from(tier.output);
+        let micros = (scaled + 500_000) / 1_000_000;
+        i64::try_from(micros).unwrap_or(i64::MAX).saturating_add(self.per_request)
+    }
+
+    /// The most a request can cost with `prompt` tokens in and at most
+    /// `max_output` out (for budget reservations).
+    pub fn worst_case_micros(&self, prompt: u64, max_output: u64) -> i64 {
+        self.cost_micros(&Usage { prompt, completion: max_output, total: prompt + max_output, reasoning: 0, cached: 0 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(prompt: u64, completion: u64, cached: u64) -> Usage {
+        Usage { prompt, completion, total: prompt + completion, reasoning: 0, cached }
+    }
+
+    #[test]
+    fn the_built_in_prices_parse() {
+        let table = PriceTable::parse(DEFAULT_PRICING).unwrap();
+        assert!(table.contains("gemini-2.5-flash-lite"));
+        assert!(table.contains("google/gemini-2.5-pro"));
+        assert!(!table.contains("no-such-model"));
+    }
+
+    #[test]
+    fn costs_are_exact_micro_dollars() {
+        let table = PriceTable::parse(DEFAULT_PRICING).unwrap();
+        let lite = table.price("gemini-2.5-flash-lite").unwrap();
+        // 1M in at $0.10 + 1M out at $0.40 = $0.50.
+        assert_eq!(lite.cost_micros(&usage(1_000_000, 1_000_000, 0)), 500_000);
+        // 15 in, 3 out: 15*0.1 + 3*0.4 = 2.7 micro-dollars → 3 (half up).
+        assert_eq!(lite.cost_micros(&usage(15, 3, 0)), 3);
+        // 1 in, 1 out = 0.5 µ$ → rounds up to 1; 1 in alone = 0.1 → 0.
+        assert_eq!(lite.cost_micros(&usage(1, 1, 0)), 1);
+        assert_eq!(lite.cost_micros(&usage(1, 0, 0)), 0);
+        // Cached tokens at the cached price: 1M cached = $0.025.
+        assert_eq!(lite.cost_micros(&usage(1_000_000, 0, 1_000_000)), 25_000);
+    }
+
+    #[test]
+    fn long_context_prices_apply_above_the_threshold() {
+        let table = PriceTable::parse(DEFAULT_PRICING).unwrap();
+        let pro = table.price("gemini-2.5-pro").unwrap();
+        assert_eq!(pro.cost_micros(&usage(200_000, 0, 0)), 250_000, "at the threshold: base price");
+        assert_eq!(pro.cost_micros(&usage(200_001, 0, 0)), 500_003, "above: $2.50/M for the whole prompt");
+    }
+
+    #[test]
+    fn thinking_tokens_hidden_in_the_total_are_billed() {
+        let table = PriceTable::parse(DEFAULT_PRICING).unwrap();
+        let flash = table.price("gemini-2.5-flash").unwrap();
+        let hidden = Usage { prompt: 0, completion: 100, total: 1_100, reasoning: 0, cached: 0 };
+        assert_eq!(flash.cost_micros(&hidden), 2_750, "1,100 output tokens at $2.50/M");
+    }
+
+    #[test]
+    fn per_request_fees_and_bad_files() {
+        let t = PriceTable::parse("[models.m]\ninput = 1.0\noutput = 2.0\nper_request = 0.001\n").unwrap();
+        assert_eq!(t.price("m").unwrap().cost_micros(&usage(0, 0, 0)), 1_000);
+        assert!(PriceTable::parse("[models.m]\ninput = -1.0\noutput = 0.0\n").is_err());
+        assert!(PriceTable::parse("[models.m]\ninput = 0.0000001\noutput = 0.0\n").is_err());
+        assert!(PriceTable::parse("[models.m]\ninput = 1.0\n").is_err(), "output is required");
+        assert!(PriceTable::parse("[models.m]\ninput = 1.0\noutput = 1.0\ncolour = 1\n").is_err());
+    }
+}

@@ -1,0 +1,440 @@
+//! The usage ledger and its daily rollups.
+
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use utoipa::ToSchema;
+
+use crate::{Backend, Store, StoreResult, from_millis};
+
+/// One proxied request, as recorded. Serialized as-is into the local spool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UsageEvent {
+    /// The gateway's own id for this record (idempotency key).
+    pub id: String,
+    /// When the request arrived, in milliseconds since the epoch.
+    pub at: i64,
+    pub request_id: String,
+    pub tenant_id: String,
+    pub key_id: String,
+    /// e.g. `/v1/chat/completions`.
+    pub endpoint: String,
+    /// The model the client asked for (empty when none was given).
+    pub requested_model: String,
+    /// The model the upstream says answered.
+    pub upstream_model: Option<String>,
+    pub stream: bool,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cached_tokens: i64,
+    pub total_tokens: i64,
+    /// max(completion, total − prompt): what output is billed on.
+    pub billed_output_tokens: i64,
+    pub cost_micros: i64,
+    /// Token counts were estimated because the upstream reported none.
+    pub estimated: bool,
+    /// The model had no price: cost is 0.
+    pub unpriced: bool,
+    /// The gateway changed the request (caps, defaults).
+    pub modified: bool,
+    /// HTTP status returned to the client.
+    pub status: i32,
+    /// Set when the request failed: `client`, `upstream` or `gateway`, then a code.
+    pub error_class: Option<String>,
+    pub latency_ms: i64,
+    /// Time to the first streamed event, for streams.
+    pub ttft_ms: Option<i64>,
+}
+
+impl UsageEvent {
+    pub fn day(&self) -> String {
+        day_of(self.at)
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.status >= 400 || self.error_class.is_some()
+    }
+}
+
+/// `YYYY-MM-DD` (UTC) of a millisecond timestamp.
+pub fn day_of(at_ms: i64) -> String {
+    from_millis(at_ms).format("%Y-%m-%d").to_string()
+}
+
+const COLUMNS: &str = "id, at, day, request_id, tenant_id, key_id, endpoint, requested_model, upstream_model, stream, \
+    prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, total_tokens, billed_output_tokens, \
+    cost_micros, estimated, unpriced, modified, status, error_class, latency_ms, ttft_ms";
+const NCOLS: usize = 24;
+
+const ROLLUP_UPDATE: &str = "ON CONFLICT (day, tenant_id, key_id, model) DO UPDATE SET \
+    requests = usage_daily.requests + excluded.requests, errors = usage_daily.errors + excluded.errors, \
+    estimated_requests = usage_daily.estimated_requests + excluded.estimated_requests, \
+    prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens, \
+    completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens, \
+    reasoning_tokens = usage_daily.reasoning_tokens + excluded.reasoning_tokens, \
+    cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens, \
+    billed_output_tokens = usage_daily.billed_output_tokens + excluded.billed_output_tokens, \
+    cost_micros = usage_daily.cost_micros + excluded.cost_micros";
+
+fn bind_event<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    e: &'q UsageEvent,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    q.bind(&e.id)
+        .bind(e.at)
+        .bind(e.day())
+        .bind(&e.request_id)
+        .bind(&e.tenant_id)
+        .bind(&e.key_id)
+        .bind(&e.endpoint)
+        .bind(&e.requested_model)
+        .bind(e.upstream_model.as_deref())
+        .bind(i32::from(e.stream))
+        .bind(e.prompt_tokens)
+        .bind(e.completion_tokens)
+        .bind(e.reasoning_tokens)
+        .bind(e.cached_tokens)
+        .bind(e.total_tokens)
+        .bind(e.billed_output_tokens)
+        .bind(e.cost_micros)
+        .bind(i32::from(e.estimated))
+        .bind(i32::from(e.unpriced))
+        .bind(i32::from(e.modified))
+        .bind(e.status)
+        .bind(e.error_class.as_deref())
+        .bind(e.latency_ms)
+        .bind(e.ttft_ms)
+}
+
+fn event(row: &AnyRow) -> StoreResult<UsageEvent> {
+    Ok(UsageEvent {
+        id: row.try_get("id")?,
+        at: row.try_get("at")?,
+        request_id: row.try_get("request_id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        key_id: row.try_get("key_id")?,
+        endpoint: row.try_get("endpoint")?,
+        requested_model: row.try_get("requested_model")?,
+        upstream_model: row.try_get("upstream_model")?,
+        stream: row.try_get::<i32, _>("stream")? != 0,
+        prompt_tokens: row.try_get("prompt_tokens")?,
+        completion_tokens: row.try_get("completion_tokens")?,
+        reasoning_tokens: row.try_get("reasoning_tokens")?,
+        cached_tokens: row.try_get("cached_tokens")?,
+        total_tokens: row.try_get("total_tokens")?,
+        billed_output_tokens: row.try_get("billed_output_tokens")?,
+        cost_micros: row.try_get("cost_micros")?,
+        estimated: row.try_get::<i32, _>("estimated")? != 0,
+        unpriced: row.try_get::<i32, _>("unpriced")? != 0,
+        modified: row.try_get::<i32, _>("modified")? != 0,
+        status: row.try_get("status")?,
+        error_class: row.try_get("error_class")?,
+        latency_ms: row.try_get("latency_ms")?,
+        ttft_ms: row.try_get("ttft_ms")?,
+    })
+}
+
+fn placeholders(rows: usize, start: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cols: Vec<String> = (1..=NCOLS).map(|c| format!("${}", start + r * NCOLS + c)).collect();
+            format!("({})", cols.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Filters for usage queries; every field is optional.
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    pub tenant_id: Option<String>,
+    pub key_id: Option<String>,
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    Tenant,
+    Key,
+    Model,
+    Day,
+}
+
+impl GroupBy {
+    fn column(self) -> &'static str {
+        match self {
+            Self::Tenant => "tenant_id",
+            Self::Key => "key_id",
+            Self::Model => "model",
+            Self::Day => "day",
+        }
+    }
+}
+
+/// Totals for one group (or for everything).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UsageTotals {
+    pub tenant_id: Option<String>,
+    pub key_id: Option<String>,
+    pub model: Option<String>,
+    pub day: Option<String>,
+    pub requests: i64,
+    pub errors: i64,
+    pub estimated_requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cached_tokens: i64,
+    pub billed_output_tokens: i64,
+    pub cost_micros: i64,
+}
+
+fn day_string(ms: i64) -> String {
+    day_of(ms)
+}
+
+/// The first millisecond of the UTC day `ms` falls in.
+pub fn day_start_ms(ms: i64) -> i64 {
+    let d = from_millis(ms).date_naive();
+    d.and_hms_opt(0, 0, 0).map_or(ms, |t| t.and_utc().timestamp_millis())
+}
+
+impl Store {
+    /// Inserts events, skipping ids already recorded, and adds the inserted
+    /// ones to the daily rollups in the same transaction. Returns how many
+    /// were new. Safe to repeat: replays never double-count.
+    pub async fn insert_usage(&self, events: &[UsageEvent]) -> StoreResult<u64> {
+        match self.backend {
+            Backend::Postgres => self.insert_usage_postgres(events).await,
+            Backend::Sqlite => self.insert_usage_sqlite(events).await,
+        }
+    }
+
+    async fn insert_usage_postgres(&self, events: &[UsageEvent]) -> StoreResult<u64> {
+        let mut inserted = 0;
+        let mut tx = self.pool.begin().await?;
+        // 24 parameters a row; Postgres allows 65,535 per statement.
+        for chunk in events.chunks(1000) {
+            let sql = format!(
+                "WITH ins AS (INSERT INTO usage_events ({COLUMNS}) VALUES {} ON CONFLICT DO NOTHING \
+                 RETURNING day, tenant_id, key_id, requested_model, status, error_class, estimated, prompt_tokens, \
+                 completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros) \
+                 , up AS (INSERT INTO usage_daily (day, tenant_id, key_id, model, requests, errors, estimated_requests, \
+                 prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros) \
+                 SELECT day, tenant_id, key_id, requested_model, COUNT(*), \
+                 SUM(CASE WHEN status >= 400 OR error_class IS NOT NULL THEN 1 ELSE 0 END), SUM(estimated), \
+                 SUM(prompt_tokens), SUM(completion_tokens), SUM(reasoning_tokens), SUM(cached_tokens), \
+                 SUM(billed_output_tokens), SUM(cost_micros) FROM ins GROUP BY day, tenant_id, key_id, requested_model \
+                 {ROLLUP_UPDATE}) SELECT COUNT(*) AS n FROM ins",
+                placeholders(chunk.len(), 0)
+            );
+            let mut query = sqlx::query(&sql);
+            for e in chunk {
+                query = bind_event(query, e);
+            }
+            let row = query.fetch_one(&mut *tx).await?;
+            inserted += row.try_get::<i64, _>("n")? as u64;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn insert_usage_sqlite(&self, events: &[UsageEvent]) -> StoreResult<u64> {
+        let mut inserted = 0;
+        let mut tx = self.pool.begin().await?;
+        let insert =
+            format!("INSERT INTO usage_events ({COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING", placeholders(1, 0));
+        let rollup = format!(
+            "INSERT INTO usage_daily (day, tenant_id, key_id, model, requests, errors, estimated_requests, prompt_tokens, \
+             completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros) \
+             VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11, $12) {ROLLUP_UPDATE}"
+        );
+        for e in events {
+            let done = bind_event(sqlx::query(&insert), e).execute(&mut *tx).await?;
+            if done.rows_affected() == 0 {
+                continue;
+            }
+            inserted += 1;
+            sqlx::query(&rollup)
+                .bind(e.day())
+                .bind(&e.tenant_id)
+                .bind(&e.key_id)
+                .bind(&e.requested_model)
+                .bind(i64::from(e.is_error()))
+                .bind(i64::from(e.estimated))
+                .bind(e.prompt_tokens)
+                .bind(e.completion_tokens)
+                .bind(e.reasoning_tokens)
+                .bind(e.cached_tokens)
+                .bind(e.billed_output_tokens)
+                .bind(e.cost_micros)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Creates the daily partitions from `from_ms`'s day for `days` days
+    /// (Postgres; a no-op on SQLite). Existing ones are left alone.
+    pub async fn ensure_usage_partitions(&self, from_ms: i64, days: u32) -> StoreResult<()> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        let mut start = day_start_ms(from_ms);
+        for _ in 0..days {
+            let end = start + 86_400_000;
+            let name = format!("usage_events_{}", day_string(start).replace('-', ""));
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF usage_events FOR VALUES FROM ({start}) TO ({end})"
+            );
+            if let Err(e) = sqlx::query(&sql).execute(&self.pool).await {
+                // Rows for that day already sit in the default partition;
+                // they stay there and are still counted.
+                tracing::warn!(partition = %name, error = %e, "cannot create a usage partition");
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Removes ledger rows older than `cutoff_ms`: whole daily partitions on
+    /// Postgres (plus any stragglers in the default partition), a DELETE on
+    /// SQLite. Daily rollups are kept. Returns the partitions dropped.
+    pub async fn drop_usage_before(&self, cutoff_ms: i64) -> StoreResult<Vec<String>> {
+        let mut dropped = Vec::new();
+        match self.backend {
+            Backend::Sqlite => {
+                sqlx::query("DELETE FROM usage_events WHERE at < $1").bind(cutoff_ms).execute(&self.pool).await?;
+            }
+            Backend::Postgres => {
+                let rows = sqlx::query(
+                    "SELECT c.relname::text AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                     JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'usage_events' \
+                     AND c.relname LIKE 'usage\\_events\\_2%'",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                for row in rows {
+                    let name: String = row.try_get("name")?;
+                    let Some(day) = name.strip_prefix("usage_events_") else { continue };
+                    let Ok(date) = NaiveDate::parse_from_str(day, "%Y%m%d") else { continue };
+                    let Some(end) = date.succ_opt().and_then(|d| d.and_hms_opt(0, 0, 0)) else { continue };
+                    if end.and_utc().timestamp_millis() <= cutoff_ms {
+                        sqlx::query(&format!("DROP TABLE IF EXISTS {name}")).execute(&self.pool).await?;
+                        dropped.push(name);
+                    }
+                }
+                sqlx::query("DELETE FROM usage_events_default WHERE at < $1")
+                    .bind(cutoff_ms)
+                    .execute(&self.pool)
+                    .await?;
+            }
+        }
+        Ok(dropped)
+    }
+
+    pub async fn count_usage_events(&self) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM usage_events").fetch_one(&self.pool).await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// Ledger rows, newest first, after the cursor `(at, id)` of the last row
+    /// of the previous page.
+    pub async fn list_usage_events(
+        &self,
+        filter: &UsageFilter,
+        before: Option<(i64, String)>,
+        limit: u32,
+    ) -> StoreResult<Vec<UsageEvent>> {
+        let (cursor_at, cursor_id) = before.unwrap_or((i64::MAX, String::new()));
+        let sql = format!(
+            "SELECT {COLUMNS} FROM usage_events WHERE at >= $1 AND at < $2 \
+             AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR requested_model = $5) \
+             AND (at < $6 OR (at = $6 AND ($7 = '' OR id < $7))) ORDER BY at DESC, id DESC LIMIT $8"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(filter.from_ms.unwrap_or(0))
+            .bind(filter.to_ms.unwrap_or(i64::MAX))
+            .bind(filter.tenant_id.clone().unwrap_or_default())
+            .bind(filter.key_id.clone().unwrap_or_default())
+            .bind(filter.model.clone().unwrap_or_default())
+            .bind(cursor_at)
+            .bind(cursor_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event).collect()
+    }
+
+    /// Totals from the daily rollups over whole UTC days `[from, to]`,
+    /// grouped as asked (no grouping: one row of grand totals).
+    pub async fn usage_totals(
+        &self,
+        from_day: &str,
+        to_day: &str,
+        filter: &UsageFilter,
+        group_by: &[GroupBy],
+    ) -> StoreResult<Vec<UsageTotals>> {
+        let groups: Vec<&str> = group_by.iter().map(|g| g.column()).collect();
+        let select_groups = if groups.is_empty() { String::new() } else { format!("{}, ", groups.join(", ")) };
+        let group_clause = if groups.is_empty() { String::new() } else { format!("GROUP BY {}", groups.join(", ")) };
+        let order_clause = if groups.is_empty() { String::new() } else { format!("ORDER BY {}", groups.join(", ")) };
+        // CAST keeps SUM's type an integer on both backends.
+        let sql = format!(
+            "SELECT {select_groups}CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS requests, \
+             CAST(COALESCE(SUM(errors), 0) AS BIGINT) AS errors, \
+             CAST(COALESCE(SUM(estimated_requests), 0) AS BIGINT) AS estimated_requests, \
+             CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+             CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+             CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning_tokens, \
+             CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
+             CAST(COALESCE(SUM(billed_output_tokens), 0) AS BIGINT) AS billed_output_tokens, \
+             CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost_micros \
+             FROM usage_daily WHERE day >= $1 AND day <= $2 \
+             AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR model = $5) \
+             {group_clause} {order_clause}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(from_day)
+            .bind(to_day)
+            .bind(filter.tenant_id.clone().unwrap_or_default())
+            .bind(filter.key_id.clone().unwrap_or_default())
+            .bind(filter.model.clone().unwrap_or_default())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let text = |g: GroupBy| -> StoreResult<Option<String>> {
+                    if group_by.contains(&g) { Ok(Some(row.try_get::<String, _>(g.column())?)) } else { Ok(None) }
+                };
+                Ok(UsageTotals {
+                    tenant_id: text(GroupBy::Tenant)?,
+                    key_id: text(GroupBy::Key)?,
+                    model: text(GroupBy::Model)?,
+                    day: text(GroupBy::Day)?,
+                    requests: row.try_get("requests")?,
+                    errors: row.try_get("errors")?,
+                    estimated_requests: row.try_get("estimated_requests")?,
+                    prompt_tokens: row.try_get("prompt_tokens")?,
+                    completion_tokens: row.try_get("completion_tokens")?,
+                    reasoning_tokens: row.try_get("reasoning_tokens")?,
+                    cached_tokens: row.try_get("cached_tokens")?,
+                    billed_output_tokens: row.try_get("billed_output_tokens")?,
+                    cost_micros: row.try_get("cost_micros")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Today's UTC date, for default report ranges.
+pub fn today() -> String {
+    let now: DateTime<Utc> = Utc::now();
+    format!("{:04}-{:02}-{:02}", now.year(), now.month(), now.day())
+}
