@@ -112,6 +112,7 @@ impl Served {
             .env("TOLLGATE_SERVER__LISTEN", "127.0.0.1:0")
             .env("TOLLGATE_ADMIN__LISTEN", "127.0.0.1:0")
             .env("TOLLGATE_DATABASE__SQLITE_PATH", &db)
+            .env("TOLLGATE_ACCOUNTING__SPOOL_DIR", dir.path().join("spool"))
             .env("TOLLGATE_UPSTREAM__BASE_URL", upstream)
             .env("TOLLGATE_LOG__FORMAT", "json")
             .env("TOLLGATE_LOG__LEVEL", "debug")

@@ -16,6 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tollgate_store::Store;
 
+use crate::accounting::ledger::{LedgerSettings, Writer};
+use crate::accounting::pricing::PriceTable;
+use crate::accounting::spool::Spool;
+use crate::accounting::{Accounting, Ledger, estimate, maintain_ledger};
 use crate::admin::{self, AdminState};
 use crate::auth::sync::{CacheSync, touch_writer};
 use crate::auth::{Authenticator, KeyCache, SecretHasher};
@@ -71,9 +75,12 @@ impl Application {
         }
         let admin_router = admin::router(AdminState { store: store.clone(), sync, hasher, bootstrap_digest });
 
+        let accounting = start_accounting(&config, &store, &background, &stop_background)?;
+
         let upstream = Upstream::new(&config.upstream)?;
         let proxy = Arc::new(Proxy {
             upstream,
+            accounting,
             max_body_bytes: config.server.max_body_bytes,
             max_response_bytes: config.upstream.max_response_bytes,
         });
@@ -160,6 +167,39 @@ impl Application {
         tracing::info!("stopped");
         failed.map_or(Ok(()), Err)
     }
+}
+
+/// Prices, the ledger writer, pricing reloads and ledger maintenance.
+fn start_accounting(
+    config: &Config,
+    store: &Store,
+    background: &TaskTracker,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Arc<Accounting>> {
+    let settings = &config.accounting;
+    let prices = PriceTable::load(settings.pricing_file.as_deref())?;
+    let spool = Spool::open(&settings.spool_dir, settings.max_spool_bytes)
+        .map_err(|e| anyhow::anyhow!("cannot open the usage spool {}: {e}", settings.spool_dir.display()))?;
+    let (ledger, records) = Ledger::new(Arc::new(spool));
+    let writer = Writer::new(
+        &ledger,
+        store.clone(),
+        LedgerSettings {
+            batch_size: settings.batch_size,
+            flush_interval: settings.flush_interval,
+            write_timeout: settings.write_timeout,
+            retry_interval: Duration::from_secs(1),
+        },
+    );
+    let accounting = Arc::new(Accounting::new(prices, settings.pricing_file.clone(), settings.reject_unpriced, ledger));
+    // Background tasks are cancelled only after the listeners have drained,
+    // so the writer sees every record the finished requests produced.
+    background.spawn(writer.run(records, cancel.clone()));
+    background.spawn(accounting.clone().watch_prices(settings.pricing_reload_interval, cancel.clone()));
+    background.spawn(maintain_ledger(store.clone(), settings.retention_days, cancel.clone()));
+    // Building the tokenizer takes a moment; do it before it is needed.
+    background.spawn_blocking(estimate::warm_up);
+    Ok(accounting)
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

@@ -28,7 +28,51 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub admin: AdminConfig,
+    pub accounting: AccountingConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountingConfig {
+    /// Model prices (see `config/pricing.toml`). Unset: the built-in list.
+    pub pricing_file: Option<PathBuf>,
+    /// How often the pricing file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub pricing_reload_interval: Duration,
+    /// Refuse requests for models without a price (400 `model_not_priced`)
+    /// instead of recording them with cost 0.
+    pub reject_unpriced: bool,
+    /// Where usage records wait while the database is unavailable.
+    pub spool_dir: PathBuf,
+    /// The spool's bound; when it is full, new requests get 503.
+    pub max_spool_bytes: u64,
+    /// Records written to the database per batch...
+    pub batch_size: usize,
+    /// ...or after this long, whichever comes first.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// A database write slower than this sends its batch to the spool.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Days of per-request records kept (0 = forever). Daily rollups are kept.
+    pub retention_days: u32,
+}
+
+impl Default for AccountingConfig {
+    fn default() -> Self {
+        Self {
+            pricing_file: None,
+            pricing_reload_interval: Duration::from_secs(10),
+            reject_unpriced: false,
+            spool_dir: PathBuf::from("data/spool"),
+            max_spool_bytes: 1024 * 1024 * 1024,
+            batch_size: 1000,
+            flush_interval: Duration::from_millis(200),
+            write_timeout: Duration::from_secs(5),
+            retention_days: 90,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -270,6 +314,18 @@ impl Config {
         }
         if self.auth.refresh_interval.is_zero() {
             return Err(invalid("auth.refresh_interval", "must be greater than 0"));
+        }
+        if self.accounting.batch_size == 0 {
+            return Err(invalid("accounting.batch_size", "must be greater than 0"));
+        }
+        for (key, value) in [
+            ("accounting.flush_interval", self.accounting.flush_interval),
+            ("accounting.write_timeout", self.accounting.write_timeout),
+            ("accounting.pricing_reload_interval", self.accounting.pricing_reload_interval),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
         }
         if self.auth.last_used_flush_interval.is_zero() {
             return Err(invalid("auth.last_used_flush_interval", "must be greater than 0"));

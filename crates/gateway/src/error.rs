@@ -10,12 +10,23 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use tollgate_openai::ErrorEnvelope;
 
-/// Whose fault a failure is. Drives the status class and, later, metrics.
+/// Whose fault a failure is. Drives the status class, the ledger's error
+/// class and, later, metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     Client,
     Upstream,
     Gateway,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Upstream => "upstream",
+            Self::Gateway => "gateway",
+        }
+    }
 }
 
 /// Why a tenant key was not accepted.
@@ -35,6 +46,10 @@ pub enum GatewayError {
     TenantSuspended,
     #[error("this API key may not use the model `{0}`")]
     ModelNotAllowed(String),
+    #[error("the model `{0}` has no price configured, and this gateway refuses unpriced models")]
+    ModelNotPriced(String),
+    #[error("usage accounting is unavailable; try again shortly")]
+    AccountingUnavailable,
     #[error("{0}")]
     InvalidJson(String),
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -74,13 +89,14 @@ impl GatewayError {
             Self::Unauthenticated(_)
             | Self::TenantSuspended
             | Self::ModelNotAllowed(_)
+            | Self::ModelNotPriced(_)
             | Self::InvalidJson(_)
             | Self::BodyTooLarge { .. }
             | Self::BodyRead
             | Self::UnknownRoute(_)
             | Self::MethodNotAllowed { .. } => Fault::Client,
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamBadResponse(_) => Fault::Upstream,
-            Self::ShuttingDown | Self::Internal => Fault::Gateway,
+            Self::ShuttingDown | Self::Internal | Self::AccountingUnavailable => Fault::Gateway,
         }
     }
 
@@ -88,13 +104,13 @@ impl GatewayError {
         match self {
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::TenantSuspended | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
-            Self::InvalidJson(_) | Self::BodyRead => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_) | Self::BodyRead | Self::ModelNotPriced(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpstreamUnavailable | Self::UpstreamBadResponse(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ShuttingDown | Self::AccountingUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -107,6 +123,8 @@ impl GatewayError {
             Self::Unauthenticated(AuthFailure::Expired) => "api_key_expired",
             Self::TenantSuspended => "tenant_suspended",
             Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::ModelNotPriced(_) => "model_not_priced",
+            Self::AccountingUnavailable => "accounting_unavailable",
             Self::InvalidJson(_) => "invalid_json",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyRead => "invalid_body",
@@ -132,7 +150,7 @@ impl GatewayError {
     pub fn envelope(&self) -> ErrorEnvelope {
         let envelope = ErrorEnvelope::new(self.to_string(), self.kind(), self.code());
         match self {
-            Self::ModelNotAllowed(_) => envelope.with_param("model"),
+            Self::ModelNotAllowed(_) | Self::ModelNotPriced(_) => envelope.with_param("model"),
             _ => envelope,
         }
     }

@@ -2,6 +2,7 @@
 //! server bound to its listener; the `tollgate` binary and the tests both
 //! start it this way.
 
+pub mod accounting;
 pub mod admin;
 pub mod app;
 pub mod auth;

@@ -97,7 +97,10 @@ fn tier(model: &str, prefix: &str, input: f64, cached: Option<f64>, output: f64)
     let input = to_micros(model, &format!("{prefix}input"), input)?;
     Ok(Tier {
         input,
-        cached_input: cached.map(|c| to_micros(model, &format!("{prefix}cached_input"), c)).transpose()?.unwrap_or(input),
+        cached_input: cached
+            .map(|c| to_micros(model, &format!("{prefix}cached_input"), c))
+            .transpose()?
+            .unwrap_or(input),
         output: to_micros(model, &format!("{prefix}output"), output)?,
     })
 }

@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, header};
-use tollgate_openai::RequestPeek;
+use tollgate_openai::{RequestPeek, UsageField, find_model, find_usage, stream_options};
 
+use crate::accounting::tap::StreamTap;
+use crate::accounting::{Accounting, Exchange, Outcome, estimate, format_usd};
 use crate::auth::Principal;
 use crate::auth::models::ModelRules;
 use crate::error::GatewayError;
@@ -29,38 +31,132 @@ use crate::upstream::{Upstream, classify};
 #[derive(Debug)]
 pub struct Proxy {
     pub upstream: Upstream,
+    pub accounting: Arc<Accounting>,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
 }
 
 pub type ProxyState = State<Arc<Proxy>>;
 
+/// Endpoints whose streams can carry usage when asked with
+/// `stream_options.include_usage`.
+fn supports_stream_usage(endpoint: &str) -> bool {
+    matches!(endpoint, "/v1/chat/completions" | "/v1/completions")
+}
+
 /// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`.
-pub async fn forward_post(State(proxy): ProxyState, request: Request) -> Result<Response, GatewayError> {
+pub async fn forward_post(State(proxy): ProxyState, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let request_id = request_id(&parts.extensions);
-    let principal = principal(&parts.extensions)?;
-    let body = body::read_limited(body, &parts.headers, proxy.max_body_bytes).await?;
-    let wants_stream = {
-        let peek = RequestPeek::parse(&body).map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
-        if let Some(model) = peek.model.as_deref()
-            && !principal.key.models.allows(model)
-        {
-            return Err(GatewayError::ModelNotAllowed(model.to_owned()));
+    let Ok(principal) = principal(&parts.extensions) else { return GatewayError::Internal.into_response() };
+    let exchange = Exchange::open(
+        proxy.accounting.clone(),
+        request_id.as_str(),
+        principal.tenant_id(),
+        &principal.key.id,
+        parts.uri.path(),
+    );
+    let mut slot = Some(exchange);
+    let result = forward_post_inner(&proxy, &parts, body, &request_id, &principal, &mut slot).await;
+    settle(result, slot)
+}
+
+/// Turns a handler result into the response, closing the exchange if the
+/// handler did not (every failure before an answer was relayed).
+fn settle(result: Result<Response, GatewayError>, slot: Option<Exchange>) -> Response {
+    match result {
+        Ok(response) => {
+            if let Some(exchange) = slot {
+                let status = response.status().as_u16();
+                exchange.close(Outcome { status, ..Outcome::default() });
+            }
+            response
         }
-        peek.is_stream()
+        Err(error) => {
+            if let Some(exchange) = slot {
+                let class = format!("{}:{}", error.fault().as_str(), error.code());
+                exchange.close(Outcome {
+                    status: error.status().as_u16(),
+                    error_class: Some(class),
+                    ..Outcome::default()
+                });
+            }
+            error.into_response()
+        }
+    }
+}
+
+async fn forward_post_inner(
+    proxy: &Proxy,
+    parts: &http::request::Parts,
+    body: Body,
+    request_id: &RequestId,
+    principal: &Principal,
+    slot: &mut Option<Exchange>,
+) -> Result<Response, GatewayError> {
+    if proxy.accounting.ledger.is_full() {
+        return Err(GatewayError::AccountingUnavailable);
+    }
+    let body = body::read_limited(body, &parts.headers, proxy.max_body_bytes).await?;
+    let endpoint = parts.uri.path();
+    let (wants_stream, upstream_body, strip_usage) = {
+        let peek = RequestPeek::parse(&body).map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
+        let model = peek.model.as_deref();
+        if let Some(exchange) = slot.as_mut() {
+            exchange.set_request(body.clone(), model, peek.is_stream());
+        }
+        if let Some(model) = model {
+            if !principal.key.models.allows(model) {
+                return Err(GatewayError::ModelNotAllowed(model.to_owned()));
+            }
+            if proxy.accounting.reject_unpriced && !proxy.accounting.is_priced(model) {
+                return Err(GatewayError::ModelNotPriced(model.to_owned()));
+            }
+        }
+        // Ask for stream usage on the client's behalf so every stream can be
+        // billed from the upstream's own counts.
+        let injected = if peek.is_stream() && supports_stream_usage(endpoint) {
+            stream_options::with_include_usage(&body, peek.has_stream_options(), peek.client_asked_for_usage())
+        } else {
+            None
+        };
+        match injected {
+            Some(rewritten) => (true, Bytes::from(rewritten), true),
+            None => (peek.is_stream(), body.clone(), false),
+        }
     };
-    let upstream_response =
-        proxy.upstream.send(Method::POST, upstream_path(&parts.uri), &parts.headers, &request_id, Some(body)).await?;
+    let upstream_response = proxy
+        .upstream
+        .send(Method::POST, upstream_path(&parts.uri), &parts.headers, request_id, Some(upstream_body))
+        .await?;
     tracing::debug!(wants_stream, status = upstream_response.status().as_u16(), "upstream answered");
-    relay_response(&proxy, upstream_response).await
+    relay_response(proxy, upstream_response, slot, strip_usage).await
 }
 
 /// `GET /v1/models` and `GET /v1/models/{id}`: only the models the key may use.
-pub async fn forward_get(State(proxy): ProxyState, request: Request) -> Result<Response, GatewayError> {
+pub async fn forward_get(State(proxy): ProxyState, request: Request) -> Response {
     let (parts, _body) = request.into_parts();
     let request_id = request_id(&parts.extensions);
-    let principal = principal(&parts.extensions)?;
+    let Ok(principal) = principal(&parts.extensions) else { return GatewayError::Internal.into_response() };
+    let exchange = Exchange::open(
+        proxy.accounting.clone(),
+        request_id.as_str(),
+        principal.tenant_id(),
+        &principal.key.id,
+        parts.uri.path(),
+    );
+    let mut slot = Some(exchange);
+    let result = forward_get_inner(&proxy, &parts, &request_id, &principal, &mut slot).await;
+    settle(result, slot)
+}
+
+async fn forward_get_inner(
+    proxy: &Proxy,
+    parts: &http::request::Parts,
+    request_id: &RequestId,
+    principal: &Principal,
+    slot: &mut Option<Exchange>,
+) -> Result<Response, GatewayError> {
     let rules = &principal.key.models;
     if let Some(id) = parts.uri.path().strip_prefix("/v1/models/") {
         let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
@@ -69,8 +165,8 @@ pub async fn forward_get(State(proxy): ProxyState, request: Request) -> Result<R
         }
     }
     let upstream_response =
-        proxy.upstream.send(Method::GET, upstream_path(&parts.uri), &parts.headers, &request_id, None).await?;
-    let response = relay_response(&proxy, upstream_response).await?;
+        proxy.upstream.send(Method::GET, upstream_path(&parts.uri), &parts.headers, request_id, None).await?;
+    let response = relay_response(proxy, upstream_response, slot, false).await?;
     if rules.is_unrestricted() || parts.uri.path() != "/v1/models" || !response.status().is_success() {
         return Ok(response);
     }
@@ -111,7 +207,12 @@ fn upstream_path(uri: &http::Uri) -> &str {
     pq.strip_prefix("/v1").unwrap_or(pq)
 }
 
-async fn relay_response(proxy: &Proxy, upstream: reqwest::Response) -> Result<Response, GatewayError> {
+async fn relay_response(
+    proxy: &Proxy,
+    upstream: reqwest::Response,
+    slot: &mut Option<Exchange>,
+    strip_usage: bool,
+) -> Result<Response, GatewayError> {
     let status = upstream.status();
     if status.is_redirection() || status.is_informational() {
         return Err(GatewayError::UpstreamBadResponse(format!(
@@ -128,7 +229,8 @@ async fn relay_response(proxy: &Proxy, upstream: reqwest::Response) -> Result<Re
     }
 
     if is_event_stream && status.is_success() {
-        let body = stream::relay(upstream, proxy.upstream.idle_timeout(), proxy.upstream.max_event_bytes());
+        let tap = slot.take().map(|exchange| StreamTap::new(exchange, strip_usage, status.as_u16()));
+        let body = stream::relay(upstream, proxy.upstream.idle_timeout(), proxy.upstream.max_event_bytes(), tap);
         if let Some(headers) = response.headers_mut() {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Tells nginx-style proxies in front of the gateway not to buffer.
@@ -144,6 +246,28 @@ async fn relay_response(proxy: &Proxy, upstream: reqwest::Response) -> Result<Re
             status.as_u16()
         )));
     }
+    if let Some(exchange) = slot.take() {
+        let succeeded = status.is_success();
+        let usage = match find_usage(&body) {
+            UsageField::Present(usage, ..) => Some(usage),
+            _ => None,
+        };
+        let estimated_output = if succeeded && usage.is_none() { estimate::response_tokens(&body) } else { 0 };
+        let cost = exchange.close(Outcome {
+            status: status.as_u16(),
+            error_class: (!succeeded).then(|| format!("upstream:status_{}", status.as_u16())),
+            usage,
+            upstream_model: find_model(&body),
+            reached_upstream: succeeded,
+            estimated_output,
+            first_event: None,
+        });
+        if succeeded && let Some(headers) = response.headers_mut() {
+            if let Ok(value) = HeaderValue::from_str(&format_usd(cost)) {
+                headers.insert(COST_HEADER, value);
+            }
+        }
+    }
     if content_type.is_none()
         && let Some(headers) = response.headers_mut()
     {
@@ -151,6 +275,9 @@ async fn relay_response(proxy: &Proxy, upstream: reqwest::Response) -> Result<Re
     }
     response.body(Body::from(body)).map_err(|_| GatewayError::Internal)
 }
+
+/// The request's cost in USD, on answers whose cost is known before the body.
+pub const COST_HEADER: &str = "x-tollgate-cost-usd";
 
 /// Reads a whole upstream body, allowing at most `idle` between chunks.
 async fn read_upstream_body(

@@ -16,6 +16,8 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tollgate_openai::{ErrorEnvelope, SseScanner};
 
+use crate::accounting::tap::StreamTap;
+
 /// Where a relayed stream gets its bytes: the upstream response in
 /// production, a scripted source in unit tests.
 pub trait ChunkSource: Send + 'static {
@@ -34,6 +36,7 @@ struct Relay<S> {
     ready: VecDeque<Bytes>,
     idle_timeout: Duration,
     finished: bool,
+    tap: Option<StreamTap>,
 }
 
 fn error_event(message: &str, code: &str) -> Bytes {
@@ -49,15 +52,17 @@ impl<S: ChunkSource> Relay<S> {
             match tokio::time::timeout(self.idle_timeout, self.source.next_chunk()).await {
                 Ok(Ok(Some(chunk))) => {
                     if let Err(e) = self.scanner.push(chunk, &mut events) {
-                        self.ready.extend(events.drain(..).map(|e| e.into_bytes()));
+                        self.forward(&mut events);
                         self.fail(&e.to_string(), "upstream_bad_response");
                     }
                 }
                 Ok(Ok(None)) => {
                     let tail = self.scanner.finish(&mut events);
-                    self.ready.extend(events.drain(..).map(|e| e.into_bytes()));
+                    self.forward(&mut events);
                     if tail.is_some() {
                         self.fail("the upstream stream ended in the middle of an event", "upstream_disconnected");
+                    } else if let Some(tap) = &mut self.tap {
+                        tap.finish();
                     }
                     self.finished = true;
                 }
@@ -69,12 +74,25 @@ impl<S: ChunkSource> Relay<S> {
                     self.fail("the upstream stopped sending during the stream", "upstream_timeout");
                 }
             }
-            self.ready.extend(events.drain(..).map(|e| e.into_bytes()));
+            self.forward(&mut events);
+        }
+    }
+
+    /// Queues whole events for the client, through the accounting tap.
+    fn forward(&mut self, events: &mut Vec<tollgate_openai::SseEvent>) {
+        for event in events.drain(..) {
+            match &mut self.tap {
+                None => self.ready.push_back(event.into_bytes()),
+                Some(tap) => self.ready.extend(tap.on_event(event)),
+            }
         }
     }
 
     fn fail(&mut self, message: &str, code: &str) {
         self.ready.push_back(error_event(message, code));
+        if let Some(tap) = &mut self.tap {
+            tap.fail(code);
+        }
         self.finished = true;
     }
 }
@@ -84,6 +102,7 @@ pub fn relay<S: ChunkSource>(
     source: S,
     idle_timeout: Duration,
     max_event_bytes: usize,
+    tap: Option<StreamTap>,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
     let relay = Relay {
         source,
@@ -91,6 +110,7 @@ pub fn relay<S: ChunkSource>(
         ready: VecDeque::new(),
         idle_timeout,
         finished: false,
+        tap,
     };
     futures_util::stream::unfold(relay, |mut relay| async move {
         relay.fill().await;
@@ -119,7 +139,7 @@ mod tests {
     async fn run(steps: Vec<Result<Option<&'static [u8]>, &'static str>>) -> Vec<Bytes> {
         let script =
             Script(steps.into_iter().map(|s| s.map(|o| o.map(Bytes::from_static)).map_err(str::to_owned)).collect());
-        relay(script, Duration::from_millis(50), 1024).map(|r| r.unwrap()).collect().await
+        relay(script, Duration::from_millis(50), 1024, None).map(|r| r.unwrap()).collect().await
     }
 
     #[tokio::test]

@@ -66,6 +66,8 @@ impl TestGateway {
         config.admin.bootstrap_token_file = Some(write("admin.token", ADMIN_TOKEN));
         config.auth.hash_secret_file = Some(write("hash.secret", "test-hash-secret"));
         config.database.sqlite_path = dir.path().join("tollgate.db");
+        config.accounting.spool_dir = dir.path().join("spool");
+        config.accounting.flush_interval = std::time::Duration::from_millis(20);
         let test_db = match db {
             Db::Sqlite => None,
             Db::Postgres => {

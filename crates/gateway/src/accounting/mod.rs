@@ -1,0 +1,231 @@
+//! Token and cost accounting: every `/v1` request that got past
+//! authentication becomes exactly one [`UsageEvent`] in the ledger.
+//!
+//! The proxy opens an [`Exchange`] when the request is authenticated and
+//! closes it with an [`Outcome`] when the answer is complete (or the client
+//! went away). Closing prices the usage and hands the record to the
+//! [`Ledger`], which never blocks the request.
+
+pub mod estimate;
+pub mod ledger;
+pub mod pricing;
+pub mod spool;
+pub mod tap;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tollgate_openai::Usage;
+use tollgate_store::{Store, UsageEvent};
+
+pub use ledger::Ledger;
+use pricing::PriceTable;
+
+#[derive(Debug)]
+pub struct Accounting {
+    prices: ArcSwap<PriceTable>,
+    pricing_file: Option<PathBuf>,
+    pub reject_unpriced: bool,
+    pub ledger: Ledger,
+}
+
+impl Accounting {
+    pub fn new(prices: PriceTable, pricing_file: Option<PathBuf>, reject_unpriced: bool, ledger: Ledger) -> Self {
+        Self { prices: ArcSwap::from_pointee(prices), pricing_file, reject_unpriced, ledger }
+    }
+
+    pub fn is_priced(&self, model: &str) -> bool {
+        self.prices.load().contains(model)
+    }
+
+    /// Rereads the pricing file; a bad file leaves the current prices in force.
+    pub fn reload_prices(&self) -> Result<usize, pricing::PricingError> {
+        let table = PriceTable::load(self.pricing_file.as_deref())?;
+        let n = table.len();
+        self.prices.store(Arc::new(table));
+        Ok(n)
+    }
+
+    /// Reloads the pricing file whenever it changes, until cancelled.
+    pub async fn watch_prices(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
+        let Some(path) = self.pricing_file.clone() else { return };
+        let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut seen = modified(&path);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let now = modified(&path);
+            if now != seen {
+                seen = now;
+                match self.reload_prices() {
+                    Ok(n) => tracing::info!(models = n, "pricing reloaded"),
+                    Err(e) => tracing::error!(error = %e, "pricing file rejected; keeping the previous prices"),
+                }
+            }
+        }
+    }
+}
+
+/// Creates partitions ahead and drops those past retention, hourly.
+pub async fn maintain_ledger(store: Store, retention_days: u32, cancel: CancellationToken) {
+    loop {
+        let now = chrono::Utc::now().timestamp_millis();
+        if let Err(e) = store.ensure_usage_partitions(now - 86_400_000, 9).await {
+            tracing::warn!(error = %e, "cannot create usage partitions");
+        }
+        if retention_days > 0 {
+            let cutoff = tollgate_store::usage::day_start_ms(now - i64::from(retention_days) * 86_400_000);
+            match store.drop_usage_before(cutoff).await {
+                Ok(dropped) if !dropped.is_empty() => tracing::info!(?dropped, "usage retention dropped partitions"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "usage retention failed"),
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+    }
+}
+
+/// How a request ended, as far as accounting cares.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub status: u16,
+    /// `fault:code`, e.g. `upstream:upstream_timeout`, for failures.
+    pub error_class: Option<String>,
+    /// What the upstream reported, if anything.
+    pub usage: Option<Usage>,
+    pub upstream_model: Option<String>,
+    /// Whether the request was sent upstream (else nothing is billed).
+    pub reached_upstream: bool,
+    /// Output tokens estimated from what was received, used when `usage`
+    /// is `None`.
+    pub estimated_output: u64,
+    pub first_event: Option<Duration>,
+}
+
+/// One request being accounted. Dropping it without [`Exchange::close`]
+/// records nothing, so the proxy closes it on every path.
+#[derive(Debug)]
+pub struct Exchange {
+    accounting: Arc<Accounting>,
+    started: Instant,
+    at_ms: i64,
+    request_id: String,
+    tenant_id: String,
+    key_id: String,
+    endpoint: String,
+    pub requested_model: String,
+    pub stream: bool,
+    pub modified: bool,
+    request_body: Bytes,
+}
+
+impl Exchange {
+    pub fn open(accounting: Arc<Accounting>, request_id: &str, tenant_id: &str, key_id: &str, endpoint: &str) -> Self {
+        Self {
+            accounting,
+            started: Instant::now(),
+            at_ms: chrono::Utc::now().timestamp_millis(),
+            request_id: request_id.to_owned(),
+            tenant_id: tenant_id.to_owned(),
+            key_id: key_id.to_owned(),
+            endpoint: endpoint.to_owned(),
+            requested_model: String::new(),
+            stream: false,
+            modified: false,
+            request_body: Bytes::new(),
+        }
+    }
+
+    pub fn set_request(&mut self, body: Bytes, model: Option<&str>, stream: bool) {
+        self.request_body = body;
+        self.requested_model = model.unwrap_or_default().to_owned();
+        self.stream = stream;
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Prices the outcome, records it, and returns the cost in micro-dollars.
+    pub fn close(self, outcome: Outcome) -> i64 {
+        let (usage, estimated) = match (outcome.usage, outcome.reached_upstream) {
+            (Some(u), _) => (u, false),
+            (None, false) => (Usage::default(), false),
+            (None, true) => {
+                let prompt = estimate::prompt_tokens(&self.request_body);
+                let completion = outcome.estimated_output;
+                (Usage { prompt, completion, total: prompt + completion, reasoning: 0, cached: 0 }, true)
+            }
+        };
+        let prices = self.accounting.prices.load();
+        let price = prices
+            .price(&self.requested_model)
+            .or_else(|| outcome.upstream_model.as_deref().and_then(|m| prices.price(m)));
+        let billable = outcome.reached_upstream;
+        let (cost, unpriced) = match price {
+            Some(p) if billable => (p.cost_micros(&usage), false),
+            Some(_) => (0, false),
+            None => (0, billable),
+        };
+        if unpriced {
+            tracing::warn!(model = %self.requested_model, "no price for this model; recorded with cost 0");
+        }
+        let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let event = UsageEvent {
+            id: uuid::Uuid::now_v7().simple().to_string(),
+            at: self.at_ms,
+            request_id: self.request_id,
+            tenant_id: self.tenant_id,
+            key_id: self.key_id,
+            endpoint: self.endpoint,
+            requested_model: self.requested_model,
+            upstream_model: outcome.upstream_model,
+            stream: self.stream,
+            prompt_tokens: to_i64(usage.prompt),
+            completion_tokens: to_i64(usage.completion),
+            reasoning_tokens: to_i64(usage.reasoning),
+            cached_tokens: to_i64(usage.cached),
+            total_tokens: to_i64(usage.total),
+            billed_output_tokens: to_i64(usage.billed_output()),
+            cost_micros: cost,
+            estimated,
+            unpriced,
+            modified: self.modified,
+            status: i32::from(outcome.status),
+            error_class: outcome.error_class,
+            latency_ms: i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX),
+            ttft_ms: outcome.first_event.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        };
+        self.accounting.ledger.record(event);
+        cost
+    }
+}
+
+/// Micro-dollars as a decimal USD string, e.g. `0.000123`.
+pub fn format_usd(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let m = micros.unsigned_abs();
+    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usd_formatting_is_exact() {
+        assert_eq!(format_usd(0), "0.000000");
+        assert_eq!(format_usd(123), "0.000123");
+        assert_eq!(format_usd(1_500_000), "1.500000");
+        assert_eq!(format_usd(-5), "-0.000005");
+    }
+}

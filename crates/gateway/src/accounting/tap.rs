@@ -1,0 +1,132 @@
+//! Accounting on a relayed SSE stream.
+//!
+//! Every event passes through [`StreamTap::on_event`], which looks for the
+//! bytes `"usage"` (a SIMD substring search) and parses only the events that
+//! have them. When the gateway asked the upstream for usage on the client's
+//! behalf, the usage-only chunk is dropped and the `"usage":null` members are
+//! removed, so the client sees the stream it asked for. Until usage arrives,
+//! events are kept (up to a bound) for a token estimate should it never come.
+//!
+//! The tap records its exchange exactly once: at the end of the stream, on
+//! an upstream failure, or, if the client goes away, when it is dropped.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tollgate_openai::usage::{has_empty_choices, null_usage_member, remove_member};
+use tollgate_openai::{SseEvent, Usage, UsageField, find_model, find_usage};
+
+use super::{Exchange, Outcome, estimate};
+
+/// Event bytes kept for estimating output when usage never comes.
+const MAX_KEPT_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug)]
+pub struct StreamTap {
+    exchange: Option<Exchange>,
+    /// The gateway injected `include_usage`: hide its effects.
+    strip_usage: bool,
+    usage: Option<Usage>,
+    upstream_model: Option<String>,
+    first_event: Option<Duration>,
+    kept: Vec<SseEvent>,
+    kept_bytes: usize,
+    status: u16,
+}
+
+impl StreamTap {
+    pub fn new(exchange: Exchange, strip_usage: bool, status: u16) -> Self {
+        Self {
+            exchange: Some(exchange),
+            strip_usage,
+            usage: None,
+            upstream_model: None,
+            first_event: None,
+            kept: Vec::new(),
+            kept_bytes: 0,
+            status,
+        }
+    }
+
+    /// Returns the bytes to forward for this event, or `None` to drop it.
+    pub fn on_event(&mut self, event: SseEvent) -> Option<Bytes> {
+        if self.first_event.is_none()
+            && let Some(exchange) = &self.exchange
+        {
+            self.first_event = Some(exchange.started().elapsed());
+        }
+        let bytes = event.as_bytes();
+        if self.upstream_model.is_none() && !event.is_done() {
+            self.upstream_model = find_model(bytes);
+        }
+        match find_usage(bytes) {
+            UsageField::Absent => {}
+            UsageField::Null => {
+                if self.strip_usage
+                    && let Some((start, end)) = null_usage_member(bytes)
+                {
+                    let stripped = Bytes::from(remove_member(bytes, start, end));
+                    self.keep(event);
+                    return Some(stripped);
+                }
+            }
+            UsageField::Present(usage, start, end) => {
+                self.usage = Some(usage);
+                self.kept.clear();
+                if self.strip_usage {
+                    if has_empty_choices(bytes) {
+                        return None;
+                    }
+                    // Usage riding on a chunk with content: keep the content.
+                    return Some(Bytes::from(remove_member(bytes, start, end)));
+                }
+                return Some(event.into_bytes());
+            }
+        }
+        let out = event.as_bytes().clone();
+        self.keep(event);
+        Some(out)
+    }
+
+    fn keep(&mut self, event: SseEvent) {
+        if self.usage.is_none() && self.kept_bytes < MAX_KEPT_BYTES {
+            self.kept_bytes += event.as_bytes().len();
+            self.kept.push(event);
+        }
+    }
+
+    /// The stream ended normally.
+    pub fn finish(&mut self) {
+        self.close(None);
+    }
+
+    /// The stream ended on an upstream failure (`code` as in the error event).
+    pub fn fail(&mut self, code: &str) {
+        self.close(Some(format!("upstream:{code}")));
+    }
+
+    fn close(&mut self, error_class: Option<String>) {
+        let Some(exchange) = self.exchange.take() else { return };
+        let estimated_output = if self.usage.is_none() { estimate::stream_tokens(&self.kept) } else { 0 };
+        exchange.close(Outcome {
+            status: self.status,
+            error_class,
+            usage: self.usage,
+            upstream_model: self.upstream_model.take(),
+            reached_upstream: true,
+            estimated_output,
+            first_event: self.first_event,
+        });
+    }
+}
+
+impl Drop for StreamTap {
+    /// The client went away before the end: bill what was produced (an
+    /// estimate unless usage already arrived; nothing for output if no event
+    /// came at all).
+    fn drop(&mut self) {
+        if self.exchange.is_some() {
+            self.close(Some("client:disconnected".to_owned()));
+        }
+    }
+}
