@@ -262,10 +262,11 @@ async fn relay_response(
             estimated_output,
             first_event: None,
         });
-        if succeeded && let Some(headers) = response.headers_mut() {
-            if let Ok(value) = HeaderValue::from_str(&format_usd(cost)) {
-                headers.insert(COST_HEADER, value);
-            }
+        if succeeded
+            && let Some(headers) = response.headers_mut()
+            && let Ok(value) = HeaderValue::from_str(&format_usd(cost))
+        {
+            headers.insert(COST_HEADER, value);
         }
     }
     if content_type.is_none()
