@@ -54,6 +54,8 @@ impl RecordedRequest {
 #[derive(Debug, Clone)]
 pub struct Reported {
     pub path: String,
+    /// The `x-request-id` the request carried.
+    pub request_id: Option<String>,
     pub usage: Option<Value>,
 }
 
@@ -252,7 +254,10 @@ fn respond(
     let ask = responses::Ask::read(body);
     let stream = serde_json::from_slice::<Value>(body).ok().and_then(|v| v["stream"].as_bool()).unwrap_or(false);
     let route = parts.uri.path();
-    let record = |usage: Option<Value>| lock(&shared.reported).push(Reported { path: path.to_owned(), usage });
+    let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let record = |usage: Option<Value>| {
+        lock(&shared.reported).push(Reported { path: path.to_owned(), request_id: request_id.clone(), usage })
+    };
 
     if parts.method == http::Method::GET {
         if route == "/v1/models" {

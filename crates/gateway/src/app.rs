@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::health::Readiness;
 use crate::proxy::Proxy;
 use crate::router;
+use crate::tenant_usage::TenantUsageState;
 use crate::upstream::Upstream;
 
 pub struct Application {
@@ -90,7 +91,8 @@ impl Application {
             Some(addr) => (Some((bind(addr).await?, router::build_admin(admin_router, readiness.clone()))), None),
             None => (None, Some(admin_router)),
         };
-        let public_router = router::build(proxy, readiness.clone(), auth, merged_admin);
+        let usage = Arc::new(TenantUsageState { store: store.clone() });
+        let public_router = router::build(proxy, readiness.clone(), auth, usage, merged_admin);
         Ok(Self {
             public,
             public_router,

@@ -14,6 +14,7 @@ pub mod request_id;
 pub mod router;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tenant_usage;
 pub mod upstream;
 
 pub use app::Application;

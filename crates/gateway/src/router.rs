@@ -38,10 +38,17 @@ use crate::error::GatewayError;
 use crate::health::{self, Readiness};
 use crate::proxy::{self, Proxy};
 use crate::request_id::{RequestId, RequestIdLayer};
+use crate::tenant_usage::{self, TenantUsageState};
 
 /// The public router. `admin` is merged in when the admin API has no
 /// listener of its own.
-pub fn build(proxy: Arc<Proxy>, readiness: Readiness, auth: Arc<Authenticator>, admin: Option<Router>) -> Router {
+pub fn build(
+    proxy: Arc<Proxy>,
+    readiness: Readiness,
+    auth: Arc<Authenticator>,
+    usage: Arc<TenantUsageState>,
+    admin: Option<Router>,
+) -> Router {
     let v1 = Router::new()
         .route("/v1/chat/completions", post(proxy::forward_post))
         .route("/v1/completions", post(proxy::forward_post))
@@ -50,10 +57,15 @@ pub fn build(proxy: Arc<Proxy>, readiness: Readiness, auth: Arc<Authenticator>, 
         .route("/v1/models", get(proxy::forward_get))
         // Model ids may contain '/', e.g. `google/gemini-2.5-flash`.
         .route("/v1/models/{*id}", get(proxy::forward_get))
-        .route_layer(AuthLayer::new(auth))
+        .route_layer(AuthLayer::new(auth.clone()))
         .with_state(proxy);
+    let v1_usage = Router::new()
+        .route("/v1/usage", get(tenant_usage::summary))
+        .route("/v1/usage/records", get(tenant_usage::records))
+        .route_layer(AuthLayer::new(auth))
+        .with_state(usage);
 
-    let mut router = Router::new().merge(v1).merge(ops_routes(readiness));
+    let mut router = Router::new().merge(v1).merge(v1_usage).merge(ops_routes(readiness));
     if let Some(admin) = admin {
         router = router.merge(admin);
     }

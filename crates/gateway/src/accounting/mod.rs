@@ -111,10 +111,14 @@ pub struct Outcome {
     pub first_event: Option<Duration>,
 }
 
-/// One request being accounted. Dropping it without [`Exchange::close`]
-/// records nothing, so the proxy closes it on every path.
+/// One request being accounted. Closed exactly once: by the proxy with the
+/// outcome, or, when the client goes away mid-request and the handler is
+/// dropped, by `Drop` as a client disconnect.
 #[derive(Debug)]
 pub struct Exchange {
+    closed: bool,
+    /// The request was handed to the upstream client.
+    pub sent_upstream: bool,
     accounting: Arc<Accounting>,
     started: Instant,
     at_ms: i64,
@@ -131,6 +135,8 @@ pub struct Exchange {
 impl Exchange {
     pub fn open(accounting: Arc<Accounting>, request_id: &str, tenant_id: &str, key_id: &str, endpoint: &str) -> Self {
         Self {
+            closed: false,
+            sent_upstream: false,
             accounting,
             started: Instant::now(),
             at_ms: chrono::Utc::now().timestamp_millis(),
@@ -156,7 +162,12 @@ impl Exchange {
     }
 
     /// Prices the outcome, records it, and returns the cost in micro-dollars.
-    pub fn close(self, outcome: Outcome) -> i64 {
+    pub fn close(mut self, outcome: Outcome) -> i64 {
+        self.record(outcome)
+    }
+
+    fn record(&mut self, outcome: Outcome) -> i64 {
+        self.closed = true;
         let (usage, estimated) = match (outcome.usage, outcome.reached_upstream) {
             (Some(u), _) => (u, false),
             (None, false) => (Usage::default(), false),
@@ -183,11 +194,11 @@ impl Exchange {
         let event = UsageEvent {
             id: uuid::Uuid::now_v7().simple().to_string(),
             at: self.at_ms,
-            request_id: self.request_id,
-            tenant_id: self.tenant_id,
-            key_id: self.key_id,
-            endpoint: self.endpoint,
-            requested_model: self.requested_model,
+            request_id: std::mem::take(&mut self.request_id),
+            tenant_id: std::mem::take(&mut self.tenant_id),
+            key_id: std::mem::take(&mut self.key_id),
+            endpoint: std::mem::take(&mut self.endpoint),
+            requested_model: std::mem::take(&mut self.requested_model),
             upstream_model: outcome.upstream_model,
             stream: self.stream,
             prompt_tokens: to_i64(usage.prompt),
@@ -207,6 +218,23 @@ impl Exchange {
         };
         self.accounting.ledger.record(event);
         cost
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if !self.closed {
+            // 499: the client closed the request before an answer (nginx's
+            // convention). The prompt is billed if it reached the upstream;
+            // output is not, since none was relayed.
+            let reached_upstream = self.sent_upstream;
+            self.record(Outcome {
+                status: 499,
+                error_class: Some("client:disconnected".to_owned()),
+                reached_upstream,
+                ..Outcome::default()
+            });
+        }
     }
 }
 

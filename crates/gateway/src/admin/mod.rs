@@ -4,11 +4,12 @@
 
 mod audit;
 pub mod auth;
-mod error;
-mod extract;
+pub mod error;
+pub mod extract;
 mod keys;
 mod tenants;
 mod tokens;
+pub mod usage;
 mod validate;
 
 use std::sync::Arc;
@@ -61,6 +62,8 @@ impl AdminState {
         keys::create, keys::list, keys::get, keys::update, keys::revoke, keys::rotate,
         tokens::create, tokens::list, tokens::revoke,
         audit::list,
+        usage::admin_summary, usage::admin_records, usage::admin_csv,
+        crate::tenant_usage::summary, crate::tenant_usage::records,
     ),
     modifiers(&BearerAuth),
     security(("admin_token" = [])),
@@ -102,6 +105,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/v1/admin-tokens", post(tokens::create).get(tokens::list))
         .route("/admin/v1/admin-tokens/{token_id}/revoke", post(tokens::revoke))
         .route("/admin/v1/audit", get(audit::list))
+        .route("/admin/v1/usage/summary", get(usage::admin_summary))
+        .route("/admin/v1/usage/records", get(usage::admin_records))
+        .route("/admin/v1/usage/records.csv", get(usage::admin_csv))
         .layer(DefaultBodyLimit::max(MAX_ADMIN_BODY))
         .with_state(state)
 }

@@ -2,6 +2,7 @@
 //! the fake upstream. One binary, so one link step for all of them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod accounting;
 mod admin;
 mod errors;
 mod helpers;

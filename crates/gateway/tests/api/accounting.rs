@@ -1,0 +1,318 @@
+//! Accounting exactness: a mixed run where the ledger equals what the fake
+//! upstream reported, to the token, and the expected cost, to the
+//! micro-dollar.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{Db, TestGateway, client_with_key};
+
+/// gemini-2.5-flash in config/pricing.toml, in micro-dollars per million tokens.
+const INPUT: i64 = 300_000;
+const CACHED: i64 = 75_000;
+const OUTPUT: i64 = 2_500_000;
+/// text-embedding-3-small.
+const EMBED_INPUT: i64 = 20_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tokens {
+    prompt: i64,
+    completion: i64,
+    total: i64,
+    reasoning: i64,
+    cached: i64,
+}
+
+fn tokens_of_fake(usage: &Value) -> Tokens {
+    let n = |v: &Value| v.as_i64().unwrap_or(0);
+    let prompt = n(&usage["prompt_tokens"]).max(n(&usage["input_tokens"]));
+    let completion = n(&usage["completion_tokens"]).max(n(&usage["output_tokens"]));
+    Tokens {
+        prompt,
+        completion,
+        total: n(&usage["total_tokens"]),
+        reasoning: n(&usage["completion_tokens_details"]["reasoning_tokens"])
+            .max(n(&usage["output_tokens_details"]["reasoning_tokens"])),
+        cached: n(&usage["prompt_tokens_details"]["cached_tokens"])
+            .max(n(&usage["input_tokens_details"]["cached_tokens"])),
+    }
+}
+
+fn tokens_of_record(r: &Value) -> Tokens {
+    Tokens {
+        prompt: r["prompt_tokens"].as_i64().unwrap(),
+        completion: r["completion_tokens"].as_i64().unwrap(),
+        total: r["total_tokens"].as_i64().unwrap(),
+        reasoning: r["reasoning_tokens"].as_i64().unwrap(),
+        cached: r["cached_tokens"].as_i64().unwrap(),
+    }
+}
+
+fn expected_cost(t: Tokens, input: i64, cached: i64, output: i64) -> i64 {
+    let billed_output = t.completion.max(t.total - t.prompt);
+    let scaled = i128::from(t.prompt - t.cached) * i128::from(input)
+        + i128::from(t.cached) * i128::from(cached)
+        + i128::from(billed_output) * i128::from(output);
+    ((scaled + 500_000) / 1_000_000) as i64
+}
+
+async fn ledger_records(gw: &TestGateway, expected: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let (status, page) = gw.admin(Method::GET, "/admin/v1/usage/records?limit=200", None).await;
+        assert_eq!(status, 200, "{page}");
+        let data = page["data"].as_array().unwrap().clone();
+        if data.len() >= expected {
+            return data;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the ledger never reached {expected} records");
+}
+
+struct Call {
+    id: &'static str,
+    path: &'static str,
+    body: Value,
+    headers: Vec<(&'static str, &'static str)>,
+}
+
+#[tokio::test]
+async fn a_mixed_run_is_accounted_to_the_token_and_the_micro_dollar() {
+    let gw =
+        TestGateway::start_full(tollgate_fake_upstream::FakeUpstream::start().await.unwrap(), Db::Postgres, |_| {})
+            .await;
+    let model = "gemini-2.5-flash";
+    let msgs = json!([{"role": "user", "content": "How much does this cost?"}]);
+    let calls = vec![
+        Call {
+            id: "plain",
+            path: "/v1/chat/completions",
+            body: json!({"model": model, "messages": msgs}),
+            headers: vec![("x-fake-reasoning-tokens", "5"), ("x-fake-cached-tokens", "3")],
+        },
+        Call {
+            id: "stream-injected",
+            path: "/v1/chat/completions",
+            body: json!({"model": model, "messages": msgs, "stream": true}),
+            headers: vec![("x-fake-usage-style", "gemini"), ("x-fake-reasoning-tokens", "40"), ("x-fake-chunks", "6")],
+        },
+        Call {
+            id: "stream-asked",
+            path: "/v1/chat/completions",
+            body: json!({"model": model, "messages": msgs, "stream": true, "stream_options": {"include_usage": true}}),
+            headers: vec![("x-fake-cached-tokens", "2")],
+        },
+        Call {
+            id: "stream-n2",
+            path: "/v1/chat/completions",
+            body: json!({"model": model, "messages": msgs, "stream": true, "n": 2}),
+            headers: vec![],
+        },
+        Call {
+            id: "tools",
+            path: "/v1/chat/completions",
+            body: json!({"model": model, "messages": msgs, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+            headers: vec![],
+        },
+        Call {
+            id: "completion-stream",
+            path: "/v1/completions",
+            body: json!({"model": model, "prompt": "Once", "stream": true}),
+            headers: vec![],
+        },
+        Call {
+            id: "responses",
+            path: "/v1/responses",
+            body: json!({"model": model, "input": "hi"}),
+            headers: vec![("x-fake-reasoning-tokens", "7")],
+        },
+        Call {
+            id: "responses-stream",
+            path: "/v1/responses",
+            body: json!({"model": model, "input": "hi", "stream": true}),
+            headers: vec![],
+        },
+        Call {
+            id: "embeddings",
+            path: "/v1/embeddings",
+            body: json!({"model": "text-embedding-3-small", "input": ["a", "b"]}),
+            headers: vec![],
+        },
+        Call {
+            id: "upstream-error",
+            path: "/v1/chat/completions",
+            body: json!({"model": model, "messages": msgs}),
+            headers: vec![("x-fake-fault", "status:500")],
+        },
+    ];
+    let client = client_with_key(&gw.key);
+    let mut cost_headers = HashMap::new();
+    let mut bodies = HashMap::new();
+    for call in &calls {
+        let mut request = client.post(gw.url(call.path)).header("x-request-id", call.id).json(&call.body);
+        for (k, v) in &call.headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.unwrap();
+        if let Some(cost) = response.headers().get("x-tollgate-cost-usd") {
+            cost_headers.insert(call.id, cost.to_str().unwrap().to_owned());
+        }
+        bodies.insert(call.id, response.text().await.unwrap());
+    }
+
+    // The client that did not ask for usage never sees it.
+    let injected = &bodies["stream-injected"];
+    assert!(!injected.contains("\"usage\""), "usage leaked into the client's stream: {injected}");
+    assert!(!injected.contains("\"choices\":[]"));
+    assert!(injected.ends_with("data: [DONE]\n\n"));
+    assert!(bodies["stream-asked"].contains("\"choices\":[]"), "a client that asked keeps its usage chunk");
+
+    let records = ledger_records(&gw, calls.len()).await;
+    let by_request: HashMap<&str, &Value> = records.iter().map(|r| (r["request_id"].as_str().unwrap(), r)).collect();
+    let reported: HashMap<String, Value> =
+        gw.fake.reported().into_iter().filter_map(|r| Some((r.request_id?, r.usage?))).collect();
+
+    let mut expected_total = 0;
+    for call in calls.iter().filter(|c| c.id != "upstream-error") {
+        let record = by_request[call.id];
+        let upstream = tokens_of_fake(&reported[call.id]);
+        assert_eq!(tokens_of_record(record), upstream, "{}: ledger tokens equal the upstream's", call.id);
+        assert_eq!(record["estimated"], false, "{}", call.id);
+        let cost = if call.id == "embeddings" {
+            expected_cost(upstream, EMBED_INPUT, EMBED_INPUT, 0)
+        } else {
+            expected_cost(upstream, INPUT, CACHED, OUTPUT)
+        };
+        assert_eq!(record["cost_micros"], cost, "{}: cost to the micro-dollar", call.id);
+        assert_eq!(record["stream"], call.body["stream"].as_bool().unwrap_or(false), "{}", call.id);
+        if let Some(header) = cost_headers.get(call.id) {
+            assert_eq!(header, &tollgate_gateway::accounting::format_usd(cost), "{}: cost header", call.id);
+        }
+        expected_total += cost;
+    }
+    let gemini = tokens_of_fake(&reported["stream-injected"]);
+    assert!(gemini.total > gemini.prompt + gemini.completion, "hidden thinking tokens are in the fake's total");
+    assert_eq!(by_request["stream-injected"]["billed_output_tokens"], gemini.total - gemini.prompt);
+    assert!(by_request["stream-injected"]["ttft_ms"].is_number());
+
+    let failed = by_request["upstream-error"];
+    assert_eq!((failed["status"].as_i64(), failed["cost_micros"].as_i64()), (Some(500), Some(0)));
+    assert_eq!(failed["error_class"], "upstream:status_500");
+
+    // The summary (from the daily rollups) is the sum of the records.
+    let (_, summary) = gw.admin(Method::GET, "/admin/v1/usage/summary?group_by=tenant", None).await;
+    let row = &summary["data"][0];
+    assert_eq!(row["tenant_id"], "test");
+    assert_eq!(row["requests"], calls.len() as i64);
+    assert_eq!(row["errors"], 1);
+    assert_eq!(row["cost_micros"], expected_total);
+    assert_eq!(row["cost_usd"], tollgate_gateway::accounting::format_usd(expected_total));
+}
+
+#[tokio::test]
+async fn missing_usage_is_estimated_and_a_client_gone_before_any_output_pays_no_output() {
+    let gw = TestGateway::start().await;
+    let client = client_with_key(&gw.key);
+    let body = json!({"model": "gemini-2.5-flash", "stream": true, "messages": [{"role": "user", "content": "Tell me a long story"}]});
+
+    // The upstream omits usage entirely.
+    let text = client
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-request-id", "no-usage")
+        .header("x-fake-usage", "omit")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+
+    // The client leaves after the first frame of a slow stream.
+    let response = client
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-request-id", "gone-early")
+        .header("x-fake-chunks", "50")
+        .header("x-fake-chunk-interval-ms", "100")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+
+    // The client leaves before the upstream sent anything.
+    let slow = client
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-request-id", "gone-before-output")
+        .header("x-fake-latency-ms", "2000")
+        .json(&body)
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(slow.is_err());
+
+    let records = ledger_records(&gw, 3).await;
+    let by_request: HashMap<&str, &Value> = records.iter().map(|r| (r["request_id"].as_str().unwrap(), r)).collect();
+    let no_usage = by_request["no-usage"];
+    assert_eq!(no_usage["estimated"], true);
+    assert!(no_usage["prompt_tokens"].as_i64().unwrap() > 0);
+    assert!(no_usage["completion_tokens"].as_i64().unwrap() > 0, "output estimated from the streamed text");
+    assert!(no_usage["cost_micros"].as_i64().unwrap() > 0);
+
+    let gone = by_request["gone-early"];
+    assert_eq!(gone["error_class"], "client:disconnected");
+    assert_eq!(gone["estimated"], true);
+
+    let before = by_request["gone-before-output"];
+    assert_eq!(before["completion_tokens"], 0, "nothing produced, nothing billed for output: {before}");
+    assert_eq!(before["status"], 499);
+    assert_eq!(before["error_class"], "client:disconnected");
+}
+
+#[tokio::test]
+async fn tenants_read_only_their_own_usage_and_exports_are_csv() {
+    let gw = TestGateway::start().await;
+    gw.ensure_tenant("other").await;
+    let other_key = gw.create_key("other", json!({"name": "o"})).await;
+    let chat = json!({"model": "gpt-4.1", "messages": []});
+    for key in [&gw.key, &gw.key, &other_key] {
+        let r = client_with_key(key).post(gw.url("/v1/chat/completions")).json(&chat).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    ledger_records(&gw, 3).await;
+
+    let mine: Value =
+        gw.http.get(gw.url("/v1/usage?group_by=tenant,model")).send().await.unwrap().json().await.unwrap();
+    let rows = mine["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{mine}");
+    assert_eq!((rows[0]["tenant_id"].as_str(), rows[0]["requests"].as_i64()), (Some("test"), Some(2)));
+    // Asking for another tenant does not widen the view.
+    let forced: Value = gw.http.get(gw.url("/v1/usage?tenant_id=other")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(forced["data"][0]["requests"], 2);
+    let records: Value = gw.http.get(gw.url("/v1/usage/records")).send().await.unwrap().json().await.unwrap();
+    assert!(records["data"].as_array().unwrap().iter().all(|r| r["tenant_id"] == "test"));
+    assert_eq!(gw.anonymous.get(gw.url("/v1/usage")).send().await.unwrap().status(), 401);
+
+    let csv = gw
+        .anonymous
+        .get(gw.admin_url("/admin/v1/usage/records.csv"))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(csv.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    let text = csv.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(lines[0].starts_with("id,at,request_id,tenant_id"));
+
+    let (status, bad) = gw.admin(Method::GET, "/admin/v1/usage/summary?from=2026-13-01", None).await;
+    assert_eq!((status, bad["error"]["param"].as_str()), (400, Some("from")));
+}
