@@ -33,6 +33,8 @@ pub struct TestGateway {
 pub enum Db {
     Sqlite,
     Postgres,
+    /// A database URL owned by the test.
+    Url(String),
 }
 
 impl TestGateway {
@@ -75,6 +77,10 @@ impl TestGateway {
                 config.database.url_file = Some(write("database.url", &pg.url));
                 Some(pg)
             }
+            Db::Url(url) => {
+                config.database.url_file = Some(write("database.url", &url));
+                None
+            }
         };
         adjust(&mut config);
         config.validate().expect("test config is valid");
@@ -103,6 +109,11 @@ impl TestGateway {
         gw.key = gw.create_key("test", serde_json::json!({"name": "default"})).await;
         gw.http = client_with_key(&gw.key);
         gw
+    }
+
+    /// Where this gateway keeps its files (SQLite database, usage spool).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 
     pub fn admin_url(&self, path: &str) -> String {

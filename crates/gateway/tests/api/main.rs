@@ -7,6 +7,7 @@ mod admin;
 mod errors;
 mod helpers;
 mod keys;
+mod outage;
 mod lifecycle;
 mod passthrough;
 mod sdk;
