@@ -150,6 +150,11 @@ impl Served {
         served
     }
 
+    /// The SQLite database of this gateway (when no Postgres URL is given).
+    fn sqlite_url(&self) -> String {
+        format!("sqlite://{}", self._dir.path().join("tollgate.db").display())
+    }
+
     /// Runs an admin subcommand of the binary against this gateway.
     fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let out = tollgate()
@@ -166,7 +171,12 @@ impl Served {
     }
 
     /// Sends SIGTERM, waits for a clean exit, and returns everything logged.
-    fn stop(mut self) -> String {
+    fn stop(self) -> String {
+        self.stop_keeping_data().0
+    }
+
+    /// Like `stop`, and hands over the data directory so the test can read it.
+    fn stop_keeping_data(mut self) -> (String, tempfile::TempDir) {
         let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
         let exit = self.child.wait_with_output().unwrap();
@@ -174,7 +184,7 @@ impl Served {
         while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
             self.log.push(line);
         }
-        self.log.join("\n") + &String::from_utf8_lossy(&exit.stderr)
+        (self.log.join("\n") + &String::from_utf8_lossy(&exit.stderr), self._dir)
     }
 }
 
@@ -359,4 +369,67 @@ async fn a_change_made_on_one_replica_reaches_another_replica_within_a_second() 
     assert!(suspended < Duration::from_secs(1), "{suspended:?}");
     a.stop();
     b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_no_usage_record() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let served = Served::start(&fake.base_url(), &[]);
+    let (ok, _, err) = served.cli(&["tenants", "create", "acme", "--name", "ACME"]);
+    assert!(ok, "{err}");
+    let (ok, key, err) = served.cli(&["keys", "create", "acme", "--name", "svc"]);
+    assert!(ok, "{err}");
+
+    let http = http_client();
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..120 {
+        let (http, key, base) = (http.clone(), key.clone(), served.public.clone());
+        requests.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(i * 5)).await;
+            let stream = i % 2 == 0;
+            let body = format!(r#"{{"model":"gemini-2.5-flash","stream":{stream},"messages":[]}}"#);
+            let response = http
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .header("x-fake-chunks", "8")
+                .header("x-fake-chunk-interval-ms", "40")
+                .body(body)
+                .send()
+                .await;
+            match response {
+                // Answered: the gateway accepted it, so it must be recorded.
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let text = r.text().await.unwrap_or_default();
+                    Some((status, stream, text))
+                }
+                // Refused after shutdown began.
+                Err(_) => None,
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sqlite = served.sqlite_url();
+    let (log, _data) = tokio::task::spawn_blocking(move || served.stop_keeping_data()).await.unwrap();
+    assert!(log.contains("SIGTERM received"));
+
+    let mut answered = 0;
+    let mut refused = 0;
+    while let Some(result) = requests.join_next().await {
+        match result.unwrap() {
+            Some((status, stream, text)) => {
+                assert_eq!(status, 200, "{text}");
+                if stream {
+                    assert!(text.ends_with("data: [DONE]\n\n"), "in-flight streams run to their end");
+                }
+                answered += 1;
+            }
+            None => refused += 1,
+        }
+    }
+    let store = tollgate_store::Store::connect(&sqlite, 1).await.unwrap();
+    let recorded = store.count_usage_events().await.unwrap();
+    println!("{answered} answered, {refused} refused after SIGTERM, {recorded} recorded");
+    assert!(answered > 0 && refused > 0, "the signal arrived mid-run ({answered} answered, {refused} refused)");
+    assert_eq!(recorded, answered, "every answered request has its record after shutdown");
 }

@@ -97,10 +97,8 @@ async fn a_database_outage_loses_no_usage_record_and_no_request() {
     send(40).await;
     let during_outage = started.elapsed();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let spooled: u64 = std::fs::read_dir(gw.data_dir().join("spool"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
+    let spooled: u64 =
+        std::fs::read_dir(gw.data_dir().join("spool")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     assert!(spooled > 0, "records waited in the spool during the outage");
     send(20).await;
     link.restore().await;
