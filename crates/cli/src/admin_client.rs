@@ -20,6 +20,23 @@ impl AdminClient {
         })
     }
 
+    /// A GET whose answer is not JSON (the CSV export).
+    pub async fn text(&self, path: &str) -> anyhow::Result<String> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the admin API at {}: {e}", self.base))?;
+        let status = response.status();
+        let body = response.text().await?;
+        if !status.is_success() {
+            return Err(anyhow::anyhow!("request failed ({status}): {body}"));
+        }
+        Ok(body)
+    }
+
     /// Calls the API; a non-2xx answer becomes an error carrying the
     /// envelope's message, code and field.
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {

@@ -297,3 +297,151 @@ pub async fn audit(args: AdminArgs, command: AuditCommand) -> anyhow::Result<()>
     let page = client.call(Method::GET, &path, None).await?;
     print_page(args.output, &page, &["id", "at", "actor", "action", "target_type", "target_id"])
 }
+
+#[derive(Subcommand)]
+pub enum UsageCommand {
+    /// Totals and breakdowns over whole UTC days.
+    Summary {
+        /// First day, YYYY-MM-DD (default: 30 days before --to).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day, inclusive (default: today).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// Comma-separated: tenant, key, model, day.
+        #[arg(long)]
+        group_by: Option<String>,
+    },
+    /// Per-request records, newest first.
+    Records {
+        /// RFC 3339 start (inclusive).
+        #[arg(long)]
+        from: Option<String>,
+        /// RFC 3339 end (exclusive).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Per-request records as CSV on standard output.
+    Export {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+    },
+}
+
+fn query_string(params: &[(&str, Option<String>)]) -> String {
+    let pairs: Vec<String> =
+        params.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", percent_encode(v)))).collect();
+    if pairs.is_empty() { String::new() } else { format!("?{}", pairs.join("&")) }
+}
+
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+const SUMMARY_COLUMNS: &[&str] = &[
+    "tenant_id",
+    "key_id",
+    "model",
+    "day",
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "billed_output_tokens",
+    "cost_usd",
+    "average_cost_micros",
+];
+const RECORD_COLUMNS: &[&str] = &[
+    "at",
+    "request_id",
+    "tenant_id",
+    "requested_model",
+    "status",
+    "prompt_tokens",
+    "billed_output_tokens",
+    "cost_micros",
+];
+
+pub async fn usage(args: AdminArgs, command: UsageCommand) -> anyhow::Result<()> {
+    let client = args.client()?;
+    match command {
+        UsageCommand::Summary { from, to, tenant, key, model, group_by } => {
+            let q = query_string(&[
+                ("from", from),
+                ("to", to),
+                ("tenant_id", tenant),
+                ("key_id", key),
+                ("model", model),
+                ("group_by", group_by.clone()),
+            ]);
+            let summary = client.call(Method::GET, &format!("/admin/v1/usage/summary{q}"), None).await?;
+            match args.output {
+                Format::Json => output::print(args.output, &summary, &[]),
+                Format::Table => {
+                    // Only the grouping columns asked for, then the figures.
+                    let groups: Vec<&str> = group_by.as_deref().unwrap_or("").split(',').map(str::trim).collect();
+                    let columns: Vec<&str> = SUMMARY_COLUMNS
+                        .iter()
+                        .copied()
+                        .filter(|c| match *c {
+                            "tenant_id" => groups.contains(&"tenant"),
+                            "key_id" => groups.contains(&"key"),
+                            "model" => groups.contains(&"model"),
+                            "day" => groups.contains(&"day"),
+                            _ => true,
+                        })
+                        .collect();
+                    output::print(args.output, &summary["data"], &columns)
+                }
+            }
+        }
+        UsageCommand::Records { from, to, tenant, key, model, limit, cursor } => {
+            let q = query_string(&[
+                ("from", from),
+                ("to", to),
+                ("tenant_id", tenant),
+                ("key_id", key),
+                ("model", model),
+                ("limit", limit.map(|l| l.to_string())),
+                ("cursor", cursor),
+            ]);
+            let page = client.call(Method::GET, &format!("/admin/v1/usage/records{q}"), None).await?;
+            print_page(args.output, &page, RECORD_COLUMNS)
+        }
+        UsageCommand::Export { from, to, tenant, key, model } => {
+            let q =
+                query_string(&[("from", from), ("to", to), ("tenant_id", tenant), ("key_id", key), ("model", model)]);
+            let csv = client.text(&format!("/admin/v1/usage/records.csv{q}")).await?;
+            output::write_stdout(csv.trim_end())
+        }
+    }
+}

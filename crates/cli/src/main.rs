@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tollgate_gateway::{Application, Config, shutdown, telemetry};
 
-use commands::{AdminArgs, AuditCommand, KeysCommand, TenantsCommand};
+use commands::{AdminArgs, AuditCommand, KeysCommand, TenantsCommand, UsageCommand};
 
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "An OpenAI-compatible gateway with keys, limits, budgets and accounting")]
@@ -54,6 +54,13 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Usage and cost reports.
+    Usage {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: UsageCommand,
+    },
     /// Read the admin audit log.
     Audit {
         #[command(flatten)]
@@ -73,6 +80,7 @@ fn main() -> ExitCode {
         Command::Tenants { admin, command } => run(commands::tenants(admin, command)),
         Command::Keys { admin, command } => run(commands::keys(admin, command)),
         Command::Audit { admin, command } => run(commands::audit(admin, command)),
+        Command::Usage { admin, command } => run(commands::usage(admin, command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

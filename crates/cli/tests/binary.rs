@@ -219,6 +219,27 @@ async fn serve_logs_json_with_request_ids_keeps_secrets_out_and_stops_on_sigterm
         .unwrap();
     assert_eq!(wrong.status(), 401);
 
+    // The usage reports see the request once the ledger has written it.
+    let mut summary = Value::Null;
+    for _ in 0..100 {
+        let (ok, out, err) = served.cli(&["usage", "summary", "--group-by", "tenant,model", "--output", "json"]);
+        assert!(ok, "{err}");
+        summary = serde_json::from_str(&out).unwrap();
+        if summary["data"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(summary["data"][0]["tenant_id"], "acme", "{summary}");
+    assert_eq!(summary["data"][0]["model"], "gpt-4.1");
+    assert_eq!(summary["data"][0]["requests"], 1);
+    let (ok, table, _) = served.cli(&["usage", "summary", "--group-by", "model"]);
+    assert!(ok && table.starts_with("MODEL") && table.contains("gpt-4.1"), "{table}");
+    let (ok, csv, _) = served.cli(&["usage", "export", "--tenant", "acme"]);
+    assert!(ok);
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    assert!(csv.lines().nth(1).unwrap().contains("cli-test-request-1"));
+
     let all = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
     let lines: Vec<Value> = all.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
     let request_lines: Vec<&Value> = lines.iter().filter(|e| e["span"]["request_id"] == "cli-test-request-1").collect();
