@@ -103,7 +103,6 @@ async fn a_database_outage_loses_no_usage_record_and_no_request() {
     send(20).await;
     link.restore().await;
     send(20).await;
-    drop(send);
 
     let store = tollgate_store::Store::connect(&db.url, 2).await.unwrap();
     let mut count = 0;
