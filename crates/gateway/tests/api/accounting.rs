@@ -73,6 +73,18 @@ async fn ledger_records(gw: &TestGateway, expected: usize) -> Vec<Value> {
     panic!("the ledger never reached {expected} records");
 }
 
+/// The ledger record of one request, once written.
+async fn ledger_record(gw: &TestGateway, request_id: &str) -> Value {
+    for _ in 0..200 {
+        let (_, page) = gw.admin(Method::GET, "/admin/v1/usage/records?limit=200", None).await;
+        if let Some(r) = page["data"].as_array().unwrap().iter().find(|r| r["request_id"] == request_id) {
+            return r.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no ledger record for {request_id}");
+}
+
 struct Call {
     id: &'static str,
     path: &'static str,
@@ -315,4 +327,65 @@ async fn tenants_read_only_their_own_usage_and_exports_are_csv() {
 
     let (status, bad) = gw.admin(Method::GET, "/admin/v1/usage/summary?from=2026-13-01", None).await;
     assert_eq!((status, bad["error"]["param"].as_str()), (400, Some("from")));
+}
+
+#[tokio::test]
+async fn prices_reload_without_a_restart_and_unpriced_models_are_flagged_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pricing = dir.path().join("pricing.toml");
+    std::fs::write(&pricing, "[models.\"gpt-4.1\"]\ninput = 1.0\noutput = 1.0\n").unwrap();
+    let path = pricing.clone();
+    let gw = TestGateway::start_with(move |c| {
+        c.accounting.pricing_file = Some(path);
+        c.accounting.pricing_reload_interval = Duration::from_millis(50);
+    })
+    .await;
+    let body = json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": "price me"}]});
+    let cost = |r: &reqwest::Response| r.headers()["x-tollgate-cost-usd"].to_str().unwrap().to_owned();
+    let first = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    let before = cost(&first);
+
+    // Ten times the price; the gateway picks it up by itself.
+    std::fs::write(&pricing, "[models.\"gpt-4.1\"]\ninput = 10.0\noutput = 10.0\n").unwrap();
+    let mut after = before.clone();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let r = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+        after = cost(&r);
+        if after != before {
+            break;
+        }
+    }
+    let micros = |usd: &str| (usd.parse::<f64>().unwrap() * 1e6).round() as i64;
+    assert_eq!(micros(&after), micros(&before) * 10, "{before} then {after}");
+
+    // A broken file leaves the last good prices in force.
+    std::fs::write(&pricing, "this is not toml [").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(cost(&r), after);
+
+    // No price: served, recorded with cost 0 and flagged.
+    let unpriced = json!({"model": "mystery-model", "messages": []});
+    let r = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-request-id", "unpriced")
+        .json(&unpriced)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let record = ledger_record(&gw, "unpriced").await;
+    assert_eq!((record["unpriced"].as_bool(), record["cost_micros"].as_i64()), (Some(true), Some(0)));
+
+    let strict = TestGateway::start_with(|c| c.accounting.reject_unpriced = true).await;
+    let refused = strict.http.post(strict.url("/v1/chat/completions")).json(&unpriced).send().await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(
+        (body["error"]["code"].as_str(), body["error"]["param"].as_str()),
+        (Some("model_not_priced"), Some("model"))
+    );
+    assert!(strict.fake.requests().is_empty(), "refused before anything reached the upstream");
 }
