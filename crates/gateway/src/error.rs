@@ -50,6 +50,8 @@ pub enum GatewayError {
     ModelNotPriced(String),
     #[error("usage accounting is unavailable; try again shortly")]
     AccountingUnavailable,
+    #[error("{message} for this tenant")]
+    OverCap { param: &'static str, message: String },
     #[error("{0}")]
     InvalidJson(String),
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -90,6 +92,7 @@ impl GatewayError {
             | Self::TenantSuspended
             | Self::ModelNotAllowed(_)
             | Self::ModelNotPriced(_)
+            | Self::OverCap { .. }
             | Self::InvalidJson(_)
             | Self::BodyTooLarge { .. }
             | Self::BodyRead
@@ -104,7 +107,9 @@ impl GatewayError {
         match self {
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::TenantSuspended | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
-            Self::InvalidJson(_) | Self::BodyRead | Self::ModelNotPriced(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_) | Self::BodyRead | Self::ModelNotPriced(_) | Self::OverCap { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -125,6 +130,7 @@ impl GatewayError {
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::ModelNotPriced(_) => "model_not_priced",
             Self::AccountingUnavailable => "accounting_unavailable",
+            Self::OverCap { .. } => "over_policy_cap",
             Self::InvalidJson(_) => "invalid_json",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyRead => "invalid_body",
@@ -151,6 +157,7 @@ impl GatewayError {
         let envelope = ErrorEnvelope::new(self.to_string(), self.kind(), self.code());
         match self {
             Self::ModelNotAllowed(_) | Self::ModelNotPriced(_) => envelope.with_param("model"),
+            Self::OverCap { param, .. } => envelope.with_param(*param),
             _ => envelope,
         }
     }

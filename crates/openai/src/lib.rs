@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod request;
+pub mod rewrite;
 pub mod sse;
 pub mod stream_options;
 pub mod usage;

@@ -16,6 +16,43 @@ pub struct RequestPeek<'a> {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
+    /// The responses API's name for it.
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
+    #[serde(borrow, default)]
+    pub reasoning_effort: Option<Cow<'a, str>>,
+    /// Gemini thinking settings, as the OpenAI SDKs send `extra_body` (merged
+    /// into the body) ...
+    #[serde(default)]
+    pub google: Option<GooglePeek>,
+    /// ... or as clients that send a literal `extra_body` member do.
+    #[serde(default)]
+    pub extra_body: Option<ExtraBodyPeek>,
+    #[serde(default)]
+    pub n: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+pub struct GooglePeek {
+    #[serde(default)]
+    pub thinking_config: Option<ThinkingPeek>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+pub struct ThinkingPeek {
+    /// `-1` asks Gemini for a dynamic budget.
+    #[serde(default)]
+    pub thinking_budget: Option<i64>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+pub struct ExtraBodyPeek {
+    #[serde(default)]
+    pub google: Option<GooglePeek>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -57,6 +94,17 @@ impl<'a> RequestPeek<'a> {
         serde_json::from_slice(body).map_err(RequestPeekError::Invalid)
     }
 
+    /// The output limit the client set, under whichever name.
+    pub fn max_output(&self) -> Option<u64> {
+        self.max_completion_tokens.or(self.max_tokens).or(self.max_output_tokens)
+    }
+
+    /// The Gemini thinking budget, wherever the client put it.
+    pub fn thinking_budget(&self) -> Option<i64> {
+        let direct = self.google.and_then(|g| g.thinking_config).and_then(|t| t.thinking_budget);
+        direct.or_else(|| self.extra_body.and_then(|e| e.google).and_then(|g| g.thinking_config)?.thinking_budget)
+    }
+
     pub fn is_stream(&self) -> bool {
         self.stream.unwrap_or(false)
     }
@@ -83,6 +131,19 @@ mod tests {
         assert_eq!(peek.model.as_deref(), Some("gemini-2.5-flash"));
         assert!(peek.is_stream());
         assert!(peek.client_asked_for_usage());
+    }
+
+    #[test]
+    fn output_limits_and_thinking_settings_are_read_from_either_place() {
+        let p =
+            RequestPeek::parse(br#"{"max_tokens":10,"google":{"thinking_config":{"thinking_budget":512}}}"#).unwrap();
+        assert_eq!((p.max_output(), p.thinking_budget()), (Some(10), Some(512)));
+        let p = RequestPeek::parse(
+            br#"{"max_completion_tokens":7,"reasoning_effort":"low","extra_body":{"google":{"thinking_config":{"thinking_budget":-1}}}}"#,
+        )
+        .unwrap();
+        assert_eq!((p.max_output(), p.thinking_budget()), (Some(7), Some(-1)));
+        assert_eq!(p.reasoning_effort.as_deref(), Some("low"));
     }
 
     #[test]

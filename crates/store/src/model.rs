@@ -40,6 +40,8 @@ pub struct Tenant {
     /// Free-form JSON object for the operator's own use.
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
+    /// Limits, token and thinking caps for this tenant's requests.
+    pub policy: TenantPolicy,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -49,12 +51,84 @@ pub struct NewTenant {
     pub id: String,
     pub display_name: String,
     pub metadata: serde_json::Value,
+    pub policy: TenantPolicy,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct TenantPatch {
     pub display_name: Option<String>,
     pub metadata: Option<serde_json::Value>,
+    pub policy: Option<TenantPolicy>,
+}
+
+/// What a tenant's requests may do. Every field is optional; the gateway's
+/// configuration supplies defaults for limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPolicy {
+    /// Rate limits for the tenant as a whole (keys may set their own, too).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Cap on `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
+    /// What to do with a request over a cap: `clamp` it (default) or `reject` it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_cap: Option<OverCap>,
+    /// Injected when a request sets no output limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_max_output_tokens: Option<u64>,
+    /// Highest `reasoning_effort` allowed: `none`, `minimal`, `low`, `medium`, `high`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_reasoning_effort: Option<ReasoningEffort>,
+    /// Cap on Gemini `thinking_config.thinking_budget`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_thinking_budget: Option<u64>,
+    /// Injected for Gemini models when a request sets no thinking budget and
+    /// no `reasoning_effort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_thinking_budget: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OverCap {
+    #[default]
+    Clamp,
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReasoningEffort {
+    None,
+    Minimal,
+    Low,
+    Medium,
+    High,
+}
+
+impl ReasoningEffort {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "none" => Some(Self::None),
+            "minimal" => Some(Self::Minimal),
+            "low" => Some(Self::Low),
+            "medium" => Some(Self::Medium),
+            "high" => Some(Self::High),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Minimal => "minimal",
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+        }
+    }
 }
 
 /// Per-key (or per-tenant) limit overrides; enforced by the limits layer.

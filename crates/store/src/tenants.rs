@@ -8,12 +8,14 @@ use crate::{
     is_unique_violation, now_millis,
 };
 
-const COLUMNS: &str = "id, display_name, status, metadata, created_at, updated_at";
+const COLUMNS: &str = "id, display_name, status, metadata, policy, created_at, updated_at";
 
 fn tenant(row: &AnyRow) -> StoreResult<Tenant> {
     let status: String = row.try_get("status")?;
     let metadata: String = row.try_get("metadata")?;
+    let policy: String = row.try_get("policy")?;
     Ok(Tenant {
+        policy: serde_json::from_str(&policy).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         id: row.try_get("id")?,
         display_name: row.try_get("display_name")?,
         status: TenantStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("tenant status {status}")))?,
@@ -23,18 +25,23 @@ fn tenant(row: &AnyRow) -> StoreResult<Tenant> {
     })
 }
 
+fn policy_json(policy: &crate::TenantPolicy) -> String {
+    serde_json::to_string(policy).unwrap_or_else(|_| "{}".to_owned())
+}
+
 impl Store {
     pub async fn create_tenant(&self, new: &NewTenant, actor: &str) -> StoreResult<Tenant> {
         let now = now_millis();
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO tenants (id, display_name, status, metadata, created_at, updated_at) \
-             VALUES ($1, $2, 'active', $3, $4, $4)",
+            "INSERT INTO tenants (id, display_name, status, metadata, policy, created_at, updated_at) \
+             VALUES ($1, $2, 'active', $3, $5, $4, $4)",
         )
         .bind(&new.id)
         .bind(&new.display_name)
         .bind(new.metadata.to_string())
         .bind(now)
+        .bind(policy_json(&new.policy))
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -48,7 +55,7 @@ impl Store {
             action: "tenant.create",
             target_type: "tenant",
             target_id: &new.id,
-            details: json!({"display_name": new.display_name, "metadata": new.metadata}),
+            details: json!({"display_name": new.display_name, "metadata": new.metadata, "policy": new.policy}),
         }
         .write(&mut tx)
         .await?;
@@ -98,12 +105,14 @@ impl Store {
         let current = self.get_tenant(id).await?;
         let display_name = patch.display_name.clone().unwrap_or(current.display_name);
         let metadata = patch.metadata.clone().unwrap_or(current.metadata);
+        let policy = patch.policy.clone().unwrap_or(current.policy);
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE tenants SET display_name = $1, metadata = $2, updated_at = $3 WHERE id = $4")
+        sqlx::query("UPDATE tenants SET display_name = $1, metadata = $2, policy = $5, updated_at = $3 WHERE id = $4")
             .bind(&display_name)
             .bind(metadata.to_string())
             .bind(now_millis())
             .bind(id)
+            .bind(policy_json(&policy))
             .execute(&mut *tx)
             .await?;
         Audit {
@@ -111,7 +120,7 @@ impl Store {
             action: "tenant.update",
             target_type: "tenant",
             target_id: id,
-            details: json!({"display_name": patch.display_name, "metadata": patch.metadata}),
+            details: json!({"display_name": patch.display_name, "metadata": patch.metadata, "policy": patch.policy}),
         }
         .write(&mut tx)
         .await?;

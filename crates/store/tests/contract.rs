@@ -15,7 +15,16 @@ async fn open(db: &TestDatabase) -> Store {
 }
 
 fn new_tenant(id: &str) -> NewTenant {
-    NewTenant { id: id.into(), display_name: format!("Tenant {id}"), metadata: json!({"team": "x"}) }
+    NewTenant {
+        id: id.into(),
+        display_name: format!("Tenant {id}"),
+        metadata: json!({"team": "x"}),
+        policy: tollgate_store::TenantPolicy {
+            limits: Limits { rpm: Some(600), ..Limits::default() },
+            max_output_tokens: Some(4096),
+            ..Default::default()
+        },
+    }
 }
 
 fn new_key(id: &str, tenant: &str) -> NewKey {
@@ -170,10 +179,13 @@ async fn tenants_are_created_listed_updated_and_paginated(store: &Store) {
     let second = store.list_tenants(Some("beta"), 2).await.unwrap();
     assert_eq!(second.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["gamma"]);
 
-    let patch = TenantPatch { display_name: Some("ACME Corp".into()), metadata: None };
+    assert_eq!(t.policy.max_output_tokens, Some(4096));
+    assert_eq!(t.policy.limits.rpm, Some(600));
+    let patch = TenantPatch { display_name: Some("ACME Corp".into()), metadata: None, policy: None };
     let updated = store.update_tenant("acme", &patch, "bootstrap").await.unwrap();
     assert_eq!(updated.display_name, "ACME Corp");
     assert_eq!(updated.metadata, json!({"team": "x"}), "unpatched fields are kept");
+    assert_eq!(updated.policy, t.policy);
     assert!(updated.updated_at >= t.updated_at);
 
     assert!(matches!(store.get_tenant("nope").await, Err(StoreError::NotFound)));

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use tollgate_store::{Change, NewTenant, Tenant, TenantPatch, TenantStatus};
+use tollgate_store::{Change, NewTenant, Tenant, TenantPatch, TenantPolicy, TenantStatus};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Admin;
@@ -21,6 +21,9 @@ pub struct CreateTenant {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    /// Limits, token and thinking caps (all optional).
+    #[serde(default)]
+    pub policy: Option<TenantPolicy>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -29,6 +32,8 @@ pub struct UpdateTenant {
     pub display_name: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    /// Replaces the whole policy.
+    pub policy: Option<TenantPolicy>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -57,9 +62,11 @@ pub async fn create(
     validate::name("display_name", &body.display_name)?;
     let metadata = body.metadata.unwrap_or_else(|| serde_json::json!({}));
     validate::metadata(&metadata)?;
+    let policy = body.policy.unwrap_or_default();
+    validate::policy(&policy)?;
     let tenant = state
         .store
-        .create_tenant(&NewTenant { id: body.id, display_name: body.display_name, metadata }, &admin.actor)
+        .create_tenant(&NewTenant { id: body.id, display_name: body.display_name, metadata, policy }, &admin.actor)
         .await?;
     state.changed(Change::Tenant(tenant.id.clone())).await;
     Ok((StatusCode::CREATED, Json(tenant)))
@@ -107,7 +114,10 @@ pub async fn update(
     if let Some(metadata) = &body.metadata {
         validate::metadata(metadata)?;
     }
-    let patch = TenantPatch { display_name: body.display_name, metadata: body.metadata };
+    if let Some(policy) = &body.policy {
+        validate::policy(policy)?;
+    }
+    let patch = TenantPatch { display_name: body.display_name, metadata: body.metadata, policy: body.policy };
     let tenant = state.store.update_tenant(&id, &patch, &admin.actor).await.map_err(not_found)?;
     state.changed(Change::Tenant(id)).await;
     Ok(Json(tenant))

@@ -36,12 +36,40 @@ pub fn metadata(value: &serde_json::Value) -> Result<(), AdminError> {
 }
 
 pub fn limits(limits: &tollgate_store::Limits) -> Result<(), AdminError> {
-    for (field, value) in
-        [("limits.rpm", limits.rpm), ("limits.tpm", limits.tpm), ("limits.max_concurrent", limits.max_concurrent)]
-    {
+    limits_at("limits", limits)
+}
+
+fn limits_at(prefix: &str, limits: &tollgate_store::Limits) -> Result<(), AdminError> {
+    for (field, value) in [("rpm", limits.rpm), ("tpm", limits.tpm), ("max_concurrent", limits.max_concurrent)] {
         if value == Some(0) {
-            return Err(AdminError::invalid(field, "must be greater than 0 (omit it for no limit)"));
+            return Err(AdminError::invalid(
+                format!("{prefix}.{field}"),
+                "must be greater than 0 (omit it for no limit)",
+            ));
         }
+    }
+    Ok(())
+}
+
+pub fn policy(policy: &tollgate_store::TenantPolicy) -> Result<(), AdminError> {
+    limits_at("policy.limits", &policy.limits)?;
+    for (field, value) in [
+        ("policy.max_output_tokens", policy.max_output_tokens),
+        ("policy.default_max_output_tokens", policy.default_max_output_tokens),
+    ] {
+        if value == Some(0) {
+            return Err(AdminError::invalid(field, "must be greater than 0"));
+        }
+    }
+    if let (Some(cap), Some(default)) = (policy.max_output_tokens, policy.default_max_output_tokens)
+        && default > cap
+    {
+        return Err(AdminError::invalid("policy.default_max_output_tokens", "must not exceed max_output_tokens"));
+    }
+    if let (Some(cap), Some(default)) = (policy.max_thinking_budget, policy.default_thinking_budget)
+        && default > cap
+    {
+        return Err(AdminError::invalid("policy.default_thinking_budget", "must not exceed max_thinking_budget"));
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use arc_swap::ArcSwap;
-use tollgate_store::{ApiKey, Limits, Tenant, TenantStatus};
+use tollgate_store::{ApiKey, Limits, Tenant, TenantPolicy, TenantStatus};
 
 use super::hasher::{Digest, digest_from_hex};
 use super::models::ModelRules;
@@ -46,6 +46,13 @@ impl CachedKey {
 pub struct CachedTenant {
     pub id: String,
     pub status: TenantStatus,
+    pub policy: TenantPolicy,
+}
+
+impl CachedTenant {
+    fn from_record(t: &Tenant) -> Self {
+        Self { id: t.id.clone(), status: t.status, policy: t.policy.clone() }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -75,10 +82,7 @@ impl KeyCache {
     /// Replaces everything (start-up and periodic refresh).
     pub fn replace_all(&self, keys: &[ApiKey], tenants: &[Tenant]) {
         let keys = keys.iter().filter_map(|k| CachedKey::from_record(k).map(|c| (k.id.clone(), Arc::new(c)))).collect();
-        let tenants = tenants
-            .iter()
-            .map(|t| (t.id.clone(), Arc::new(CachedTenant { id: t.id.clone(), status: t.status })))
-            .collect();
+        let tenants = tenants.iter().map(|t| (t.id.clone(), Arc::new(CachedTenant::from_record(t)))).collect();
         self.snapshot.store(Arc::new(Snapshot { keys, tenants }));
     }
 
@@ -100,7 +104,7 @@ impl KeyCache {
     }
 
     pub fn upsert_tenant(&self, tenant: &Tenant) {
-        let cached = Arc::new(CachedTenant { id: tenant.id.clone(), status: tenant.status });
+        let cached = Arc::new(CachedTenant::from_record(tenant));
         self.snapshot.rcu(|old| {
             let mut tenants = old.tenants.clone();
             tenants.insert(cached.id.clone(), cached.clone());

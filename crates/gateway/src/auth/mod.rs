@@ -26,7 +26,7 @@ use http::Request;
 use tollgate_store::TenantStatus;
 use tower::{Layer, Service};
 
-pub use cache::{CachedKey, KeyCache};
+pub use cache::{CachedKey, CachedTenant, KeyCache};
 pub use hasher::SecretHasher;
 
 use crate::error::{AuthFailure, GatewayError};
@@ -37,6 +37,7 @@ use touches::Touches;
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub key: Arc<CachedKey>,
+    pub tenant: Arc<CachedTenant>,
 }
 
 impl Principal {
@@ -83,15 +84,16 @@ impl Authenticator {
         if key.expires_at_ms.is_some_and(|t| t <= now_ms) {
             return Err(GatewayError::Unauthenticated(AuthFailure::Expired));
         }
-        match self.cache.tenant(&key.tenant_id).map(|t| t.status) {
-            Some(TenantStatus::Active) => {}
-            Some(TenantStatus::Suspended) => return Err(GatewayError::TenantSuspended),
-            Some(TenantStatus::Deleted) | None => return Err(GatewayError::Unauthenticated(AuthFailure::Revoked)),
+        let tenant = self.cache.tenant(&key.tenant_id).ok_or(GatewayError::Unauthenticated(AuthFailure::Revoked))?;
+        match tenant.status {
+            TenantStatus::Active => {}
+            TenantStatus::Suspended => return Err(GatewayError::TenantSuspended),
+            TenantStatus::Deleted => return Err(GatewayError::Unauthenticated(AuthFailure::Revoked)),
         }
         if key.should_touch(now_ms / 1000) {
             self.touches.push(key.id.clone());
         }
-        Ok(Principal { key })
+        Ok(Principal { key, tenant })
     }
 }
 

@@ -24,6 +24,7 @@ use crate::accounting::{Accounting, Exchange, Outcome, estimate, format_usd};
 use crate::auth::Principal;
 use crate::auth::models::ModelRules;
 use crate::error::GatewayError;
+use crate::policy;
 use crate::request_id::RequestId;
 use crate::upstream::{Upstream, classify};
 
@@ -113,6 +114,11 @@ async fn forward_post_inner(
                 return Err(GatewayError::ModelNotPriced(model.to_owned()));
             }
         }
+        let applied = policy::apply(&principal.tenant.policy, endpoint, &body, &peek)?;
+        if let Some(exchange) = slot.as_mut() {
+            exchange.modified = applied.body.is_some();
+        }
+        let body = applied.body.unwrap_or_else(|| body.clone());
         // Ask for stream usage on the client's behalf so every stream can be
         // billed from the upstream's own counts.
         let injected = if peek.is_stream() && supports_stream_usage(endpoint) {
@@ -122,7 +128,7 @@ async fn forward_post_inner(
         };
         match injected {
             Some(rewritten) => (true, Bytes::from(rewritten), true),
-            None => (peek.is_stream(), body.clone(), false),
+            None => (peek.is_stream(), body, false),
         }
     };
     let upstream_response = proxy

@@ -10,6 +10,7 @@ mod keys;
 mod lifecycle;
 mod outage;
 mod passthrough;
+mod policy;
 mod sdk;
 mod streaming;
 mod upstream_failures;
