@@ -25,6 +25,7 @@ use crate::auth::sync::{CacheSync, touch_writer};
 use crate::auth::{Authenticator, KeyCache, SecretHasher};
 use crate::config::Config;
 use crate::health::Readiness;
+use crate::limits::RateLimiter;
 use crate::proxy::Proxy;
 use crate::router;
 use crate::tenant_usage::TenantUsageState;
@@ -79,9 +80,13 @@ impl Application {
         let accounting = start_accounting(&config, &store, &background, &stop_background)?;
 
         let upstream = Upstream::new(&config.upstream)?;
+        let limiter = Arc::new(RateLimiter::default());
+        background.spawn(limiter.clone().sweep_loop(stop_background.clone()));
         let proxy = Arc::new(Proxy {
             upstream,
             accounting,
+            limiter,
+            limits: config.limits.clone(),
             max_body_bytes: config.server.max_body_bytes,
             max_response_bytes: config.upstream.max_response_bytes,
         });

@@ -29,7 +29,33 @@ pub struct Config {
     pub auth: AuthConfig,
     pub admin: AdminConfig,
     pub accounting: AccountingConfig,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests per minute for tenants whose policy sets none (unset: no limit).
+    pub rpm: Option<u64>,
+    /// Tokens per minute for tenants whose policy sets none.
+    pub tpm: Option<u64>,
+    /// Requests in flight for tenants whose policy sets none.
+    pub max_concurrent: Option<u64>,
+    /// Output tokens assumed, for token limits, when a request sets no limit.
+    pub default_output_tokens: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { rpm: None, tpm: None, max_concurrent: None, default_output_tokens: 4096 }
+    }
+}
+
+impl LimitsConfig {
+    pub fn defaults(&self) -> tollgate_store::Limits {
+        tollgate_store::Limits { rpm: self.rpm, tpm: self.tpm, max_concurrent: self.max_concurrent }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,6 +340,15 @@ impl Config {
         }
         if self.auth.refresh_interval.is_zero() {
             return Err(invalid("auth.refresh_interval", "must be greater than 0"));
+        }
+        for (key, value) in [
+            ("limits.rpm", self.limits.rpm),
+            ("limits.tpm", self.limits.tpm),
+            ("limits.max_concurrent", self.limits.max_concurrent),
+        ] {
+            if value == Some(0) {
+                return Err(invalid(key, "must be greater than 0 (leave it unset for no limit)"));
+            }
         }
         if self.accounting.batch_size == 0 {
             return Err(invalid("accounting.batch_size", "must be greater than 0"));

@@ -52,6 +52,8 @@ pub enum GatewayError {
     AccountingUnavailable,
     #[error("{message} for this tenant")]
     OverCap { param: &'static str, message: String },
+    #[error("{}", throttled_message(.0))]
+    RateLimited(crate::limits::Throttled),
     #[error("{0}")]
     InvalidJson(String),
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -74,6 +76,18 @@ pub enum GatewayError {
     Internal,
 }
 
+fn throttled_message(t: &crate::limits::Throttled) -> String {
+    use crate::limits::Kind;
+    match (t.kind, t.too_large) {
+        (Kind::Tokens, true) => {
+            format!("Request too large: it needs more tokens than the limit of {} per minute", t.limit)
+        }
+        (Kind::Tokens, false) => format!("Rate limit reached: {} tokens per minute", t.limit),
+        (Kind::Requests, _) => format!("Rate limit reached: {} requests per minute", t.limit),
+        (Kind::Concurrency, _) => format!("Too many requests in flight: at most {} at once", t.limit),
+    }
+}
+
 fn auth_message(failure: AuthFailure) -> &'static str {
     match failure {
         AuthFailure::Missing => {
@@ -93,6 +107,7 @@ impl GatewayError {
             | Self::ModelNotAllowed(_)
             | Self::ModelNotPriced(_)
             | Self::OverCap { .. }
+            | Self::RateLimited(_)
             | Self::InvalidJson(_)
             | Self::BodyTooLarge { .. }
             | Self::BodyRead
@@ -106,6 +121,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::TenantSuspended | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::InvalidJson(_) | Self::BodyRead | Self::ModelNotPriced(_) | Self::OverCap { .. } => {
                 StatusCode::BAD_REQUEST
@@ -131,6 +147,7 @@ impl GatewayError {
             Self::ModelNotPriced(_) => "model_not_priced",
             Self::AccountingUnavailable => "accounting_unavailable",
             Self::OverCap { .. } => "over_policy_cap",
+            Self::RateLimited(_) => "rate_limit_exceeded",
             Self::InvalidJson(_) => "invalid_json",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyRead => "invalid_body",
@@ -146,6 +163,12 @@ impl GatewayError {
 
     /// The envelope `type`, following OpenAI's vocabulary.
     pub fn kind(&self) -> &'static str {
+        if let Self::RateLimited(t) = self {
+            return match t.kind {
+                crate::limits::Kind::Tokens => "tokens",
+                _ => "requests",
+            };
+        }
         match self.fault() {
             Fault::Client => "invalid_request_error",
             Fault::Upstream => "upstream_error",
@@ -168,7 +191,19 @@ impl IntoResponse for GatewayError {
         let status = self.status();
         let mut response = (status, self.envelope().to_json_bytes()).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if self.fault() == Fault::Client {
+        if let Self::RateLimited(t) = &self {
+            // What the SDKs wait for before retrying a throttled request.
+            let headers = response.headers_mut();
+            let ms = t.retry_after.as_millis().max(1);
+            if let Ok(v) = HeaderValue::try_from(ms.to_string()) {
+                headers.insert("retry-after-ms", v);
+            }
+            if let Ok(v) = HeaderValue::try_from(ms.div_ceil(1000).to_string()) {
+                headers.insert(header::RETRY_AFTER, v);
+            }
+            let retry = if t.too_large { "false" } else { "true" };
+            headers.insert("x-should-retry", HeaderValue::from_static(retry));
+        } else if self.fault() == Fault::Client {
             // A retry of the same bad request cannot succeed; tell the SDKs so
             // they do not retry a 404/405 or a connection they believe flaky.
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod policy;
 pub mod proxy;
 pub mod request_id;

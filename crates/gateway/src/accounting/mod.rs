@@ -130,6 +130,8 @@ pub struct Exchange {
     pub stream: bool,
     pub modified: bool,
     request_body: Bytes,
+    /// The request's hold on the rate limits, settled with the real usage.
+    pub permit: Option<crate::limits::Permit>,
 }
 
 impl Exchange {
@@ -148,6 +150,7 @@ impl Exchange {
             stream: false,
             modified: false,
             request_body: Bytes::new(),
+            permit: None,
         }
     }
 
@@ -177,6 +180,9 @@ impl Exchange {
                 (Usage { prompt, completion, total: prompt + completion, reasoning: 0, cached: 0 }, true)
             }
         };
+        if let Some(mut permit) = self.permit.take() {
+            permit.settle(usage.prompt + usage.billed_output());
+        }
         let prices = self.accounting.prices.load();
         let price = prices
             .price(&self.requested_model)

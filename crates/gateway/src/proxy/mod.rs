@@ -23,7 +23,9 @@ use crate::accounting::tap::StreamTap;
 use crate::accounting::{Accounting, Exchange, Outcome, estimate, format_usd};
 use crate::auth::Principal;
 use crate::auth::models::ModelRules;
+use crate::config::LimitsConfig;
 use crate::error::GatewayError;
+use crate::limits::{self, Allowance, RateLimiter};
 use crate::policy;
 use crate::request_id::RequestId;
 use crate::upstream::{Upstream, classify};
@@ -33,6 +35,8 @@ use crate::upstream::{Upstream, classify};
 pub struct Proxy {
     pub upstream: Upstream,
     pub accounting: Arc<Accounting>,
+    pub limiter: Arc<RateLimiter>,
+    pub limits: LimitsConfig,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
 }
@@ -58,8 +62,13 @@ pub async fn forward_post(State(proxy): ProxyState, request: Request) -> Respons
         parts.uri.path(),
     );
     let mut slot = Some(exchange);
-    let result = forward_post_inner(&proxy, &parts, body, &request_id, &principal, &mut slot).await;
-    settle(result, slot)
+    let mut allowance = None;
+    let result = forward_post_inner(&proxy, &parts, body, &request_id, &principal, &mut slot, &mut allowance).await;
+    let mut response = settle(result, slot);
+    if let Some(allowance) = allowance {
+        allowance.write(response.headers_mut());
+    }
+    response
 }
 
 /// Turns a handler result into the response, closing the exchange if the
@@ -94,6 +103,7 @@ async fn forward_post_inner(
     request_id: &RequestId,
     principal: &Principal,
     slot: &mut Option<Exchange>,
+    allowance: &mut Option<Allowance>,
 ) -> Result<Response, GatewayError> {
     if proxy.accounting.ledger.is_full() {
         return Err(GatewayError::AccountingUnavailable);
@@ -126,6 +136,25 @@ async fn forward_post_inner(
         } else {
             None
         };
+        // Rate limits: tokens reserved from an estimate (prompt bytes ÷ 4
+        // plus the output limit per choice), corrected when usage is known.
+        let checks = limits::checks_for(
+            principal.tenant_id(),
+            &principal.tenant.policy.limits,
+            &proxy.limits.defaults(),
+            &principal.key.id,
+            &principal.key.limits,
+        );
+        if !checks.is_empty() {
+            let output = applied.max_output.unwrap_or(proxy.limits.default_output_tokens) * peek.n.unwrap_or(1).max(1);
+            let estimate = body.len() as u64 / 4 + output;
+            let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+            let permit = proxy.limiter.admit(&checks, estimate, now).map_err(GatewayError::RateLimited)?;
+            *allowance = Some(permit.allowance);
+            if let Some(exchange) = slot.as_mut() {
+                exchange.permit = Some(permit);
+            }
+        }
         match injected {
             Some(rewritten) => (true, Bytes::from(rewritten), true),
             None => (peek.is_stream(), body, false),

@@ -8,6 +8,7 @@ mod errors;
 mod helpers;
 mod keys;
 mod lifecycle;
+mod limits;
 mod outage;
 mod passthrough;
 mod policy;
