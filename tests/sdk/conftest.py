@@ -47,6 +47,12 @@ def restricted_key() -> str:
     return _env("SDK_TEST_RESTRICTED_KEY")
 
 
+@pytest.fixture(scope="session")
+def broke_key() -> str:
+    """A key whose tenant's hard budget is spent."""
+    return _env("SDK_TEST_BROKE_KEY")
+
+
 @pytest.fixture
 def counter() -> RequestCounter:
     return RequestCounter()

@@ -239,3 +239,16 @@ def test_a_model_the_key_may_not_use_raises_permission_denied(base_url, restrict
     assert caught.value.code == "model_not_allowed"
     ids = [m.id for m in client.models.list()]
     assert ids and all(i.startswith("gemini-") for i in ids)
+
+
+def test_an_exhausted_budget_raises_rate_limit_error_without_retries(base_url, broke_key, counter):
+    client = openai.OpenAI(
+        base_url=base_url,
+        api_key=broke_key,
+        http_client=openai.DefaultHttpxClient(event_hooks={"request": [counter]}),
+        max_retries=2,
+    )
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert caught.value.code == "insufficient_quota"
+    assert counter.count == 1, "x-should-retry: false stops the SDK from retrying"

@@ -23,6 +23,7 @@ use crate::accounting::{Accounting, Ledger, estimate, maintain_ledger};
 use crate::admin::{self, AdminState};
 use crate::auth::sync::{CacheSync, touch_writer};
 use crate::auth::{Authenticator, KeyCache, SecretHasher};
+use crate::budget::BudgetBook;
 use crate::config::Config;
 use crate::health::Readiness;
 use crate::limits::RateLimiter;
@@ -53,7 +54,12 @@ impl Application {
         let hasher = SecretHasher::new(&hash_secret(&config, &store).await?);
 
         let cache = Arc::new(KeyCache::default());
-        let sync = Arc::new(CacheSync::new(store.clone(), cache.clone()));
+        let budgets = Arc::new(BudgetBook::default());
+        budgets
+            .load(&store, chrono::Utc::now().date_naive())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot load budgets: {e}"))?;
+        let sync = Arc::new(CacheSync::new(store.clone(), cache.clone(), budgets.clone()));
         sync.refresh_all().await.map_err(|e| anyhow::anyhow!("cannot load keys: {e}"))?;
         let auth = Arc::new(Authenticator::new(cache, hasher.clone(), config.auth.failed_attempts_per_minute));
 
@@ -75,7 +81,13 @@ impl Application {
                 "no bootstrap admin token configured; only admin tokens already issued can use the admin API"
             );
         }
-        let admin_router = admin::router(AdminState { store: store.clone(), sync, hasher, bootstrap_digest });
+        let admin_router = admin::router(AdminState {
+            store: store.clone(),
+            sync,
+            hasher,
+            bootstrap_digest,
+            budgets: budgets.clone(),
+        });
 
         let accounting = start_accounting(&config, &store, &background, &stop_background)?;
 
@@ -87,6 +99,7 @@ impl Application {
             accounting,
             limiter,
             limits: config.limits.clone(),
+            budgets,
             max_body_bytes: config.server.max_body_bytes,
             max_response_bytes: config.upstream.max_response_bytes,
         });

@@ -54,6 +54,10 @@ pub enum GatewayError {
     OverCap { param: &'static str, message: String },
     #[error("{}", throttled_message(.0))]
     RateLimited(crate::limits::Throttled),
+    #[error(
+        "You exceeded your current quota: the {period} budget {budget_id} is spent. Raise the budget or wait for the next period."
+    )]
+    BudgetExhausted { budget_id: String, period: &'static str },
     #[error("{0}")]
     InvalidJson(String),
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -108,6 +112,7 @@ impl GatewayError {
             | Self::ModelNotPriced(_)
             | Self::OverCap { .. }
             | Self::RateLimited(_)
+            | Self::BudgetExhausted { .. }
             | Self::InvalidJson(_)
             | Self::BodyTooLarge { .. }
             | Self::BodyRead
@@ -121,7 +126,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited(_) | Self::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::TenantSuspended | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::InvalidJson(_) | Self::BodyRead | Self::ModelNotPriced(_) | Self::OverCap { .. } => {
                 StatusCode::BAD_REQUEST
@@ -148,6 +153,7 @@ impl GatewayError {
             Self::AccountingUnavailable => "accounting_unavailable",
             Self::OverCap { .. } => "over_policy_cap",
             Self::RateLimited(_) => "rate_limit_exceeded",
+            Self::BudgetExhausted { .. } => "insufficient_quota",
             Self::InvalidJson(_) => "invalid_json",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyRead => "invalid_body",
@@ -163,6 +169,9 @@ impl GatewayError {
 
     /// The envelope `type`, following OpenAI's vocabulary.
     pub fn kind(&self) -> &'static str {
+        if let Self::BudgetExhausted { .. } = self {
+            return "insufficient_quota";
+        }
         if let Self::RateLimited(t) = self {
             return match t.kind {
                 crate::limits::Kind::Tokens => "tokens",

@@ -6,6 +6,7 @@ pub mod accounting;
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod health;

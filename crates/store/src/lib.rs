@@ -10,6 +10,7 @@
 
 mod admin_tokens;
 mod audit;
+pub mod budgets;
 mod keys;
 pub mod model;
 mod settings;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
+pub use budgets::{Budget, Period};
 pub use model::*;
 pub use time::{from_millis, now_millis, to_millis};
 pub use usage::{GroupBy, UsageEvent, UsageFilter, UsageTotals};
@@ -58,6 +60,8 @@ pub enum Change {
     Tenant(String),
     Key(String),
     AdminToken(String),
+    /// The budgets of a tenant changed.
+    Budget(String),
 }
 
 impl Change {
@@ -66,6 +70,7 @@ impl Change {
             Self::Tenant(id) => format!("tenant:{id}"),
             Self::Key(id) => format!("key:{id}"),
             Self::AdminToken(id) => format!("admin_token:{id}"),
+            Self::Budget(tenant) => format!("budget:{tenant}"),
         }
     }
 
@@ -76,6 +81,7 @@ impl Change {
             "tenant" => Some(Self::Tenant(id)),
             "key" => Some(Self::Key(id)),
             "admin_token" => Some(Self::AdminToken(id)),
+            "budget" => Some(Self::Budget(id)),
             _ => None,
         }
     }

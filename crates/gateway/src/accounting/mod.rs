@@ -42,6 +42,11 @@ impl Accounting {
         self.prices.load().contains(model)
     }
 
+    /// The most a request can cost (0 for an unpriced model).
+    pub fn worst_case_micros(&self, model: &str, prompt_tokens: u64, max_output: u64) -> i64 {
+        self.prices.load().price(model).map_or(0, |p| p.worst_case_micros(prompt_tokens, max_output))
+    }
+
     /// Rereads the pricing file; a bad file leaves the current prices in force.
     pub fn reload_prices(&self) -> Result<usize, pricing::PricingError> {
         let table = PriceTable::load(self.pricing_file.as_deref())?;
@@ -132,6 +137,8 @@ pub struct Exchange {
     request_body: Bytes,
     /// The request's hold on the rate limits, settled with the real usage.
     pub permit: Option<crate::limits::Permit>,
+    /// The request's reservations on budgets, settled with the real cost.
+    pub reservations: Vec<crate::budget::Reservation>,
 }
 
 impl Exchange {
@@ -151,6 +158,7 @@ impl Exchange {
             modified: false,
             request_body: Bytes::new(),
             permit: None,
+            reservations: Vec::new(),
         }
     }
 
@@ -195,6 +203,9 @@ impl Exchange {
         };
         if unpriced {
             tracing::warn!(model = %self.requested_model, "no price for this model; recorded with cost 0");
+        }
+        for reservation in self.reservations.drain(..) {
+            reservation.settle(cost);
         }
         let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let event = UsageEvent {

@@ -4,6 +4,7 @@
 
 mod audit;
 pub mod auth;
+mod budgets;
 pub mod error;
 pub mod extract;
 mod keys;
@@ -24,6 +25,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::auth::hasher::{Digest, SecretHasher};
 use crate::auth::sync::CacheSync;
+use crate::budget::BudgetBook;
 pub use error::AdminError;
 
 /// Admin request bodies are small JSON documents.
@@ -36,6 +38,7 @@ pub struct AdminState {
     pub hasher: SecretHasher,
     /// Keyed hash of the bootstrap token (never the token itself).
     pub bootstrap_digest: Option<Digest>,
+    pub budgets: Arc<BudgetBook>,
 }
 
 impl AdminState {
@@ -61,6 +64,7 @@ impl AdminState {
         tenants::create, tenants::list, tenants::get, tenants::update, tenants::suspend, tenants::resume, tenants::delete,
         keys::create, keys::list, keys::get, keys::update, keys::revoke, keys::rotate,
         tokens::create, tokens::list, tokens::revoke,
+        budgets::create, budgets::list, budgets::update, budgets::delete,
         audit::list,
         usage::admin_summary, usage::admin_records, usage::admin_csv,
         crate::tenant_usage::summary, crate::tenant_usage::records,
@@ -102,6 +106,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/v1/keys/{key_id}", get(keys::get).patch(keys::update))
         .route("/admin/v1/keys/{key_id}/revoke", post(keys::revoke))
         .route("/admin/v1/keys/{key_id}/rotate", post(keys::rotate))
+        .route("/admin/v1/tenants/{id}/budgets", post(budgets::create).get(budgets::list))
+        .route("/admin/v1/budgets/{budget_id}", axum::routing::patch(budgets::update).delete(budgets::delete))
         .route("/admin/v1/admin-tokens", post(tokens::create).get(tokens::list))
         .route("/admin/v1/admin-tokens/{token_id}/revoke", post(tokens::revoke))
         .route("/admin/v1/audit", get(audit::list))

@@ -19,6 +19,7 @@ use tollgate_store::{Backend, CHANGES_CHANNEL, Change, Store, StoreError, StoreR
 
 use super::cache::KeyCache;
 use super::touches::Touches;
+use crate::budget::BudgetBook;
 
 /// Revoked or expired keys stay cached this long, so their callers are told
 /// why they are refused.
@@ -28,12 +29,13 @@ const DEAD_KEY_RETENTION_MS: i64 = 30 * 24 * 3600 * 1000;
 pub struct CacheSync {
     store: Store,
     cache: Arc<KeyCache>,
+    budgets: Arc<BudgetBook>,
     write: tokio::sync::Mutex<()>,
 }
 
 impl CacheSync {
-    pub fn new(store: Store, cache: Arc<KeyCache>) -> Self {
-        Self { store, cache, write: tokio::sync::Mutex::new(()) }
+    pub fn new(store: Store, cache: Arc<KeyCache>, budgets: Arc<BudgetBook>) -> Self {
+        Self { store, cache, budgets, write: tokio::sync::Mutex::new(()) }
     }
 
     pub async fn refresh_all(&self) -> StoreResult<()> {
@@ -41,6 +43,7 @@ impl CacheSync {
         let tenants = self.store.all_tenants().await?;
         let keys = self.store.keys_alive_since(now_millis() - DEAD_KEY_RETENTION_MS).await?;
         self.cache.replace_all(&keys, &tenants);
+        self.budgets.reload_definitions(&self.store, chrono::Utc::now().date_naive()).await?;
         tracing::debug!(keys = keys.len(), tenants = tenants.len(), "key cache reloaded");
         Ok(())
     }
@@ -58,6 +61,9 @@ impl CacheSync {
                 Err(StoreError::NotFound) => {}
                 Err(e) => return Err(e),
             },
+            Change::Budget(tenant) => {
+                self.budgets.reload_tenant(&self.store, tenant, chrono::Utc::now().date_naive()).await?;
+            }
             // Admin tokens are checked against the database on each admin call.
             Change::AdminToken(_) => {}
         }

@@ -23,6 +23,7 @@ use crate::accounting::tap::StreamTap;
 use crate::accounting::{Accounting, Exchange, Outcome, estimate, format_usd};
 use crate::auth::Principal;
 use crate::auth::models::ModelRules;
+use crate::budget::{self, BudgetBook, Reservation};
 use crate::config::LimitsConfig;
 use crate::error::GatewayError;
 use crate::limits::{self, Allowance, RateLimiter};
@@ -37,11 +38,19 @@ pub struct Proxy {
     pub accounting: Arc<Accounting>,
     pub limiter: Arc<RateLimiter>,
     pub limits: LimitsConfig,
+    pub budgets: Arc<BudgetBook>,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
 }
 
 pub type ProxyState = State<Arc<Proxy>>;
+
+/// What the limits and budgets granted a request, for its response headers.
+#[derive(Debug, Default)]
+struct Grants {
+    allowance: Option<Allowance>,
+    remaining_budget: Option<i64>,
+}
 
 /// Endpoints whose streams can carry usage when asked with
 /// `stream_options.include_usage`.
@@ -63,10 +72,26 @@ pub async fn forward_post(State(proxy): ProxyState, request: Request) -> Respons
     );
     let mut slot = Some(exchange);
     let mut allowance = None;
-    let result = forward_post_inner(&proxy, &parts, body, &request_id, &principal, &mut slot, &mut allowance).await;
+    let mut remaining_budget = None;
+    let result = forward_post_inner(
+        &proxy,
+        &parts,
+        body,
+        &request_id,
+        &principal,
+        &mut slot,
+        &mut allowance,
+        &mut remaining_budget,
+    )
+    .await;
     let mut response = settle(result, slot);
     if let Some(allowance) = allowance {
         allowance.write(response.headers_mut());
+    }
+    if let Some(remaining) = remaining_budget
+        && let Ok(value) = HeaderValue::from_str(&format_usd(remaining.max(0)))
+    {
+        response.headers_mut().insert(BUDGET_HEADER, value);
     }
     response
 }
@@ -103,7 +128,7 @@ async fn forward_post_inner(
     request_id: &RequestId,
     principal: &Principal,
     slot: &mut Option<Exchange>,
-    allowance: &mut Option<Allowance>,
+    grants: &mut Grants,
 ) -> Result<Response, GatewayError> {
     if proxy.accounting.ledger.is_full() {
         return Err(GatewayError::AccountingUnavailable);
@@ -145,14 +170,27 @@ async fn forward_post_inner(
             &principal.key.id,
             &principal.key.limits,
         );
+        let output = applied.max_output.unwrap_or(proxy.limits.default_output_tokens) * peek.n.unwrap_or(1).max(1);
+        let prompt_estimate = body.len() as u64 / 4;
         if !checks.is_empty() {
-            let output = applied.max_output.unwrap_or(proxy.limits.default_output_tokens) * peek.n.unwrap_or(1).max(1);
-            let estimate = body.len() as u64 / 4 + output;
+            let estimate = prompt_estimate + output;
             let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
             let permit = proxy.limiter.admit(&checks, estimate, now).map_err(GatewayError::RateLimited)?;
-            *allowance = Some(permit.allowance);
+            grants.allowance = Some(permit.allowance);
             if let Some(exchange) = slot.as_mut() {
                 exchange.permit = Some(permit);
+            }
+        }
+        // Budgets: reserve the worst case (prompt estimate at the input
+        // price, the whole output limit at the output price).
+        let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);
+        if !budgets.is_empty() {
+            let worst = proxy.accounting.worst_case_micros(model.unwrap_or_default(), prompt_estimate, output);
+            let reservations = budget::reserve(&budgets, worst, chrono::Utc::now().date_naive())
+                .map_err(|e| GatewayError::BudgetExhausted { budget_id: e.budget_id, period: e.period })?;
+            grants.remaining_budget = Reservation::remaining(&reservations);
+            if let Some(exchange) = slot.as_mut() {
+                exchange.reservations = reservations;
             }
         }
         match injected {
@@ -314,6 +352,9 @@ async fn relay_response(
 
 /// The request's cost in USD, on answers whose cost is known before the body.
 pub const COST_HEADER: &str = "x-tollgate-cost-usd";
+/// What is left of the tightest hard budget, in USD, after this request's
+/// worst-case reservation.
+pub const BUDGET_HEADER: &str = "x-tollgate-budget-remaining-usd";
 
 /// Reads a whole upstream body, allowing at most `idle` between chunks.
 async fn read_upstream_body(

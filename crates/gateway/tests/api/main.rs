@@ -4,6 +4,7 @@
 
 mod accounting;
 mod admin;
+mod budgets;
 mod errors;
 mod helpers;
 mod keys;

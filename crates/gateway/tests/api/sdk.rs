@@ -36,6 +36,16 @@ async fn the_official_python_sdk_works_through_the_gateway() {
     let restricted =
         gw.create_key("test", serde_json::json!({"name": "gemini-only", "allowed_models": ["gemini-*"]})).await;
     let api_key = gw.key.clone();
+    gw.ensure_tenant("broke").await;
+    let (status, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/tenants/broke/budgets",
+            Some(serde_json::json!({"period": "monthly", "amount_usd": "0.000001"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let broke = gw.create_key("broke", serde_json::json!({"name": "k"})).await;
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sdk"])
@@ -44,6 +54,7 @@ async fn the_official_python_sdk_works_through_the_gateway() {
             .env("SDK_TEST_API_KEY", api_key)
             .env("SDK_TEST_REVOKED_KEY", revoked)
             .env("SDK_TEST_RESTRICTED_KEY", restricted)
+            .env("SDK_TEST_BROKE_KEY", broke)
             .output()
             .expect("pytest runs")
     })
