@@ -71,24 +71,13 @@ pub async fn forward_post(State(proxy): ProxyState, request: Request) -> Respons
         parts.uri.path(),
     );
     let mut slot = Some(exchange);
-    let mut allowance = None;
-    let mut remaining_budget = None;
-    let result = forward_post_inner(
-        &proxy,
-        &parts,
-        body,
-        &request_id,
-        &principal,
-        &mut slot,
-        &mut allowance,
-        &mut remaining_budget,
-    )
-    .await;
+    let mut grants = Grants::default();
+    let result = forward_post_inner(&proxy, &parts, body, &request_id, &principal, &mut slot, &mut grants).await;
     let mut response = settle(result, slot);
-    if let Some(allowance) = allowance {
+    if let Some(allowance) = grants.allowance {
         allowance.write(response.headers_mut());
     }
-    if let Some(remaining) = remaining_budget
+    if let Some(remaining) = grants.remaining_budget
         && let Ok(value) = HeaderValue::from_str(&format_usd(remaining.max(0)))
     {
         response.headers_mut().insert(BUDGET_HEADER, value);
