@@ -29,6 +29,7 @@ use crate::health::Readiness;
 use crate::limits::RateLimiter;
 use crate::proxy::Proxy;
 use crate::router;
+use crate::shared::Shared;
 use crate::tenant_usage::TenantUsageState;
 use crate::upstream::Upstream;
 
@@ -92,7 +93,16 @@ impl Application {
         let accounting = start_accounting(&config, &store, &background, &stop_background)?;
 
         let upstream = Upstream::new(&config.upstream)?;
-        let limiter = Arc::new(RateLimiter::default());
+        let shared = match config.redis.url()? {
+            None => None,
+            Some(url) => {
+                let (shared, adjustments) = Shared::connect(url.expose_secret(), &config.redis.key_prefix).await?;
+                background.spawn(shared.clone().apply_adjustments(adjustments, stop_background.clone()));
+                tracing::info!(replicas = config.redis.replicas, "rate limits and budgets are shared through Redis");
+                Some(shared)
+            }
+        };
+        let limiter = Arc::new(RateLimiter::new(shared.clone(), config.redis.replicas));
         background.spawn(limiter.clone().sweep_loop(stop_background.clone()));
         let proxy = Arc::new(Proxy {
             upstream,
@@ -100,6 +110,7 @@ impl Application {
             limiter,
             limits: config.limits.clone(),
             budgets,
+            shared,
             max_body_bytes: config.server.max_body_bytes,
             max_response_bytes: config.upstream.max_response_bytes,
         });

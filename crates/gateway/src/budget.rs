@@ -16,6 +16,8 @@ use arc_swap::ArcSwap;
 use chrono::NaiveDate;
 use tollgate_store::{Budget, Store, StoreResult};
 
+use crate::shared::{Shared, Verdict};
+
 fn day_number(day: NaiveDate) -> i64 {
     i64::from(day.num_days_from_ce())
 }
@@ -73,6 +75,10 @@ pub struct Reservation {
     state: Arc<BudgetState>,
     period_start: i64,
     amount: i64,
+    /// The shared counter the reservation was made on, when Redis holds it.
+    shared: Option<(Arc<Shared>, String)>,
+    /// What the shared counter held after this reservation.
+    shared_committed: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -161,6 +167,47 @@ impl BudgetBook {
     }
 }
 
+/// Reserves `worst_case` on every budget, or on none, on the counters every
+/// replica shares when Redis is configured and reachable, else locally.
+pub async fn reserve_shared(
+    shared: Option<&Arc<Shared>>,
+    states: &[Arc<BudgetState>],
+    worst_case: i64,
+    today: NaiveDate,
+) -> Result<Vec<Reservation>, Exhausted> {
+    let Some(shared) = shared.filter(|s| s.available()) else { return reserve(states, worst_case, today) };
+    let mut plan = Vec::with_capacity(states.len());
+    for state in states {
+        let start = state.budget.period.start(today);
+        let key = format!("budget:{}:{}", state.budget.id, start.format("%Y%m%d"));
+        let ttl_ms = state.budget.period.end(start).map_or(0, |end| {
+            let end_ms = end.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp_millis());
+            (end_ms - chrono::Utc::now().timestamp_millis()).max(0) as u64 + 86_400_000
+        });
+        state.roll(today);
+        plan.push((key, state.spent(), state.budget.amount_micros, worst_case, state.budget.hard, ttl_ms));
+    }
+    match shared.reserve(&plan).await {
+        None => reserve(states, worst_case, today),
+        Some(Verdict::Refused { index, .. }) => {
+            let state = &states[index.min(states.len() - 1)];
+            Err(Exhausted { budget_id: state.budget.id.clone(), period: state.budget.period.as_str() })
+        }
+        Some(Verdict::Admitted(values)) => Ok(states
+            .iter()
+            .zip(plan)
+            .zip(values)
+            .map(|((state, (key, ..)), committed)| Reservation {
+                state: state.clone(),
+                period_start: state.period_start.load(Ordering::Acquire),
+                amount: worst_case,
+                shared: Some((shared.clone(), key)),
+                shared_committed: Some(committed),
+            })
+            .collect()),
+    }
+}
+
 /// Reserves `worst_case` on every budget, or on none: a hard budget that it
 /// would exceed refuses the request.
 pub fn reserve(states: &[Arc<BudgetState>], worst_case: i64, today: NaiveDate) -> Result<Vec<Reservation>, Exhausted> {
@@ -190,7 +237,13 @@ pub fn reserve(states: &[Arc<BudgetState>], worst_case: i64, today: NaiveDate) -
         } else {
             state.committed.fetch_add(worst_case, Ordering::AcqRel);
         }
-        held.push(Reservation { state: state.clone(), period_start, amount: worst_case });
+        held.push(Reservation {
+            state: state.clone(),
+            period_start,
+            amount: worst_case,
+            shared: None,
+            shared_committed: None,
+        });
     }
     Ok(held)
 }
@@ -200,22 +253,38 @@ impl Reservation {
     /// settled spend before and after, for threshold alerts.
     pub fn settle(self, cost: i64) -> (Arc<BudgetState>, i64, i64) {
         let state = self.state;
-        let same_period = state.period_start.load(Ordering::Acquire) == self.period_start;
-        let delta = if same_period { cost - self.amount } else { cost };
-        state.committed.fetch_add(delta, Ordering::AcqRel);
+        match self.shared {
+            // The shared counter is per period: the reservation is always
+            // replaced on the counter it was made on.
+            Some((shared, key)) => shared.adjust(key, cost - self.amount),
+            None => {
+                let same_period = state.period_start.load(Ordering::Acquire) == self.period_start;
+                let delta = if same_period { cost - self.amount } else { cost };
+                state.committed.fetch_add(delta, Ordering::AcqRel);
+            }
+        }
         let before = state.spent.fetch_add(cost, Ordering::AcqRel);
         (state, before, before + cost)
     }
 
     fn cancel(self) {
-        if self.state.period_start.load(Ordering::Acquire) == self.period_start {
+        if let Some((shared, key)) = self.shared {
+            shared.adjust(key, -self.amount);
+        } else if self.state.period_start.load(Ordering::Acquire) == self.period_start {
             self.state.committed.fetch_sub(self.amount, Ordering::AcqRel);
         }
     }
 
     /// The tightest remaining amount among hard budgets, after reservations.
     pub fn remaining(reservations: &[Reservation]) -> Option<i64> {
-        reservations.iter().filter(|r| r.state.budget.hard).map(|r| r.state.remaining()).min()
+        reservations
+            .iter()
+            .filter(|r| r.state.budget.hard)
+            .map(|r| match r.shared_committed {
+                Some(committed) => r.state.budget.amount_micros - committed,
+                None => r.state.remaining(),
+            })
+            .min()
     }
 }
 

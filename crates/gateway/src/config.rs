@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 /// Environment variables with the `TOLLGATE_` prefix that are not config keys.
 /// (Secrets and the CLI's own settings.)
-const NON_CONFIG_ENV: &[&str] = &["CONFIG", "ADMIN_TOKEN", "ADMIN_URL", "DATABASE_URL", "HASH_SECRET"];
+const NON_CONFIG_ENV: &[&str] = &["CONFIG", "ADMIN_TOKEN", "ADMIN_URL", "DATABASE_URL", "HASH_SECRET", "REDIS_URL"];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -30,7 +30,39 @@ pub struct Config {
     pub admin: AdminConfig,
     pub accounting: AccountingConfig,
     pub limits: LimitsConfig,
+    pub redis: RedisConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Environment variable holding a `redis://` URL. When set, rate limits
+    /// and budgets are shared by every replica through Redis.
+    pub url_env: String,
+    pub url_file: Option<PathBuf>,
+    /// How many replicas share the limits: while Redis is unreachable each
+    /// replica enforces limit ÷ replicas on its own.
+    pub replicas: u64,
+    /// Prefix of every key Tollgate writes, so deployments can share a Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url_env: "TOLLGATE_REDIS_URL".to_owned(),
+            url_file: None,
+            replicas: 1,
+            key_prefix: "tollgate".to_owned(),
+        }
+    }
+}
+
+impl RedisConfig {
+    pub fn url(&self) -> Result<Option<SecretString>, ConfigError> {
+        read_secret(self.url_file.as_deref(), &self.url_env, "redis.url_file")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -349,6 +381,9 @@ impl Config {
             if value == Some(0) {
                 return Err(invalid(key, "must be greater than 0 (leave it unset for no limit)"));
             }
+        }
+        if self.redis.replicas == 0 {
+            return Err(invalid("redis.replicas", "must be at least 1"));
         }
         if self.accounting.batch_size == 0 {
             return Err(invalid("accounting.batch_size", "must be greater than 0"));

@@ -15,6 +15,7 @@ pub mod policy;
 pub mod proxy;
 pub mod request_id;
 pub mod router;
+pub mod shared;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tenant_usage;

@@ -17,6 +17,8 @@ use tollgate_store::Limits;
 
 use local::LocalLimits;
 
+use crate::shared::{Shared, Verdict};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Requests,
@@ -126,9 +128,19 @@ pub fn format_reset(d: Duration) -> String {
     format!("{}m{}s", whole / 60, whole % 60)
 }
 
+/// Where a request's counters live.
+#[derive(Debug, Clone)]
+enum Counters {
+    Local,
+    Shared(Arc<Shared>),
+}
+
 #[derive(Debug, Default)]
 pub struct RateLimiter {
     local: LocalLimits,
+    shared: Option<Arc<Shared>>,
+    /// Replicas sharing the limits: local fallback limits are divided by it.
+    replicas: u64,
 }
 
 /// An admitted request's hold on the limits: its in-flight slot (released on
@@ -136,18 +148,26 @@ pub struct RateLimiter {
 #[derive(Debug)]
 pub struct Permit {
     limiter: Arc<RateLimiter>,
+    counters: Counters,
     taken: Vec<(String, i64)>,
     reserved_tokens: i64,
     pub allowance: Allowance,
 }
 
 impl Permit {
+    fn adjust(&self, key: &str, delta: i64) {
+        match &self.counters {
+            Counters::Local => self.limiter.local.adjust(key, delta),
+            Counters::Shared(shared) => shared.adjust(shared_key(key), delta),
+        }
+    }
+
     /// Corrects the token reservation to the real count.
     pub fn settle(&mut self, actual_tokens: u64) {
         let actual = i64::try_from(actual_tokens).unwrap_or(i64::MAX);
         let delta = actual - self.reserved_tokens;
         for (key, _) in self.taken.iter().filter(|(k, _)| k.contains(":tpm@")) {
-            self.limiter.local.adjust(key, delta);
+            self.adjust(key, delta);
         }
         self.reserved_tokens = actual;
     }
@@ -155,16 +175,35 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let inflight: Vec<(String, i64)> =
-            self.taken.iter().filter(|(k, _)| k.ends_with(":inflight")).cloned().collect();
-        self.limiter.local.release(&inflight);
+        for (key, amount) in self.taken.iter().filter(|(k, _)| k.ends_with(":inflight")) {
+            self.adjust(key, -amount);
+        }
     }
 }
 
+fn shared_key(key: &str) -> String {
+    format!("rl:{key}")
+}
+
+/// Shared counters outlive their window a little, so late corrections land.
+const WINDOW_TTL_MS: u64 = 120_000;
+/// In-flight counts left by a replica that died expire after this.
+const INFLIGHT_TTL_MS: u64 = 600_000;
+
 impl RateLimiter {
-    pub fn admit(self: &Arc<Self>, checks: &[Check], tokens: u64, now_ms: u64) -> Result<Permit, Throttled> {
+    pub fn new(shared: Option<Arc<Shared>>, replicas: u64) -> Self {
+        Self { local: LocalLimits::default(), shared, replicas: replicas.max(1) }
+    }
+
+    pub async fn admit(self: &Arc<Self>, checks: &[Check], tokens: u64, now_ms: u64) -> Result<Permit, Throttled> {
         let window = Window::at(now_ms);
-        let taken = self.local.admit(checks, tokens, &window, 1)?;
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.available())
+            && let Some(result) = self.admit_shared(shared, checks, tokens, &window).await
+        {
+            return result;
+        }
+        let divisor = if self.shared.is_some() { self.replicas } else { 1 };
+        let taken = self.local.admit(checks, tokens, &window, divisor)?;
         let mut allowance = Allowance { reset: window.remaining(), ..Allowance::default() };
         for check in checks {
             if let Some(limit) = check.rpm {
@@ -178,10 +217,71 @@ impl RateLimiter {
         }
         Ok(Permit {
             limiter: self.clone(),
+            counters: Counters::Local,
             taken,
             reserved_tokens: i64::try_from(tokens).unwrap_or(i64::MAX),
             allowance,
         })
+    }
+
+    /// `None` when Redis is unavailable.
+    async fn admit_shared(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        checks: &[Check],
+        tokens: u64,
+        window: &Window,
+    ) -> Option<Result<Permit, Throttled>> {
+        let amount = i64::try_from(tokens).unwrap_or(i64::MAX);
+        let mut plan: Vec<(Kind, u64, String, i64)> = Vec::new();
+        for check in checks {
+            if let Some(limit) = check.max_concurrent {
+                plan.push((Kind::Concurrency, limit, check.concurrency_key(), 1));
+            }
+            if let Some(limit) = check.rpm {
+                plan.push((Kind::Requests, limit, check.window_key(Kind::Requests, window), 1));
+            }
+            if let Some(limit) = check.tpm {
+                if tokens > limit {
+                    let retry_after = window.remaining();
+                    return Some(Err(Throttled { kind: Kind::Tokens, limit, too_large: true, retry_after }));
+                }
+                plan.push((Kind::Tokens, limit, check.window_key(Kind::Tokens, window), amount));
+            }
+        }
+        let counters: Vec<(String, u64, i64, u64)> = plan
+            .iter()
+            .map(|(kind, limit, key, amount)| {
+                let ttl = if *kind == Kind::Concurrency { INFLIGHT_TTL_MS } else { WINDOW_TTL_MS };
+                (shared_key(key), *limit, *amount, ttl)
+            })
+            .collect();
+        match shared.admit(&counters).await? {
+            Verdict::Refused { index, .. } => {
+                let (kind, limit, _, _) = plan.get(index)?;
+                let retry_after = if *kind == Kind::Concurrency { Duration::from_secs(1) } else { window.remaining() };
+                Some(Err(Throttled { kind: *kind, limit: *limit, too_large: false, retry_after }))
+            }
+            Verdict::Admitted(values) => {
+                let mut allowance = Allowance { reset: window.remaining(), ..Allowance::default() };
+                for ((kind, limit, _, _), used) in plan.iter().zip(&values) {
+                    let used = (*used).max(0) as u64;
+                    match kind {
+                        Kind::Requests => tighten(&mut allowance.requests, *limit, used),
+                        Kind::Tokens => tighten(&mut allowance.tokens, *limit, used),
+                        Kind::Concurrency => {}
+                    }
+                }
+                let taken = plan.into_iter().map(|(_, _, key, amount)| (key, amount)).collect();
+                Some(Ok(Permit {
+                    limiter: self.clone(),
+                    counters: Counters::Shared(shared.clone()),
+                    taken,
+                    reserved_tokens: amount,
+                    allowance,
+                }))
+            }
+        }
     }
 
     /// Forgets windows older than the previous one.
@@ -227,6 +327,10 @@ mod tests {
         Arc::new(RateLimiter::default())
     }
 
+    fn admit(l: &Arc<RateLimiter>, checks: &[Check], tokens: u64, now: u64) -> Result<Permit, Throttled> {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(l.admit(checks, tokens, now))
+    }
+
     fn check(rpm: Option<u64>, tpm: Option<u64>, conc: Option<u64>) -> Vec<Check> {
         vec![Check { scope: "t:a".into(), rpm, tpm, max_concurrent: conc }]
     }
@@ -235,23 +339,23 @@ mod tests {
     fn requests_per_minute_are_exact_and_reset_with_the_window() {
         let l = limiter();
         let checks = check(Some(3), None, None);
-        let permits: Vec<_> = (0..3).map(|_| l.admit(&checks, 0, 1_000).unwrap()).collect();
+        let permits: Vec<_> = (0..3).map(|_| admit(&l, &checks, 0, 1_000).unwrap()).collect();
         assert_eq!(permits[2].allowance.requests, Some((3, 0)));
-        let refused = l.admit(&checks, 0, 1_000).unwrap_err();
+        let refused = admit(&l, &checks, 0, 1_000).unwrap_err();
         assert_eq!((refused.kind, refused.limit), (Kind::Requests, 3));
         assert_eq!(refused.retry_after, Duration::from_millis(59_000));
-        assert!(l.admit(&checks, 0, 60_000).is_ok(), "a new minute, a new allowance");
+        assert!(admit(&l, &checks, 0, 60_000).is_ok(), "a new minute, a new allowance");
     }
 
     #[test]
     fn tokens_are_reserved_then_corrected() {
         let l = limiter();
         let checks = check(None, Some(1000), None);
-        let mut p = l.admit(&checks, 800, 0).unwrap();
-        assert!(l.admit(&checks, 300, 0).is_err(), "800 + 300 > 1000");
+        let mut p = admit(&l, &checks, 800, 0).unwrap();
+        assert!(admit(&l, &checks, 300, 0).is_err(), "800 + 300 > 1000");
         p.settle(100);
-        assert!(l.admit(&checks, 300, 0).is_ok(), "the estimate was corrected to 100");
-        let too_big = l.admit(&checks, 5000, 0).unwrap_err();
+        assert!(admit(&l, &checks, 300, 0).is_ok(), "the estimate was corrected to 100");
+        let too_big = admit(&l, &checks, 5000, 0).unwrap_err();
         assert!(too_big.too_large);
     }
 
@@ -262,18 +366,18 @@ mod tests {
             Check { scope: "t:a".into(), rpm: Some(100), tpm: None, max_concurrent: Some(2) },
             Check { scope: "k:x".into(), rpm: Some(1), tpm: None, max_concurrent: None },
         ];
-        let first = l.admit(&checks, 0, 0).unwrap();
+        let first = admit(&l, &checks, 0, 0).unwrap();
         // The key's rpm refuses the second; the tenant's counters roll back.
-        assert_eq!(l.admit(&checks, 0, 0).unwrap_err().kind, Kind::Requests);
+        assert_eq!(admit(&l, &checks, 0, 0).unwrap_err().kind, Kind::Requests);
         assert_eq!(l.local.value("t:a:inflight"), 1);
         assert_eq!(l.local.value("t:a:rpm@0"), 1);
         drop(first);
         assert_eq!(l.local.value("t:a:inflight"), 0);
         let tenant_only = check(None, None, Some(1));
-        let held = l.admit(&tenant_only, 0, 0).unwrap();
-        assert_eq!(l.admit(&tenant_only, 0, 0).unwrap_err().kind, Kind::Concurrency);
+        let held = admit(&l, &tenant_only, 0, 0).unwrap();
+        assert_eq!(admit(&l, &tenant_only, 0, 0).unwrap_err().kind, Kind::Concurrency);
         drop(held);
-        assert!(l.admit(&tenant_only, 0, 0).is_ok());
+        assert!(admit(&l, &tenant_only, 0, 0).is_ok());
     }
 
     #[test]

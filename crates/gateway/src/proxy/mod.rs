@@ -29,6 +29,7 @@ use crate::error::GatewayError;
 use crate::limits::{self, Allowance, RateLimiter};
 use crate::policy;
 use crate::request_id::RequestId;
+use crate::shared::Shared;
 use crate::upstream::{Upstream, classify};
 
 /// What the `/v1` handlers share.
@@ -39,6 +40,8 @@ pub struct Proxy {
     pub limiter: Arc<RateLimiter>,
     pub limits: LimitsConfig,
     pub budgets: Arc<BudgetBook>,
+    /// Redis, when limits and budgets are shared by several replicas.
+    pub shared: Option<Arc<Shared>>,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
 }
@@ -164,7 +167,7 @@ async fn forward_post_inner(
         if !checks.is_empty() {
             let estimate = prompt_estimate + output;
             let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
-            let permit = proxy.limiter.admit(&checks, estimate, now).map_err(GatewayError::RateLimited)?;
+            let permit = proxy.limiter.admit(&checks, estimate, now).await.map_err(GatewayError::RateLimited)?;
             grants.allowance = Some(permit.allowance);
             if let Some(exchange) = slot.as_mut() {
                 exchange.permit = Some(permit);
@@ -175,8 +178,10 @@ async fn forward_post_inner(
         let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);
         if !budgets.is_empty() {
             let worst = proxy.accounting.worst_case_micros(model.unwrap_or_default(), prompt_estimate, output);
-            let reservations = budget::reserve(&budgets, worst, chrono::Utc::now().date_naive())
-                .map_err(|e| GatewayError::BudgetExhausted { budget_id: e.budget_id, period: e.period })?;
+            let reservations =
+                budget::reserve_shared(proxy.shared.as_ref(), &budgets, worst, chrono::Utc::now().date_naive())
+                    .await
+                    .map_err(|e| GatewayError::BudgetExhausted { budget_id: e.budget_id, period: e.period })?;
             grants.remaining_budget = Reservation::remaining(&reservations);
             if let Some(exchange) = slot.as_mut() {
                 exchange.reservations = reservations;

@@ -2,7 +2,10 @@
 //! on port 0, both over real HTTP.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -214,5 +217,59 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 fn init_test_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
         let _ = tracing_subscriber::fmt().with_env_filter("debug").with_test_writer().try_init();
+    }
+}
+
+/// A TCP forwarder (to Postgres, to Redis) that a test can cut and restore,
+/// so the service becomes unreachable for one gateway only.
+pub struct CuttableLink {
+    pub addr: SocketAddr,
+    target: SocketAddr,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl CuttableLink {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let link = Self { addr: listener.local_addr().unwrap(), target, tasks: Arc::default() };
+        link.serve(listener);
+        link
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let tasks = self.tasks.clone();
+        let target = self.target;
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().unwrap().push(conn);
+            }
+        });
+        self.tasks.lock().unwrap().push(accept);
+    }
+
+    /// Stops accepting and kills every open connection.
+    pub fn cut(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    pub async fn restore(&self) {
+        let mut listener = None;
+        for _ in 0..50 {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        self.serve(listener.expect("the link's port can be bound again"));
     }
 }

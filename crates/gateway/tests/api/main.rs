@@ -13,6 +13,7 @@ mod limits;
 mod outage;
 mod passthrough;
 mod policy;
+mod replicas;
 mod sdk;
 mod streaming;
 mod upstream_failures;

@@ -1,70 +1,11 @@
 //! The database goes away during traffic and comes back: traffic keeps
 //! flowing and the ledger ends with exactly one record per request served.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::helpers::{CuttableLink, Db, TestGateway};
 use reqwest::Method;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
-
-use crate::helpers::{Db, TestGateway};
-
-/// A TCP forwarder to Postgres that the test can cut and restore, so the
-/// database becomes unreachable for this gateway only.
-struct CuttableLink {
-    addr: SocketAddr,
-    target: SocketAddr,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl CuttableLink {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let link = Self { addr: listener.local_addr().unwrap(), target, tasks: Arc::default() };
-        link.serve(listener);
-        link
-    }
-
-    fn serve(&self, listener: TcpListener) {
-        let tasks = self.tasks.clone();
-        let target = self.target;
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let conn = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                tasks.lock().unwrap().push(conn);
-            }
-        });
-        self.tasks.lock().unwrap().push(accept);
-    }
-
-    /// Stops accepting and kills every open connection.
-    fn cut(&self) {
-        for task in self.tasks.lock().unwrap().drain(..) {
-            task.abort();
-        }
-    }
-
-    async fn restore(&self) {
-        let mut listener = None;
-        for _ in 0..50 {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => {
-                    listener = Some(l);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-        self.serve(listener.expect("the link's port can be bound again"));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_loses_no_usage_record_and_no_request() {
