@@ -21,6 +21,7 @@ use crate::accounting::pricing::PriceTable;
 use crate::accounting::spool::Spool;
 use crate::accounting::{Accounting, Ledger, estimate, maintain_ledger};
 use crate::admin::{self, AdminState};
+use crate::alerts;
 use crate::auth::sync::{CacheSync, touch_writer};
 use crate::auth::{Authenticator, KeyCache, SecretHasher};
 use crate::budget::BudgetBook;
@@ -91,6 +92,15 @@ impl Application {
         });
 
         let accounting = start_accounting(&config, &store, &background, &stop_background)?;
+        let webhooks = Arc::new(config.alerts.webhooks()?);
+        background.spawn(alerts::watch_budgets(store.clone(), config.alerts.check_interval, stop_background.clone()));
+        background.spawn(alerts::deliver_alerts(
+            store.clone(),
+            webhooks,
+            config.alerts.delivery_interval,
+            config.alerts.retry_base,
+            stop_background.clone(),
+        ));
 
         let upstream = Upstream::new(&config.upstream)?;
         let shared = match config.redis.url()? {

@@ -31,7 +31,70 @@ pub struct Config {
     pub accounting: AccountingConfig,
     pub limits: LimitsConfig,
     pub redis: RedisConfig,
+    pub alerts: AlertsConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// How often budgets are checked against the ledger for alerts.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// How often the alert outbox is delivered.
+    #[serde(with = "humantime_serde")]
+    pub delivery_interval: Duration,
+    /// First retry delay after a failed delivery; doubles per attempt, up to
+    /// ten minutes.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            check_interval: Duration::from_secs(30),
+            delivery_interval: Duration::from_secs(1),
+            retry_base: Duration::from_secs(2),
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// `generic` (signed JSON) or `slack`.
+    #[serde(default = "generic_format")]
+    pub format: crate::alerts::WebhookFormat,
+    /// Environment variable holding the HMAC signing secret (generic format).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+fn generic_format() -> crate::alerts::WebhookFormat {
+    crate::alerts::WebhookFormat::Generic
+}
+
+impl AlertsConfig {
+    pub fn webhooks(&self) -> Result<Vec<crate::alerts::Webhook>, ConfigError> {
+        self.webhooks
+            .iter()
+            .map(|w| {
+                let secret = match (&w.secret_file, &w.secret_env) {
+                    (None, None) => None,
+                    (file, env) => {
+                        read_secret(file.as_deref(), env.as_deref().unwrap_or(""), "alerts.webhooks.secret_file")?
+                    }
+                };
+                Ok(crate::alerts::Webhook { url: w.url.clone(), format: w.format, secret })
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -381,6 +444,16 @@ impl Config {
             if value == Some(0) {
                 return Err(invalid(key, "must be greater than 0 (leave it unset for no limit)"));
             }
+        }
+        for hook in &self.alerts.webhooks {
+            let url =
+                Url::parse(&hook.url).map_err(|e| invalid("alerts.webhooks.url", format!("is not a URL: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(invalid("alerts.webhooks.url", "must be an http or https URL"));
+            }
+        }
+        if self.alerts.check_interval.is_zero() || self.alerts.delivery_interval.is_zero() {
+            return Err(invalid("alerts.check_interval", "intervals must be greater than 0"));
         }
         if self.redis.replicas == 0 {
             return Err(invalid("redis.replicas", "must be at least 1"));

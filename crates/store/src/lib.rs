@@ -9,6 +9,7 @@
 //! Postgres, a `NOTIFY` so other replicas refresh their caches at commit.
 
 mod admin_tokens;
+pub mod alerts;
 mod audit;
 pub mod budgets;
 mod keys;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
+pub use alerts::BudgetAlert;
 pub use budgets::{Budget, Period};
 pub use model::*;
 pub use time::{from_millis, now_millis, to_millis};

@@ -202,3 +202,28 @@ mod tests {
         }
     }
 }
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AlertQuery {
+    pub tenant_id: Option<String>,
+    /// 1-200 (default 50).
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AlertList {
+    pub data: Vec<tollgate_store::BudgetAlert>,
+}
+
+/// Budget alerts, newest first, with their delivery state.
+#[utoipa::path(get, path = "/admin/v1/alerts", tag = "budgets", params(AlertQuery),
+    responses((status = 200, body = AlertList)))]
+pub async fn alerts(
+    State(state): State<AdminState>,
+    _admin: Admin,
+    super::extract::AdminQuery(query): super::extract::AdminQuery<AlertQuery>,
+) -> Result<Json<AlertList>, AdminError> {
+    let limit = super::validate::page_limit(query.limit)?;
+    Ok(Json(AlertList { data: state.store.list_alerts(query.tenant_id.as_deref(), limit).await? }))
+}

@@ -64,7 +64,7 @@ impl AdminState {
         tenants::create, tenants::list, tenants::get, tenants::update, tenants::suspend, tenants::resume, tenants::delete,
         keys::create, keys::list, keys::get, keys::update, keys::revoke, keys::rotate,
         tokens::create, tokens::list, tokens::revoke,
-        budgets::create, budgets::list, budgets::update, budgets::delete,
+        budgets::create, budgets::list, budgets::update, budgets::delete, budgets::alerts,
         audit::list,
         usage::admin_summary, usage::admin_records, usage::admin_csv,
         crate::tenant_usage::summary, crate::tenant_usage::records,
@@ -108,6 +108,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/v1/keys/{key_id}/rotate", post(keys::rotate))
         .route("/admin/v1/tenants/{id}/budgets", post(budgets::create).get(budgets::list))
         .route("/admin/v1/budgets/{budget_id}", axum::routing::patch(budgets::update).delete(budgets::delete))
+        .route("/admin/v1/alerts", get(budgets::alerts))
         .route("/admin/v1/admin-tokens", post(tokens::create).get(tokens::list))
         .route("/admin/v1/admin-tokens/{token_id}/revoke", post(tokens::revoke))
         .route("/admin/v1/audit", get(audit::list))

@@ -4,6 +4,7 @@
 
 mod accounting;
 mod admin;
+mod alerts;
 mod budgets;
 mod errors;
 mod helpers;
