@@ -41,6 +41,9 @@ pub enum TenantsCommand {
         /// A JSON object.
         #[arg(long)]
         metadata: Option<String>,
+        /// Limits and caps as JSON, e.g. '{"limits":{"rpm":600},"max_output_tokens":4096}'.
+        #[arg(long)]
+        policy: Option<String>,
     },
     /// List tenants (one page; pass --cursor for the next).
     List {
@@ -58,6 +61,9 @@ pub enum TenantsCommand {
         name: Option<String>,
         #[arg(long)]
         metadata: Option<String>,
+        /// Replaces the whole policy (JSON).
+        #[arg(long)]
+        policy: Option<String>,
     },
     Suspend {
         id: String,
@@ -187,10 +193,13 @@ fn print_page(format: Format, page: &Value, columns: &[&str]) -> anyhow::Result<
 pub async fn tenants(args: AdminArgs, command: TenantsCommand) -> anyhow::Result<()> {
     let client = args.client()?;
     let (method, path, body) = match command {
-        TenantsCommand::Create { id, name, metadata } => {
+        TenantsCommand::Create { id, name, metadata, policy } => {
             let mut body = json!({"id": id, "display_name": name});
             if let Some(m) = metadata {
                 body["metadata"] = parse_json("metadata", &m)?;
+            }
+            if let Some(p) = policy {
+                body["policy"] = parse_json("policy", &p)?;
             }
             (Method::POST, "/admin/v1/tenants".to_owned(), Some(body))
         }
@@ -201,13 +210,16 @@ pub async fn tenants(args: AdminArgs, command: TenantsCommand) -> anyhow::Result
             return print_page(args.output, &page, TENANT_COLUMNS);
         }
         TenantsCommand::Get { id } => (Method::GET, format!("/admin/v1/tenants/{id}"), None),
-        TenantsCommand::Update { id, name, metadata } => {
+        TenantsCommand::Update { id, name, metadata, policy } => {
             let mut body = Map::new();
             if let Some(n) = name {
                 body.insert("display_name".into(), json!(n));
             }
             if let Some(m) = metadata {
                 body.insert("metadata".into(), parse_json("metadata", &m)?);
+            }
+            if let Some(p) = policy {
+                body.insert("policy".into(), parse_json("policy", &p)?);
             }
             (Method::PATCH, format!("/admin/v1/tenants/{id}"), Some(Value::Object(body)))
         }
@@ -443,5 +455,98 @@ pub async fn usage(args: AdminArgs, command: UsageCommand) -> anyhow::Result<()>
             let csv = client.text(&format!("/admin/v1/usage/records.csv{q}")).await?;
             output::write_stdout(csv.trim_end())
         }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum BudgetsCommand {
+    /// Create a budget for a tenant (or one of its keys).
+    Create {
+        tenant: String,
+        /// daily, weekly, monthly or lifetime.
+        #[arg(long)]
+        period: String,
+        /// USD, e.g. 500 or 12.50.
+        #[arg(long)]
+        amount_usd: String,
+        /// Alert only; never refuse requests.
+        #[arg(long)]
+        soft: bool,
+        /// Alert thresholds in percent, comma-separated (default 50,80,100).
+        #[arg(long, value_delimiter = ',')]
+        thresholds: Option<Vec<u32>>,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    List {
+        tenant: String,
+    },
+    Update {
+        budget_id: String,
+        #[arg(long)]
+        amount_usd: Option<String>,
+        #[arg(long)]
+        hard: Option<bool>,
+        #[arg(long, value_delimiter = ',')]
+        thresholds: Option<Vec<u32>>,
+    },
+    Delete {
+        budget_id: String,
+    },
+    /// Budget alerts and their delivery.
+    Alerts {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+}
+
+const BUDGET_COLUMNS: &[&str] =
+    &["id", "tenant_id", "key_id", "period", "amount_usd", "hard", "spent_micros", "remaining_micros"];
+const ALERT_COLUMNS: &[&str] =
+    &["created_at", "tenant_id", "budget_id", "kind", "threshold", "spent_micros", "delivered_at", "attempts"];
+
+pub async fn budgets(args: AdminArgs, command: BudgetsCommand) -> anyhow::Result<()> {
+    let client = args.client()?;
+    let (method, path, body, columns, list) = match command {
+        BudgetsCommand::Create { tenant, period, amount_usd, soft, thresholds, key } => {
+            let mut body = json!({"period": period, "amount_usd": amount_usd, "hard": !soft});
+            if let Some(t) = thresholds {
+                body["thresholds"] = json!(t);
+            }
+            if let Some(k) = key {
+                body["key_id"] = json!(k);
+            }
+            (Method::POST, format!("/admin/v1/tenants/{tenant}/budgets"), Some(body), BUDGET_COLUMNS, false)
+        }
+        BudgetsCommand::List { tenant } => {
+            (Method::GET, format!("/admin/v1/tenants/{tenant}/budgets"), None, BUDGET_COLUMNS, true)
+        }
+        BudgetsCommand::Update { budget_id, amount_usd, hard, thresholds } => {
+            let mut body = Map::new();
+            if let Some(a) = amount_usd {
+                body.insert("amount_usd".into(), json!(a));
+            }
+            if let Some(h) = hard {
+                body.insert("hard".into(), json!(h));
+            }
+            if let Some(t) = thresholds {
+                body.insert("thresholds".into(), json!(t));
+            }
+            (Method::PATCH, format!("/admin/v1/budgets/{budget_id}"), Some(Value::Object(body)), BUDGET_COLUMNS, false)
+        }
+        BudgetsCommand::Delete { budget_id } => {
+            (Method::DELETE, format!("/admin/v1/budgets/{budget_id}"), None, BUDGET_COLUMNS, false)
+        }
+        BudgetsCommand::Alerts { tenant, limit } => {
+            let q = query_string(&[("tenant_id", tenant), ("limit", limit.map(|l| l.to_string()))]);
+            (Method::GET, format!("/admin/v1/alerts{q}"), None, ALERT_COLUMNS, true)
+        }
+    };
+    let answer = client.call(method, &path, body).await?;
+    match (args.output, list) {
+        (Format::Table, true) => output::print(args.output, &answer["data"], columns),
+        _ => output::print(args.output, &answer, columns),
     }
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tollgate_gateway::{Application, Config, shutdown, telemetry};
 
-use commands::{AdminArgs, AuditCommand, KeysCommand, TenantsCommand, UsageCommand};
+use commands::{AdminArgs, AuditCommand, BudgetsCommand, KeysCommand, TenantsCommand, UsageCommand};
 
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "An OpenAI-compatible gateway with keys, limits, budgets and accounting")]
@@ -54,6 +54,13 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Spending budgets and their alerts.
+    Budgets {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: BudgetsCommand,
+    },
     /// Usage and cost reports.
     Usage {
         #[command(flatten)]
@@ -81,6 +88,7 @@ fn main() -> ExitCode {
         Command::Keys { admin, command } => run(commands::keys(admin, command)),
         Command::Audit { admin, command } => run(commands::audit(admin, command)),
         Command::Usage { admin, command } => run(commands::usage(admin, command)),
+        Command::Budgets { admin, command } => run(commands::budgets(admin, command)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,12 @@ fn tollgate() -> Command {
     cmd
 }
 
+/// The key with its last character changed: well formed, but wrong.
+fn wrong_secret(key: &str) -> String {
+    let last = if key.ends_with('x') { 'y' } else { 'x' };
+    format!("{}{last}", &key[..key.len() - 1])
+}
+
 fn http_client() -> reqwest::Client {
     tollgate_gateway::upstream::install_crypto_provider();
     reqwest::Client::new()
@@ -212,7 +218,7 @@ async fn serve_logs_json_with_request_ids_keeps_secrets_out_and_stops_on_sigterm
     assert_eq!(fake.requests()[0].headers["authorization"], "Bearer sk-upstream-very-secret");
     let wrong = http
         .post(format!("{}/v1/chat/completions", served.public))
-        .bearer_auth(format!("{}x", &key[..key.len() - 1]))
+        .bearer_auth(wrong_secret(&key))
         .body("{}")
         .send()
         .await
@@ -299,6 +305,41 @@ async fn the_cli_manages_tenants_and_keys_with_table_and_json_output() {
         .map(|e| e["action"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(actions[..4], ["key.revoke", "key.rotate", "key.update", "key.create"]);
+
+    // Policy, budgets and alerts.
+    let (ok, _, err) =
+        served.cli(&["tenants", "update", "acme", "--policy", r#"{"limits":{"rpm":600},"max_output_tokens":4096}"#]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = served.cli(&["tenants", "get", "acme", "--output", "json"]);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["policy"]["limits"]["rpm"], 600);
+    let (ok, out, err) = served.cli(&[
+        "budgets",
+        "create",
+        "acme",
+        "--period",
+        "monthly",
+        "--amount-usd",
+        "500",
+        "--thresholds",
+        "80,100",
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let budget: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((budget["amount_micros"].as_i64(), budget["hard"].as_bool()), (Some(500_000_000), Some(true)));
+    let budget_id = budget["id"].as_str().unwrap().to_owned();
+    let (ok, table, _) = served.cli(&["budgets", "list", "acme"]);
+    assert!(ok && table.contains(&budget_id) && table.contains("500.000000"), "{table}");
+    let (ok, _, err) = served.cli(&["budgets", "update", &budget_id, "--amount-usd", "750.5"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = served.cli(&["budgets", "create", "acme", "--period", "hourly", "--amount-usd", "1"]);
+    assert!(!ok && err.contains("period"), "{err}");
+    let (ok, out, _) = served.cli(&["budgets", "alerts", "--output", "json"]);
+    assert!(ok && out.contains("\"data\""), "{out}");
+    let (ok, _, _) = served.cli(&["budgets", "delete", &budget_id]);
+    assert!(ok);
 
     let (ok, _, err) = served.cli(&["tenants", "get", "nope"]);
     assert!(!ok);

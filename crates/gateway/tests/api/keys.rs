@@ -50,7 +50,9 @@ async fn requests_without_a_valid_key_are_refused(gw: TestGateway) {
     assert_eq!(envelope(anonymous).await["error"]["code"], "invalid_api_key");
 
     let well_formed_unknown = format!("tg-aaaaaaaaaaaa-{}", "b".repeat(40));
-    let wrong_secret = format!("{}X", &gw.key[..gw.key.len() - 1]);
+    // The key with its last character changed (to one it is not).
+    let last = if gw.key.ends_with('X') { 'Y' } else { 'X' };
+    let wrong_secret = format!("{}{last}", &gw.key[..gw.key.len() - 1]);
     for key in [well_formed_unknown.as_str(), "tg-garbage", wrong_secret.as_str(), "sk-openai-style"] {
         let response = chat(key, &gw, CHAT).await;
         assert_eq!(response.status(), 401, "{key}");
