@@ -53,6 +53,12 @@ def broke_key() -> str:
     return _env("SDK_TEST_BROKE_KEY")
 
 
+@pytest.fixture(scope="session")
+def throttled_key() -> str:
+    """A key whose tenant may have one request in flight."""
+    return _env("SDK_TEST_THROTTLED_KEY")
+
+
 @pytest.fixture
 def counter() -> RequestCounter:
     return RequestCounter()

@@ -252,3 +252,25 @@ def test_an_exhausted_budget_raises_rate_limit_error_without_retries(base_url, b
         client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert caught.value.code == "insufficient_quota"
     assert counter.count == 1, "x-should-retry: false stops the SDK from retrying"
+
+
+def test_throttling_raises_rate_limit_error_after_the_sdk_retries(base_url, throttled_key, counter):
+    holder = openai.OpenAI(base_url=base_url, api_key=throttled_key, max_retries=0)
+    stream = holder.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-fake-chunks": "30", "x-fake-chunk-interval-ms": "200"},
+    )
+    next(iter(stream))  # the tenant's one in-flight slot is now taken
+    client = openai.OpenAI(
+        base_url=base_url,
+        api_key=throttled_key,
+        http_client=openai.DefaultHttpxClient(event_hooks={"request": [counter]}),
+        max_retries=2,
+    )
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert caught.value.code == "rate_limit_exceeded"
+    assert counter.count == 3, "throttling is worth retrying: the SDK tried three times"
+    stream.close()

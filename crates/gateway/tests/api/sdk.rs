@@ -46,6 +46,15 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         .await;
     assert_eq!(status, 201);
     let broke = gw.create_key("broke", serde_json::json!({"name": "k"})).await;
+    let (status, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/tenants",
+            Some(serde_json::json!({"id": "throttled", "display_name": "T", "policy": {"limits": {"max_concurrent": 1}}})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let throttled = gw.create_key("throttled", serde_json::json!({"name": "k"})).await;
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sdk"])
@@ -55,6 +64,7 @@ async fn the_official_python_sdk_works_through_the_gateway() {
             .env("SDK_TEST_REVOKED_KEY", revoked)
             .env("SDK_TEST_RESTRICTED_KEY", restricted)
             .env("SDK_TEST_BROKE_KEY", broke)
+            .env("SDK_TEST_THROTTLED_KEY", throttled)
             .output()
             .expect("pytest runs")
     })
