@@ -64,16 +64,9 @@ fn supports_stream_usage(endpoint: &str) -> bool {
 /// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`.
 pub async fn forward_post(State(proxy): ProxyState, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let request_id = request_id(&parts.extensions);
-    let Ok(principal) = principal(&parts.extensions) else { return GatewayError::Internal.into_response() };
-    let exchange = Exchange::open(
-        proxy.accounting.clone(),
-        request_id.as_str(),
-        principal.tenant_id(),
-        &principal.key.id,
-        parts.uri.path(),
-    );
-    let mut slot = Some(exchange);
+    let Ok((request_id, principal, mut slot)) = begin(&proxy, &parts) else {
+        return GatewayError::Internal.into_response();
+    };
     let mut grants = Grants::default();
     let result = forward_post_inner(&proxy, &parts, body, &request_id, &principal, &mut slot, &mut grants).await;
     let mut response = settle(result, slot);
@@ -86,6 +79,23 @@ pub async fn forward_post(State(proxy): ProxyState, request: Request) -> Respons
         response.headers_mut().insert(BUDGET_HEADER, value);
     }
     response
+}
+
+/// The caller and the accounting exchange every `/v1` request starts with.
+fn begin(
+    proxy: &Proxy,
+    parts: &http::request::Parts,
+) -> Result<(RequestId, Principal, Option<Exchange>), GatewayError> {
+    let request_id = request_id(&parts.extensions);
+    let principal = principal(&parts.extensions)?;
+    let exchange = Exchange::open(
+        proxy.accounting.clone(),
+        request_id.as_str(),
+        principal.tenant_id(),
+        &principal.key.id,
+        parts.uri.path(),
+    );
+    Ok((request_id, principal, Some(exchange)))
 }
 
 /// Turns a handler result into the response, closing the exchange if the
@@ -203,16 +213,9 @@ async fn forward_post_inner(
 /// `GET /v1/models` and `GET /v1/models/{id}`: only the models the key may use.
 pub async fn forward_get(State(proxy): ProxyState, request: Request) -> Response {
     let (parts, _body) = request.into_parts();
-    let request_id = request_id(&parts.extensions);
-    let Ok(principal) = principal(&parts.extensions) else { return GatewayError::Internal.into_response() };
-    let exchange = Exchange::open(
-        proxy.accounting.clone(),
-        request_id.as_str(),
-        principal.tenant_id(),
-        &principal.key.id,
-        parts.uri.path(),
-    );
-    let mut slot = Some(exchange);
+    let Ok((request_id, principal, mut slot)) = begin(&proxy, &parts) else {
+        return GatewayError::Internal.into_response();
+    };
     let result = forward_get_inner(&proxy, &parts, &request_id, &principal, &mut slot).await;
     settle(result, slot)
 }
