@@ -212,6 +212,17 @@ impl IntoResponse for GatewayError {
             }
             let retry = if t.too_large { "false" } else { "true" };
             headers.insert("x-should-retry", HeaderValue::from_static(retry));
+            // The limit that refused the request, spent.
+            let allowance = match t.kind {
+                crate::limits::Kind::Requests => {
+                    crate::limits::Allowance { requests: Some((t.limit, 0)), tokens: None, reset: t.retry_after }
+                }
+                crate::limits::Kind::Tokens => {
+                    crate::limits::Allowance { requests: None, tokens: Some((t.limit, 0)), reset: t.retry_after }
+                }
+                crate::limits::Kind::Concurrency => crate::limits::Allowance::default(),
+            };
+            allowance.write(headers);
         } else if self.fault() == Fault::Client {
             // A retry of the same bad request cannot succeed; tell the SDKs so
             // they do not retry a 404/405 or a connection they believe flaky.

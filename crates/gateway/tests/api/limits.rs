@@ -51,6 +51,7 @@ async fn requests_per_minute_are_enforced_exactly_with_headers() {
     assert!(retry_ms > 0 && retry_ms <= 60_000);
     assert!(refused.headers().contains_key("retry-after"));
     assert_eq!(refused.headers()["x-should-retry"], "true");
+    assert_eq!(refused.headers()["x-ratelimit-remaining-requests"], "0");
     let body = envelope(refused).await;
     assert_eq!(
         (body["error"]["code"].as_str(), body["error"]["type"].as_str()),

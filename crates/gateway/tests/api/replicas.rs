@@ -150,3 +150,49 @@ async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
     let admitted = after.iter().filter(|s| **s == 200).count();
     assert_eq!(admitted, 8, "ten a minute for the fleet, two already used: {after:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_and_token_limits_hold_across_two_replicas() {
+    early_in_a_minute().await;
+    let (a, b, _db) = pair(&redis_url(), 2).await;
+    let (status, _) = a
+        .admin(
+            Method::PATCH,
+            "/admin/v1/tenants/test",
+            Some(json!({"policy": {"limits": {"max_concurrent": 2, "tpm": 3000}}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = client_with_key(&a.key);
+    let slow = |url: String| {
+        client
+            .post(url)
+            .header("x-fake-chunks", "10")
+            .header("x-fake-chunk-interval-ms", "100")
+            .body(r#"{"model":"gpt-4.1","max_tokens":1000,"stream":true,"messages":[]}"#)
+            .send()
+    };
+    // Two streams in flight, one on each replica: the tenant's two slots.
+    let first = slow(a.url("/v1/chat/completions")).await.unwrap();
+    let second = slow(b.url("/v1/chat/completions")).await.unwrap();
+    assert_eq!((first.status(), second.status()), (reqwest::StatusCode::OK, reqwest::StatusCode::OK));
+    let third = client.post(a.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
+    assert_eq!(third.status(), 429, "the fleet holds two in flight, not two per replica");
+    first.bytes().await.unwrap();
+    second.bytes().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Tokens: 3,000 a minute for the fleet; 1,000 reserved per request
+    // while in flight, corrected to the few tokens really used after.
+    let big = json!({"model": "gpt-4.1", "max_tokens": 1400, "messages": []});
+    let held_a = client.post(a.url("/v1/chat/completions")).header("x-fake-latency-ms", "500").json(&big).send();
+    let held_b = client.post(b.url("/v1/chat/completions")).header("x-fake-latency-ms", "500").json(&big).send();
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.post(b.url("/v1/chat/completions")).json(&big).send().await.unwrap().status()
+    };
+    let (ra, rb, probe) = tokio::join!(held_a, held_b, probe);
+    assert_eq!((ra.unwrap().status(), rb.unwrap().status()), (reqwest::StatusCode::OK, reqwest::StatusCode::OK));
+    assert_eq!(probe, 429, "a third 1,400-token reservation does not fit in 3,000 across replicas");
+}
