@@ -28,6 +28,7 @@ use crate::budget::BudgetBook;
 use crate::config::Config;
 use crate::health::Readiness;
 use crate::limits::RateLimiter;
+use crate::metrics::{self, GaugeSource, Metrics, MetricsState};
 use crate::proxy::Proxy;
 use crate::router;
 use crate::shared::Shared;
@@ -63,7 +64,13 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("cannot load budgets: {e}"))?;
         let sync = Arc::new(CacheSync::new(store.clone(), cache.clone(), budgets.clone()));
         sync.refresh_all().await.map_err(|e| anyhow::anyhow!("cannot load keys: {e}"))?;
-        let auth = Arc::new(Authenticator::new(cache, hasher.clone(), config.auth.failed_attempts_per_minute));
+        let metrics = Arc::new(Metrics::new()?);
+        let auth = Arc::new(Authenticator::new(
+            cache.clone(),
+            hasher.clone(),
+            config.auth.failed_attempts_per_minute,
+            metrics.clone(),
+        ));
 
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
@@ -91,7 +98,7 @@ impl Application {
             budgets: budgets.clone(),
         });
 
-        let accounting = start_accounting(&config, &store, &background, &stop_background)?;
+        let accounting = start_accounting(&config, &store, metrics.clone(), &background, &stop_background)?;
         let webhooks = Arc::new(config.alerts.webhooks()?);
         background.spawn(alerts::watch_budgets(store.clone(), config.alerts.check_interval, stop_background.clone()));
         background.spawn(alerts::deliver_alerts(
@@ -114,6 +121,18 @@ impl Application {
         };
         let limiter = Arc::new(RateLimiter::new(shared.clone(), config.redis.replicas));
         background.spawn(limiter.clone().sweep_loop(stop_background.clone()));
+        let gauges = Gauges {
+            cache: cache.clone(),
+            ledger: accounting.ledger.clone(),
+            budgets: budgets.clone(),
+            shared: shared.clone(),
+        };
+        // Prometheus scrapes the admin listener, never the public one.
+        let admin_router = admin_router.merge(
+            Router::new()
+                .route("/metrics", axum::routing::get(metrics::serve))
+                .with_state(MetricsState { metrics, sources: Arc::new(vec![Box::new(gauges)]) }),
+        );
         let proxy = Arc::new(Proxy {
             upstream,
             accounting,
@@ -214,6 +233,7 @@ impl Application {
 fn start_accounting(
     config: &Config,
     store: &Store,
+    metrics: Arc<Metrics>,
     background: &TaskTracker,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Arc<Accounting>> {
@@ -232,7 +252,8 @@ fn start_accounting(
             retry_interval: Duration::from_secs(1),
         },
     );
-    let accounting = Arc::new(Accounting::new(prices, settings.pricing_file.clone(), settings.reject_unpriced, ledger));
+    let accounting =
+        Arc::new(Accounting::new(prices, settings.pricing_file.clone(), settings.reject_unpriced, ledger, metrics));
     // Background tasks are cancelled only after the listeners have drained,
     // so the writer sees every record the finished requests produced.
     background.spawn(writer.run(records, cancel.clone()));
@@ -261,4 +282,29 @@ async fn hash_secret(config: &Config, store: &Store) -> anyhow::Result<SecretStr
     let candidate: String = rand::rng().sample_iter(Alphanumeric).take(64).map(char::from).collect();
     let stored = store.setting_or_insert("key_hash_secret", &candidate).await?;
     Ok(SecretString::from(stored))
+}
+
+/// The gauges that mirror component state, read at scrape time.
+struct Gauges {
+    cache: Arc<KeyCache>,
+    ledger: Ledger,
+    budgets: Arc<BudgetBook>,
+    shared: Option<Arc<Shared>>,
+}
+
+impl GaugeSource for Gauges {
+    fn refresh(&self, m: &Metrics) {
+        m.key_cache_size.set(i64::try_from(self.cache.key_count()).unwrap_or(i64::MAX));
+        m.ledger_queue_depth.set(i64::try_from(self.ledger.queue_depth()).unwrap_or(i64::MAX));
+        m.spool_bytes.set(i64::try_from(self.ledger.spool().bytes()).unwrap_or(i64::MAX));
+        if let Some(shared) = &self.shared {
+            let seen = m.redis_fallbacks.get();
+            m.redis_fallbacks.inc_by(shared.fallbacks().saturating_sub(seen));
+        }
+        for state in self.budgets.all() {
+            let amount = state.budget.amount_micros.max(1);
+            let percent = i64::try_from(i128::from(state.spent()) * 100 / i128::from(amount)).unwrap_or(i64::MAX);
+            m.budget_utilisation.with_label_values(&[&state.budget.tenant_id, &state.budget.id]).set(percent);
+        }
+    }
 }

@@ -162,6 +162,10 @@ impl BudgetBook {
             .unwrap_or_default()
     }
 
+    pub fn all(&self) -> Vec<Arc<BudgetState>> {
+        self.by_tenant.load().values().flat_map(|v| v.iter().cloned()).collect()
+    }
+
     pub fn for_tenant(&self, tenant_id: &str) -> Vec<Arc<BudgetState>> {
         self.by_tenant.load().get(tenant_id).map(|s| s.to_vec()).unwrap_or_default()
     }

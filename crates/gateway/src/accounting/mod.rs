@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tollgate_openai::Usage;
 use tollgate_store::{Store, UsageEvent};
 
+use crate::metrics::{Metrics, status_class};
+
 pub use ledger::Ledger;
 use pricing::PriceTable;
 
@@ -31,11 +33,18 @@ pub struct Accounting {
     pricing_file: Option<PathBuf>,
     pub reject_unpriced: bool,
     pub ledger: Ledger,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Accounting {
-    pub fn new(prices: PriceTable, pricing_file: Option<PathBuf>, reject_unpriced: bool, ledger: Ledger) -> Self {
-        Self { prices: ArcSwap::from_pointee(prices), pricing_file, reject_unpriced, ledger }
+    pub fn new(
+        prices: PriceTable,
+        pricing_file: Option<PathBuf>,
+        reject_unpriced: bool,
+        ledger: Ledger,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self { prices: ArcSwap::from_pointee(prices), pricing_file, reject_unpriced, ledger, metrics }
     }
 
     pub fn is_priced(&self, model: &str) -> bool {
@@ -139,13 +148,20 @@ pub struct Exchange {
     pub permit: Option<crate::limits::Permit>,
     /// The request's reservations on budgets, settled with the real cost.
     pub reservations: Vec<crate::budget::Reservation>,
+    /// When the request was handed to the upstream client.
+    pub sent_at: Option<Instant>,
+    /// Time spent waiting on the upstream (non-streamed answers).
+    pub upstream_elapsed: Option<Duration>,
 }
 
 impl Exchange {
     pub fn open(accounting: Arc<Accounting>, request_id: &str, tenant_id: &str, key_id: &str, endpoint: &str) -> Self {
+        accounting.metrics.in_flight.inc();
         Self {
             closed: false,
             sent_upstream: false,
+            sent_at: None,
+            upstream_elapsed: None,
             accounting,
             started: Instant::now(),
             at_ms: chrono::Utc::now().timestamp_millis(),
@@ -170,6 +186,10 @@ impl Exchange {
 
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    pub fn accounting(&self) -> &Accounting {
+        &self.accounting
     }
 
     /// Prices the outcome, records it, and returns the cost in micro-dollars.
@@ -233,8 +253,51 @@ impl Exchange {
             latency_ms: i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX),
             ttft_ms: outcome.first_event.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
         };
+        self.observe(&event);
+        self.accounting.metrics.in_flight.dec();
         self.accounting.ledger.record(event);
         cost
+    }
+}
+
+impl Exchange {
+    /// Records the request in the metrics. Models without a price share the
+    /// label `other`, so label values stay bounded.
+    fn observe(&self, e: &UsageEvent) {
+        let m = &self.accounting.metrics;
+        let priced = self.accounting.is_priced(&e.requested_model);
+        let model = if priced { e.requested_model.as_str() } else { "other" };
+        let stream = if e.stream { "true" } else { "false" };
+        let status = u16::try_from(e.status).unwrap_or(500);
+        m.requests.with_label_values(&[&e.tenant_id, model, &e.endpoint, status_class(status), stream]).inc();
+        let total = self.started.elapsed();
+        m.request_duration.with_label_values(&[&e.endpoint, stream]).observe(total.as_secs_f64());
+        if let Some(ttft) = e.ttft_ms {
+            m.time_to_first_token.with_label_values(&[model]).observe(ttft as f64 / 1000.0);
+        }
+        if let Some(upstream) = self.upstream_elapsed {
+            m.overhead.observe(total.saturating_sub(upstream).as_secs_f64());
+        }
+        for (kind, n) in [
+            ("prompt", e.prompt_tokens),
+            ("completion", e.completion_tokens),
+            ("reasoning", e.reasoning_tokens),
+            ("cached", e.cached_tokens),
+            ("billed_output", e.billed_output_tokens),
+        ] {
+            if n > 0 {
+                m.tokens.with_label_values(&[&e.tenant_id, model, kind]).inc_by(n as u64);
+            }
+        }
+        if e.cost_micros > 0 {
+            m.cost_micros.with_label_values(&[&e.tenant_id, model]).inc_by(e.cost_micros as u64);
+        }
+        if e.unpriced {
+            m.unpriced.with_label_values(&["other"]).inc();
+        }
+        if let Some((fault, code)) = e.error_class.as_deref().and_then(|c| c.split_once(':')) {
+            m.failures.with_label_values(&[fault, code]).inc();
+        }
     }
 }
 

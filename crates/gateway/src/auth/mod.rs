@@ -30,6 +30,7 @@ pub use cache::{CachedKey, CachedTenant, KeyCache};
 pub use hasher::SecretHasher;
 
 use crate::error::{AuthFailure, GatewayError};
+use crate::metrics::Metrics;
 use throttle::FailedAttempts;
 use touches::Touches;
 
@@ -52,15 +53,22 @@ pub struct Authenticator {
     hasher: SecretHasher,
     failures: FailedAttempts,
     pub touches: Arc<Touches>,
+    metrics: Arc<Metrics>,
 }
 
 impl Authenticator {
-    pub fn new(cache: Arc<KeyCache>, hasher: SecretHasher, failed_attempts_per_minute: u32) -> Self {
+    pub fn new(
+        cache: Arc<KeyCache>,
+        hasher: SecretHasher,
+        failed_attempts_per_minute: u32,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             cache,
             hasher,
             failures: FailedAttempts::new(failed_attempts_per_minute),
             touches: Arc::new(Touches::default()),
+            metrics,
         }
     }
 
@@ -146,6 +154,7 @@ where
                 Box::pin(self.inner.call(request))
             }
             Err(error) => {
+                self.auth.metrics.auth_failures.with_label_values(&[error.code()]).inc();
                 let ip = request
                     .extensions()
                     .get::<ConnectInfo<SocketAddr>>()

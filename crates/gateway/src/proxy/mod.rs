@@ -110,6 +110,21 @@ fn settle(result: Result<Response, GatewayError>, slot: Option<Exchange>) -> Res
             response
         }
         Err(error) => {
+            if let Some(exchange) = &slot {
+                let metrics = &exchange.accounting().metrics;
+                match &error {
+                    GatewayError::RateLimited(t) => {
+                        let reason = match t.kind {
+                            crate::limits::Kind::Requests => "requests_per_minute",
+                            crate::limits::Kind::Tokens => "tokens_per_minute",
+                            crate::limits::Kind::Concurrency => "in_flight",
+                        };
+                        metrics.rejections.with_label_values(&[reason]).inc();
+                    }
+                    GatewayError::BudgetExhausted { .. } => metrics.rejections.with_label_values(&["budget"]).inc(),
+                    _ => {}
+                }
+            }
             if let Some(exchange) = slot {
                 let class = format!("{}:{}", error.fault().as_str(), error.code());
                 exchange.close(Outcome {
@@ -316,7 +331,8 @@ async fn relay_response(
             status.as_u16()
         )));
     }
-    if let Some(exchange) = slot.take() {
+    if let Some(mut exchange) = slot.take() {
+        exchange.upstream_elapsed = exchange.sent_at.map(|t| t.elapsed());
         let succeeded = status.is_success();
         let usage = match find_usage(&body) {
             UsageField::Present(usage, ..) => Some(usage),

@@ -11,6 +11,7 @@ mod helpers;
 mod keys;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod outage;
 mod passthrough;
 mod policy;
