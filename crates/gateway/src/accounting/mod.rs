@@ -199,7 +199,9 @@ impl Exchange {
 
     fn record(&mut self, outcome: Outcome) -> i64 {
         self.closed = true;
-        let (usage, estimated) = match (outcome.usage, outcome.reached_upstream) {
+        // Requests without a model (the model list) cost nothing to estimate.
+        let billable = outcome.reached_upstream && (outcome.usage.is_some() || !self.requested_model.is_empty());
+        let (usage, estimated) = match (outcome.usage, billable) {
             (Some(u), _) => (u, false),
             (None, false) => (Usage::default(), false),
             (None, true) => {
@@ -215,7 +217,6 @@ impl Exchange {
         let price = prices
             .price(&self.requested_model)
             .or_else(|| outcome.upstream_model.as_deref().and_then(|m| prices.price(m)));
-        let billable = outcome.reached_upstream;
         let (cost, unpriced) = match price {
             Some(p) if billable => (p.cost_micros(&usage), false),
             Some(_) => (0, false),

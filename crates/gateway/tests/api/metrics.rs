@@ -24,6 +24,7 @@ async fn metrics_describe_traffic_with_bounded_labels_and_no_secrets() {
         .send()
         .await
         .unwrap();
+    gw.http.get(gw.url("/v1/models")).send().await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     let public = gw.anonymous.get(gw.url("/metrics")).send().await.unwrap();
@@ -37,6 +38,7 @@ async fn metrics_describe_traffic_with_bounded_labels_and_no_secrets() {
         r#"tollgate_failures_total{code="status_503",fault="upstream"} 1"#,
         r#"tollgate_auth_failures_total{reason="invalid_api_key"} 1"#,
         r#"tollgate_unpriced_requests_total{model="other"} 1"#,
+        r#"tollgate_requests_total{endpoint="/v1/models",model="other",status="2xx",stream="false",tenant="test"} 1"#,
         r#"tollgate_tokens_total{kind="prompt",model="gpt-4.1",tenant="test"}"#,
         r#"tollgate_cost_micros_total{model="gpt-4.1",tenant="test"}"#,
         "tollgate_in_flight_requests 0",
