@@ -172,7 +172,8 @@ impl ModelPrice {
     /// The most a request can cost with `prompt` tokens in and at most
     /// `max_output` out (for budget reservations).
     pub fn worst_case_micros(&self, prompt: u64, max_output: u64) -> i64 {
-        self.cost_micros(&Usage { prompt, completion: max_output, total: prompt + max_output, reasoning: 0, cached: 0 })
+        let total = prompt.saturating_add(max_output);
+        self.cost_micros(&Usage { prompt, completion: max_output, total, reasoning: 0, cached: 0 })
     }
 }
 
@@ -221,6 +222,14 @@ mod tests {
         let flash = table.price("gemini-2.5-flash").unwrap();
         let hidden = Usage { prompt: 0, completion: 100, total: 1_100, reasoning: 0, cached: 0 };
         assert_eq!(flash.cost_micros(&hidden), 2_750, "1,100 output tokens at $2.50/M");
+    }
+
+    #[test]
+    fn absurd_output_limits_saturate_instead_of_wrapping() {
+        let table = PriceTable::parse(DEFAULT_PRICING).unwrap();
+        let lite = table.price("gemini-2.5-flash-lite").unwrap();
+        assert_eq!(lite.worst_case_micros(u64::MAX, u64::MAX), i64::MAX);
+        assert!(lite.worst_case_micros(10, u64::MAX / 2) > 1_000_000_000);
     }
 
     #[test]

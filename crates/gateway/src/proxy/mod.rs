@@ -187,10 +187,12 @@ async fn forward_post_inner(
             &principal.key.id,
             &principal.key.limits,
         );
-        let output = applied.max_output.unwrap_or(proxy.limits.default_output_tokens) * peek.n.unwrap_or(1).max(1);
+        // Saturating: a client-chosen max_tokens must not wrap to a tiny worst case.
+        let output =
+            applied.max_output.unwrap_or(proxy.limits.default_output_tokens).saturating_mul(peek.n.unwrap_or(1).max(1));
         let prompt_estimate = body.len() as u64 / 4;
         if !checks.is_empty() {
-            let estimate = prompt_estimate + output;
+            let estimate = prompt_estimate.saturating_add(output);
             let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
             let permit = proxy.limiter.admit(&checks, estimate, now).await.map_err(GatewayError::RateLimited)?;
             grants.allowance = Some(permit.allowance);

@@ -111,3 +111,20 @@ async fn spend_is_rebuilt_from_the_ledger_on_start_up() {
     assert_eq!(list["data"][0]["spent_micros"], spent, "a restart remembers this period's spend");
     assert_eq!(list["data"][0]["remaining_micros"], 1_000_000 - spent);
 }
+
+#[tokio::test]
+async fn an_absurd_max_tokens_cannot_wrap_around_a_hard_budget() {
+    let gw = TestGateway::start().await;
+    let (status, _) = gw
+        .admin(Method::POST, "/admin/v1/tenants/test/budgets", Some(json!({"period": "monthly", "amount_usd": "100"})))
+        .await;
+    assert_eq!(status, 201);
+    for n in [1_u64, 2, 16] {
+        let body = json!({"model": "gemini-2.5-pro", "max_tokens": u64::MAX, "n": n, "messages": []});
+        let r = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 429, "n = {n}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "insufficient_quota");
+    }
+    assert!(gw.fake.requests().is_empty());
+}
