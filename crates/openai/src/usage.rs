@@ -29,11 +29,11 @@ impl Usage {
     }
 
     pub fn add(&mut self, other: &Usage) {
-        self.prompt += other.prompt;
-        self.completion += other.completion;
-        self.total += other.total;
-        self.reasoning += other.reasoning;
-        self.cached += other.cached;
+        self.prompt = self.prompt.saturating_add(other.prompt);
+        self.completion = self.completion.saturating_add(other.completion);
+        self.total = self.total.saturating_add(other.total);
+        self.reasoning = self.reasoning.saturating_add(other.reasoning);
+        self.cached = self.cached.saturating_add(other.cached);
     }
 }
 
@@ -78,7 +78,7 @@ impl From<RawUsage> for Usage {
         Usage {
             prompt,
             completion,
-            total: raw.total_tokens.unwrap_or(prompt + completion),
+            total: raw.total_tokens.unwrap_or(prompt.saturating_add(completion)),
             reasoning: output_details.reasoning_tokens.unwrap_or(0),
             cached: input_details.cached_tokens.unwrap_or(0),
         }

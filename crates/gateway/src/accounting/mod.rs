@@ -207,11 +207,12 @@ impl Exchange {
             (None, true) => {
                 let prompt = estimate::prompt_tokens(&self.request_body);
                 let completion = outcome.estimated_output;
-                (Usage { prompt, completion, total: prompt + completion, reasoning: 0, cached: 0 }, true)
+                let total = prompt.saturating_add(completion);
+                (Usage { prompt, completion, total, reasoning: 0, cached: 0 }, true)
             }
         };
         if let Some(mut permit) = self.permit.take() {
-            permit.settle(usage.prompt + usage.billed_output());
+            permit.settle(usage.prompt.saturating_add(usage.billed_output()));
         }
         let prices = self.accounting.prices.load();
         let price = prices
