@@ -310,40 +310,50 @@ pub async fn audit(args: AdminArgs, command: AuditCommand) -> anyhow::Result<()>
     print_page(args.output, &page, &["id", "at", "actor", "action", "target_type", "target_id"])
 }
 
+/// Which requests a usage report covers.
+#[derive(Args)]
+pub struct UsageFilter {
+    /// Start: a day (YYYY-MM-DD) for summaries, an RFC 3339 time for records.
+    #[arg(long)]
+    from: Option<String>,
+    /// End: the last day (inclusive) for summaries, an RFC 3339 time
+    /// (exclusive) for records.
+    #[arg(long)]
+    to: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    key: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+}
+
+impl UsageFilter {
+    fn params(self) -> Vec<(&'static str, Option<String>)> {
+        vec![
+            ("from", self.from),
+            ("to", self.to),
+            ("tenant_id", self.tenant),
+            ("key_id", self.key),
+            ("model", self.model),
+        ]
+    }
+}
+
 #[derive(Subcommand)]
 pub enum UsageCommand {
-    /// Totals and breakdowns over whole UTC days.
+    /// Totals and breakdowns over whole UTC days (default: the last 30).
     Summary {
-        /// First day, YYYY-MM-DD (default: 30 days before --to).
-        #[arg(long)]
-        from: Option<String>,
-        /// Last day, inclusive (default: today).
-        #[arg(long)]
-        to: Option<String>,
-        #[arg(long)]
-        tenant: Option<String>,
-        #[arg(long)]
-        key: Option<String>,
-        #[arg(long)]
-        model: Option<String>,
+        #[command(flatten)]
+        filter: UsageFilter,
         /// Comma-separated: tenant, key, model, day.
         #[arg(long)]
         group_by: Option<String>,
     },
     /// Per-request records, newest first.
     Records {
-        /// RFC 3339 start (inclusive).
-        #[arg(long)]
-        from: Option<String>,
-        /// RFC 3339 end (exclusive).
-        #[arg(long)]
-        to: Option<String>,
-        #[arg(long)]
-        tenant: Option<String>,
-        #[arg(long)]
-        key: Option<String>,
-        #[arg(long)]
-        model: Option<String>,
+        #[command(flatten)]
+        filter: UsageFilter,
         #[arg(long)]
         limit: Option<u32>,
         #[arg(long)]
@@ -351,16 +361,8 @@ pub enum UsageCommand {
     },
     /// Per-request records as CSV on standard output.
     Export {
-        #[arg(long)]
-        from: Option<String>,
-        #[arg(long)]
-        to: Option<String>,
-        #[arg(long)]
-        tenant: Option<String>,
-        #[arg(long)]
-        key: Option<String>,
-        #[arg(long)]
-        model: Option<String>,
+        #[command(flatten)]
+        filter: UsageFilter,
     },
 }
 
@@ -406,15 +408,10 @@ const RECORD_COLUMNS: &[&str] = &[
 pub async fn usage(args: AdminArgs, command: UsageCommand) -> anyhow::Result<()> {
     let client = args.client()?;
     match command {
-        UsageCommand::Summary { from, to, tenant, key, model, group_by } => {
-            let q = query_string(&[
-                ("from", from),
-                ("to", to),
-                ("tenant_id", tenant),
-                ("key_id", key),
-                ("model", model),
-                ("group_by", group_by.clone()),
-            ]);
+        UsageCommand::Summary { filter, group_by } => {
+            let mut params = filter.params();
+            params.push(("group_by", group_by.clone()));
+            let q = query_string(&params);
             let summary = client.call(Method::GET, &format!("/admin/v1/usage/summary{q}"), None).await?;
             match args.output {
                 Format::Json => output::print(args.output, &summary, &[]),
@@ -436,22 +433,15 @@ pub async fn usage(args: AdminArgs, command: UsageCommand) -> anyhow::Result<()>
                 }
             }
         }
-        UsageCommand::Records { from, to, tenant, key, model, limit, cursor } => {
-            let q = query_string(&[
-                ("from", from),
-                ("to", to),
-                ("tenant_id", tenant),
-                ("key_id", key),
-                ("model", model),
-                ("limit", limit.map(|l| l.to_string())),
-                ("cursor", cursor),
-            ]);
+        UsageCommand::Records { filter, limit, cursor } => {
+            let mut params = filter.params();
+            params.extend([("limit", limit.map(|l| l.to_string())), ("cursor", cursor)]);
+            let q = query_string(&params);
             let page = client.call(Method::GET, &format!("/admin/v1/usage/records{q}"), None).await?;
             print_page(args.output, &page, RECORD_COLUMNS)
         }
-        UsageCommand::Export { from, to, tenant, key, model } => {
-            let q =
-                query_string(&[("from", from), ("to", to), ("tenant_id", tenant), ("key_id", key), ("model", model)]);
+        UsageCommand::Export { filter } => {
+            let q = query_string(&filter.params());
             let csv = client.text(&format!("/admin/v1/usage/records.csv{q}")).await?;
             output::write_stdout(csv.trim_end())
         }
