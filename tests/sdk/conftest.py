@@ -64,7 +64,12 @@ def counter() -> RequestCounter:
     return RequestCounter()
 
 
+def counted_client(base_url: str, api_key: str, counter: RequestCounter, max_retries: int = 0) -> openai.OpenAI:
+    """An SDK client whose HTTP requests (retries included) are counted."""
+    http_client = openai.DefaultHttpxClient(event_hooks={"request": [counter]}, timeout=30)
+    return openai.OpenAI(base_url=base_url, api_key=api_key, http_client=http_client, max_retries=max_retries)
+
+
 @pytest.fixture
 def client(base_url: str, api_key: str, counter: RequestCounter) -> openai.OpenAI:
-    http_client = openai.DefaultHttpxClient(event_hooks={"request": [counter]}, timeout=30)
-    return openai.OpenAI(base_url=base_url, api_key=api_key, http_client=http_client, max_retries=0)
+    return counted_client(base_url, api_key, counter)

@@ -6,6 +6,8 @@ import struct
 import openai
 import pytest
 
+from conftest import counted_client
+
 MODEL = "gemini-2.5-flash"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 WEATHER_TOOL = {
@@ -178,12 +180,7 @@ def test_wrong_method_raises_a_405(client):
 
 
 def test_oversized_body_raises_a_413_without_retries(base_url, api_key, counter):
-    client = openai.OpenAI(
-        base_url=base_url,
-        api_key=api_key,
-        http_client=openai.DefaultHttpxClient(event_hooks={"request": [counter]}),
-        max_retries=2,
-    )
+    client = counted_client(base_url, api_key, counter, max_retries=2)
     # The gateway under test has a 64 KiB limit.
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 100_000}])
@@ -203,12 +200,7 @@ def test_mid_stream_failure_raises_api_error(client):
 
 
 def test_sdk_retries_upstream_5xx(base_url, api_key, counter):
-    client = openai.OpenAI(
-        base_url=base_url,
-        api_key=api_key,
-        http_client=openai.DefaultHttpxClient(event_hooks={"request": [counter]}),
-        max_retries=2,
-    )
+    client = counted_client(base_url, api_key, counter, max_retries=2)
     with pytest.raises(openai.InternalServerError):
         client.with_options(timeout=10).chat.completions.create(
             model=MODEL, messages=MESSAGES, extra_headers=fault("status:503")
@@ -242,12 +234,7 @@ def test_a_model_the_key_may_not_use_raises_permission_denied(base_url, restrict
 
 
 def test_an_exhausted_budget_raises_rate_limit_error_without_retries(base_url, broke_key, counter):
-    client = openai.OpenAI(
-        base_url=base_url,
-        api_key=broke_key,
-        http_client=openai.DefaultHttpxClient(event_hooks={"request": [counter]}),
-        max_retries=2,
-    )
+    client = counted_client(base_url, broke_key, counter, max_retries=2)
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert caught.value.code == "insufficient_quota"
@@ -263,12 +250,7 @@ def test_throttling_raises_rate_limit_error_after_the_sdk_retries(base_url, thro
         extra_headers={"x-fake-chunks": "30", "x-fake-chunk-interval-ms": "200"},
     )
     next(iter(stream))  # the tenant's one in-flight slot is now taken
-    client = openai.OpenAI(
-        base_url=base_url,
-        api_key=throttled_key,
-        http_client=openai.DefaultHttpxClient(event_hooks={"request": [counter]}),
-        max_retries=2,
-    )
+    client = counted_client(base_url, throttled_key, counter, max_retries=2)
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert caught.value.code == "rate_limit_exceeded"

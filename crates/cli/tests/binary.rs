@@ -176,6 +176,16 @@ impl Served {
         )
     }
 
+    /// Creates tenant `acme` and a key for it through the CLI; returns the key.
+    fn acme_key(&self) -> String {
+        let (ok, _, err) = self.cli(&["tenants", "create", "acme", "--name", "ACME"]);
+        assert!(ok, "{err}");
+        let (ok, key, err) = self.cli(&["keys", "create", "acme", "--name", "svc"]);
+        assert!(ok, "{err}");
+        assert!(key.starts_with("tg-"), "{key}");
+        key
+    }
+
     /// Sends SIGTERM, waits for a clean exit, and returns everything logged.
     fn stop(self) -> String {
         self.stop_keeping_data().0
@@ -199,11 +209,7 @@ async fn serve_logs_json_with_request_ids_keeps_secrets_out_and_stops_on_sigterm
     let fake = FakeUpstream::start().await.unwrap();
     let served = Served::start(&fake.base_url(), &[]);
 
-    let (ok, _, err) = served.cli(&["tenants", "create", "acme", "--name", "ACME"]);
-    assert!(ok, "{err}");
-    let (ok, key, err) = served.cli(&["keys", "create", "acme", "--name", "svc"]);
-    assert!(ok, "{err}");
-    assert!(key.starts_with("tg-"), "{key}");
+    let key = served.acme_key();
 
     let http = http_client();
     let response = http
@@ -437,10 +443,7 @@ async fn a_change_made_on_one_replica_reaches_another_replica_within_a_second() 
 async fn sigterm_under_load_loses_no_usage_record() {
     let fake = FakeUpstream::start().await.unwrap();
     let served = Served::start(&fake.base_url(), &[]);
-    let (ok, _, err) = served.cli(&["tenants", "create", "acme", "--name", "ACME"]);
-    assert!(ok, "{err}");
-    let (ok, key, err) = served.cli(&["keys", "create", "acme", "--name", "svc"]);
-    assert!(ok, "{err}");
+    let key = served.acme_key();
 
     let http = http_client();
     let mut requests = tokio::task::JoinSet::new();

@@ -30,12 +30,7 @@ pub async fn list(
         None => None,
         Some(c) => Some(c.parse::<i64>().map_err(|_| AdminError::invalid("cursor", "not a cursor from this listing"))?),
     };
-    let mut data = state.store.list_audit(before, limit + 1).await?;
-    let next_cursor = if data.len() > limit as usize {
-        data.truncate(limit as usize);
-        data.last().map(|e| e.id.to_string())
-    } else {
-        None
-    };
+    let rows = state.store.list_audit(before, limit + 1).await?;
+    let (data, next_cursor) = validate::paginate(rows, limit, |e| e.id.to_string());
     Ok(Json(AuditList { data, next_cursor }))
 }

@@ -156,13 +156,8 @@ pub async fn list(
         StoreError::NotFound => AdminError::not_found("tenant"),
         other => other.into(),
     })?;
-    let mut keys = state.store.list_keys(&tenant_id, query.cursor.as_deref(), limit + 1).await?;
-    let next_cursor = if keys.len() > limit as usize {
-        keys.truncate(limit as usize);
-        keys.last().map(|k| k.id.clone())
-    } else {
-        None
-    };
+    let rows = state.store.list_keys(&tenant_id, query.cursor.as_deref(), limit + 1).await?;
+    let (keys, next_cursor) = validate::paginate(rows, limit, |k| k.id.clone());
     Ok(Json(KeyList { data: keys.into_iter().map(KeyView::from).collect(), next_cursor }))
 }
 

@@ -80,13 +80,8 @@ pub async fn list(
     AdminQuery(query): AdminQuery<PageQuery>,
 ) -> Result<Json<TenantList>, AdminError> {
     let limit = validate::page_limit(query.limit)?;
-    let mut data = state.store.list_tenants(query.cursor.as_deref(), limit + 1).await?;
-    let next_cursor = if data.len() > limit as usize {
-        data.truncate(limit as usize);
-        data.last().map(|t| t.id.clone())
-    } else {
-        None
-    };
+    let rows = state.store.list_tenants(query.cursor.as_deref(), limit + 1).await?;
+    let (data, next_cursor) = validate::paginate(rows, limit, |t| t.id.clone());
     Ok(Json(TenantList { data, next_cursor }))
 }
 

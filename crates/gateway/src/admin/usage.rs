@@ -159,13 +159,8 @@ fn parse_cursor(cursor: Option<&str>) -> Result<Option<(i64, String)>, AdminErro
 pub async fn records(store: &Store, query: RecordsQuery, tenant: Option<&str>) -> Result<RecordList, AdminError> {
     let limit = validate::page_limit(query.limit)?;
     let cursor = parse_cursor(query.cursor.as_deref())?;
-    let mut data = store.list_usage_events(&records_filter(&query, tenant), cursor, limit + 1).await?;
-    let next_cursor = if data.len() > limit as usize {
-        data.truncate(limit as usize);
-        data.last().map(|e| format!("{}:{}", e.at, e.id))
-    } else {
-        None
-    };
+    let rows = store.list_usage_events(&records_filter(&query, tenant), cursor, limit + 1).await?;
+    let (data, next_cursor) = validate::paginate(rows, limit, |e| format!("{}:{}", e.at, e.id));
     Ok(RecordList { data, next_cursor })
 }
 

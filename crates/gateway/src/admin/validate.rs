@@ -86,9 +86,27 @@ pub fn page_limit(limit: Option<u32>) -> Result<u32, AdminError> {
     }
 }
 
+/// Splits a page fetched with `limit + 1` rows into the page and the cursor
+/// of its last row, when there is more.
+pub fn paginate<T>(mut rows: Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) -> (Vec<T>, Option<String>) {
+    if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        let next = rows.last().map(cursor);
+        (rows, next)
+    } else {
+        (rows, None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_end_with_the_cursor_of_their_last_row_only_when_there_is_more() {
+        assert_eq!(paginate(vec![1, 2, 3], 2, i32::to_string), (vec![1, 2], Some("2".to_owned())));
+        assert_eq!(paginate(vec![1, 2], 2, i32::to_string), (vec![1, 2], None));
+    }
 
     #[test]
     fn tenant_ids_are_slugs() {
