@@ -131,7 +131,7 @@ impl Application {
         let admin_router = admin_router.merge(
             Router::new()
                 .route("/metrics", axum::routing::get(metrics::serve))
-                .with_state(MetricsState { metrics, sources: Arc::new(vec![Box::new(gauges)]) }),
+                .with_state(MetricsState::new(metrics, vec![Box::new(gauges)])),
         );
         let proxy = Arc::new(Proxy {
             upstream,
@@ -297,10 +297,14 @@ impl GaugeSource for Gauges {
         m.key_cache_size.set(i64::try_from(self.cache.key_count()).unwrap_or(i64::MAX));
         m.ledger_queue_depth.set(i64::try_from(self.ledger.queue_depth()).unwrap_or(i64::MAX));
         m.spool_bytes.set(i64::try_from(self.ledger.spool().bytes()).unwrap_or(i64::MAX));
+        // Counters kept by the components are mirrored: the metric catches up
+        // to the component's own count at each scrape.
         if let Some(shared) = &self.shared {
             let seen = m.redis_fallbacks.get();
             m.redis_fallbacks.inc_by(shared.fallbacks().saturating_sub(seen));
         }
+        let seen = m.ledger_write_failures.get();
+        m.ledger_write_failures.inc_by(self.ledger.write_failures().saturating_sub(seen));
         for state in self.budgets.all() {
             let amount = state.budget.amount_micros.max(1);
             let percent = i64::try_from(i128::from(state.spent()) * 100 / i128::from(amount)).unwrap_or(i64::MAX);

@@ -36,7 +36,9 @@ pub struct Metrics {
     pub ledger_queue_depth: IntGauge,
     pub spool_bytes: IntGauge,
     pub redis_fallbacks: IntCounter,
+    pub ledger_write_failures: IntCounter,
     pub budget_utilisation: IntGaugeVec,
+    pub upstream_duration: HistogramVec,
     pub overhead: Histogram,
 }
 
@@ -50,6 +52,12 @@ fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> pr
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
     registry.register(Box::new(h.clone()))?;
     Ok(h)
+}
+
+fn plain_counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
@@ -71,6 +79,9 @@ impl Metrics {
             &["tenant", "budget"],
         )?;
         r.register(Box::new(budget_utilisation.clone()))?;
+        let build_info = IntGaugeVec::new(Opts::new("build_info", "Always 1; the running version."), &["version"])?;
+        r.register(Box::new(build_info.clone()))?;
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Ok(Self {
             requests: counter(
                 &r,
@@ -120,14 +131,22 @@ impl Metrics {
             key_cache_size: gauge(&r, "key_cache_keys", "Keys in the in-memory authentication cache.")?,
             ledger_queue_depth: gauge(&r, "ledger_queue_depth", "Usage records waiting in memory for the database.")?,
             spool_bytes: gauge(&r, "ledger_spool_bytes", "Bytes of usage records waiting in the local spool.")?,
-            redis_fallbacks: {
-                let c = IntCounter::new(
-                    "redis_fallbacks_total",
-                    "Limit checks decided locally because Redis was unavailable.",
-                )?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
+            redis_fallbacks: plain_counter(
+                &r,
+                "redis_fallbacks_total",
+                "Limit checks decided locally because Redis was unavailable.",
+            )?,
+            ledger_write_failures: plain_counter(
+                &r,
+                "ledger_write_failures_total",
+                "Usage record batches the database refused or timed out on (they go to the spool).",
+            )?,
+            upstream_duration: histogram(
+                &r,
+                "upstream_duration_seconds",
+                "Time from sending a request upstream to the upstream's last byte (or its failure).",
+                &["endpoint", "stream"],
+            )?,
             budget_utilisation,
             overhead,
             registry: r,
@@ -160,13 +179,25 @@ pub trait GaugeSource: Send + Sync {
 
 #[derive(Clone)]
 pub struct MetricsState {
-    pub metrics: Arc<Metrics>,
-    pub sources: Arc<Vec<Box<dyn GaugeSource>>>,
+    metrics: Arc<Metrics>,
+    sources: Arc<Vec<Box<dyn GaugeSource>>>,
+    /// Mirrored counters are brought up to date by reading then adding;
+    /// two scrapes at once must not both add the same difference.
+    refreshing: Arc<std::sync::Mutex<()>>,
+}
+
+impl MetricsState {
+    pub fn new(metrics: Arc<Metrics>, sources: Vec<Box<dyn GaugeSource>>) -> Self {
+        Self { metrics, sources: Arc::new(sources), refreshing: Arc::default() }
+    }
 }
 
 pub async fn serve(State(state): State<MetricsState>) -> impl IntoResponse {
-    for source in state.sources.iter() {
-        source.refresh(&state.metrics);
+    {
+        let _one_at_a_time = state.refreshing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for source in state.sources.iter() {
+            source.refresh(&state.metrics);
+        }
     }
     ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

@@ -7,7 +7,7 @@
 //! (or spools) everything before it returns.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -36,12 +36,13 @@ pub struct Ledger {
     tx: mpsc::Sender<UsageEvent>,
     spool: Arc<Spool>,
     queued: Arc<AtomicUsize>,
+    write_failures: Arc<AtomicU64>,
 }
 
 impl Ledger {
     pub fn new(spool: Arc<Spool>) -> (Self, mpsc::Receiver<UsageEvent>) {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        (Self { tx, spool, queued: Arc::new(AtomicUsize::new(0)) }, rx)
+        (Self { tx, spool, queued: Arc::new(AtomicUsize::new(0)), write_failures: Arc::new(AtomicU64::new(0)) }, rx)
     }
 
     pub fn record(&self, event: UsageEvent) {
@@ -68,6 +69,11 @@ impl Ledger {
         &self.spool
     }
 
+    /// Database writes (batches) that failed or timed out since start.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
+    }
+
     /// Whether the spool has reached its bound: the gateway then refuses new
     /// requests instead of serving traffic it could not account for.
     pub fn is_full(&self) -> bool {
@@ -80,11 +86,18 @@ pub struct Writer {
     spool: Arc<Spool>,
     settings: LedgerSettings,
     queued: Arc<AtomicUsize>,
+    write_failures: Arc<AtomicU64>,
 }
 
 impl Writer {
     pub fn new(ledger: &Ledger, store: Store, settings: LedgerSettings) -> Self {
-        Self { store, spool: ledger.spool.clone(), settings, queued: ledger.queued.clone() }
+        Self {
+            store,
+            spool: ledger.spool.clone(),
+            settings,
+            queued: ledger.queued.clone(),
+            write_failures: ledger.write_failures.clone(),
+        }
     }
 
     pub async fn run(self, mut rx: mpsc::Receiver<UsageEvent>, cancel: CancellationToken) {
@@ -159,10 +172,12 @@ impl Writer {
         match tokio::time::timeout(self.settings.write_timeout, self.store.insert_usage(events)).await {
             Ok(Ok(_)) => true,
             Ok(Err(e)) => {
+                self.write_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, count = events.len(), "cannot write usage records; spooling them");
                 false
             }
             Err(_) => {
+                self.write_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(count = events.len(), "usage write timed out; spooling the records");
                 false
             }

@@ -184,6 +184,13 @@ impl Exchange {
         self.stream = stream;
     }
 
+    /// Called just before the request goes upstream: from here the prompt is
+    /// billed even if the client leaves, and upstream time is measured.
+    pub fn mark_sent(&mut self) {
+        self.sent_upstream = true;
+        self.sent_at = Some(Instant::now());
+    }
+
     pub fn started(&self) -> Instant {
         self.started
     }
@@ -277,7 +284,10 @@ impl Exchange {
         if let Some(ttft) = e.ttft_ms {
             m.time_to_first_token.with_label_values(&[model]).observe(ttft as f64 / 1000.0);
         }
-        if let Some(upstream) = self.upstream_elapsed {
+        // Streams and failures end here: the upstream's part lasted until now.
+        let upstream = self.upstream_elapsed.or_else(|| self.sent_at.map(|t| t.elapsed()));
+        if let Some(upstream) = upstream {
+            m.upstream_duration.with_label_values(&[&e.endpoint, stream]).observe(upstream.as_secs_f64());
             m.overhead.observe(total.saturating_sub(upstream).as_secs_f64());
         }
         for (kind, n) in [

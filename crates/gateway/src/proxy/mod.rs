@@ -219,6 +219,9 @@ async fn forward_post_inner(
             None => (peek.is_stream(), body, false),
         }
     };
+    if let Some(exchange) = slot.as_mut() {
+        exchange.mark_sent();
+    }
     let upstream_response = proxy
         .upstream
         .send(Method::POST, upstream_path(&parts.uri), &parts.headers, request_id, Some(upstream_body))
@@ -250,6 +253,9 @@ async fn forward_get_inner(
         if !rules.allows(&id) {
             return Err(GatewayError::ModelNotAllowed(id.into_owned()));
         }
+    }
+    if let Some(exchange) = slot.as_mut() {
+        exchange.mark_sent();
     }
     let upstream_response =
         proxy.upstream.send(Method::GET, upstream_path(&parts.uri), &parts.headers, request_id, None).await?;

@@ -284,6 +284,8 @@ async fn missing_usage_is_estimated_and_a_client_gone_before_any_output_pays_no_
 
     let before = by_request["gone-before-output"];
     assert_eq!(before["completion_tokens"], 0, "nothing produced, nothing billed for output: {before}");
+    assert!(before["prompt_tokens"].as_i64().unwrap() > 0, "the prompt reached the upstream: {before}");
+    assert!(before["cost_micros"].as_i64().unwrap() > 0, "the prompt is billed: {before}");
     assert_eq!(before["status"], 499);
     assert_eq!(before["error_class"], "client:disconnected");
 }

@@ -45,6 +45,12 @@ async fn metrics_describe_traffic_with_bounded_labels_and_no_secrets() {
         "tollgate_key_cache_keys 1",
         "tollgate_ledger_spool_bytes 0",
         r#"tollgate_gateway_overhead_seconds_bucket{le="0.0001"}"#,
+        // Every request that went upstream: four chat completions and the model list.
+        "tollgate_gateway_overhead_seconds_count 5",
+        r#"tollgate_upstream_duration_seconds_count{endpoint="/v1/chat/completions",stream="true"} 1"#,
+        r#"tollgate_upstream_duration_seconds_count{endpoint="/v1/chat/completions",stream="false"} 3"#,
+        "tollgate_ledger_write_failures_total 0",
+        r#"tollgate_build_info{version=""#,
         r#"tollgate_time_to_first_token_seconds_count{model="gemini-2.5-flash"} 1"#,
     ] {
         assert!(text.contains(expected), "missing {expected}\n{text}");

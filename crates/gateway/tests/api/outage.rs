@@ -41,6 +41,13 @@ async fn a_database_outage_loses_no_usage_record_and_no_request() {
     let spooled: u64 =
         std::fs::read_dir(gw.data_dir().join("spool")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     assert!(spooled > 0, "records waited in the spool during the outage");
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("tollgate_ledger_write_failures_total ") >= 1.0, "failed writes are counted");
+    assert_eq!(value("tollgate_ledger_spool_bytes ") as u64, spooled, "the spool size is exported");
     send(20).await;
     link.restore().await;
     send(20).await;
