@@ -62,22 +62,53 @@ pub fn due_alerts(budget: &Budget, spent: i64, today: NaiveDate, now_fraction_of
         }
     }
     // Forecast: at this month's run rate, spend passes the budget by month end.
-    if budget.period == Period::Monthly && spent < budget.amount_micros {
-        let start = Period::Monthly.start(today);
-        let days_in_month = Period::Monthly.end(start).map_or(30, |end| (end - start).num_days()) as f64;
-        let elapsed = (today - start).num_days() as f64 + now_fraction_of_day;
-        if elapsed >= 1.0 && spent as f64 / elapsed * days_in_month > budget.amount_micros as f64 {
-            due.push(("forecast".to_owned(), 0));
-        }
+    if budget.period == Period::Monthly
+        && spent < budget.amount_micros
+        && forecast_micros(budget.period, spent, today, now_fraction_of_day).is_some_and(|f| f > budget.amount_micros)
+    {
+        due.push(("forecast".to_owned(), 0));
     }
     due
 }
 
-/// Checks every budget against the ledger every `every`, queuing due alerts.
-pub async fn watch_budgets(store: Store, every: Duration, cancel: CancellationToken) {
+/// Spend at the end of the period if it goes on at the rate seen so far.
+/// `None` for lifetime budgets and too early in a period to tell (less than
+/// a day of a week or month, less than an hour of a day).
+pub fn forecast_micros(period: Period, spent: i64, today: NaiveDate, now_fraction_of_day: f64) -> Option<i64> {
+    let start = period.start(today);
+    let length = (period.end(start)? - start).num_days() as f64;
+    let elapsed = (today - start).num_days() as f64 + now_fraction_of_day;
+    let enough = if period == Period::Daily { 1.0 / 24.0 } else { 1.0 };
+    // Float only for the projection, never for money that is billed.
+    (elapsed >= enough).then(|| (spent as f64 / elapsed * length).round() as i64)
+}
+
+/// One budget's spend as the ledger has it, for the metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetReading {
+    pub tenant_id: String,
+    pub budget_id: String,
+    pub spent_micros: i64,
+    pub amount_micros: i64,
+    pub forecast_micros: Option<i64>,
+}
+
+impl BudgetReading {
+    pub fn percent(&self, micros: i64) -> i64 {
+        i64::try_from(i128::from(micros) * 100 / i128::from(self.amount_micros.max(1))).unwrap_or(i64::MAX)
+    }
+}
+
+/// The latest readings of every budget, replaced whole at each check.
+pub type BudgetReadings = Arc<arc_swap::ArcSwap<Vec<BudgetReading>>>;
+
+/// Checks every budget against the ledger every `every`, queuing due alerts
+/// and publishing the readings for the metrics.
+pub async fn watch_budgets(store: Store, every: Duration, readings: BudgetReadings, cancel: CancellationToken) {
     loop {
-        if let Err(e) = check_budgets(&store).await {
-            tracing::warn!(error = %e, "budget alert check failed");
+        match check_budgets(&store).await {
+            Ok(fresh) => readings.store(Arc::new(fresh)),
+            Err(e) => tracing::warn!(error = %e, "budget alert check failed"),
         }
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -86,13 +117,21 @@ pub async fn watch_budgets(store: Store, every: Duration, cancel: CancellationTo
     }
 }
 
-pub async fn check_budgets(store: &Store) -> StoreResult<()> {
+pub async fn check_budgets(store: &Store) -> StoreResult<Vec<BudgetReading>> {
     let now = Utc::now();
     let today = now.date_naive();
     let fraction = f64::from(now.num_seconds_from_midnight()) / 86_400.0;
+    let mut readings = Vec::new();
     for budget in store.all_budgets().await? {
         let start = budget.period.start(today);
         let spent = store.spend_since(&budget.tenant_id, budget.key_id.as_deref(), start).await?;
+        readings.push(BudgetReading {
+            tenant_id: budget.tenant_id.clone(),
+            budget_id: budget.id.clone(),
+            spent_micros: spent,
+            amount_micros: budget.amount_micros,
+            forecast_micros: forecast_micros(budget.period, spent, today, fraction),
+        });
         for (kind, threshold) in due_alerts(&budget, spent, today, fraction) {
             let alert = BudgetAlert {
                 id: format!("alr_{}", uuid::Uuid::now_v7().simple()),
@@ -114,7 +153,7 @@ pub async fn check_budgets(store: &Store) -> StoreResult<()> {
             }
         }
     }
-    Ok(())
+    Ok(readings)
 }
 
 fn generic_body(a: &BudgetAlert) -> serde_json::Value {
@@ -253,6 +292,18 @@ mod tests {
         // 9.5 days in, 12,000 spent: 30 days at that rate ≈ 37,900 > 30,000.
         assert!(due_alerts(&b, 12_000, day10, 0.5).contains(&("forecast".to_owned(), 0)));
         assert!(!due_alerts(&b, 5_000, day10, 0.5).iter().any(|(k, _)| k == "forecast"));
+    }
+
+    #[test]
+    fn forecasts_project_the_run_rate_to_the_period_end() {
+        let day10 = NaiveDate::from_ymd_opt(2026, 11, 10).unwrap();
+        // November: 30 days; 9.5 days in at 950 a day.
+        assert_eq!(forecast_micros(Period::Monthly, 9_025, day10, 0.5), Some(28_500));
+        assert_eq!(forecast_micros(Period::Daily, 100, day10, 0.5), Some(200));
+        assert_eq!(forecast_micros(Period::Daily, 100, day10, 0.01), None, "too early in the day");
+        let first = NaiveDate::from_ymd_opt(2026, 11, 1).unwrap();
+        assert_eq!(forecast_micros(Period::Monthly, 100, first, 0.5), None, "too early in the month");
+        assert_eq!(forecast_micros(Period::Lifetime, 100, day10, 0.5), None);
     }
 
     #[test]

@@ -100,7 +100,13 @@ impl Application {
 
         let accounting = start_accounting(&config, &store, metrics.clone(), &background, &stop_background)?;
         let webhooks = Arc::new(config.alerts.webhooks()?);
-        background.spawn(alerts::watch_budgets(store.clone(), config.alerts.check_interval, stop_background.clone()));
+        let budget_readings = alerts::BudgetReadings::default();
+        background.spawn(alerts::watch_budgets(
+            store.clone(),
+            config.alerts.check_interval,
+            budget_readings.clone(),
+            stop_background.clone(),
+        ));
         background.spawn(alerts::deliver_alerts(
             store.clone(),
             webhooks,
@@ -121,12 +127,8 @@ impl Application {
         };
         let limiter = Arc::new(RateLimiter::new(shared.clone(), config.redis.replicas));
         background.spawn(limiter.clone().sweep_loop(stop_background.clone()));
-        let gauges = Gauges {
-            cache: cache.clone(),
-            ledger: accounting.ledger.clone(),
-            budgets: budgets.clone(),
-            shared: shared.clone(),
-        };
+        let gauges =
+            Gauges { cache: cache.clone(), ledger: accounting.ledger.clone(), budget_readings, shared: shared.clone() };
         // Prometheus scrapes the admin listener, never the public one.
         let admin_router = admin_router.merge(
             Router::new()
@@ -288,7 +290,8 @@ async fn hash_secret(config: &Config, store: &Store) -> anyhow::Result<SecretStr
 struct Gauges {
     cache: Arc<KeyCache>,
     ledger: Ledger,
-    budgets: Arc<BudgetBook>,
+    /// From the ledger, so every replica reports the fleet's spend.
+    budget_readings: alerts::BudgetReadings,
     shared: Option<Arc<Shared>>,
 }
 
@@ -305,10 +308,15 @@ impl GaugeSource for Gauges {
         }
         let seen = m.ledger_write_failures.get();
         m.ledger_write_failures.inc_by(self.ledger.write_failures().saturating_sub(seen));
-        for state in self.budgets.all() {
-            let amount = state.budget.amount_micros.max(1);
-            let percent = i64::try_from(i128::from(state.spent()) * 100 / i128::from(amount)).unwrap_or(i64::MAX);
-            m.budget_utilisation.with_label_values(&[&state.budget.tenant_id, &state.budget.id]).set(percent);
+        // Reset first so deleted budgets disappear from the scrape.
+        m.budget_utilisation.reset();
+        m.budget_forecast.reset();
+        for reading in self.budget_readings.load().iter() {
+            let labels = [reading.tenant_id.as_str(), reading.budget_id.as_str()];
+            m.budget_utilisation.with_label_values(&labels).set(reading.percent(reading.spent_micros));
+            if let Some(forecast) = reading.forecast_micros {
+                m.budget_forecast.with_label_values(&labels).set(reading.percent(forecast));
+            }
         }
     }
 }

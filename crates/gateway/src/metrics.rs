@@ -22,6 +22,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub time_to_first_token: HistogramVec,
@@ -38,119 +39,131 @@ pub struct Metrics {
     pub redis_fallbacks: IntCounter,
     pub ledger_write_failures: IntCounter,
     pub budget_utilisation: IntGaugeVec,
+    pub budget_forecast: IntGaugeVec,
     pub upstream_duration: HistogramVec,
     pub overhead: Histogram,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    registry.register(Box::new(c.clone()))?;
-    Ok(c)
+/// Registers metrics and remembers their names (a family without any
+/// series yet is left out of a scrape, but it is still ours).
+struct Registrar {
+    registry: Registry,
+    names: Vec<String>,
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
-    registry.register(Box::new(h.clone()))?;
-    Ok(h)
-}
+impl Registrar {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&mut self, name: &str, c: C) -> prometheus::Result<C> {
+        self.registry.register(Box::new(c.clone()))?;
+        self.names.push(format!("tollgate_{name}"));
+        Ok(c)
+    }
 
-fn plain_counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
-    let c = IntCounter::new(name, help)?;
-    registry.register(Box::new(c.clone()))?;
-    Ok(c)
-}
+    fn counter(&mut self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+        self.add(name, IntCounterVec::new(Opts::new(name, help), labels)?)
+    }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
-    let g = IntGauge::new(name, help)?;
-    registry.register(Box::new(g.clone()))?;
-    Ok(g)
+    fn plain_counter(&mut self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+        self.add(name, IntCounter::new(name, help)?)
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<HistogramVec> {
+        let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+        self.add(name, HistogramVec::new(opts, labels)?)
+    }
+
+    fn plain_histogram(&mut self, name: &str, help: &str) -> prometheus::Result<Histogram> {
+        self.add(name, Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))?)
+    }
+
+    fn gauge(&mut self, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+        self.add(name, IntGauge::new(name, help)?)
+    }
+
+    fn gauges(&mut self, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+        self.add(name, IntGaugeVec::new(Opts::new(name, help), labels)?)
+    }
 }
 
 impl Metrics {
     pub fn new() -> prometheus::Result<Self> {
-        let r = Registry::new_custom(Some("tollgate".to_owned()), None)?;
-        let overhead = Histogram::with_opts(
-            HistogramOpts::new("gateway_overhead_seconds", "Time spent in the gateway: total minus upstream time.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
-        )?;
-        r.register(Box::new(overhead.clone()))?;
-        let budget_utilisation = IntGaugeVec::new(
-            Opts::new("budget_utilisation_percent", "Spend this period as a percentage of the budget."),
-            &["tenant", "budget"],
-        )?;
-        r.register(Box::new(budget_utilisation.clone()))?;
-        let build_info = IntGaugeVec::new(Opts::new("build_info", "Always 1; the running version."), &["version"])?;
-        r.register(Box::new(build_info.clone()))?;
+        let mut r = Registrar { registry: Registry::new_custom(Some("tollgate".to_owned()), None)?, names: Vec::new() };
+        let build_info = r.gauges("build_info", "Always 1; the running version.", &["version"])?;
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Ok(Self {
-            requests: counter(
-                &r,
+            requests: r.counter(
                 "requests_total",
                 "Requests by tenant, model, endpoint, status class and stream flag.",
                 &["tenant", "model", "endpoint", "status", "stream"],
             )?,
-            request_duration: histogram(
-                &r,
+            request_duration: r.histogram(
                 "request_duration_seconds",
                 "Time from request to the end of the answer.",
                 &["endpoint", "stream"],
             )?,
-            time_to_first_token: histogram(
-                &r,
-                "time_to_first_token_seconds",
-                "Time to the first streamed event.",
-                &["model"],
-            )?,
-            tokens: counter(
-                &r,
-                "tokens_total",
-                "Tokens by tenant, model and kind (prompt, completion, reasoning, cached, billed_output).",
-                &["tenant", "model", "kind"],
-            )?,
-            cost_micros: counter(
-                &r,
-                "cost_micros_total",
-                "Cost in micro-dollars by tenant and model.",
-                &["tenant", "model"],
-            )?,
-            rejections: counter(
-                &r,
-                "rejections_total",
-                "Requests refused by a limit or a budget, by reason.",
-                &["reason"],
-            )?,
-            failures: counter(
-                &r,
-                "failures_total",
-                "Failed requests by fault (client, upstream, gateway) and code.",
-                &["fault", "code"],
-            )?,
-            unpriced: counter(&r, "unpriced_requests_total", "Requests for models without a price.", &["model"])?,
-            in_flight: gauge(&r, "in_flight_requests", "Requests being answered now.")?,
-            auth_failures: counter(&r, "auth_failures_total", "Refused tenant keys by reason.", &["reason"])?,
-            key_cache_size: gauge(&r, "key_cache_keys", "Keys in the in-memory authentication cache.")?,
-            ledger_queue_depth: gauge(&r, "ledger_queue_depth", "Usage records waiting in memory for the database.")?,
-            spool_bytes: gauge(&r, "ledger_spool_bytes", "Bytes of usage records waiting in the local spool.")?,
-            redis_fallbacks: plain_counter(
-                &r,
-                "redis_fallbacks_total",
-                "Limit checks decided locally because Redis was unavailable.",
-            )?,
-            ledger_write_failures: plain_counter(
-                &r,
-                "ledger_write_failures_total",
-                "Usage record batches the database refused or timed out on (they go to the spool).",
-            )?,
-            upstream_duration: histogram(
-                &r,
+            upstream_duration: r.histogram(
                 "upstream_duration_seconds",
                 "Time from sending a request upstream to the upstream's last byte (or its failure).",
                 &["endpoint", "stream"],
             )?,
-            budget_utilisation,
-            overhead,
-            registry: r,
+            time_to_first_token: r.histogram(
+                "time_to_first_token_seconds",
+                "Time to the first streamed event.",
+                &["model"],
+            )?,
+            overhead: r
+                .plain_histogram("gateway_overhead_seconds", "Time spent in the gateway: total minus upstream time.")?,
+            tokens: r.counter(
+                "tokens_total",
+                "Tokens by tenant, model and kind (prompt, completion, reasoning, cached, billed_output).",
+                &["tenant", "model", "kind"],
+            )?,
+            cost_micros: r.counter(
+                "cost_micros_total",
+                "Cost in micro-dollars by tenant and model.",
+                &["tenant", "model"],
+            )?,
+            rejections: r.counter(
+                "rejections_total",
+                "Requests refused by a limit or a budget, by tenant and reason.",
+                &["tenant", "reason"],
+            )?,
+            failures: r.counter(
+                "failures_total",
+                "Failed requests by fault (client, upstream, gateway) and code.",
+                &["fault", "code"],
+            )?,
+            unpriced: r.counter("unpriced_requests_total", "Requests for models without a price.", &["model"])?,
+            in_flight: r.gauge("in_flight_requests", "Requests being answered now.")?,
+            auth_failures: r.counter("auth_failures_total", "Refused tenant keys by reason.", &["reason"])?,
+            key_cache_size: r.gauge("key_cache_keys", "Keys in the in-memory authentication cache.")?,
+            ledger_queue_depth: r.gauge("ledger_queue_depth", "Usage records waiting in memory for the database.")?,
+            spool_bytes: r.gauge("ledger_spool_bytes", "Bytes of usage records waiting in the local spool.")?,
+            ledger_write_failures: r.plain_counter(
+                "ledger_write_failures_total",
+                "Usage record batches the database refused or timed out on (they go to the spool).",
+            )?,
+            redis_fallbacks: r.plain_counter(
+                "redis_fallbacks_total",
+                "Limit checks decided locally because Redis was unavailable.",
+            )?,
+            budget_utilisation: r.gauges(
+                "budget_utilisation_percent",
+                "Spend this period (from the ledger, every alerts.check_interval) as a percentage of the budget.",
+                &["tenant", "budget"],
+            )?,
+            budget_forecast: r.gauges(
+                "budget_forecast_percent",
+                "Spend projected to the end of the period at the rate so far, as a percentage of the budget.",
+                &["tenant", "budget"],
+            )?,
+            names: r.names,
+            registry: r.registry,
         })
+    }
+
+    /// Every metric family this gateway exports, with its `tollgate_` prefix.
+    pub fn family_names(&self) -> &[String] {
+        &self.names
     }
 
     pub fn render(&self) -> String {

@@ -191,6 +191,10 @@ impl Exchange {
         self.sent_at = Some(Instant::now());
     }
 
+    pub fn tenant_id(&self) -> &str {
+        &self.tenant_id
+    }
+
     pub fn started(&self) -> Instant {
         self.started
     }

@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Method, header};
+use http::{HeaderValue, Method, StatusCode, header};
 use tollgate_openai::{RequestPeek, UsageField, find_model, find_usage, stream_options};
 
 use crate::accounting::tap::StreamTap;
@@ -119,9 +119,11 @@ fn settle(result: Result<Response, GatewayError>, slot: Option<Exchange>) -> Res
                             crate::limits::Kind::Tokens => "tokens_per_minute",
                             crate::limits::Kind::Concurrency => "in_flight",
                         };
-                        metrics.rejections.with_label_values(&[reason]).inc();
+                        metrics.rejections.with_label_values(&[exchange.tenant_id(), reason]).inc();
                     }
-                    GatewayError::BudgetExhausted { .. } => metrics.rejections.with_label_values(&["budget"]).inc(),
+                    GatewayError::BudgetExhausted { .. } => {
+                        metrics.rejections.with_label_values(&[exchange.tenant_id(), "budget"]).inc();
+                    }
                     _ => {}
                 }
             }
@@ -349,7 +351,7 @@ async fn relay_response(
         let estimated_output = if succeeded && usage.is_none() { estimate::response_tokens(&body) } else { 0 };
         let cost = exchange.close(Outcome {
             status: status.as_u16(),
-            error_class: (!succeeded).then(|| format!("upstream:status_{}", status.as_u16())),
+            error_class: (!succeeded).then(|| upstream_error_class(status)),
             usage,
             upstream_model: find_model(&body),
             reached_upstream: succeeded,
@@ -369,6 +371,20 @@ async fn relay_response(
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     response.body(Body::from(body)).map_err(|_| GatewayError::Internal)
+}
+
+/// `fault:status_N` for an error the upstream answered with. Whose fault it
+/// is decides who gets paged: a request the upstream found invalid is the
+/// client's; an upstream refusing our own credentials is the gateway's
+/// configuration; overload and server errors are the upstream's.
+fn upstream_error_class(status: StatusCode) -> String {
+    let fault = match status.as_u16() {
+        401 | 403 => "gateway",
+        429 => "upstream",
+        400..=499 => "client",
+        _ => "upstream",
+    };
+    format!("{fault}:status_{}", status.as_u16())
 }
 
 /// The request's cost in USD, on answers whose cost is known before the body.
@@ -441,6 +457,16 @@ mod tests {
         let ids: Vec<&str> = filtered["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
         assert_eq!(ids, ["gemini-2.5-pro", "gemini-2.5-flash"]);
         assert_eq!(filtered["object"], "list");
+    }
+
+    #[test]
+    fn upstream_errors_are_classed_by_whose_fault_they_are() {
+        let class = |code| upstream_error_class(StatusCode::from_u16(code).unwrap());
+        assert_eq!(class(400), "client:status_400");
+        assert_eq!(class(422), "client:status_422");
+        assert_eq!(class(401), "gateway:status_401");
+        assert_eq!(class(429), "upstream:status_429");
+        assert_eq!(class(503), "upstream:status_503");
     }
 
     #[test]

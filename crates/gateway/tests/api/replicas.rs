@@ -133,7 +133,10 @@ async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
     let metrics = a.anonymous.get(a.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
     let fallbacks = metrics.lines().find_map(|l| l.strip_prefix("tollgate_redis_fallbacks_total ")).unwrap();
     assert!(fallbacks.parse::<u64>().unwrap() >= 1, "fallbacks are counted: {fallbacks}");
-    assert!(metrics.contains(r#"tollgate_rejections_total{reason="requests_per_minute"} 3"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"tollgate_rejections_total{reason="requests_per_minute",tenant="test"} 3"#),
+        "{metrics}"
+    );
 
     link.restore().await;
     // Back on Redis once it answers again: its count (1 so far this minute)

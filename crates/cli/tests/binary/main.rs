@@ -2,6 +2,8 @@
 //! JSON logs, secrets kept out of logs, and SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod deploy_kit;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
