@@ -61,6 +61,8 @@ pub struct Reported {
 
 #[derive(Default)]
 struct Shared {
+    /// Off for long runs (benchmarks): the history would grow without end.
+    recording: bool,
     defaults: Mutex<Scenario>,
     queued: Mutex<VecDeque<Fault>>,
     requests: Mutex<Vec<RecordedRequest>>,
@@ -89,9 +91,15 @@ impl FakeUpstream {
     }
 
     pub async fn start_on(addr: SocketAddr, defaults: Scenario) -> anyhow::Result<Self> {
+        Self::start_with(addr, defaults, true).await
+    }
+
+    /// Like `start_on`; without `recording`, requests and reported usage are
+    /// not kept (only the stream counters are).
+    pub async fn start_with(addr: SocketAddr, defaults: Scenario, recording: bool) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared { defaults: Mutex::new(defaults), ..Shared::default() });
+        let shared = Arc::new(Shared { recording, defaults: Mutex::new(defaults), ..Shared::default() });
         let (stop, stopped) = oneshot::channel();
         tokio::spawn(serve(listener, router(shared.clone()), stopped));
         Ok(Self { addr, shared, _stop: stop })
@@ -189,12 +197,14 @@ async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
     };
     let path = parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |pq| pq.to_string());
-    lock(&shared.requests).push(RecordedRequest {
-        method: parts.method.clone(),
-        path: path.clone(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
+    if shared.recording {
+        lock(&shared.requests).push(RecordedRequest {
+            method: parts.method.clone(),
+            path: path.clone(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    }
 
     let mut scenario = lock(&shared.defaults).clone();
     if let Err(e) = scenario.apply_headers(&parts.headers) {
@@ -256,6 +266,9 @@ fn respond(
     let route = parts.uri.path();
     let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let record = |usage: Option<Value>| {
+        if !shared.recording {
+            return;
+        }
         lock(&shared.reported).push(Reported { path: path.to_owned(), request_id: request_id.clone(), usage })
     };
 
@@ -412,8 +425,9 @@ fn percent_decode(text: &str) -> String {
 }
 
 /// Convenience for the binary: waits forever.
+/// Serves until the process ends, keeping no history (see `start_with`).
 pub async fn run_forever(addr: SocketAddr, defaults: Scenario) -> anyhow::Result<()> {
-    let fake = FakeUpstream::start_on(addr, defaults).await?;
+    let fake = FakeUpstream::start_with(addr, defaults, false).await?;
     eprintln!("fake upstream listening on {}", fake.base_url());
     std::future::pending::<()>().await;
     drop(fake);

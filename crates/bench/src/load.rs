@@ -1,0 +1,77 @@
+//! Runs `oha`, an open-loop load generator: at a fixed rate with latency
+//! correction (a slow response does not delay the requests scheduled after
+//! it, so queueing shows in the figures), or flat out for throughput.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::procs::{Cpus, pinned, which};
+use crate::stack::Target;
+
+pub const CHAT_BODY: &str = r#"{"model":"gpt-4.1-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
+
+/// What one oha run measured. Latencies in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadFigures {
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub success_rate: f64,
+    pub requests: u64,
+}
+
+pub fn oha() -> anyhow::Result<PathBuf> {
+    which("oha")
+        .or_else(|| {
+            let home = std::env::var_os("HOME")?;
+            Some(PathBuf::from(home).join(".cargo/bin/oha")).filter(|p| p.is_file())
+        })
+        .context("oha is not installed (scripts/ensure-services installs it: cargo install oha --locked)")
+}
+
+/// `rate`: requests per second, or `None` for as fast as `connections` allow.
+pub async fn run(
+    cpus: &Cpus,
+    target: &Target,
+    duration: Duration,
+    rate: Option<u32>,
+    connections: u32,
+) -> anyhow::Result<LoadFigures> {
+    let mut cmd = pinned(cpus.load.as_deref(), &oha()?);
+    cmd.args(["--no-tui", "--output-format", "json", "-m", "POST", "-H", "content-type: application/json"])
+        .args(["-d", CHAT_BODY])
+        .arg("-z")
+        .arg(format!("{}ms", duration.as_millis()))
+        .arg("-c")
+        .arg(connections.to_string());
+    if let Some(rate) = rate {
+        cmd.arg("-q").arg(rate.to_string()).arg("--latency-correction");
+    }
+    if let Some(key) = &target.key {
+        cmd.arg("-H").arg(format!("authorization: Bearer {key}"));
+    }
+    cmd.arg(target.chat_url()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+    if !out.status.success() {
+        bail!("oha failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let report: Value = serde_json::from_slice(&out.stdout).context("oha's JSON output")?;
+    let seconds = |v: &Value| v.as_f64().unwrap_or(f64::NAN) * 1e6;
+    let percentiles = &report["latencyPercentiles"];
+    let statuses = report["statusCodeDistribution"].as_object().context("no status codes in oha's output")?;
+    let requests: u64 = statuses.values().filter_map(Value::as_u64).sum();
+    let ok = statuses.get("200").and_then(Value::as_u64).unwrap_or(0);
+    Ok(LoadFigures {
+        rps: report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        p50_us: seconds(&percentiles["p50"]),
+        p99_us: seconds(&percentiles["p99"]),
+        p999_us: seconds(&percentiles["p99.9"]),
+        success_rate: if requests == 0 { 0.0 } else { ok as f64 / requests as f64 },
+        requests,
+    })
+}

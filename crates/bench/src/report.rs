@@ -1,0 +1,253 @@
+//! The Markdown report (`docs/benchmarks.md`) and the targets it checks.
+
+use std::fmt::Write as _;
+
+use crate::procs::Cpus;
+use crate::scenarios::{Median, Plan, Results};
+
+/// One line on the machine: CPU model, cores, memory, kernel.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0.0, |kib| kib as f64 / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{model}, {cores} CPUs, {mem_gib:.0} GiB, Linux {}", kernel.trim())
+}
+
+/// A target the figures are held to.
+pub struct Check {
+    pub what: String,
+    pub measured: String,
+    pub pass: bool,
+}
+
+fn find<'a>(medians: &'a [Median], target: &str) -> Option<&'a Median> {
+    medians.iter().find(|m| m.target == target)
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.3} ms", us / 1000.0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Added latency of `target` over direct: (p50, p99, p99.9) in µs.
+fn added(medians: &[Median], target: &str) -> Option<(f64, f64, f64)> {
+    let direct = find(medians, "direct")?.figures;
+    let t = find(medians, target)?.figures;
+    Some((t.p50_us - direct.p50_us, t.p99_us - direct.p99_us, t.p999_us - direct.p999_us))
+}
+
+pub fn checks(results: &Results) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let mut check = |what: &str, measured: String, pass: bool| {
+        checks.push(Check { what: what.to_owned(), measured, pass });
+    };
+    if let Some((_, medians)) = results.latency.iter().find(|(rate, _)| *rate == 1000)
+        && let (Some(gw), Some(nx)) = (added(medians, "gateway"), added(medians, "nginx"))
+    {
+        check("added latency p50 at 1,000 req/s ≤ 0.2 ms", ms(gw.0), gw.0 <= 200.0);
+        check("added latency p99 at 1,000 req/s ≤ 1 ms", ms(gw.1), gw.1 <= 1000.0);
+        check(
+            "added latency p50 ≤ 1.5 × nginx's",
+            format!("{} vs nginx {}", ms(gw.0), ms(nx.0)),
+            gw.0 <= 1.5 * nx.0.max(0.0),
+        );
+        check(
+            "added latency p99 ≤ 1.5 × nginx's",
+            format!("{} vs nginx {}", ms(gw.1), ms(nx.1)),
+            gw.1 <= 1.5 * nx.1.max(0.0),
+        );
+    }
+    if let (Some(gw), Some(nx)) = (find(&results.throughput, "gateway"), find(&results.throughput, "nginx")) {
+        let share = gw.figures.rps / nx.figures.rps;
+        check(
+            "throughput ≥ 80 % of nginx's",
+            format!("{:.0} vs {:.0} req/s ({:.0} %)", gw.figures.rps, nx.figures.rps, share * 100.0),
+            share >= 0.8,
+        );
+    }
+    let stream = |name: &str| results.streaming.iter().find(|s| s.target == name);
+    if let (Some(gw), Some(direct)) = (stream("gateway"), stream("direct")) {
+        let ttft = gw.figures.ttft_us.percentile(99.0) as f64 - direct.figures.ttft_us.percentile(99.0) as f64;
+        check("added time to first token p99 ≤ 1 ms", ms(ttft), ttft <= 1000.0);
+        let gap = gw.figures.gap_us.percentile(99.0) as f64 - direct.figures.gap_us.percentile(99.0) as f64;
+        check(
+            "no chunk held back (coalesced reads ≤ direct's; gap p99 within 1 ms)",
+            format!(
+                "{} coalesced (direct {}), gap p99 {:+.3} ms",
+                gw.figures.coalesced_reads,
+                direct.figures.coalesced_reads,
+                gap / 1000.0
+            ),
+            gw.figures.coalesced_reads <= direct.figures.coalesced_reads && gap <= 1000.0,
+        );
+    }
+    if let Some(m) = results.memory.iter().find(|m| m.target == "gateway") {
+        check("memory idle ≤ 30 MB", mib(m.idle_after_warmup_kib), m.idle_after_warmup_kib * 1024 <= 30_000_000);
+        check(
+            "memory with 5,000 streams ≤ 100 MB",
+            format!("{} with {} streams", mib(m.with_streams_kib), m.streams_open),
+            m.with_streams_kib * 1024 <= 100_000_000,
+        );
+    }
+    check(
+        "ledger ≥ 50,000 records/s",
+        format!("{:.0} records/s", results.ledger_records_per_s),
+        results.ledger_records_per_s >= 50_000.0,
+    );
+    if let [(_, ten), (n, many)] = results.keys.as_slice() {
+        let direct = results.direct_keys.figures.p50_us;
+        let (a, b) = (ten.figures.p50_us - direct, many.figures.p50_us - direct);
+        check(
+            &format!("overhead with {n} keys within 10 % of 10 keys (p50)"),
+            format!("{} vs {}", ms(b), ms(a)),
+            b <= a * 1.1 || b - a <= 10.0,
+        );
+    }
+    checks
+}
+
+pub fn summary(results: &Results) -> String {
+    let mut out = String::new();
+    for c in checks(results) {
+        let _ = writeln!(out, "{} {}: {}", if c.pass { "PASS" } else { "MISS" }, c.what, c.measured);
+    }
+    out
+}
+
+fn latency_table(out: &mut String, medians: &[Median]) {
+    out.push_str("| path | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | req/s |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
+    for m in medians {
+        let f = m.figures;
+        let (a50, a99, a999) = added(medians, m.target).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            m.target,
+            ms(f.p50_us),
+            ms(f.p99_us),
+            ms(f.p999_us),
+            ms(a50),
+            ms(a99),
+            ms(a999),
+            f.rps
+        );
+    }
+}
+
+pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
+    let mut out = String::new();
+    let date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
+    let _ = writeln!(out, "# Benchmarks\n");
+    if plan.smoke {
+        out.push_str("**Smoke run: every scenario for about a second at small sizes. The figures prove the harness works, not the gateway's speed.**\n\n");
+    }
+    let _ = writeln!(
+        out,
+        "Generated by `bench/run` on {date}.\n\n- Machine: {}\n- Pinning: {}\n- Load generator: `oha` (open loop; fixed rates use latency correction), {} s per run, {} runs per figure (median), targets measured in turn\n- Upstream: the fake OpenAI-compatible upstream answering at once (`crates/fake-upstream`)\n- Gateway: release build, one worker thread, every feature on: key authentication, tenant rate limits (requests, tokens, in flight), a hard monthly budget, usage accounting to Postgres, the Prometheus endpoint scraped every second, JSON logs\n- nginx: one worker, keep-alive to the upstream, proxy buffering off, access log off\n",
+        results.machine,
+        cpus.describe(),
+        plan.duration.as_secs_f64(),
+        plan.repeats,
+    );
+
+    out.push_str("## Targets\n\n| target | measured | |\n|---|---|---|\n");
+    for c in checks(results) {
+        let _ = writeln!(out, "| {} | {} | {} |", c.what, c.measured, if c.pass { "met" } else { "**missed**" });
+    }
+
+    out.push_str("\n## (a) Added latency at fixed request rates\n\nNon-streamed chat completions; \"added\" is the path's latency minus the direct path's at the same percentile.\n");
+    for (rate, medians) in &results.latency {
+        let _ = writeln!(out, "\n### {rate} requests/s\n");
+        latency_table(&mut out, medians);
+    }
+
+    out.push_str("\n## (b) Throughput\n\n");
+    let _ = writeln!(out, "As fast as {} connections allow.\n", plan.throughput_connections);
+    out.push_str("| path | requests/s | p50 | p99 |\n|---|---|---|---|\n");
+    for m in &results.throughput {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {} | {} |",
+            m.target,
+            m.figures.rps,
+            ms(m.figures.p50_us),
+            ms(m.figures.p99_us)
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\n## (c) Streaming\n\n{} streams per run, {} at a time, {} content chunks {} ms apart; the gateway injects and strips `stream_options.include_usage` and accounts every stream. Gaps are between consecutive content events as the client reads them; a coalesced read carried more than one event.\n",
+        plan.streams, plan.stream_concurrency, plan.stream_chunks, plan.stream_interval_ms
+    );
+    out.push_str("| path | TTFT p50 | TTFT p99 | gap p50 | gap p99 | gap max | coalesced reads | events |\n|---|---|---|---|---|---|---|---|\n");
+    for s in &results.streaming {
+        let f = &s.figures;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.target,
+            ms(f.ttft_us.percentile(50.0) as f64),
+            ms(f.ttft_us.percentile(99.0) as f64),
+            ms(f.gap_us.percentile(50.0) as f64),
+            ms(f.gap_us.percentile(99.0) as f64),
+            ms(f.gap_us.max() as f64),
+            f.coalesced_reads,
+            f.events
+        );
+    }
+
+    out.push_str("\n## (d) Memory\n\nResident set size (nginx: master and worker).\n\n| path | after start | after warm-up | with slow streams open |\n|---|---|---|---|\n");
+    for m in &results.memory {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} ({} streams) |",
+            m.target,
+            mib(m.idle_kib),
+            mib(m.idle_after_warmup_kib),
+            mib(m.with_streams_kib),
+            m.streams_open
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\n## (e) Ledger\n\n{} usage records through the gateway's ledger (channel, batches of 1,000, Postgres with daily partitions and rollups): **{:.0} records/s**.\n",
+        plan.ledger_records, results.ledger_records_per_s
+    );
+
+    let _ = writeln!(
+        out,
+        "## (f) Cost of many keys\n\nThe same load ({} requests/s) through a gateway whose key cache holds 10 keys and one holding {:.0} (tenants and keys in Postgres, all loaded at start).\n",
+        plan.keys_rate, results.cached_keys
+    );
+    out.push_str("| keys | p50 | p99 | added p50 | added p99 |\n|---|---|---|---|---|\n");
+    let direct = results.direct_keys.figures;
+    let _ = writeln!(out, "| direct | {} | {} | | |", ms(direct.p50_us), ms(direct.p99_us));
+    for (n, m) in &results.keys {
+        let f = m.figures;
+        let _ = writeln!(
+            out,
+            "| {n} | {} | {} | {} | {} |",
+            ms(f.p50_us),
+            ms(f.p99_us),
+            ms(f.p50_us - direct.p50_us),
+            ms(f.p99_us - direct.p99_us)
+        );
+    }
+    out
+}

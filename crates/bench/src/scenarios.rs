@@ -1,0 +1,276 @@
+//! The scenarios, run in one invocation against the same upstream: added
+//! latency at fixed rates, throughput, streaming, memory, ledger
+//! throughput, and overhead with many keys. Targets are measured in turn,
+//! repeatedly, and the medians reported.
+
+use std::time::Duration;
+
+use crate::load::{self, LoadFigures};
+use crate::procs::{Cpus, rss_kib};
+use crate::stack::{BenchDb, Gateway, Nginx, Target, Upstream};
+use crate::stats::median;
+use crate::streams::{self, StreamFigures};
+use crate::{keys, ledger};
+
+/// Sizes and durations of a run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub smoke: bool,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub repeats: usize,
+    pub rates: Vec<u32>,
+    /// Connections oha may open at a fixed rate (enough not to queue).
+    pub rate_connections: u32,
+    pub throughput_connections: u32,
+    pub streams: usize,
+    pub stream_concurrency: usize,
+    pub stream_chunks: usize,
+    pub stream_interval_ms: u64,
+    pub held_streams: usize,
+    pub ledger_records: usize,
+    pub many_keys: usize,
+    pub keys_rate: u32,
+}
+
+impl Plan {
+    pub fn full() -> Self {
+        Self {
+            smoke: false,
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(3),
+            repeats: 3,
+            rates: vec![500, 1000, 2000],
+            rate_connections: 64,
+            throughput_connections: 64,
+            streams: 300,
+            stream_concurrency: 20,
+            stream_chunks: 20,
+            stream_interval_ms: 5,
+            held_streams: 5000,
+            ledger_records: 200_000,
+            many_keys: 100_000,
+            keys_rate: 1000,
+        }
+    }
+
+    pub fn smoke() -> Self {
+        Self {
+            smoke: true,
+            duration: Duration::from_secs(1),
+            warmup: Duration::from_millis(200),
+            repeats: 1,
+            rates: vec![100],
+            rate_connections: 8,
+            throughput_connections: 4,
+            streams: 10,
+            stream_concurrency: 5,
+            stream_chunks: 5,
+            stream_interval_ms: 5,
+            held_streams: 50,
+            ledger_records: 2_000,
+            many_keys: 1_000,
+            keys_rate: 100,
+        }
+    }
+}
+
+/// Medians over the repeats, per target.
+#[derive(Debug, Clone)]
+pub struct Median {
+    pub target: &'static str,
+    pub figures: LoadFigures,
+}
+
+fn median_of(target: &'static str, runs: &[LoadFigures]) -> Median {
+    let pick = |f: fn(&LoadFigures) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    Median {
+        target,
+        figures: LoadFigures {
+            rps: pick(|f| f.rps),
+            p50_us: pick(|f| f.p50_us),
+            p99_us: pick(|f| f.p99_us),
+            p999_us: pick(|f| f.p999_us),
+            success_rate: pick(|f| f.success_rate),
+            requests: runs.iter().map(|f| f.requests).sum(),
+        },
+    }
+}
+
+#[derive(Debug)]
+pub struct StreamResult {
+    pub target: &'static str,
+    pub figures: StreamFigures,
+}
+
+#[derive(Debug)]
+pub struct Memory {
+    pub target: &'static str,
+    pub idle_kib: u64,
+    pub idle_after_warmup_kib: u64,
+    pub with_streams_kib: u64,
+    pub streams_open: usize,
+}
+
+#[derive(Debug)]
+pub struct Results {
+    pub latency: Vec<(u32, Vec<Median>)>,
+    pub throughput: Vec<Median>,
+    pub streaming: Vec<StreamResult>,
+    pub memory: Vec<Memory>,
+    pub ledger_records_per_s: f64,
+    pub keys: Vec<(usize, Median)>,
+    pub direct_keys: Median,
+    pub cached_keys: f64,
+    pub machine: String,
+}
+
+/// Every target in turn, `repeats` times, so drift hits all alike.
+async fn interleaved(
+    plan: &Plan,
+    cpus: &Cpus,
+    targets: &[Target],
+    rate: Option<u32>,
+    connections: u32,
+) -> anyhow::Result<Vec<Median>> {
+    let mut runs: Vec<Vec<LoadFigures>> = vec![Vec::new(); targets.len()];
+    for _ in 0..plan.repeats {
+        for (i, target) in targets.iter().enumerate() {
+            let figures = load::run(cpus, target, plan.duration, rate, connections).await?;
+            anyhow::ensure!(
+                figures.success_rate > 0.99,
+                "{} answered only {:.1} % of requests with 200",
+                target.name,
+                figures.success_rate * 100.0
+            );
+            runs[i].push(figures);
+        }
+    }
+    Ok(targets.iter().zip(runs).map(|(t, r)| median_of(t.name, &r)).collect())
+}
+
+pub async fn run_all(plan: &Plan, cpus: &Cpus, postgres: &str) -> anyhow::Result<Results> {
+    let machine = crate::report::machine();
+    println!("machine: {machine}; {}", cpus.describe());
+    let upstream = Upstream::start(cpus).await?;
+    let nginx = Nginx::start(cpus, upstream.addr).await?;
+    let db = BenchDb::create(postgres, "main").await?;
+    let outcome = run_with(plan, cpus, postgres, &upstream, &nginx, &db, machine).await;
+    db.drop_now().await;
+    outcome
+}
+
+async fn run_with(
+    plan: &Plan,
+    cpus: &Cpus,
+    postgres: &str,
+    upstream: &Upstream,
+    nginx: &Nginx,
+    db: &BenchDb,
+    machine: String,
+) -> anyhow::Result<Results> {
+    let gateway = Gateway::start(cpus, upstream.addr, db, None).await?;
+    let targets = [upstream.target(), nginx.target(), gateway.target()];
+    let idle: Vec<u64> = targets.iter().map(|t| rss_kib(t.pid)).collect();
+
+    println!("warming up");
+    for target in &targets {
+        load::run(cpus, target, plan.warmup, Some(500), plan.rate_connections).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_after_warmup: Vec<u64> = targets.iter().map(|t| rss_kib(t.pid)).collect();
+
+    let mut latency = Vec::new();
+    for &rate in &plan.rates {
+        println!("(a) latency at {rate} requests/s");
+        latency.push((rate, interleaved(plan, cpus, &targets, Some(rate), plan.rate_connections).await?));
+    }
+
+    println!("(b) throughput");
+    let throughput = interleaved(plan, cpus, &targets, None, plan.throughput_connections).await?;
+
+    println!("(c) streaming");
+    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(1024).build()?;
+    let mut streaming = Vec::new();
+    for target in &targets {
+        let mut merged = StreamFigures::default();
+        for _ in 0..plan.repeats {
+            let f = streams::measure(
+                &http,
+                target,
+                plan.streams,
+                plan.stream_concurrency,
+                plan.stream_chunks,
+                plan.stream_interval_ms,
+            )
+            .await;
+            merged.ttft_us.extend_from(&f.ttft_us);
+            merged.gap_us.extend_from(&f.gap_us);
+            merged.coalesced_reads += f.coalesced_reads;
+            merged.events += f.events;
+            merged.failed += f.failed;
+        }
+        anyhow::ensure!(merged.failed == 0, "{}: {} streams failed", target.name, merged.failed);
+        streaming.push(StreamResult { target: target.name, figures: merged });
+    }
+
+    println!("(d) memory with {} streams open", plan.held_streams);
+    let mut memory = Vec::new();
+    for (i, target) in targets.iter().enumerate().skip(1) {
+        let held_http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build()?;
+        let (held, open) = streams::hold_open(&held_http, target, plan.held_streams).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let with_streams = rss_kib(target.pid);
+        drop(held);
+        memory.push(Memory {
+            target: target.name,
+            idle_kib: idle[i],
+            idle_after_warmup_kib: idle_after_warmup[i],
+            with_streams_kib: with_streams,
+            streams_open: open,
+        });
+        // Let the cancelled streams wind down before the next target.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    println!("(f) {} keys against 10", plan.many_keys);
+    let big_db = BenchDb::create(postgres, "keys").await?;
+    let keys_result = async {
+        let seeded = Gateway::start(cpus, upstream.addr, &big_db, None).await?;
+        let key = seeded.key.clone();
+        drop(seeded);
+        keys::add_filler(&big_db, plan.many_keys).await?;
+        let big = Gateway::start(cpus, upstream.addr, &big_db, Some(key)).await?;
+        let cached = big.metric("tollgate_key_cache_keys").await?;
+        let mut big_target = big.target();
+        big_target.name = "gateway, many keys";
+        let pair = [upstream.target(), gateway.target(), big_target];
+        for target in &pair[1..] {
+            load::run(cpus, target, plan.warmup, Some(plan.keys_rate), plan.rate_connections).await?;
+        }
+        let medians = interleaved(plan, cpus, &pair, Some(plan.keys_rate), plan.rate_connections).await?;
+        anyhow::Ok((medians, cached))
+    }
+    .await;
+    big_db.drop_now().await;
+    let (mut key_medians, cached_keys) = keys_result?;
+    let big = key_medians.pop().ok_or_else(|| anyhow::anyhow!("no figures"))?;
+    let ten = key_medians.pop().ok_or_else(|| anyhow::anyhow!("no figures"))?;
+    let direct_keys = key_medians.pop().ok_or_else(|| anyhow::anyhow!("no figures"))?;
+    drop(gateway);
+
+    println!("(e) ledger throughput, {} records", plan.ledger_records);
+    let ledger_records_per_s = ledger::throughput(postgres, plan.ledger_records).await?;
+
+    Ok(Results {
+        latency,
+        throughput,
+        streaming,
+        memory,
+        ledger_records_per_s,
+        keys: vec![(10, ten), (plan.many_keys, big)],
+        direct_keys,
+        cached_keys,
+        machine,
+    })
+}

@@ -1,0 +1,265 @@
+//! What the load is sent to: the fake upstream (the direct path), nginx as a
+//! plain reverse proxy in front of it, and the gateway with every feature on
+//! (keys, tenant limits, a hard budget, accounting to Postgres, metrics
+//! scraped every second).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use crate::procs::{Cpus, Proc, free_addr, pinned, wait_listening, which};
+
+pub const ADMIN_TOKEN: &str = "bench-admin-token";
+
+/// One thing the load generator can aim at.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: &'static str,
+    /// Base URL up to and including `/v1`.
+    pub base: String,
+    /// A tenant key, for the gateway.
+    pub key: Option<String>,
+    pub pid: u32,
+}
+
+impl Target {
+    pub fn chat_url(&self) -> String {
+        format!("{}/chat/completions", self.base)
+    }
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    proc: Proc,
+}
+
+impl Upstream {
+    /// The fake upstream as a separate process (this binary, `upstream`).
+    pub async fn start(cpus: &Cpus) -> anyhow::Result<Self> {
+        let addr = free_addr()?;
+        let exe = std::env::current_exe()?;
+        let mut cmd = pinned(cpus.load.as_deref(), &exe);
+        cmd.arg("upstream").arg("--listen").arg(addr.to_string());
+        let mut proc = Proc::spawn("fake upstream", cmd)?;
+        wait_listening(&mut proc, addr).await?;
+        Ok(Self { addr, proc })
+    }
+
+    pub fn target(&self) -> Target {
+        Target { name: "direct", base: format!("http://{}/v1", self.addr), key: None, pid: self.proc.pid() }
+    }
+}
+
+pub struct Nginx {
+    pub addr: SocketAddr,
+    proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// nginx with one worker, keep-alive to the upstream, buffering off.
+    pub async fn start(cpus: &Cpus, upstream: SocketAddr) -> anyhow::Result<Self> {
+        let binary = which("nginx")
+            .or_else(|| Some(PathBuf::from("/usr/sbin/nginx")).filter(|p| p.is_file()))
+            .context("nginx is not installed (scripts/ensure-services installs it)")?;
+        let dir = tempfile::tempdir()?;
+        let addr = free_addr()?;
+        let d = dir.path().display();
+        // Running as root, nginx would switch its worker to `nobody`, which
+        // cannot write the temporary directory.
+        let user = if std::env::var("USER").as_deref() == Ok("root") { "user root;" } else { "" };
+        let conf = format!(
+            "{user}
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream fake {{
+        server {upstream};
+        keepalive 512;
+    }}
+    server {{
+        listen {addr} backlog=4096;
+        keepalive_requests 1000000;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf)?;
+        let mut cmd = pinned(cpus.under_test.as_deref(), &binary);
+        cmd.arg("-p").arg(dir.path()).arg("-c").arg(dir.path().join("nginx.conf")).arg("-g").arg("daemon off;");
+        let mut proc = Proc::spawn("nginx", cmd)?;
+        wait_listening(&mut proc, addr).await?;
+        Ok(Self { addr, proc, _dir: dir })
+    }
+
+    pub fn target(&self) -> Target {
+        Target { name: "nginx", base: format!("http://{}/v1", self.addr), key: None, pid: self.proc.pid() }
+    }
+}
+
+/// A database of its own for one gateway, dropped at the end.
+pub struct BenchDb {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl BenchDb {
+    pub async fn create(server: &str, label: &str) -> anyhow::Result<Self> {
+        let name = format!("tollgate_bench_{label}_{}", std::process::id());
+        let admin = tollgate_store::Store::connect(server, 1).await.context("cannot reach Postgres")?;
+        execute(&admin, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+        execute(&admin, &format!("CREATE DATABASE {name}")).await?;
+        let base = server.rsplit_once('/').map_or(server, |(base, _)| base);
+        Ok(Self { url: format!("{base}/{name}"), admin_url: server.to_owned(), name })
+    }
+
+    pub async fn drop_now(&self) {
+        if let Ok(admin) = tollgate_store::Store::connect(&self.admin_url, 1).await {
+            let _ = execute(&admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
+        }
+    }
+}
+
+/// One statement outside the store's own queries (database set-up, bulk
+/// inserts).
+pub async fn execute(store: &tollgate_store::Store, sql: &str) -> anyhow::Result<u64> {
+    Ok(sqlx::query(sql).execute(store.pool()).await?.rows_affected())
+}
+
+pub struct Gateway {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub key: String,
+    proc: Proc,
+    http: reqwest::Client,
+    scraper: tokio::task::JoinHandle<()>,
+    /// Holds the spool directory for as long as the gateway runs.
+    _data: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// The release (or, for the smoke run, debug) `tollgate` binary beside
+    /// this one.
+    pub fn binary() -> anyhow::Result<PathBuf> {
+        let exe = std::env::current_exe()?;
+        let path = exe.with_file_name("tollgate");
+        if !path.is_file() {
+            bail!("{} is missing: build it first (bench/run builds both)", path.display());
+        }
+        Ok(path)
+    }
+
+    /// Starts the gateway on `db` with one worker thread on the system
+    /// under test's CPU, then gives it a tenant with limits, a budget and a
+    /// key (unless `existing_key` is given: then the database already has them).
+    pub async fn start(
+        cpus: &Cpus,
+        upstream: SocketAddr,
+        db: &BenchDb,
+        existing_key: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let (public, admin) = (free_addr()?, free_addr()?);
+        let mut cmd = pinned(cpus.under_test.as_deref(), &Self::binary()?);
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TOKIO_WORKER_THREADS", "1")
+            .env("TOLLGATE_SERVER__LISTEN", public.to_string())
+            .env("TOLLGATE_ADMIN__LISTEN", admin.to_string())
+            .env("TOLLGATE_UPSTREAM__BASE_URL", format!("http://{upstream}/v1"))
+            .env("TOLLGATE_DATABASE_URL", &db.url)
+            .env("TOLLGATE_ACCOUNTING__SPOOL_DIR", data.path().join("spool"))
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("TOLLGATE_HASH_SECRET", "bench-hash-secret")
+            .env("TOLLGATE_LOG__FORMAT", "json")
+            .env("COMETAPI_KEY", "sk-bench");
+        let mut proc = Proc::spawn("gateway", cmd)?;
+        wait_listening(&mut proc, public).await?;
+        wait_listening(&mut proc, admin).await?;
+        let http = reqwest::Client::builder().no_proxy().build()?;
+        let key = match existing_key {
+            Some(key) => key,
+            None => provision(&http, admin).await?,
+        };
+        // A Prometheus-like scrape every second, as in production.
+        let scrape_http = http.clone();
+        let scraper = tokio::spawn(async move {
+            loop {
+                let _ = scrape_http.get(format!("http://{admin}/metrics")).send().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        Ok(Self { public, admin, key, proc, http, scraper, _data: data })
+    }
+
+    pub fn target(&self) -> Target {
+        Target {
+            name: "gateway",
+            base: format!("http://{}/v1", self.public),
+            key: Some(self.key.clone()),
+            pid: self.proc.pid(),
+        }
+    }
+
+    /// One value from `/metrics`, summed over its series.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = self.http.get(format!("http://{}/metrics", self.admin)).send().await?.text().await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.scraper.abort();
+    }
+}
+
+/// Tenant `bench` with limits far above the load (so every check runs and
+/// none refuses), a hard monthly budget, and nine more keys beside the one
+/// returned: ten keys in all.
+async fn provision(http: &reqwest::Client, admin: SocketAddr) -> anyhow::Result<String> {
+    let call = |path: &str, body: serde_json::Value| {
+        http.post(format!("http://{admin}/admin/v1{path}")).bearer_auth(ADMIN_TOKEN).json(&body).send()
+    };
+    let policy = json!({"limits": {"rpm": 100_000_000, "tpm": 100_000_000_000_u64, "max_concurrent": 100_000}});
+    let r = call("/tenants", json!({"id": "bench", "display_name": "Bench", "policy": policy})).await?;
+    if !r.status().is_success() {
+        bail!("cannot create the bench tenant: {}", r.text().await?);
+    }
+    let r = call("/tenants/bench/budgets", json!({"period": "monthly", "amount_usd": "1000000000"})).await?;
+    if !r.status().is_success() {
+        bail!("cannot create the bench budget: {}", r.text().await?);
+    }
+    let mut first = None;
+    for i in 0..10 {
+        let r = call("/tenants/bench/keys", json!({"name": format!("k{i}")})).await?;
+        let created: serde_json::Value = r.json().await?;
+        let secret = created["secret"].as_str().context("no key secret in the answer")?.to_owned();
+        first.get_or_insert(secret);
+    }
+    first.context("no key")
+}
