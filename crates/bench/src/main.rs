@@ -31,6 +31,15 @@ struct Args {
     /// Where to write the Markdown report (default: print it).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only these scenarios, by letter, e.g. `--only ad` (default: all).
+    #[arg(long, default_value = "")]
+    only: String,
+    /// Request rates of scenario (a), e.g. `--rates 1000,2000`.
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<u32>,
+    /// Runs per figure (the median is reported).
+    #[arg(long)]
+    repeats: Option<usize>,
     /// Postgres server the gateway's and the ledger's databases are created on.
     #[arg(long, env = "TEST_POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     postgres: String,
@@ -81,7 +90,14 @@ fn main() -> anyhow::Result<()> {
     }
     tollgate_gateway::upstream::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let plan = if args.smoke { scenarios::Plan::smoke() } else { scenarios::Plan::full() };
+    let mut plan = if args.smoke { scenarios::Plan::smoke() } else { scenarios::Plan::full() };
+    plan.only.clone_from(&args.only);
+    if !args.rates.is_empty() {
+        plan.rates.clone_from(&args.rates);
+    }
+    if let Some(repeats) = args.repeats {
+        plan.repeats = repeats.max(1);
+    }
     let results = runtime.block_on(scenarios::run_all(&plan, &cpus, &args.postgres))?;
     let markdown = report::render(&plan, &cpus, &results);
     match &args.out {

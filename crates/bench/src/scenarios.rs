@@ -31,6 +31,14 @@ pub struct Plan {
     pub ledger_records: usize,
     pub many_keys: usize,
     pub keys_rate: u32,
+    /// Scenario letters to run (`a`–`f`); empty runs them all.
+    pub only: String,
+}
+
+impl Plan {
+    pub fn wants(&self, scenario: char) -> bool {
+        self.only.is_empty() || self.only.contains(scenario)
+    }
 }
 
 impl Plan {
@@ -51,6 +59,7 @@ impl Plan {
             ledger_records: 200_000,
             many_keys: 100_000,
             keys_rate: 1000,
+            only: String::new(),
         }
     }
 
@@ -71,6 +80,7 @@ impl Plan {
             ledger_records: 2_000,
             many_keys: 1_000,
             keys_rate: 100,
+            only: String::new(),
         }
     }
 }
@@ -113,15 +123,22 @@ pub struct Memory {
 }
 
 #[derive(Debug)]
+pub struct ManyKeys {
+    pub direct: Median,
+    pub ten: Median,
+    pub many: Median,
+    pub count: usize,
+    pub cached: f64,
+}
+
+#[derive(Debug)]
 pub struct Results {
     pub latency: Vec<(u32, Vec<Median>)>,
     pub throughput: Vec<Median>,
     pub streaming: Vec<StreamResult>,
     pub memory: Vec<Memory>,
-    pub ledger_records_per_s: f64,
-    pub keys: Vec<(usize, Median)>,
-    pub direct_keys: Median,
-    pub cached_keys: f64,
+    pub ledger_records_per_s: Option<f64>,
+    pub keys: Option<ManyKeys>,
     pub machine: String,
 }
 
@@ -181,18 +198,21 @@ async fn run_with(
     let idle_after_warmup: Vec<u64> = targets.iter().map(|t| rss_kib(t.pid)).collect();
 
     let mut latency = Vec::new();
-    for &rate in &plan.rates {
+    for &rate in plan.rates.iter().filter(|_| plan.wants('a')) {
         println!("(a) latency at {rate} requests/s");
         latency.push((rate, interleaved(plan, cpus, &targets, Some(rate), plan.rate_connections).await?));
     }
 
-    println!("(b) throughput");
-    let throughput = interleaved(plan, cpus, &targets, None, plan.throughput_connections).await?;
+    let mut throughput = Vec::new();
+    if plan.wants('b') {
+        println!("(b) throughput");
+        throughput = interleaved(plan, cpus, &targets, None, plan.throughput_connections).await?;
+    }
 
-    println!("(c) streaming");
     let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(1024).build()?;
     let mut streaming = Vec::new();
-    for target in &targets {
+    for target in targets.iter().filter(|_| plan.wants('c')) {
+        println!("(c) streaming: {}", target.name);
         let mut merged = StreamFigures::default();
         for _ in 0..plan.repeats {
             let f = streams::measure(
@@ -214,9 +234,9 @@ async fn run_with(
         streaming.push(StreamResult { target: target.name, figures: merged });
     }
 
-    println!("(d) memory with {} streams open", plan.held_streams);
     let mut memory = Vec::new();
-    for (i, target) in targets.iter().enumerate().skip(1) {
+    for (i, target) in targets.iter().enumerate().skip(1).filter(|_| plan.wants('d')) {
+        println!("(d) memory with {} streams open: {}", plan.held_streams, target.name);
         let held_http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build()?;
         let (held, open) = streams::hold_open(&held_http, target, plan.held_streams).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -233,6 +253,24 @@ async fn run_with(
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
+    let keys = if plan.wants('f') { Some(many_keys(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
+    drop(gateway);
+    let mut ledger_records_per_s = None;
+    if plan.wants('e') {
+        println!("(e) ledger throughput, {} records", plan.ledger_records);
+        ledger_records_per_s = Some(ledger::throughput(postgres, plan.ledger_records).await?);
+    }
+
+    Ok(Results { latency, throughput, streaming, memory, ledger_records_per_s, keys, machine })
+}
+
+async fn many_keys(
+    plan: &Plan,
+    cpus: &Cpus,
+    postgres: &str,
+    upstream: &Upstream,
+    gateway: &Gateway,
+) -> anyhow::Result<ManyKeys> {
     println!("(f) {} keys against 10", plan.many_keys);
     let big_db = BenchDb::create(postgres, "keys").await?;
     let keys_result = async {
@@ -253,24 +291,10 @@ async fn run_with(
     }
     .await;
     big_db.drop_now().await;
-    let (mut key_medians, cached_keys) = keys_result?;
-    let big = key_medians.pop().ok_or_else(|| anyhow::anyhow!("no figures"))?;
-    let ten = key_medians.pop().ok_or_else(|| anyhow::anyhow!("no figures"))?;
-    let direct_keys = key_medians.pop().ok_or_else(|| anyhow::anyhow!("no figures"))?;
-    drop(gateway);
-
-    println!("(e) ledger throughput, {} records", plan.ledger_records);
-    let ledger_records_per_s = ledger::throughput(postgres, plan.ledger_records).await?;
-
-    Ok(Results {
-        latency,
-        throughput,
-        streaming,
-        memory,
-        ledger_records_per_s,
-        keys: vec![(10, ten), (plan.many_keys, big)],
-        direct_keys,
-        cached_keys,
-        machine,
-    })
+    let (mut key_medians, cached) = keys_result?;
+    let missing = || anyhow::anyhow!("no figures");
+    let many = key_medians.pop().ok_or_else(missing)?;
+    let ten = key_medians.pop().ok_or_else(missing)?;
+    let direct = key_medians.pop().ok_or_else(missing)?;
+    Ok(ManyKeys { direct, ten, many, count: plan.many_keys, cached })
 }

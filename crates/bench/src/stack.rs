@@ -168,7 +168,7 @@ impl Gateway {
         Ok(path)
     }
 
-    /// Starts the gateway on `db` with one worker thread on the system
+    /// Starts the gateway on `db` with two worker threads on the system
     /// under test's CPU, then gives it a tenant with limits, a budget and a
     /// key (unless `existing_key` is given: then the database already has them).
     pub async fn start(
@@ -179,11 +179,25 @@ impl Gateway {
     ) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         let (public, admin) = (free_addr()?, free_addr()?);
-        let mut cmd = pinned(cpus.under_test.as_deref(), &Self::binary()?);
+        // TOLLGATE_BENCH_WRAP (e.g. `heaptrack` or `valgrind --tool=callgrind`)
+        // runs the gateway under a profiler.
+        let wrap = std::env::var("TOLLGATE_BENCH_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(profiler) => {
+                let mut cmd = pinned(cpus.under_test.as_deref(), &which(profiler).context("the profiler")?);
+                cmd.args(words).arg(Self::binary()?);
+                cmd
+            }
+            None => pinned(cpus.under_test.as_deref(), &Self::binary()?),
+        };
         cmd.arg("serve")
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("TOKIO_WORKER_THREADS", "1")
+            // The runtime's default on this two-CPU machine; pinned to one CPU
+            // it would detect one. Two workers let a request run while the
+            // other is busy with background work (ledger batches, scrapes).
+            .env("TOKIO_WORKER_THREADS", std::env::var("TOLLGATE_BENCH_WORKERS").unwrap_or_else(|_| "2".to_owned()))
             .env("TOLLGATE_SERVER__LISTEN", public.to_string())
             .env("TOLLGATE_ADMIN__LISTEN", admin.to_string())
             .env("TOLLGATE_UPSTREAM__BASE_URL", format!("http://{upstream}/v1"))

@@ -261,8 +261,11 @@ fn start_accounting(
     background.spawn(writer.run(records, cancel.clone()));
     background.spawn(accounting.clone().watch_prices(settings.pricing_reload_interval, cancel.clone()));
     background.spawn(maintain_ledger(store.clone(), settings.retention_days, cancel.clone()));
-    // Building the tokenizer takes a moment; do it before it is needed.
-    background.spawn_blocking(estimate::warm_up);
+    // The tokenizer is large (≈45 MB) and only needed when an upstream omits
+    // usage, so by default it is built at the first estimate.
+    if settings.preload_tokenizer {
+        background.spawn_blocking(estimate::warm_up);
+    }
     Ok(accounting)
 }
 

@@ -178,6 +178,9 @@ pub struct AccountingConfig {
     pub write_timeout: Duration,
     /// Days of per-request records kept (0 = forever). Daily rollups are kept.
     pub retention_days: u32,
+    /// Build the tokenizer (about 45 MB) at start-up rather than at the first
+    /// request whose usage must be estimated.
+    pub preload_tokenizer: bool,
 }
 
 impl Default for AccountingConfig {
@@ -192,6 +195,7 @@ impl Default for AccountingConfig {
             flush_interval: Duration::from_millis(200),
             write_timeout: Duration::from_secs(5),
             retention_days: 90,
+            preload_tokenizer: false,
         }
     }
 }

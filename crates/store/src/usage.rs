@@ -6,7 +6,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use utoipa::ToSchema;
 
-use crate::{Backend, Store, StoreResult, from_millis};
+use crate::{Backend, Store, StoreError, StoreResult, from_millis};
 
 /// One proxied request, as recorded. Serialized as-is into the local spool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -77,6 +77,93 @@ const ROLLUP_UPDATE: &str = "ON CONFLICT (day, tenant_id, key_id, model) DO UPDA
     cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens, \
     billed_output_tokens = usage_daily.billed_output_tokens + excluded.billed_output_tokens, \
     cost_micros = usage_daily.cost_micros + excluded.cost_micros";
+
+/// A usage record as one element of the JSON array the Postgres insert
+/// unpacks: the column names and types of `usage_events`.
+#[derive(Serialize)]
+struct JsonRow<'a> {
+    id: &'a str,
+    at: i64,
+    day: String,
+    request_id: &'a str,
+    tenant_id: &'a str,
+    key_id: &'a str,
+    endpoint: &'a str,
+    requested_model: &'a str,
+    upstream_model: Option<&'a str>,
+    stream: i32,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    reasoning_tokens: i64,
+    cached_tokens: i64,
+    total_tokens: i64,
+    billed_output_tokens: i64,
+    cost_micros: i64,
+    estimated: i32,
+    unpriced: i32,
+    modified: i32,
+    status: i32,
+    error_class: Option<&'a str>,
+    latency_ms: i64,
+    ttft_ms: Option<i64>,
+}
+
+impl<'a> From<&'a UsageEvent> for JsonRow<'a> {
+    fn from(e: &'a UsageEvent) -> Self {
+        Self {
+            id: &e.id,
+            at: e.at,
+            day: e.day(),
+            request_id: &e.request_id,
+            tenant_id: &e.tenant_id,
+            key_id: &e.key_id,
+            endpoint: &e.endpoint,
+            requested_model: &e.requested_model,
+            upstream_model: e.upstream_model.as_deref(),
+            stream: i32::from(e.stream),
+            prompt_tokens: e.prompt_tokens,
+            completion_tokens: e.completion_tokens,
+            reasoning_tokens: e.reasoning_tokens,
+            cached_tokens: e.cached_tokens,
+            total_tokens: e.total_tokens,
+            billed_output_tokens: e.billed_output_tokens,
+            cost_micros: e.cost_micros,
+            estimated: i32::from(e.estimated),
+            unpriced: i32::from(e.unpriced),
+            modified: i32::from(e.modified),
+            status: e.status,
+            error_class: e.error_class.as_deref(),
+            latency_ms: e.latency_ms,
+            ttft_ms: e.ttft_ms,
+        }
+    }
+}
+
+/// The columns of `usage_events` with their types, as `json_to_recordset`
+/// reads them (in [`COLUMNS`] order).
+const RECORD_TYPES: &str = "id TEXT, at BIGINT, day TEXT, request_id TEXT, tenant_id TEXT, key_id TEXT, \
+    endpoint TEXT, requested_model TEXT, upstream_model TEXT, stream INTEGER, prompt_tokens BIGINT, \
+    completion_tokens BIGINT, reasoning_tokens BIGINT, cached_tokens BIGINT, total_tokens BIGINT, \
+    billed_output_tokens BIGINT, cost_micros BIGINT, estimated INTEGER, unpriced INTEGER, modified INTEGER, \
+    status INTEGER, error_class TEXT, latency_ms BIGINT, ttft_ms BIGINT";
+
+/// Inserts the records of `$1` (a JSON array of [`JsonRow`]), skipping ids
+/// already stored, and adds exactly the inserted ones to the daily rollups.
+fn insert_usage_from_json() -> String {
+    format!(
+        "WITH ins AS (INSERT INTO usage_events ({COLUMNS}) \
+         SELECT {COLUMNS} FROM json_to_recordset($1::json) AS r({RECORD_TYPES}) ON CONFLICT DO NOTHING \
+         RETURNING day, tenant_id, key_id, requested_model, status, error_class, estimated, prompt_tokens, \
+         completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros), \
+         up AS (INSERT INTO usage_daily (day, tenant_id, key_id, model, requests, errors, estimated_requests, \
+         prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros) \
+         SELECT day, tenant_id, key_id, requested_model, COUNT(*), \
+         SUM(CASE WHEN status >= 400 OR error_class IS NOT NULL THEN 1 ELSE 0 END), SUM(estimated), \
+         SUM(prompt_tokens), SUM(completion_tokens), SUM(reasoning_tokens), SUM(cached_tokens), \
+         SUM(billed_output_tokens), SUM(cost_micros) FROM ins GROUP BY day, tenant_id, key_id, requested_model \
+         {ROLLUP_UPDATE}) SELECT COUNT(*) AS n FROM ins"
+    )
+}
 
 fn bind_event<'q>(
     q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
@@ -215,29 +302,17 @@ impl Store {
         }
     }
 
+    /// One statement per batch with the rows in a single JSON parameter
+    /// (unpacked by `json_to_recordset`): binding and planning 24
+    /// parameters per row cost more than the insert itself.
     async fn insert_usage_postgres(&self, events: &[UsageEvent]) -> StoreResult<u64> {
         let mut inserted = 0;
+        let sql = insert_usage_from_json();
         let mut tx = self.pool.begin().await?;
-        // 24 parameters a row; Postgres allows 65,535 per statement.
-        for chunk in events.chunks(1000) {
-            let sql = format!(
-                "WITH ins AS (INSERT INTO usage_events ({COLUMNS}) VALUES {} ON CONFLICT DO NOTHING \
-                 RETURNING day, tenant_id, key_id, requested_model, status, error_class, estimated, prompt_tokens, \
-                 completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros) \
-                 , up AS (INSERT INTO usage_daily (day, tenant_id, key_id, model, requests, errors, estimated_requests, \
-                 prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros) \
-                 SELECT day, tenant_id, key_id, requested_model, COUNT(*), \
-                 SUM(CASE WHEN status >= 400 OR error_class IS NOT NULL THEN 1 ELSE 0 END), SUM(estimated), \
-                 SUM(prompt_tokens), SUM(completion_tokens), SUM(reasoning_tokens), SUM(cached_tokens), \
-                 SUM(billed_output_tokens), SUM(cost_micros) FROM ins GROUP BY day, tenant_id, key_id, requested_model \
-                 {ROLLUP_UPDATE}) SELECT COUNT(*) AS n FROM ins",
-                placeholders(chunk.len(), 0)
-            );
-            let mut query = sqlx::query(&sql);
-            for e in chunk {
-                query = bind_event(query, e);
-            }
-            let row = query.fetch_one(&mut *tx).await?;
+        for chunk in events.chunks(5000) {
+            let rows: Vec<JsonRow<'_>> = chunk.iter().map(JsonRow::from).collect();
+            let rows = serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let row = sqlx::query(&sql).bind(rows).fetch_one(&mut *tx).await?;
             inserted += row.try_get::<i64, _>("n")? as u64;
         }
         tx.commit().await?;

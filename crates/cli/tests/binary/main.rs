@@ -101,7 +101,8 @@ fn a_missing_config_file_is_an_error() {
 
 /// The real binary, serving, with its output collected.
 struct Served {
-    child: std::process::Child,
+    /// Taken by `stop`; still here on drop (a failed test), it is killed.
+    child: Option<std::process::Child>,
     lines: std::sync::mpsc::Receiver<String>,
     log: Vec<String>,
     public: String,
@@ -141,7 +142,8 @@ impl Served {
                 }
             }
         });
-        let mut served = Self { child, lines, log: Vec::new(), public: String::new(), admin: String::new(), _dir: dir };
+        let mut served =
+            Self { child: Some(child), lines, log: Vec::new(), public: String::new(), admin: String::new(), _dir: dir };
         while served.public.is_empty() || served.admin.is_empty() {
             let line = served.lines.recv_timeout(Duration::from_secs(30)).expect("the gateway starts and logs");
             let event: Value = serde_json::from_str(&line).expect("every log line is JSON");
@@ -195,14 +197,27 @@ impl Served {
 
     /// Like `stop`, and hands over the data directory so the test can read it.
     fn stop_keeping_data(mut self) -> (String, tempfile::TempDir) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let child = self.child.take().unwrap();
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         assert!(status.success());
-        let exit = self.child.wait_with_output().unwrap();
+        let exit = child.wait_with_output().unwrap();
         assert!(exit.status.success(), "clean exit on SIGTERM: {:?}", exit.status);
         while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
             self.log.push(line);
         }
-        (self.log.join("\n") + &String::from_utf8_lossy(&exit.stderr), self._dir)
+        (
+            self.log.join("\n") + &String::from_utf8_lossy(&exit.stderr),
+            std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap()),
+        )
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

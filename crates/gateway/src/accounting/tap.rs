@@ -12,9 +12,9 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tollgate_openai::usage::{has_empty_choices, null_usage_member, remove_member};
-use tollgate_openai::{SseEvent, Usage, UsageField, find_model, find_usage};
+use tollgate_openai::{SseEvent, SseScanner, Usage, UsageField, find_model, find_usage};
 
 use super::{Exchange, Outcome, estimate};
 
@@ -29,8 +29,11 @@ pub struct StreamTap {
     usage: Option<Usage>,
     upstream_model: Option<String>,
     first_event: Option<Duration>,
-    kept: Vec<SseEvent>,
-    kept_bytes: usize,
+    /// Events kept for an estimate, copied end to end into one buffer: an
+    /// event is a slice of the upstream read buffer it arrived in (often
+    /// hundreds of KB), and holding the slice would pin that whole buffer
+    /// for the stream's lifetime.
+    kept: BytesMut,
     status: u16,
 }
 
@@ -42,8 +45,7 @@ impl StreamTap {
             usage: None,
             upstream_model: None,
             first_event: None,
-            kept: Vec::new(),
-            kept_bytes: 0,
+            kept: BytesMut::new(),
             status,
         }
     }
@@ -66,7 +68,7 @@ impl StreamTap {
                     && let Some((start, end)) = null_usage_member(bytes)
                 {
                     let stripped = Bytes::from(remove_member(bytes, start, end));
-                    self.keep(event);
+                    self.keep(&event);
                     return Some(stripped);
                 }
             }
@@ -83,16 +85,25 @@ impl StreamTap {
                 return Some(event.into_bytes());
             }
         }
-        let out = event.as_bytes().clone();
-        self.keep(event);
-        Some(out)
+        self.keep(&event);
+        Some(event.into_bytes())
     }
 
-    fn keep(&mut self, event: SseEvent) {
-        if self.usage.is_none() && self.kept_bytes < MAX_KEPT_BYTES {
-            self.kept_bytes += event.as_bytes().len();
-            self.kept.push(event);
+    fn keep(&mut self, event: &SseEvent) {
+        if self.usage.is_none() && self.kept.len() < MAX_KEPT_BYTES {
+            self.kept.extend_from_slice(event.as_bytes());
         }
+    }
+
+    /// Output tokens estimated from the kept events.
+    fn estimate_output(&mut self) -> u64 {
+        let mut events = Vec::new();
+        let mut scanner = SseScanner::new(usize::MAX);
+        // Whole events only were kept, so the scanner cannot fail here.
+        if scanner.push(std::mem::take(&mut self.kept).freeze(), &mut events).is_err() {
+            return 0;
+        }
+        estimate::stream_tokens(&events)
     }
 
     /// The stream ended normally.
@@ -107,7 +118,7 @@ impl StreamTap {
 
     fn close(&mut self, error_class: Option<String>) {
         let Some(exchange) = self.exchange.take() else { return };
-        let estimated_output = if self.usage.is_none() { estimate::stream_tokens(&self.kept) } else { 0 };
+        let estimated_output = if self.usage.is_none() { self.estimate_output() } else { 0 };
         exchange.close(Outcome {
             status: self.status,
             error_class,
