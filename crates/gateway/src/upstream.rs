@@ -23,12 +23,14 @@ pub enum UpstreamSetupError {
     KeyNotAHeader,
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("upstream.base_url is not a URL: {0}")]
+    BaseUrl(String),
 }
 
 pub struct Upstream {
     client: reqwest::Client,
-    /// Base URL without a trailing slash, e.g. `https://api.cometapi.com/v1`.
-    base_url: String,
+    /// e.g. `https://api.cometapi.com/v1`, parsed once.
+    base: reqwest::Url,
     authorization: Option<HeaderValue>,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
@@ -38,7 +40,7 @@ pub struct Upstream {
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
-            .field("base_url", &self.base_url)
+            .field("base_url", &self.base.as_str())
             .field("has_key", &self.authorization.is_some())
             .finish_non_exhaustive()
     }
@@ -76,9 +78,11 @@ impl Upstream {
             .no_proxy()
             .build()?;
 
+        let base = reqwest::Url::parse(config.base_url.trim_end_matches('/'))
+            .map_err(|e| UpstreamSetupError::BaseUrl(e.to_string()))?;
         Ok(Self {
             client,
-            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            base,
             authorization,
             first_byte_timeout: config.first_byte_timeout,
             idle_timeout: config.idle_timeout,
@@ -104,9 +108,15 @@ impl Upstream {
         request_id: &RequestId,
         body: Option<Bytes>,
     ) -> Result<reqwest::Response, GatewayError> {
-        let mut url = String::with_capacity(self.base_url.len() + path_and_query.len());
-        url.push_str(&self.base_url);
-        url.push_str(path_and_query);
+        // The base URL is parsed once; per request only the path and query
+        // are set (a full parse per request showed up at 8 % of the CPU).
+        let (path, query) = path_and_query.split_once('?').map_or((path_and_query, None), |(p, q)| (p, Some(q)));
+        let mut url = self.base.clone();
+        let mut full_path = String::with_capacity(self.base.path().len() + path.len());
+        full_path.push_str(self.base.path().trim_end_matches('/'));
+        full_path.push_str(path);
+        url.set_path(&full_path);
+        url.set_query(query);
 
         let mut headers = HeaderMap::with_capacity(client_headers.len() + 2);
         copy_request_headers(client_headers, &mut headers);

@@ -96,19 +96,25 @@ pub struct Allowance {
 }
 
 impl Allowance {
+    /// Written on every limited response: static names and integer values,
+    /// so nothing is formatted or parsed but the reset time.
     pub fn write(&self, headers: &mut HeaderMap) {
-        let reset = format_reset(self.reset);
-        for (suffix, value) in [("requests", self.requests), ("tokens", self.tokens)] {
+        if self.requests.is_none() && self.tokens.is_none() {
+            return;
+        }
+        let Ok(reset) = HeaderValue::try_from(format_reset(self.reset)) else { return };
+        let names = [
+            (
+                self.requests,
+                ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+            ),
+            (self.tokens, ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"]),
+        ];
+        for (value, [limit_name, remaining_name, reset_name]) in names {
             let Some((limit, remaining)) = value else { continue };
-            for (name, v) in [
-                (format!("x-ratelimit-limit-{suffix}"), limit.to_string()),
-                (format!("x-ratelimit-remaining-{suffix}"), remaining.to_string()),
-                (format!("x-ratelimit-reset-{suffix}"), reset.clone()),
-            ] {
-                if let (Ok(name), Ok(v)) = (http::HeaderName::try_from(name), HeaderValue::try_from(v)) {
-                    headers.insert(name, v);
-                }
-            }
+            headers.insert(http::HeaderName::from_static(limit_name), HeaderValue::from(limit));
+            headers.insert(http::HeaderName::from_static(remaining_name), HeaderValue::from(remaining));
+            headers.insert(http::HeaderName::from_static(reset_name), reset.clone());
         }
     }
 }
