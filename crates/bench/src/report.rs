@@ -108,9 +108,10 @@ pub fn checks(results: &Results) -> Vec<Check> {
     if let Some(k) = &results.keys {
         let direct = k.direct.figures.p50_us;
         let (a, b) = (k.ten.figures.p50_us - direct, k.many.figures.p50_us - direct);
+        let p99 = |m: &Median| ms(m.figures.p99_us - k.direct.figures.p99_us);
         check(
             &format!("overhead with {} keys within 10 % of 10 keys (p50)", k.count),
-            format!("{} vs {}", ms(b), ms(a)),
+            format!("{} vs {} (p99 {} vs {})", ms(b), ms(a), p99(&k.many), p99(&k.ten)),
             b <= a * 1.1 || b - a <= 10.0,
         );
     }

@@ -62,6 +62,7 @@ contract!(
     usage_inserts_are_idempotent_and_roll_up,
     usage_events_page_newest_first_with_filters,
     retention_drops_old_usage_but_keeps_rollups,
+    the_auth_fingerprint_moves_with_every_key_or_tenant_change_only,
 );
 
 fn usage_event(id: &str, at: i64, tenant: &str, model: &str, cost: i64) -> tollgate_store::UsageEvent {
@@ -316,4 +317,22 @@ async fn touching_keys_records_last_use(store: &Store) {
     // An older touch never moves it back.
     store.touch_keys(&["k1".to_owned()], at - Duration::hours(1)).await.unwrap();
     assert_eq!(store.get_key("k1").await.unwrap().last_used_at, k.last_used_at);
+}
+
+async fn the_auth_fingerprint_moves_with_every_key_or_tenant_change_only(store: &Store) {
+    let empty = store.auth_fingerprint().await.unwrap();
+    store.create_tenant(&new_tenant("acme"), "bootstrap").await.unwrap();
+    let with_tenant = store.auth_fingerprint().await.unwrap();
+    assert_ne!(with_tenant, empty);
+    store.create_key(&new_key("k1", "acme"), "bootstrap").await.unwrap();
+    let with_key = store.auth_fingerprint().await.unwrap();
+    assert_ne!(with_key, with_tenant);
+    assert_eq!(store.auth_fingerprint().await.unwrap(), with_key, "stable while nothing changes");
+    // Last-use times are not part of what a cache holds.
+    store.touch_keys(&["k1".to_owned()], Utc::now()).await.unwrap();
+    assert_eq!(store.auth_fingerprint().await.unwrap(), with_key);
+    // updated_at is in milliseconds: make sure the revocation lands later.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    store.revoke_key("k1", "bootstrap").await.unwrap();
+    assert_ne!(store.auth_fingerprint().await.unwrap(), with_key, "a revocation moves it");
 }
