@@ -1,6 +1,8 @@
 //! The usage ledger and its daily rollups.
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -89,8 +91,8 @@ struct JsonRow<'a> {
     tenant_id: &'a str,
     key_id: &'a str,
     endpoint: &'a str,
-    requested_model: &'a str,
-    upstream_model: Option<&'a str>,
+    requested_model: Cow<'a, str>,
+    upstream_model: Option<Cow<'a, str>>,
     stream: i32,
     prompt_tokens: i64,
     completion_tokens: i64,
@@ -118,8 +120,8 @@ impl<'a> From<&'a UsageEvent> for JsonRow<'a> {
             tenant_id: &e.tenant_id,
             key_id: &e.key_id,
             endpoint: &e.endpoint,
-            requested_model: &e.requested_model,
-            upstream_model: e.upstream_model.as_deref(),
+            requested_model: storable(&e.requested_model),
+            upstream_model: e.upstream_model.as_deref().map(storable),
             stream: i32::from(e.stream),
             prompt_tokens: e.prompt_tokens,
             completion_tokens: e.completion_tokens,
@@ -165,6 +167,14 @@ fn insert_usage_from_json() -> String {
     )
 }
 
+/// Text from clients or the upstream as a column can hold it: Postgres text
+/// cannot contain NUL (legal in JSON as `\u0000`), and one such record
+/// would fail its whole batch again at every replay. NUL becomes U+FFFD,
+/// on both backends alike.
+fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') { Cow::Owned(text.replace('\0', "\u{fffd}")) } else { Cow::Borrowed(text) }
+}
+
 fn bind_event<'q>(
     q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
     e: &'q UsageEvent,
@@ -176,8 +186,8 @@ fn bind_event<'q>(
         .bind(&e.tenant_id)
         .bind(&e.key_id)
         .bind(&e.endpoint)
-        .bind(&e.requested_model)
-        .bind(e.upstream_model.as_deref())
+        .bind(storable(&e.requested_model).into_owned())
+        .bind(e.upstream_model.as_deref().map(|m| storable(m).into_owned()))
         .bind(i32::from(e.stream))
         .bind(e.prompt_tokens)
         .bind(e.completion_tokens)
@@ -339,7 +349,7 @@ impl Store {
                 .bind(e.day())
                 .bind(&e.tenant_id)
                 .bind(&e.key_id)
-                .bind(&e.requested_model)
+                .bind(storable(&e.requested_model).into_owned())
                 .bind(i64::from(e.is_error()))
                 .bind(i64::from(e.estimated))
                 .bind(e.prompt_tokens)

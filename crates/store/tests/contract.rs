@@ -63,6 +63,7 @@ contract!(
     usage_events_page_newest_first_with_filters,
     retention_drops_old_usage_but_keeps_rollups,
     the_auth_fingerprint_moves_with_every_key_or_tenant_change_only,
+    client_text_with_nul_characters_cannot_block_the_ledger,
 );
 
 fn usage_event(id: &str, at: i64, tenant: &str, model: &str, cost: i64) -> tollgate_store::UsageEvent {
@@ -335,4 +336,19 @@ async fn the_auth_fingerprint_moves_with_every_key_or_tenant_change_only(store: 
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     store.revoke_key("k1", "bootstrap").await.unwrap();
     assert_ne!(store.auth_fingerprint().await.unwrap(), with_key, "a revocation moves it");
+}
+
+/// Model names come from client JSON, where `\u0000` is legal; Postgres text
+/// cannot hold NUL. A record with one must still be stored (else its batch
+/// would be spooled and replayed forever, holding back every later record).
+async fn client_text_with_nul_characters_cannot_block_the_ledger(store: &Store) {
+    store.ensure_usage_partitions(T0, 1).await.unwrap();
+    let mut odd = usage_event("nul", T0, "acme", "gpt\u{0}4", 10);
+    odd.upstream_model = Some("up\u{0}stream".into());
+    let fine = usage_event("fine", T0 + 1, "acme", "m1", 5);
+    assert_eq!(store.insert_usage(&[odd, fine]).await.unwrap(), 2);
+    let page = store.list_usage_events(&Default::default(), None, 10).await.unwrap();
+    let stored = page.iter().find(|e| e.id == "nul").unwrap();
+    assert_eq!(stored.requested_model, "gpt\u{fffd}4");
+    assert_eq!(stored.upstream_model.as_deref(), Some("up\u{fffd}stream"));
 }
