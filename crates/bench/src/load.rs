@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::procs::{Cpus, pinned, which};
+use crate::procs::{Cpus, cpu_us, pinned, which};
 use crate::stack::Target;
 
 pub const CHAT_BODY: &str = r#"{"model":"gpt-4.1-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
@@ -23,6 +23,8 @@ pub struct LoadFigures {
     pub p999_us: f64,
     pub success_rate: f64,
     pub requests: u64,
+    /// CPU time the target used per request (user and system, all threads).
+    pub cpu_us_per_request: f64,
 }
 
 pub fn oha() -> anyhow::Result<PathBuf> {
@@ -56,7 +58,9 @@ pub async fn run(
         cmd.arg("-H").arg(format!("authorization: Bearer {key}"));
     }
     cmd.arg(target.chat_url()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let cpu_before = cpu_us(target.pid);
     let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+    let cpu_used = cpu_us(target.pid).saturating_sub(cpu_before);
     if !out.status.success() {
         bail!("oha failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -73,5 +77,6 @@ pub async fn run(
         p999_us: seconds(&percentiles["p99.9"]),
         success_rate: if requests == 0 { 0.0 } else { ok as f64 / requests as f64 },
         requests,
+        cpu_us_per_request: if requests == 0 { 0.0 } else { cpu_used as f64 / requests as f64 },
     })
 }

@@ -137,6 +137,24 @@ pub fn rss_kib(pid: u32) -> u64 {
     own + children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).map(rss_kib).sum::<u64>()
 }
 
+/// CPU time (user and system) the process and its children have used, in
+/// microseconds. /proc counts in USER_HZ, which is 100 on Linux.
+pub fn cpu_us(pid: u32) -> u64 {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which may hold spaces: state is
+            // the first, utime the 12th and stime the 13th.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+        * 10_000;
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    own + children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).map(cpu_us).sum::<u64>()
+}
+
 fn status_field(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;

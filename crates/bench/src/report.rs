@@ -127,14 +127,14 @@ pub fn summary(results: &Results) -> String {
 }
 
 fn latency_table(out: &mut String, medians: &[Median]) {
-    out.push_str("| path | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | req/s |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| path | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | req/s | CPU per request |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
     for m in medians {
         let f = m.figures;
         let (a50, a99, a999) = added(medians, m.target).unwrap_or_default();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} µs |",
             m.target,
             ms(f.p50_us),
             ms(f.p99_us),
@@ -142,7 +142,8 @@ fn latency_table(out: &mut String, medians: &[Median]) {
             ms(a50),
             ms(a99),
             ms(a999),
-            f.rps
+            f.rps,
+            f.cpu_us_per_request
         );
     }
 }
@@ -176,15 +177,16 @@ pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
 
     out.push_str("\n## (b) Throughput\n\n");
     let _ = writeln!(out, "As fast as {} connections allow.\n", plan.throughput_connections);
-    out.push_str("| path | requests/s | p50 | p99 |\n|---|---|---|---|\n");
+    out.push_str("| path | requests/s | p50 | p99 | CPU per request |\n|---|---|---|---|---|\n");
     for m in &results.throughput {
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {:.1} µs |",
             m.target,
             m.figures.rps,
             ms(m.figures.p50_us),
-            ms(m.figures.p99_us)
+            ms(m.figures.p99_us),
+            m.figures.cpu_us_per_request
         );
     }
 

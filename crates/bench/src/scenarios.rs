@@ -103,6 +103,7 @@ fn median_of(target: &'static str, runs: &[LoadFigures]) -> Median {
             p999_us: pick(|f| f.p999_us),
             success_rate: pick(|f| f.success_rate),
             requests: runs.iter().map(|f| f.requests).sum(),
+            cpu_us_per_request: pick(|f| f.cpu_us_per_request),
         },
     }
 }

@@ -30,7 +30,7 @@ use crate::limits::{self, Allowance, RateLimiter};
 use crate::policy;
 use crate::request_id::RequestId;
 use crate::shared::Shared;
-use crate::upstream::{Upstream, classify};
+use crate::upstream::{self, Upstream, UpstreamResponse, classify};
 
 /// What the `/v1` handlers share.
 #[derive(Debug)]
@@ -304,7 +304,7 @@ fn upstream_path(uri: &http::Uri) -> &str {
 
 async fn relay_response(
     proxy: &Proxy,
-    upstream: reqwest::Response,
+    upstream: UpstreamResponse,
     slot: &mut Option<Exchange>,
     strip_usage: bool,
 ) -> Result<Response, GatewayError> {
@@ -320,12 +320,16 @@ async fn relay_response(
 
     let mut response = Response::builder().status(status);
     if let Some(headers) = response.headers_mut() {
+        // Room for the gateway's own headers too (rate limits, budget, cost,
+        // request id), so the map is sized once rather than regrown.
+        headers.reserve(upstream.headers().len() + 12);
         headers::copy_response_headers(upstream.headers(), headers);
     }
 
     if is_event_stream && status.is_success() {
         let tap = slot.take().map(|exchange| StreamTap::new(exchange, strip_usage, status.as_u16()));
-        let body = stream::relay(upstream, proxy.upstream.idle_timeout(), proxy.upstream.max_event_bytes(), tap);
+        let body =
+            stream::relay(upstream.into_body(), proxy.upstream.idle_timeout(), proxy.upstream.max_event_bytes(), tap);
         if let Some(headers) = response.headers_mut() {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Tells nginx-style proxies in front of the gateway not to buffer.
@@ -334,7 +338,8 @@ async fn relay_response(
         return response.body(Body::from_stream(body)).map_err(|_| GatewayError::Internal);
     }
 
-    let body = read_upstream_body(upstream, proxy.upstream.idle_timeout(), proxy.max_response_bytes).await?;
+    let body =
+        read_upstream_body(upstream.into_body(), proxy.upstream.idle_timeout(), proxy.max_response_bytes).await?;
     if !is_json(content_type.as_ref(), &body) {
         return Err(GatewayError::UpstreamBadResponse(format!(
             "the upstream answered with status {} and a body that is not JSON",
@@ -395,14 +400,14 @@ pub const BUDGET_HEADER: &str = "x-tollgate-budget-remaining-usd";
 
 /// Reads a whole upstream body, allowing at most `idle` between chunks.
 async fn read_upstream_body(
-    mut upstream: reqwest::Response,
+    mut body: hyper::body::Incoming,
     idle: Duration,
     limit: usize,
 ) -> Result<Bytes, GatewayError> {
     let mut first: Option<Bytes> = None;
     let mut rest = BytesMut::new();
     loop {
-        let chunk = match tokio::time::timeout(idle, upstream.chunk()).await {
+        let chunk = match tokio::time::timeout(idle, upstream::next_chunk(&mut body)).await {
             Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => return Err(classify(&e)),
             Ok(Ok(None)) => break,

@@ -24,9 +24,9 @@ pub trait ChunkSource: Send + 'static {
     fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
 }
 
-impl ChunkSource for reqwest::Response {
+impl ChunkSource for hyper::body::Incoming {
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
-        self.chunk().await.map_err(|e| e.to_string())
+        crate::upstream::next_chunk(self).await.map_err(|e| e.to_string())
     }
 }
 
