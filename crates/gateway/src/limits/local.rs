@@ -12,7 +12,16 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use dashmap::DashMap;
 
-use super::{Check, Kind, Throttled, Window};
+use super::{Check, Kind, Taken, Throttled, Window};
+
+/// Takes back increments (a refused request).
+fn release(taken: &[Taken]) {
+    for t in taken {
+        if let Some(counter) = &t.local {
+            counter.fetch_sub(t.amount, Ordering::AcqRel);
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct LocalLimits {
@@ -34,61 +43,55 @@ impl LocalLimits {
 
     /// Admits one request costing `tokens`, against `checks`, scaled down by
     /// `divisor` (the replica count, when standing in for shared limits).
-    /// Returns the counters it incremented.
-    pub fn admit(
-        &self,
-        checks: &[Check],
-        tokens: u64,
-        window: &Window,
-        divisor: u64,
-    ) -> Result<Vec<(String, i64)>, Throttled> {
-        let mut taken: Vec<(String, i64)> = Vec::with_capacity(checks.len() * 3);
+    /// Returns the counters it incremented, held directly so that releasing
+    /// and correcting them needs no lookup.
+    pub fn admit(&self, checks: &[Check], tokens: u64, window: &Window, divisor: u64) -> Result<Vec<Taken>, Throttled> {
+        let mut taken: Vec<Taken> = Vec::with_capacity(checks.len() * 3);
         let scaled = |limit: u64| (limit / divisor.max(1)).max(1);
         let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
+        // One buffer for every key of the request: a counter that exists
+        // (all but the first request of a window) is found without allocating.
+        let mut key = String::with_capacity(64);
         for check in checks {
             let steps = [
-                (Kind::Concurrency, check.max_concurrent, 1, check.concurrency_key()),
-                (Kind::Requests, check.rpm, 1, check.window_key(Kind::Requests, window)),
-                (Kind::Tokens, check.tpm, tokens, check.window_key(Kind::Tokens, window)),
+                (Kind::Concurrency, check.max_concurrent, 1),
+                (Kind::Requests, check.rpm, 1),
+                (Kind::Tokens, check.tpm, tokens),
             ];
-            for (kind, limit, amount, key) in steps {
-                let Some(limit) = limit.map(scaled) else { continue };
-                let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+            for (kind, limit, amount) in steps {
+                let Some(unscaled) = limit else { continue };
+                let limit_i = i64::try_from(scaled(unscaled)).unwrap_or(i64::MAX);
                 if kind == Kind::Tokens && amount > limit_i {
-                    self.release(&taken);
-                    return Err(Throttled { kind, limit, too_large: true, retry_after: window.remaining() });
+                    release(&taken);
+                    return Err(Throttled {
+                        kind,
+                        limit: scaled(unscaled),
+                        too_large: true,
+                        retry_after: window.remaining(),
+                    });
                 }
+                key.clear();
+                check.write_key(&mut key, kind, window);
                 let counter = self.counter(&key);
                 let now = counter.fetch_add(amount, Ordering::AcqRel) + amount;
                 if now > limit_i {
                     counter.fetch_sub(amount, Ordering::AcqRel);
-                    self.release(&taken);
+                    release(&taken);
                     let retry_after =
                         if kind == Kind::Concurrency { std::time::Duration::from_secs(1) } else { window.remaining() };
-                    return Err(Throttled { kind, limit, too_large: false, retry_after });
+                    return Err(Throttled { kind, limit: scaled(unscaled), too_large: false, retry_after });
                 }
-                taken.push((key, amount));
+                taken.push(Taken {
+                    kind,
+                    key: String::new(),
+                    amount,
+                    limit: unscaled,
+                    used: now,
+                    local: Some(counter),
+                });
             }
         }
         Ok(taken)
-    }
-
-    /// Takes back increments (a refused request, or a finished one's
-    /// in-flight count).
-    pub fn release(&self, taken: &[(String, i64)]) {
-        for (key, amount) in taken {
-            if let Some(c) = self.counters.get(key) {
-                c.fetch_sub(*amount, Ordering::AcqRel);
-            }
-        }
-    }
-
-    /// Adds `delta` (positive or negative) to a counter: the correction of a
-    /// token estimate once the real usage is known.
-    pub fn adjust(&self, key: &str, delta: i64) {
-        if delta != 0 {
-            self.counter(key).fetch_add(delta, Ordering::AcqRel);
-        }
     }
 
     /// Drops window counters older than `oldest_window`.

@@ -10,9 +10,10 @@
 pub mod local;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use tollgate_store::Limits;
 
 use local::LocalLimits;
@@ -69,12 +70,51 @@ impl Check {
         (check.rpm.is_some() || check.tpm.is_some() || check.max_concurrent.is_some()).then_some(check)
     }
 
-    fn window_key(&self, kind: Kind, window: &Window) -> String {
-        format!("{}:{}@{}", self.scope, kind.as_str(), window.index)
+    /// The counter's name: `<scope>:inflight`, or `<scope>:rpm@<window>` and
+    /// `<scope>:tpm@<window>` for the per-minute counts.
+    fn write_key(&self, out: &mut String, kind: Kind, window: &Window) {
+        use std::fmt::Write as _;
+        out.push_str(&self.scope);
+        out.push(':');
+        out.push_str(kind.as_str());
+        if kind != Kind::Concurrency {
+            let _ = write!(out, "@{}", window.index);
+        }
     }
 
-    fn concurrency_key(&self) -> String {
-        format!("{}:{}", self.scope, Kind::Concurrency.as_str())
+    fn key(&self, kind: Kind, window: &Window) -> String {
+        let mut out = String::with_capacity(self.scope.len() + 24);
+        self.write_key(&mut out, kind, window);
+        out
+    }
+}
+
+/// One counter a request incremented.
+#[derive(Debug)]
+pub struct Taken {
+    kind: Kind,
+    /// The counter's name (for shared counters; local ones are held in `local`).
+    key: String,
+    amount: i64,
+    /// The limit as configured (before any division between replicas).
+    limit: u64,
+    /// The counter's value after the increment.
+    used: i64,
+    local: Option<Arc<AtomicI64>>,
+}
+
+impl Taken {
+    fn allowance(taken: &[Self], reset: Duration) -> Allowance {
+        let mut allowance = Allowance { reset, ..Allowance::default() };
+        for t in taken {
+            let used = t.used.max(0) as u64;
+            match t.kind {
+                Kind::Requests => tighten(&mut allowance.requests, t.limit, used),
+                Kind::Tokens => tighten(&mut allowance.tokens, t.limit, used),
+                Kind::Concurrency => {}
+            }
+        }
+        allowance
     }
 }
 
@@ -95,43 +135,60 @@ pub struct Allowance {
     pub reset: Duration,
 }
 
+const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
 impl Allowance {
-    /// Written on every limited response: static names and integer values,
-    /// so nothing is formatted or parsed but the reset time.
+    /// Written on every limited response: names are constants and values
+    /// integers, so only the reset time is formatted.
     pub fn write(&self, headers: &mut HeaderMap) {
         if self.requests.is_none() && self.tokens.is_none() {
             return;
         }
         let Ok(reset) = HeaderValue::try_from(format_reset(self.reset)) else { return };
         let names = [
-            (
-                self.requests,
-                ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
-            ),
-            (self.tokens, ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"]),
+            (self.requests, [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS]),
+            (self.tokens, [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]),
         ];
         for (value, [limit_name, remaining_name, reset_name]) in names {
             let Some((limit, remaining)) = value else { continue };
-            headers.insert(http::HeaderName::from_static(limit_name), HeaderValue::from(limit));
-            headers.insert(http::HeaderName::from_static(remaining_name), HeaderValue::from(remaining));
-            headers.insert(http::HeaderName::from_static(reset_name), reset.clone());
+            headers.insert(limit_name, HeaderValue::from(limit));
+            headers.insert(remaining_name, HeaderValue::from(remaining));
+            headers.insert(reset_name, reset.clone());
         }
     }
 }
 
-/// A duration as OpenAI writes it: `1s`, `6m0s`, `12ms`.
+/// A duration as OpenAI writes it: `1s`, `6m0s`, `12ms`, `1.5s`. Integer
+/// arithmetic: it is written on every limited response.
 pub fn format_reset(d: Duration) -> String {
+    use std::fmt::Write as _;
     let ms = d.as_millis();
+    let mut out = String::with_capacity(12);
     if ms < 1000 {
-        return format!("{ms}ms");
+        let _ = write!(out, "{ms}ms");
+    } else if ms < 60_000 {
+        let (whole, frac) = (ms / 1000, ms % 1000);
+        let _ = write!(out, "{whole}");
+        if frac != 0 {
+            // Milliseconds as a decimal fraction without trailing zeros.
+            let (mut frac, mut width) = (frac, 3);
+            while frac % 10 == 0 {
+                frac /= 10;
+                width -= 1;
+            }
+            let _ = write!(out, ".{frac:0width$}");
+        }
+        out.push('s');
+    } else {
+        let whole = d.as_secs();
+        let _ = write!(out, "{}m{}s", whole / 60, whole % 60);
     }
-    let secs = d.as_secs_f64();
-    if secs < 60.0 {
-        let s = format!("{secs:.3}");
-        return format!("{}s", s.trim_end_matches('0').trim_end_matches('.'));
-    }
-    let whole = d.as_secs();
-    format!("{}m{}s", whole / 60, whole % 60)
+    out
 }
 
 /// Where a request's counters live.
@@ -153,18 +210,23 @@ pub struct RateLimiter {
 /// drop) and its token reservation (corrected by `settle`).
 #[derive(Debug)]
 pub struct Permit {
-    limiter: Arc<RateLimiter>,
     counters: Counters,
-    taken: Vec<(String, i64)>,
+    taken: Vec<Taken>,
     reserved_tokens: i64,
     pub allowance: Allowance,
 }
 
 impl Permit {
-    fn adjust(&self, key: &str, delta: i64) {
-        match &self.counters {
-            Counters::Local => self.limiter.local.adjust(key, delta),
-            Counters::Shared(shared) => shared.adjust(shared_key(key), delta),
+    fn adjust(&self, taken: &Taken, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        match (&self.counters, &taken.local) {
+            (Counters::Local, Some(counter)) => {
+                counter.fetch_add(delta, Ordering::AcqRel);
+            }
+            (Counters::Local, None) => {}
+            (Counters::Shared(shared), _) => shared.adjust(shared_key(&taken.key), delta),
         }
     }
 
@@ -172,8 +234,8 @@ impl Permit {
     pub fn settle(&mut self, actual_tokens: u64) {
         let actual = i64::try_from(actual_tokens).unwrap_or(i64::MAX);
         let delta = actual - self.reserved_tokens;
-        for (key, _) in self.taken.iter().filter(|(k, _)| k.contains(":tpm@")) {
-            self.adjust(key, delta);
+        for t in self.taken.iter().filter(|t| t.kind == Kind::Tokens) {
+            self.adjust(t, delta);
         }
         self.reserved_tokens = actual;
     }
@@ -181,8 +243,8 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        for (key, amount) in self.taken.iter().filter(|(k, _)| k.ends_with(":inflight")) {
-            self.adjust(key, -amount);
+        for t in self.taken.iter().filter(|t| t.kind == Kind::Concurrency) {
+            self.adjust(t, -t.amount);
         }
     }
 }
@@ -210,19 +272,8 @@ impl RateLimiter {
         }
         let divisor = if self.shared.is_some() { self.replicas } else { 1 };
         let taken = self.local.admit(checks, tokens, &window, divisor)?;
-        let mut allowance = Allowance { reset: window.remaining(), ..Allowance::default() };
-        for check in checks {
-            if let Some(limit) = check.rpm {
-                let used = self.local.value(&check.window_key(Kind::Requests, &window)).max(0) as u64;
-                tighten(&mut allowance.requests, limit, used);
-            }
-            if let Some(limit) = check.tpm {
-                let used = self.local.value(&check.window_key(Kind::Tokens, &window)).max(0) as u64;
-                tighten(&mut allowance.tokens, limit, used);
-            }
-        }
+        let allowance = Taken::allowance(&taken, window.remaining());
         Ok(Permit {
-            limiter: self.clone(),
             counters: Counters::Local,
             taken,
             reserved_tokens: i64::try_from(tokens).unwrap_or(i64::MAX),
@@ -242,17 +293,17 @@ impl RateLimiter {
         let mut plan: Vec<(Kind, u64, String, i64)> = Vec::new();
         for check in checks {
             if let Some(limit) = check.max_concurrent {
-                plan.push((Kind::Concurrency, limit, check.concurrency_key(), 1));
+                plan.push((Kind::Concurrency, limit, check.key(Kind::Concurrency, window), 1));
             }
             if let Some(limit) = check.rpm {
-                plan.push((Kind::Requests, limit, check.window_key(Kind::Requests, window), 1));
+                plan.push((Kind::Requests, limit, check.key(Kind::Requests, window), 1));
             }
             if let Some(limit) = check.tpm {
                 if tokens > limit {
                     let retry_after = window.remaining();
                     return Some(Err(Throttled { kind: Kind::Tokens, limit, too_large: true, retry_after }));
                 }
-                plan.push((Kind::Tokens, limit, check.window_key(Kind::Tokens, window), amount));
+                plan.push((Kind::Tokens, limit, check.key(Kind::Tokens, window), amount));
             }
         }
         let counters: Vec<(String, u64, i64, u64)> = plan
@@ -269,18 +320,13 @@ impl RateLimiter {
                 Some(Err(Throttled { kind: *kind, limit: *limit, too_large: false, retry_after }))
             }
             Verdict::Admitted(values) => {
-                let mut allowance = Allowance { reset: window.remaining(), ..Allowance::default() };
-                for ((kind, limit, _, _), used) in plan.iter().zip(&values) {
-                    let used = (*used).max(0) as u64;
-                    match kind {
-                        Kind::Requests => tighten(&mut allowance.requests, *limit, used),
-                        Kind::Tokens => tighten(&mut allowance.tokens, *limit, used),
-                        Kind::Concurrency => {}
-                    }
-                }
-                let taken = plan.into_iter().map(|(_, _, key, amount)| (key, amount)).collect();
+                let taken: Vec<Taken> = plan
+                    .into_iter()
+                    .zip(values)
+                    .map(|((kind, limit, key, amount), used)| Taken { kind, key, amount, limit, used, local: None })
+                    .collect();
+                let allowance = Taken::allowance(&taken, window.remaining());
                 Some(Ok(Permit {
-                    limiter: self.clone(),
                     counters: Counters::Shared(shared.clone()),
                     taken,
                     reserved_tokens: amount,
@@ -392,5 +438,8 @@ mod tests {
         assert_eq!(format_reset(Duration::from_secs(1)), "1s");
         assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
         assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+        assert_eq!(format_reset(Duration::from_millis(1050)), "1.05s");
+        assert_eq!(format_reset(Duration::from_millis(59_999)), "59.999s");
+        assert_eq!(format_reset(Duration::from_millis(61_500)), "1m1s");
     }
 }
