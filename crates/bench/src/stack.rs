@@ -207,9 +207,11 @@ impl Gateway {
             .env("TOLLGATE_HASH_SECRET", "bench-hash-secret")
             .env("TOLLGATE_LOG__FORMAT", "json")
             .env("COMETAPI_KEY", "sk-bench");
-        // Any TOLLGATE_* setting in the benchmark's own environment overrides
-        // the defaults above, e.g. TOLLGATE_LOG__LEVEL=warn to price the logs.
-        cmd.envs(std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_") && !k.starts_with("TOLLGATE_BENCH_")));
+        // Configuration settings (TOLLGATE_<SECTION>__<KEY>) in the benchmark's
+        // own environment override the defaults above, e.g.
+        // TOLLGATE_LOG__LEVEL=warn to price the logs. Other TOLLGATE_*
+        // variables (the test suite's, the benchmark's own) are not settings.
+        cmd.envs(std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_") && k.contains("__")));
         let mut proc = Proc::spawn("gateway", cmd)?;
         wait_listening(&mut proc, public).await?;
         wait_listening(&mut proc, admin).await?;
