@@ -371,6 +371,12 @@ fn sse_response(shared: Arc<Shared>, events: Vec<String>, with_done: bool, scena
             Some(Fault::StallMidStream { after_chunks }) if st.sent >= after_chunks => {
                 std::future::pending::<()>().await;
             }
+            Some(Fault::EndMidStream { after_chunks }) if st.sent >= after_chunks => {
+                // A clean end of the body, before the protocol's end marker.
+                st.guard.completed = true;
+                drop(st);
+                return None;
+            }
             _ => {}
         }
         if st.sent > 0 && !interval.is_zero() {

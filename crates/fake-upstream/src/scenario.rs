@@ -31,6 +31,9 @@ pub enum Fault {
     DropMidStream { after_chunks: usize },
     /// Stream this many chunks, then stop sending without closing.
     StallMidStream { after_chunks: usize },
+    /// Stream this many chunks, then end the response cleanly, without
+    /// `finish_reason` or the end marker (`[DONE]`, `response.completed`).
+    EndMidStream { after_chunks: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +125,7 @@ impl Scenario {
 }
 
 /// `status:503`, `status:429:comet`, `html301`, `html200`, `reset`, `stall`,
-/// `drop-after:2`, `stall-after:2`.
+/// `drop-after:2`, `stall-after:2`, `end-after:2`.
 pub fn parse_fault(text: &str) -> Option<Fault> {
     let mut parts = text.split(':');
     let fault = match parts.next()? {
@@ -141,6 +144,7 @@ pub fn parse_fault(text: &str) -> Option<Fault> {
         "stall" => Fault::Stall,
         "drop-after" => Fault::DropMidStream { after_chunks: parts.next()?.parse().ok()? },
         "stall-after" => Fault::StallMidStream { after_chunks: parts.next()?.parse().ok()? },
+        "end-after" => Fault::EndMidStream { after_chunks: parts.next()?.parse().ok()? },
         _ => return None,
     };
     parts.next().is_none().then_some(fault)
@@ -156,6 +160,7 @@ mod tests {
         assert_eq!(parse_fault("status:429:comet"), Some(Fault::Status { status: 429, style: ErrorStyle::Comet }));
         assert_eq!(parse_fault("drop-after:2"), Some(Fault::DropMidStream { after_chunks: 2 }));
         assert_eq!(parse_fault("reset"), Some(Fault::Reset));
+        assert_eq!(parse_fault("end-after:2"), Some(Fault::EndMidStream { after_chunks: 2 }));
         assert_eq!(parse_fault("reset:extra"), None);
         assert_eq!(parse_fault("nonsense"), None);
     }

@@ -119,8 +119,8 @@ impl Application {
         let shared = match config.redis.url()? {
             None => None,
             Some(url) => {
-                let (shared, adjustments) = Shared::connect(url.expose_secret(), &config.redis.key_prefix).await?;
-                background.spawn(shared.clone().apply_adjustments(adjustments, stop_background.clone()));
+                let shared = Shared::connect(url.expose_secret(), &config.redis.key_prefix).await?;
+                background.spawn(shared.clone().apply_adjustments(stop_background.clone()));
                 tracing::info!(replicas = config.redis.replicas, "rate limits and budgets are shared through Redis");
                 Some(shared)
             }
@@ -308,6 +308,8 @@ impl GaugeSource for Gauges {
         if let Some(shared) = &self.shared {
             let seen = m.redis_fallbacks.get();
             m.redis_fallbacks.inc_by(shared.fallbacks().saturating_sub(seen));
+            let seen = m.shared_corrections_dropped.get();
+            m.shared_corrections_dropped.inc_by(shared.corrections_dropped().saturating_sub(seen));
         }
         let seen = m.ledger_write_failures.get();
         m.ledger_write_failures.inc_by(self.ledger.write_failures().saturating_sub(seen));

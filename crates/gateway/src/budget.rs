@@ -1,22 +1,35 @@
 //! Hard and soft spending budgets, enforced before a request is forwarded.
 //!
-//! Each budget keeps, for its current calendar period, one counter of money
-//! committed: spend already settled plus the worst-case cost of requests in
-//! flight. A request reserves its worst case with a compare-and-swap that
-//! fails if the sum would pass a hard budget's amount, so concurrent
-//! requests can never overshoot it; when the request ends, the reservation
-//! is replaced by the real cost. Counters start from the ledger at start-up
-//! and when a period begins, so a restart or a rollover never forgets spend.
+//! Each budget keeps, for its current calendar period, two counters: money
+//! committed (spend already settled plus the worst-case cost of requests in
+//! flight) and spend settled. A request reserves its worst case with a
+//! compare-and-swap that fails if the committed sum would pass a hard
+//! budget's amount, so concurrent requests can never overshoot it; when the
+//! request ends, the reservation is replaced by the real cost. Counters
+//! start from the ledger at start-up and when a period begins, so a restart
+//! or a rollover never forgets spend.
+//!
+//! A refusal says which of two things happened. *Exhausted*: settled spend
+//! plus this request's own worst case passes the amount, so the request
+//! could not fit even with nothing else in flight; the client is told not
+//! to retry. *Busy*: only other requests' reservations are in the way. The
+//! request then waits, in a first-come first-served queue per budget, for
+//! them to settle (woken by each local settlement, and polling for the
+//! settlements of other replicas) for at most `limits.budget_wait`; if it
+//! still does not fit it is throttled (429 `rate_limit_exceeded`, retryable).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use chrono::NaiveDate;
+use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
 use tollgate_store::{Budget, Store, StoreResult};
 
-use crate::shared::{Shared, Verdict};
+use crate::shared::{ReserveVerdict, Shared};
 
 fn day_number(day: NaiveDate) -> i64 {
     i64::from(day.num_days_from_ce())
@@ -33,15 +46,26 @@ pub struct BudgetState {
     committed: AtomicI64,
     /// Settled spend only.
     spent: AtomicI64,
+    /// Requests waiting for in-flight reservations to settle take turns
+    /// here, first come first served (tokio's mutex is fair).
+    queue: Mutex<()>,
+    /// Woken on every local settlement or cancellation.
+    settled: Notify,
 }
 
 impl BudgetState {
     fn new(budget: Budget, period_start: NaiveDate, spent: i64) -> Self {
+        Self::with_counters(budget, day_number(period_start), spent, spent)
+    }
+
+    fn with_counters(budget: Budget, period_start: i64, committed: i64, spent: i64) -> Self {
         Self {
             budget,
-            period_start: AtomicI64::new(day_number(period_start)),
-            committed: AtomicI64::new(spent),
+            period_start: AtomicI64::new(period_start),
+            committed: AtomicI64::new(committed),
             spent: AtomicI64::new(spent),
+            queue: Mutex::new(()),
+            settled: Notify::new(),
         }
     }
 
@@ -81,10 +105,41 @@ pub struct Reservation {
     shared_committed: Option<i64>,
 }
 
-#[derive(Debug, Clone)]
-pub struct Exhausted {
-    pub budget_id: String,
-    pub period: &'static str,
+/// Why a reservation was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Settled spend plus this request's own worst case passes a hard
+    /// budget: no retry this period can succeed.
+    Exhausted { budget_id: String, period: &'static str },
+    /// Other requests' reservations fill the budget for now; once they
+    /// settle there may be room.
+    Busy { budget_id: String, retry_after: Duration },
+}
+
+/// What one attempt to reserve found.
+enum Attempt {
+    Reserved(Vec<Reservation>),
+    Exhausted(usize),
+    /// Blocked by in-flight reservations on the budget at this index.
+    Blocked(usize),
+}
+
+/// How requests wait for in-flight reservations to settle.
+#[derive(Debug, Clone, Copy)]
+pub struct Waiting {
+    /// The longest a request waits before it is throttled (0: never waits).
+    pub max_wait: Duration,
+    /// How often the head of a queue looks again without a local wake-up
+    /// (settlements of other replicas reach Redis, not this process).
+    pub poll: Duration,
+    /// What a throttled client is told to wait before retrying.
+    pub retry_after: Duration,
+}
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Self { max_wait: Duration::from_secs(2), poll: Duration::from_millis(20), retry_after: Duration::from_secs(1) }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -132,12 +187,12 @@ impl BudgetBook {
         for budget in fresh {
             match current.iter().find(|s| s.budget.id == budget.id && s.budget.period == budget.period) {
                 Some(existing) => {
-                    let state = BudgetState {
+                    let state = BudgetState::with_counters(
                         budget,
-                        period_start: AtomicI64::new(existing.period_start.load(Ordering::Acquire)),
-                        committed: AtomicI64::new(existing.committed.load(Ordering::Acquire)),
-                        spent: AtomicI64::new(existing.spent.load(Ordering::Acquire)),
-                    };
+                        existing.period_start.load(Ordering::Acquire),
+                        existing.committed.load(Ordering::Acquire),
+                        existing.spent.load(Ordering::Acquire),
+                    );
                     states.push(Arc::new(state));
                 }
                 None => states.push(Arc::new(Self::state_for(store, budget, today).await?)),
@@ -171,14 +226,62 @@ impl BudgetBook {
     }
 }
 
-/// Reserves `worst_case` on every budget, or on none, on the counters every
-/// replica shares when Redis is configured and reachable, else locally.
-pub async fn reserve_shared(
+/// Reserves `worst_case` on every budget, or on none. When only other
+/// requests' reservations are in the way, waits its turn (see the module
+/// docs) for at most `waiting.max_wait`.
+pub async fn admit(
     shared: Option<&Arc<Shared>>,
     states: &[Arc<BudgetState>],
     worst_case: i64,
     today: NaiveDate,
-) -> Result<Vec<Reservation>, Exhausted> {
+    waiting: Waiting,
+) -> Result<Vec<Reservation>, Refusal> {
+    let blocked_on = match attempt(shared, states, worst_case, today).await {
+        Attempt::Reserved(held) => return Ok(held),
+        Attempt::Exhausted(index) => return Err(exhausted(&states[index])),
+        Attempt::Blocked(index) => index,
+    };
+    let queue = &states[blocked_on];
+    let busy = || Refusal::Busy { budget_id: queue.budget.id.clone(), retry_after: waiting.retry_after };
+    if waiting.max_wait.is_zero() {
+        return Err(busy());
+    }
+    let deadline = Instant::now() + waiting.max_wait;
+    let Ok(_turn) = tokio::time::timeout_at(deadline, queue.queue.lock()).await else { return Err(busy()) };
+    loop {
+        // Registered before the attempt, so a settlement between the
+        // attempt and the wait is not missed.
+        let settled = queue.settled.notified();
+        tokio::pin!(settled);
+        settled.as_mut().enable();
+        match attempt(shared, states, worst_case, today).await {
+            Attempt::Reserved(held) => return Ok(held),
+            Attempt::Exhausted(index) => return Err(exhausted(&states[index])),
+            Attempt::Blocked(_) => {}
+        }
+        let next_look = (Instant::now() + waiting.poll).min(deadline);
+        tokio::select! {
+            () = settled => {}
+            () = tokio::time::sleep_until(next_look) => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(busy());
+        }
+    }
+}
+
+fn exhausted(state: &BudgetState) -> Refusal {
+    Refusal::Exhausted { budget_id: state.budget.id.clone(), period: state.budget.period.as_str() }
+}
+
+/// One try on the counters every replica shares when Redis is configured
+/// and reachable, else on the local ones.
+async fn attempt(
+    shared: Option<&Arc<Shared>>,
+    states: &[Arc<BudgetState>],
+    worst_case: i64,
+    today: NaiveDate,
+) -> Attempt {
     let Some(shared) = shared.filter(|s| s.available()) else { return reserve(states, worst_case, today) };
     let mut plan = Vec::with_capacity(states.len());
     for state in states {
@@ -189,54 +292,69 @@ pub async fn reserve_shared(
             (end_ms - chrono::Utc::now().timestamp_millis()).max(0) as u64 + 86_400_000
         });
         state.roll(today);
-        plan.push((key, state.spent(), state.budget.amount_micros, worst_case, state.budget.hard, ttl_ms));
+        plan.push(crate::shared::BudgetCounter {
+            key,
+            initial: state.spent(),
+            amount: state.budget.amount_micros,
+            worst_case,
+            hard: state.budget.hard,
+            ttl_ms,
+        });
     }
+    let last = states.len().saturating_sub(1);
     match shared.reserve(&plan).await {
         None => reserve(states, worst_case, today),
-        Some(Verdict::Refused { index, .. }) => {
-            let state = &states[index.min(states.len() - 1)];
-            Err(Exhausted { budget_id: state.budget.id.clone(), period: state.budget.period.as_str() })
-        }
-        Some(Verdict::Admitted(values)) => Ok(states
-            .iter()
-            .zip(plan)
-            .zip(values)
-            .map(|((state, (key, ..)), committed)| Reservation {
-                state: state.clone(),
-                period_start: state.period_start.load(Ordering::Acquire),
-                amount: worst_case,
-                shared: Some((shared.clone(), key)),
-                shared_committed: Some(committed),
-            })
-            .collect()),
+        Some(ReserveVerdict::Exhausted(index)) => Attempt::Exhausted(index.min(last)),
+        Some(ReserveVerdict::Busy(index)) => Attempt::Blocked(index.min(last)),
+        Some(ReserveVerdict::Admitted(values)) => Attempt::Reserved(
+            states
+                .iter()
+                .zip(plan)
+                .zip(values)
+                .map(|((state, counter), committed)| Reservation {
+                    state: state.clone(),
+                    period_start: state.period_start.load(Ordering::Acquire),
+                    amount: worst_case,
+                    shared: Some((shared.clone(), counter.key)),
+                    shared_committed: Some(committed),
+                })
+                .collect(),
+        ),
     }
 }
 
-/// Reserves `worst_case` on every budget, or on none: a hard budget that it
-/// would exceed refuses the request.
-pub fn reserve(states: &[Arc<BudgetState>], worst_case: i64, today: NaiveDate) -> Result<Vec<Reservation>, Exhausted> {
+/// Reserves `worst_case` on every local budget counter, or on none.
+fn reserve(states: &[Arc<BudgetState>], worst_case: i64, today: NaiveDate) -> Attempt {
     let mut held: Vec<Reservation> = Vec::with_capacity(states.len());
-    for state in states {
+    for (index, state) in states.iter().enumerate() {
         let period_start = state.roll(today);
         if state.budget.hard {
-            let mut current = state.committed.load(Ordering::Acquire);
-            loop {
-                let exhausted = current >= state.budget.amount_micros;
-                if exhausted || current.saturating_add(worst_case) > state.budget.amount_micros {
-                    for r in held.drain(..) {
-                        r.cancel();
+            let amount = state.budget.amount_micros;
+            let spent = state.spent();
+            let refusal = if spent >= amount || spent.saturating_add(worst_case) > amount {
+                Some(Attempt::Exhausted(index))
+            } else {
+                let mut current = state.committed.load(Ordering::Acquire);
+                loop {
+                    if current.saturating_add(worst_case) > amount {
+                        break Some(Attempt::Blocked(index));
                     }
-                    return Err(Exhausted { budget_id: state.budget.id.clone(), period: state.budget.period.as_str() });
+                    match state.committed.compare_exchange_weak(
+                        current,
+                        current + worst_case,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => break None,
+                        Err(actual) => current = actual,
+                    }
                 }
-                match state.committed.compare_exchange_weak(
-                    current,
-                    current + worst_case,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => break,
-                    Err(actual) => current = actual,
+            };
+            if let Some(refusal) = refusal {
+                for r in held.drain(..) {
+                    r.cancel();
                 }
+                return refusal;
             }
         } else {
             state.committed.fetch_add(worst_case, Ordering::AcqRel);
@@ -249,7 +367,7 @@ pub fn reserve(states: &[Arc<BudgetState>], worst_case: i64, today: NaiveDate) -
             shared_committed: None,
         });
     }
-    Ok(held)
+    Attempt::Reserved(held)
 }
 
 impl Reservation {
@@ -260,7 +378,10 @@ impl Reservation {
         match self.shared {
             // The shared counter is per period: the reservation is always
             // replaced on the counter it was made on.
-            Some((shared, key)) => shared.adjust(key, cost - self.amount),
+            Some((shared, key)) => {
+                shared.adjust(crate::shared::spent_key(&key), cost);
+                shared.adjust(key, cost - self.amount);
+            }
             None => {
                 let same_period = state.period_start.load(Ordering::Acquire) == self.period_start;
                 let delta = if same_period { cost - self.amount } else { cost };
@@ -268,6 +389,7 @@ impl Reservation {
             }
         }
         let before = state.spent.fetch_add(cost, Ordering::AcqRel);
+        state.settled.notify_waiters();
         (state, before, before + cost)
     }
 
@@ -277,6 +399,7 @@ impl Reservation {
         } else if self.state.period_start.load(Ordering::Acquire) == self.period_start {
             self.state.committed.fetch_sub(self.amount, Ordering::AcqRel);
         }
+        self.state.settled.notify_waiters();
     }
 
     /// The tightest remaining amount among hard budgets, after reservations.
@@ -316,11 +439,38 @@ mod tests {
         NaiveDate::from_ymd_opt(2026, 11, 24).unwrap()
     }
 
+    impl std::fmt::Debug for Attempt {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Self::Reserved(held) => write!(f, "Reserved({})", held.len()),
+                Self::Exhausted(i) => write!(f, "Exhausted({i})"),
+                Self::Blocked(i) => write!(f, "Blocked({i})"),
+            }
+        }
+    }
+
+    impl Attempt {
+        fn unwrap(self) -> Vec<Reservation> {
+            match self {
+                Self::Reserved(held) => held,
+                other => panic!("not reserved: {other:?}"),
+            }
+        }
+
+        fn is_ok(&self) -> bool {
+            matches!(self, Self::Reserved(_))
+        }
+    }
+
     #[test]
     fn hard_budgets_refuse_what_could_exceed_them_and_settle_to_real_cost() {
         let s = state(1000, true);
         let a = reserve(std::slice::from_ref(&s), 600, today()).unwrap();
-        assert!(reserve(std::slice::from_ref(&s), 600, today()).is_err(), "600 + 600 > 1000");
+        let second = reserve(std::slice::from_ref(&s), 600, today());
+        assert!(
+            matches!(second, Attempt::Blocked(0)),
+            "600 + 600 > 1000 only while the first is in flight: {second:?}"
+        );
         for r in a {
             r.settle(100);
         }
@@ -343,7 +493,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut admitted = 0;
                     for _ in 0..1000 {
-                        if let Ok(rs) = reserve(std::slice::from_ref(&s), 7, today()) {
+                        if let Attempt::Reserved(rs) = reserve(std::slice::from_ref(&s), 7, today()) {
                             admitted += 1;
                             for r in rs {
                                 r.settle(7);
@@ -357,6 +507,94 @@ mod tests {
         let admitted: i64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
         assert_eq!(admitted, 10_000 / 7);
         assert!(s.spent() <= 10_000);
+    }
+
+    #[test]
+    fn only_settled_spend_plus_the_own_worst_case_exhausts_a_budget() {
+        let s = state(1000, true);
+        let spent = reserve(std::slice::from_ref(&s), 800, today()).unwrap();
+        for r in spent {
+            r.settle(800);
+        }
+        assert!(matches!(reserve(std::slice::from_ref(&s), 300, today()), Attempt::Exhausted(0)), "800 + 300 > 1000");
+        let fits = reserve(std::slice::from_ref(&s), 200, today());
+        assert!(fits.is_ok(), "800 + 200 fits: {fits:?}");
+    }
+
+    fn waiting(max_wait_ms: u64) -> Waiting {
+        Waiting { max_wait: Duration::from_millis(max_wait_ms), ..Waiting::default() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_blocked_by_reservations_waits_for_them_to_settle() {
+        let s = state(1000, true);
+        let held = reserve(std::slice::from_ref(&s), 900, today()).unwrap();
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move { admit(None, &[s], 500, today(), waiting(2_000)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "still waiting while 900 is reserved");
+        for r in held {
+            r.settle(100);
+        }
+        let admitted = waiter.await.unwrap().expect("admitted once the reservation settled");
+        assert_eq!(admitted.len(), 1);
+        assert_eq!(s.remaining(), 1000 - 100 - 500);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_still_blocked_after_the_wait_is_busy_not_exhausted() {
+        let s = state(1000, true);
+        let _held = reserve(std::slice::from_ref(&s), 900, today()).unwrap();
+        let started = Instant::now();
+        let refusal = admit(None, std::slice::from_ref(&s), 500, today(), waiting(300)).await.unwrap_err();
+        assert!(matches!(refusal, Refusal::Busy { .. }), "{refusal:?}");
+        assert!(started.elapsed() >= Duration::from_millis(300), "waited the whole bound");
+        assert!(started.elapsed() < Duration::from_millis(400), "and no longer");
+        let no_wait = admit(None, std::slice::from_ref(&s), 500, today(), waiting(0)).await.unwrap_err();
+        assert!(matches!(no_wait, Refusal::Busy { .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exhausted_budget_refuses_at_once() {
+        let s = state(1000, true);
+        for r in reserve(std::slice::from_ref(&s), 950, today()).unwrap() {
+            r.settle(950);
+        }
+        let started = Instant::now();
+        let refusal = admit(None, std::slice::from_ref(&s), 100, today(), waiting(2_000)).await.unwrap_err();
+        assert_eq!(refusal, Refusal::Exhausted { budget_id: "b".into(), period: "monthly" });
+        assert_eq!(started.elapsed(), Duration::ZERO, "no waiting for what can never fit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_admitted_in_arrival_order() {
+        let s = state(1000, true);
+        let held = reserve(std::slice::from_ref(&s), 1000, today()).unwrap();
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..5 {
+            let (s, order) = (s.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let held = admit(None, &[s], 200, today(), waiting(5_000)).await.unwrap();
+                order.lock().unwrap().push(i);
+                // Each holds its reservation a while, so later ones must wait.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                for r in held {
+                    r.settle(1);
+                }
+            }));
+            // Let each one reach the queue before the next arrives.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for r in held {
+            r.settle(0);
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]

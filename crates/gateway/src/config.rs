@@ -137,13 +137,25 @@ pub struct LimitsConfig {
     pub tpm: Option<u64>,
     /// Requests in flight for tenants whose policy sets none.
     pub max_concurrent: Option<u64>,
-    /// Output tokens assumed, for token limits, when a request sets no limit.
+    /// Output tokens assumed, for token limits and budget reservations, when
+    /// a request sets no limit.
     pub default_output_tokens: u64,
+    /// How long a request may wait for other requests' budget reservations
+    /// to settle before it is throttled (429 `rate_limit_exceeded`,
+    /// retryable). `0s`: never wait.
+    #[serde(with = "humantime_serde")]
+    pub budget_wait: Duration,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { rpm: None, tpm: None, max_concurrent: None, default_output_tokens: 4096 }
+        Self {
+            rpm: None,
+            tpm: None,
+            max_concurrent: None,
+            default_output_tokens: 4096,
+            budget_wait: Duration::from_secs(2),
+        }
     }
 }
 

@@ -58,6 +58,12 @@ pub enum GatewayError {
         "You exceeded your current quota: the {period} budget {budget_id} is spent. Raise the budget or wait for the next period."
     )]
     BudgetExhausted { budget_id: String, period: &'static str },
+    #[error("Too many requests are in flight against the {budget_id} budget right now; retry shortly.")]
+    BudgetBusy { budget_id: String, retry_after: std::time::Duration },
+    #[error(
+        "the model `{0}` has no price configured, so a hard budget cannot bound its cost; ask the gateway's administrators to price it"
+    )]
+    UnpricedUnderBudget(String),
     #[error("{0}")]
     InvalidJson(String),
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -113,6 +119,8 @@ impl GatewayError {
             | Self::OverCap { .. }
             | Self::RateLimited(_)
             | Self::BudgetExhausted { .. }
+            | Self::BudgetBusy { .. }
+            | Self::UnpricedUnderBudget(_)
             | Self::InvalidJson(_)
             | Self::BodyTooLarge { .. }
             | Self::BodyRead
@@ -126,11 +134,15 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            Self::RateLimited(_) | Self::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::TenantSuspended | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
-            Self::InvalidJson(_) | Self::BodyRead | Self::ModelNotPriced(_) | Self::OverCap { .. } => {
-                StatusCode::BAD_REQUEST
+            Self::RateLimited(_) | Self::BudgetExhausted { .. } | Self::BudgetBusy { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
             }
+            Self::TenantSuspended | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::InvalidJson(_)
+            | Self::BodyRead
+            | Self::ModelNotPriced(_)
+            | Self::UnpricedUnderBudget(_)
+            | Self::OverCap { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -149,10 +161,10 @@ impl GatewayError {
             Self::Unauthenticated(AuthFailure::Expired) => "api_key_expired",
             Self::TenantSuspended => "tenant_suspended",
             Self::ModelNotAllowed(_) => "model_not_allowed",
-            Self::ModelNotPriced(_) => "model_not_priced",
+            Self::ModelNotPriced(_) | Self::UnpricedUnderBudget(_) => "model_not_priced",
             Self::AccountingUnavailable => "accounting_unavailable",
             Self::OverCap { .. } => "over_policy_cap",
-            Self::RateLimited(_) => "rate_limit_exceeded",
+            Self::RateLimited(_) | Self::BudgetBusy { .. } => "rate_limit_exceeded",
             Self::BudgetExhausted { .. } => "insufficient_quota",
             Self::InvalidJson(_) => "invalid_json",
             Self::BodyTooLarge { .. } => "request_too_large",
@@ -172,6 +184,9 @@ impl GatewayError {
         if let Self::BudgetExhausted { .. } = self {
             return "insufficient_quota";
         }
+        if let Self::BudgetBusy { .. } = self {
+            return "requests";
+        }
         if let Self::RateLimited(t) = self {
             return match t.kind {
                 crate::limits::Kind::Tokens => "tokens",
@@ -188,7 +203,9 @@ impl GatewayError {
     pub fn envelope(&self) -> ErrorEnvelope {
         let envelope = ErrorEnvelope::new(self.to_string(), self.kind(), self.code());
         match self {
-            Self::ModelNotAllowed(_) | Self::ModelNotPriced(_) => envelope.with_param("model"),
+            Self::ModelNotAllowed(_) | Self::ModelNotPriced(_) | Self::UnpricedUnderBudget(_) => {
+                envelope.with_param("model")
+            }
             Self::OverCap { param, .. } => envelope.with_param(*param),
             _ => envelope,
         }
@@ -203,13 +220,7 @@ impl IntoResponse for GatewayError {
         if let Self::RateLimited(t) = &self {
             // What the SDKs wait for before retrying a throttled request.
             let headers = response.headers_mut();
-            let ms = t.retry_after.as_millis().max(1);
-            if let Ok(v) = HeaderValue::try_from(ms.to_string()) {
-                headers.insert("retry-after-ms", v);
-            }
-            if let Ok(v) = HeaderValue::try_from(ms.div_ceil(1000).to_string()) {
-                headers.insert(header::RETRY_AFTER, v);
-            }
+            write_retry_after(headers, t.retry_after);
             let retry = if t.too_large { "false" } else { "true" };
             headers.insert("x-should-retry", HeaderValue::from_static(retry));
             // The limit that refused the request, spent.
@@ -223,6 +234,10 @@ impl IntoResponse for GatewayError {
                 crate::limits::Kind::Concurrency => crate::limits::Allowance::default(),
             };
             allowance.write(headers);
+        } else if let Self::BudgetBusy { retry_after, .. } = &self {
+            // Other requests hold the budget for now: a retry can succeed.
+            write_retry_after(response.headers_mut(), *retry_after);
+            response.headers_mut().insert("x-should-retry", HeaderValue::from_static("true"));
         } else if self.fault() == Fault::Client {
             // A retry of the same bad request cannot succeed; tell the SDKs so
             // they do not retry a 404/405 or a connection they believe flaky.
@@ -230,6 +245,17 @@ impl IntoResponse for GatewayError {
         }
         response.extensions_mut().insert(self.fault());
         response
+    }
+}
+
+/// `retry-after-ms` and `retry-after`, which the SDKs wait for before retrying.
+fn write_retry_after(headers: &mut http::HeaderMap, after: std::time::Duration) {
+    let ms = after.as_millis().max(1);
+    if let Ok(v) = HeaderValue::try_from(ms.to_string()) {
+        headers.insert("retry-after-ms", v);
+    }
+    if let Ok(v) = HeaderValue::try_from(ms.div_ceil(1000).to_string()) {
+        headers.insert(header::RETRY_AFTER, v);
     }
 }
 

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub ledger_queue_depth: IntGauge,
     pub spool_bytes: IntGauge,
     pub redis_fallbacks: IntCounter,
+    pub shared_corrections_dropped: IntCounter,
     pub ledger_write_failures: IntCounter,
     pub budget_utilisation: IntGaugeVec,
     pub budget_forecast: IntGaugeVec,
@@ -145,6 +146,10 @@ impl Metrics {
             redis_fallbacks: r.plain_counter(
                 "redis_fallbacks_total",
                 "Limit checks decided locally because Redis was unavailable.",
+            )?,
+            shared_corrections_dropped: r.plain_counter(
+                "shared_corrections_dropped_total",
+                "Corrections to Redis counters dropped because too many were waiting (the counter stays high until it expires).",
             )?,
             budget_utilisation: r.gauges(
                 "budget_utilisation_percent",

@@ -8,10 +8,12 @@ pub mod error;
 pub mod request;
 pub mod rewrite;
 pub mod sse;
+pub mod stream_end;
 pub mod stream_options;
 pub mod usage;
 
 pub use error::{ErrorBody, ErrorEnvelope};
 pub use request::{RequestPeek, RequestPeekError};
 pub use sse::{SseEvent, SseScanner, SseScannerError};
+pub use stream_end::EndMarker;
 pub use usage::{Usage, UsageField, find_model, find_usage};

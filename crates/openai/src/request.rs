@@ -94,9 +94,10 @@ impl<'a> RequestPeek<'a> {
         serde_json::from_slice(body).map_err(RequestPeekError::Invalid)
     }
 
-    /// The output limit the client set, under whichever name.
+    /// The output limit the client set, under whichever name; the largest
+    /// when it set several, since a provider may honour any one of them.
     pub fn max_output(&self) -> Option<u64> {
-        self.max_completion_tokens.or(self.max_tokens).or(self.max_output_tokens)
+        [self.max_completion_tokens, self.max_tokens, self.max_output_tokens].into_iter().flatten().max()
     }
 
     /// The Gemini thinking budget, wherever the client put it.
@@ -143,6 +144,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!((p.max_output(), p.thinking_budget()), (Some(7), Some(-1)));
+        let both = RequestPeek::parse(br#"{"max_completion_tokens":1,"max_tokens":100000}"#).unwrap();
+        assert_eq!(both.max_output(), Some(100_000), "the larger limit bounds what may be produced");
         assert_eq!(p.reasoning_effort.as_deref(), Some("low"));
     }
 

@@ -58,6 +58,15 @@ impl SseEvent {
         found
     }
 
+    /// The value of the event's `event:` field, if it has one.
+    pub fn event_name(&self) -> Option<&str> {
+        lines(&self.0).find_map(|line| {
+            let rest = line.strip_prefix(b"event:")?;
+            let value = rest.strip_prefix(b" ").unwrap_or(rest);
+            std::str::from_utf8(value).ok()
+        })
+    }
+
     /// Whether this is the `data: [DONE]` sentinel that ends OpenAI streams.
     pub fn is_done(&self) -> bool {
         self.data().is_some_and(|d| d.as_ref() == b"[DONE]")

@@ -34,6 +34,38 @@ pub struct Accounting {
     pub reject_unpriced: bool,
     pub ledger: Ledger,
     pub metrics: Arc<Metrics>,
+    unpriced_warnings: UnpricedWarnings,
+}
+
+/// Logs an unpriced model at most once per model per interval, so a busy
+/// tenant using one cannot flood the log (the metric counts every request).
+#[derive(Debug, Default)]
+struct UnpricedWarnings {
+    last: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+}
+
+impl UnpricedWarnings {
+    const INTERVAL: Duration = Duration::from_secs(300);
+    /// Models remembered at once; past it the memory starts over.
+    const MAX_MODELS: usize = 1_000;
+
+    fn warn(&self, model: &str) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.get(model).is_some_and(|at| now.duration_since(*at) < Self::INTERVAL) {
+            return;
+        }
+        if last.len() >= Self::MAX_MODELS {
+            last.clear();
+        }
+        last.insert(model.to_owned(), now);
+        drop(last);
+        tracing::warn!(
+            model = %model,
+            every = ?Self::INTERVAL,
+            "no price for this model; its requests are recorded with cost 0 (logged once per model per interval)"
+        );
+    }
 }
 
 impl Accounting {
@@ -44,16 +76,31 @@ impl Accounting {
         ledger: Ledger,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { prices: ArcSwap::from_pointee(prices), pricing_file, reject_unpriced, ledger, metrics }
+        Self {
+            prices: ArcSwap::from_pointee(prices),
+            pricing_file,
+            reject_unpriced,
+            ledger,
+            metrics,
+            unpriced_warnings: UnpricedWarnings::default(),
+        }
     }
 
+    /// Whether the price table names `model` (metric labels use this).
     pub fn is_priced(&self, model: &str) -> bool {
         self.prices.load().contains(model)
     }
 
-    /// The most a request can cost (0 for an unpriced model).
-    pub fn worst_case_micros(&self, model: &str, prompt_tokens: u64, max_output: u64) -> i64 {
-        self.prices.load().price(model).map_or(0, |p| p.worst_case_micros(prompt_tokens, max_output))
+    /// Whether requests for `model` can be billed: it has a price, or the
+    /// table has a default price.
+    pub fn is_billable(&self, model: &str) -> bool {
+        self.prices.load().price_or_default(model).is_some()
+    }
+
+    /// The most a request can cost, or `None` when `model` has neither a
+    /// price nor a default price (its cost cannot be bounded).
+    pub fn worst_case_micros(&self, model: &str, prompt_tokens: u64, max_output: u64) -> Option<i64> {
+        self.prices.load().price_or_default(model).map(|p| p.worst_case_micros(prompt_tokens, max_output))
     }
 
     /// Rereads the pricing file; a bad file leaves the current prices in force.
@@ -228,14 +275,15 @@ impl Exchange {
         let prices = self.accounting.prices.load();
         let price = prices
             .price(&self.requested_model)
-            .or_else(|| outcome.upstream_model.as_deref().and_then(|m| prices.price(m)));
+            .or_else(|| outcome.upstream_model.as_deref().and_then(|m| prices.price(m)))
+            .or(prices.default_price());
         let (cost, unpriced) = match price {
             Some(p) if billable => (p.cost_micros(&usage), false),
             Some(_) => (0, false),
             None => (0, billable),
         };
         if unpriced {
-            tracing::warn!(model = %self.requested_model, "no price for this model; recorded with cost 0");
+            self.accounting.unpriced_warnings.warn(&self.requested_model);
         }
         for reservation in self.reservations.drain(..) {
             reservation.settle(cost);

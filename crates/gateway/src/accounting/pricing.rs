@@ -38,6 +38,8 @@ pub struct ModelPrice {
 #[derive(Debug, Clone, Default)]
 pub struct PriceTable {
     models: HashMap<String, ModelPrice>,
+    /// The price of models the table does not name, if the operator set one.
+    default: Option<ModelPrice>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +74,8 @@ struct FileLongContext {
 struct PricingFile {
     #[serde(default)]
     models: HashMap<String, FileModel>,
+    /// Applies to every model not listed (see `config/pricing.toml`).
+    default: Option<FileModel>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,23 +109,29 @@ fn tier(model: &str, prefix: &str, input: f64, cached: Option<f64>, output: f64)
     })
 }
 
+fn model_price(name: &str, m: FileModel) -> Result<ModelPrice, PricingError> {
+    let base = tier(name, "", m.input, m.cached_input, m.output)?;
+    let long_context = match m.long_context {
+        None => None,
+        Some(lc) => Some((
+            lc.threshold_tokens,
+            tier(name, "long_context.", lc.tier.input, lc.tier.cached_input, lc.tier.output)?,
+        )),
+    };
+    let per_request = to_micros(name, "per_request", m.per_request)?;
+    Ok(ModelPrice { base, long_context, per_request })
+}
+
 impl PriceTable {
     pub fn parse(text: &str) -> Result<Self, PricingError> {
         let file: PricingFile = toml::from_str(text).map_err(|e| PricingError(e.to_string()))?;
         let mut models = HashMap::with_capacity(file.models.len());
         for (name, m) in file.models {
-            let base = tier(&name, "", m.input, m.cached_input, m.output)?;
-            let long_context = match m.long_context {
-                None => None,
-                Some(lc) => Some((
-                    lc.threshold_tokens,
-                    tier(&name, "long_context.", lc.tier.input, lc.tier.cached_input, lc.tier.output)?,
-                )),
-            };
-            let per_request = to_micros(&name, "per_request", m.per_request)?;
-            models.insert(name, ModelPrice { base, long_context, per_request });
+            let price = model_price(&name, m)?;
+            models.insert(name, price);
         }
-        Ok(Self { models })
+        let default = file.default.map(|m| model_price("(default)", m)).transpose()?;
+        Ok(Self { models, default })
     }
 
     pub fn load(path: Option<&Path>) -> Result<Self, PricingError> {
@@ -142,6 +152,16 @@ impl PriceTable {
 
     pub fn contains(&self, model: &str) -> bool {
         self.price(model).is_some()
+    }
+
+    /// The price of models the table does not name, if one is configured.
+    pub fn default_price(&self) -> Option<&ModelPrice> {
+        self.default.as_ref()
+    }
+
+    /// The price `model` is billed at: its own, else the default.
+    pub fn price_or_default(&self, model: &str) -> Option<&ModelPrice> {
+        self.price(model).or(self.default.as_ref())
     }
 
     pub fn len(&self) -> usize {
@@ -183,6 +203,17 @@ mod tests {
 
     fn usage(prompt: u64, completion: u64, cached: u64) -> Usage {
         Usage { prompt, completion, total: prompt + completion, reasoning: 0, cached }
+    }
+
+    #[test]
+    fn a_default_price_covers_models_the_table_does_not_name() {
+        let table = PriceTable::parse("[models.a]\ninput = 1.0\noutput = 2.0\n[default]\ninput = 5.0\noutput = 20.0\n")
+            .unwrap();
+        let one_of_each = usage(1_000_000, 1_000_000, 0);
+        assert_eq!(table.price_or_default("a").unwrap().cost_micros(&one_of_each), 3_000_000);
+        assert_eq!(table.price_or_default("unknown").unwrap().cost_micros(&one_of_each), 25_000_000);
+        assert!(!table.contains("unknown"), "the default does not make a model known");
+        assert!(PriceTable::parse("[models.a]\ninput = 1.0\noutput = 2.0\n").unwrap().price_or_default("b").is_none());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, StatusCode, header};
-use tollgate_openai::{RequestPeek, UsageField, find_model, find_usage, stream_options};
+use tollgate_openai::{EndMarker, RequestPeek, UsageField, find_model, find_usage, stream_options};
 
 use crate::accounting::tap::StreamTap;
 use crate::accounting::{Accounting, Exchange, Outcome, estimate, format_usd};
@@ -124,6 +124,9 @@ fn settle(result: Result<Response, GatewayError>, slot: Option<Exchange>) -> Res
                     GatewayError::BudgetExhausted { .. } => {
                         metrics.rejections.with_label_values(&[exchange.tenant_id(), "budget"]).inc();
                     }
+                    GatewayError::BudgetBusy { .. } => {
+                        metrics.rejections.with_label_values(&[exchange.tenant_id(), "budget_busy"]).inc();
+                    }
                     _ => {}
                 }
             }
@@ -164,7 +167,7 @@ async fn forward_post_inner(
             if !principal.key.models.allows(model) {
                 return Err(GatewayError::ModelNotAllowed(model.to_owned()));
             }
-            if proxy.accounting.reject_unpriced && !proxy.accounting.is_priced(model) {
+            if proxy.accounting.reject_unpriced && !proxy.accounting.is_billable(model) {
                 return Err(GatewayError::ModelNotPriced(model.to_owned()));
             }
         }
@@ -180,6 +183,7 @@ async fn forward_post_inner(
         } else {
             None
         };
+        let forwarded_len = injected.as_ref().map_or(body.len(), Vec::len);
         // Rate limits: tokens reserved from an estimate (prompt bytes ÷ 4
         // plus the output limit per choice), corrected when usage is known.
         let checks = limits::checks_for(
@@ -192,9 +196,8 @@ async fn forward_post_inner(
         // Saturating: a client-chosen max_tokens must not wrap to a tiny worst case.
         let output =
             applied.max_output.unwrap_or(proxy.limits.default_output_tokens).saturating_mul(peek.n.unwrap_or(1).max(1));
-        let prompt_estimate = body.len() as u64 / 4;
         if !checks.is_empty() {
-            let estimate = prompt_estimate.saturating_add(output);
+            let estimate = (forwarded_len as u64 / 4).saturating_add(output);
             let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
             let permit = proxy.limiter.admit(&checks, estimate, now).await.map_err(GatewayError::RateLimited)?;
             grants.allowance = Some(permit.allowance);
@@ -202,15 +205,10 @@ async fn forward_post_inner(
                 exchange.permit = Some(permit);
             }
         }
-        // Budgets: reserve the worst case (prompt estimate at the input
-        // price, the whole output limit at the output price).
         let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);
         if !budgets.is_empty() {
-            let worst = proxy.accounting.worst_case_micros(model.unwrap_or_default(), prompt_estimate, output);
             let reservations =
-                budget::reserve_shared(proxy.shared.as_ref(), &budgets, worst, chrono::Utc::now().date_naive())
-                    .await
-                    .map_err(|e| GatewayError::BudgetExhausted { budget_id: e.budget_id, period: e.period })?;
+                reserve_budgets(proxy, &budgets, model.unwrap_or_default(), forwarded_len, output).await?;
             grants.remaining_budget = Reservation::remaining(&reservations);
             if let Some(exchange) = slot.as_mut() {
                 exchange.reservations = reservations;
@@ -229,7 +227,37 @@ async fn forward_post_inner(
         .send(Method::POST, upstream_path(&parts.uri), &parts.headers, request_id, Some(upstream_body))
         .await?;
     tracing::debug!(wants_stream, status = upstream_response.status().as_u16(), "upstream answered");
-    relay_response(proxy, upstream_response, slot, strip_usage).await
+    relay_response(proxy, upstream_response, slot, strip_usage, EndMarker::for_endpoint(endpoint)).await
+}
+
+/// Reserves the request's worst case on its budgets: the prompt at the
+/// input price and the whole output limit at the output price. The prompt
+/// bound is the forwarded body's length in bytes: every tokenizer in use
+/// (byte-level BPE, SentencePiece with byte fallback) spends at least one
+/// byte of text per token, whatever the script, so no prompt can have more
+/// tokens than its request has bytes.
+async fn reserve_budgets(
+    proxy: &Proxy,
+    budgets: &[Arc<budget::BudgetState>],
+    model: &str,
+    forwarded_len: usize,
+    output: u64,
+) -> Result<Vec<Reservation>, GatewayError> {
+    let worst = match proxy.accounting.worst_case_micros(model, forwarded_len as u64, output) {
+        Some(worst) => worst,
+        // Nothing to bound the cost with: only soft budgets can take it.
+        None if budgets.iter().any(|b| b.budget.hard) => {
+            return Err(GatewayError::UnpricedUnderBudget(model.to_owned()));
+        }
+        None => 0,
+    };
+    let waiting = budget::Waiting { max_wait: proxy.limits.budget_wait, ..budget::Waiting::default() };
+    budget::admit(proxy.shared.as_ref(), budgets, worst, chrono::Utc::now().date_naive(), waiting).await.map_err(
+        |refusal| match refusal {
+            budget::Refusal::Exhausted { budget_id, period } => GatewayError::BudgetExhausted { budget_id, period },
+            budget::Refusal::Busy { budget_id, retry_after } => GatewayError::BudgetBusy { budget_id, retry_after },
+        },
+    )
 }
 
 /// `GET /v1/models` and `GET /v1/models/{id}`: only the models the key may use.
@@ -261,7 +289,7 @@ async fn forward_get_inner(
     }
     let upstream_response =
         proxy.upstream.send(Method::GET, upstream_path(&parts.uri), &parts.headers, request_id, None).await?;
-    let response = relay_response(proxy, upstream_response, slot, false).await?;
+    let response = relay_response(proxy, upstream_response, slot, false, None).await?;
     if rules.is_unrestricted() || parts.uri.path() != "/v1/models" || !response.status().is_success() {
         return Ok(response);
     }
@@ -307,6 +335,7 @@ async fn relay_response(
     upstream: UpstreamResponse,
     slot: &mut Option<Exchange>,
     strip_usage: bool,
+    end: Option<EndMarker>,
 ) -> Result<Response, GatewayError> {
     let status = upstream.status();
     if status.is_redirection() || status.is_informational() {
@@ -328,8 +357,13 @@ async fn relay_response(
 
     if is_event_stream && status.is_success() {
         let tap = slot.take().map(|exchange| StreamTap::new(exchange, strip_usage, status.as_u16()));
-        let body =
-            stream::relay(upstream.into_body(), proxy.upstream.idle_timeout(), proxy.upstream.max_event_bytes(), tap);
+        let body = stream::relay(
+            upstream.into_body(),
+            proxy.upstream.idle_timeout(),
+            proxy.upstream.max_event_bytes(),
+            end,
+            tap,
+        );
         if let Some(headers) = response.headers_mut() {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Tells nginx-style proxies in front of the gateway not to buffer.

@@ -6,6 +6,10 @@
 //! ever receives whole events, a failure can always be reported by appending
 //! one `data: {"error":…}` event, which makes the SDKs raise `APIError`.
 //!
+//! A stream is complete only when its protocol's end marker arrived
+//! ([`EndMarker`]); one the upstream closed before it, however cleanly, ends
+//! with an error event and its record is flagged `upstream:stream_truncated`.
+//!
 //! Dropping the stream (the client went away) drops the upstream response,
 //! which closes or resets the upstream connection and so cancels the request.
 
@@ -14,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use tollgate_openai::{ErrorEnvelope, SseScanner};
+use tollgate_openai::{EndMarker, ErrorEnvelope, SseScanner};
 
 use crate::accounting::tap::StreamTap;
 
@@ -36,6 +40,10 @@ struct Relay<S> {
     ready: VecDeque<Bytes>,
     idle_timeout: Duration,
     finished: bool,
+    /// The marker a complete stream ends with (`None`: not checked).
+    end: Option<EndMarker>,
+    /// Whether the end marker arrived.
+    complete: bool,
     tap: Option<StreamTap>,
 }
 
@@ -61,6 +69,8 @@ impl<S: ChunkSource> Relay<S> {
                     self.forward(&mut events);
                     if tail.is_some() {
                         self.fail("the upstream stream ended in the middle of an event", "upstream_disconnected");
+                    } else if self.end.is_some() && !self.complete {
+                        self.fail("the upstream ended the stream before the answer was complete", "stream_truncated");
                     } else if let Some(tap) = &mut self.tap {
                         tap.finish();
                     }
@@ -81,6 +91,9 @@ impl<S: ChunkSource> Relay<S> {
     /// Queues whole events for the client, through the accounting tap.
     fn forward(&mut self, events: &mut Vec<tollgate_openai::SseEvent>) {
         for event in events.drain(..) {
+            if !self.complete && self.end.is_some_and(|end| end.is_end(&event)) {
+                self.complete = true;
+            }
             match &mut self.tap {
                 None => self.ready.push_back(event.into_bytes()),
                 Some(tap) => self.ready.extend(tap.on_event(event)),
@@ -102,6 +115,7 @@ pub fn relay<S: ChunkSource>(
     source: S,
     idle_timeout: Duration,
     max_event_bytes: usize,
+    end: Option<EndMarker>,
     tap: Option<StreamTap>,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
     let relay = Relay {
@@ -110,6 +124,8 @@ pub fn relay<S: ChunkSource>(
         ready: VecDeque::new(),
         idle_timeout,
         finished: false,
+        end,
+        complete: false,
         tap,
     };
     futures_util::stream::unfold(relay, |mut relay| async move {
@@ -137,9 +153,23 @@ mod tests {
     }
 
     async fn run(steps: Vec<Result<Option<&'static [u8]>, &'static str>>) -> Vec<Bytes> {
+        run_with(None, steps).await
+    }
+
+    async fn run_with(end: Option<EndMarker>, steps: Vec<Result<Option<&'static [u8]>, &'static str>>) -> Vec<Bytes> {
         let script =
             Script(steps.into_iter().map(|s| s.map(|o| o.map(Bytes::from_static)).map_err(str::to_owned)).collect());
-        relay(script, Duration::from_millis(50), 1024, None).map(|r| r.unwrap()).collect().await
+        relay(script, Duration::from_millis(50), 1024, end, None).map(|r| r.unwrap()).collect().await
+    }
+
+    #[tokio::test]
+    async fn a_stream_closed_cleanly_before_its_end_marker_ends_with_an_error_event() {
+        let frames = run_with(Some(EndMarker::Done), vec![Ok(Some(b"data: 1\n\ndata: 2\n\n")), Ok(None)]).await;
+        assert_eq!(frames.len(), 3, "{frames:?}");
+        assert!(String::from_utf8_lossy(&frames[2]).contains("stream_truncated"), "{frames:?}");
+        let complete = run_with(Some(EndMarker::Done), vec![Ok(Some(b"data: 1\n\ndata: [DONE]\n\n")), Ok(None)]).await;
+        assert_eq!(complete.len(), 2, "a stream with its marker ends as it came: {complete:?}");
+        assert_eq!(complete[1], Bytes::from_static(b"data: [DONE]\n\n"));
     }
 
     #[tokio::test]

@@ -74,7 +74,7 @@ async fn ledger_records(gw: &TestGateway, expected: usize) -> Vec<Value> {
 }
 
 /// The ledger record of one request, once written.
-async fn ledger_record(gw: &TestGateway, request_id: &str) -> Value {
+pub async fn ledger_record(gw: &TestGateway, request_id: &str) -> Value {
     for _ in 0..200 {
         let (_, page) = gw.admin(Method::GET, "/admin/v1/usage/records?limit=200", None).await;
         if let Some(r) = page["data"].as_array().unwrap().iter().find(|r| r["request_id"] == request_id) {

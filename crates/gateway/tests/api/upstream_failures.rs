@@ -103,3 +103,60 @@ async fn a_stream_request_answered_with_an_error_passes_the_error_through() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["type"], "comet_api_error");
 }
+
+/// A stream the upstream closed cleanly but before its end marker.
+async fn truncated_stream(path: &str, body: &str) -> (String, serde_json::Value, String) {
+    let gw = TestGateway::start().await;
+    let response = gw
+        .http
+        .post(gw.url(path))
+        .header("content-type", "application/json")
+        .header("x-fake-fault", "end-after:2")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let text = response.text().await.expect("the client stream ends cleanly");
+    let record = crate::accounting::ledger_record(&gw, &request_id).await;
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    (text, record, metrics)
+}
+
+#[tokio::test]
+async fn a_chat_stream_closed_before_done_ends_with_an_error_event_and_a_flagged_record() {
+    let (text, record, metrics) = truncated_stream("/v1/chat/completions", STREAM).await;
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert_eq!(events.len(), 3, "two chunks, then the error: {text}");
+    assert!(events[2].starts_with(r#"data: {"error":"#), "{text}");
+    assert!(events[2].contains("stream_truncated"), "{text}");
+    assert!(!text.contains("[DONE]"));
+    assert_eq!(record["error_class"], "upstream:stream_truncated", "{record}");
+    assert_eq!(record["estimated"], true, "usage never came, so it is estimated: {record}");
+    assert!(record["completion_tokens"].as_i64().unwrap() > 0, "{record}");
+    assert!(
+        metrics.contains(r#"tollgate_failures_total{code="stream_truncated",fault="upstream"} 1"#),
+        "counted in the metrics"
+    );
+}
+
+#[tokio::test]
+async fn a_responses_stream_closed_before_its_terminal_event_ends_with_an_error_event() {
+    let body = r#"{"model":"gpt-4.1","stream":true,"input":"hi"}"#;
+    let (text, record, _) = truncated_stream("/v1/responses", body).await;
+    assert!(!text.contains("response.completed"), "{text}");
+    assert!(text.trim_end().ends_with('}') && text.contains("stream_truncated"), "{text}");
+    assert_eq!(record["error_class"], "upstream:stream_truncated", "{record}");
+}
+
+#[tokio::test]
+async fn a_complete_responses_stream_is_not_flagged() {
+    let gw = TestGateway::start().await;
+    let response = gw.post_json("/v1/responses", r#"{"model":"gpt-4.1","stream":true,"input":"hi"}"#).await;
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let text = response.text().await.unwrap();
+    assert!(text.contains("response.completed") && !text.contains("stream_truncated"), "{text}");
+    let record = crate::accounting::ledger_record(&gw, &request_id).await;
+    assert!(record["error_class"].is_null(), "{record}");
+}
