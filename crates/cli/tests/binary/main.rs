@@ -2,6 +2,7 @@
 //! JSON logs, secrets kept out of logs, and SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod budget_burst;
 mod deploy_kit;
 
 use std::io::{BufRead, BufReader};
