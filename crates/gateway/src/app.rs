@@ -135,6 +135,7 @@ impl Application {
                 .route("/metrics", axum::routing::get(metrics::serve))
                 .with_state(MetricsState::new(metrics, vec![Box::new(gauges)])),
         );
+        let readiness = Readiness::new(accounting.ledger.clone());
         let proxy = Arc::new(Proxy {
             upstream,
             accounting,
@@ -145,7 +146,6 @@ impl Application {
             max_body_bytes: config.server.max_body_bytes,
             max_response_bytes: config.upstream.max_response_bytes,
         });
-        let readiness = Readiness::default();
         let public = bind(config.server.listen).await?;
         let (admin, merged_admin) = match config.admin.listen {
             Some(addr) => (Some((bind(addr).await?, router::build_admin(admin_router, readiness.clone()))), None),
@@ -311,6 +311,8 @@ impl GaugeSource for Gauges {
             let seen = m.shared_corrections_dropped.get();
             m.shared_corrections_dropped.inc_by(shared.corrections_dropped().saturating_sub(seen));
         }
+        let seen = m.ledger_dead_letters.get();
+        m.ledger_dead_letters.inc_by(self.ledger.dead_letters().saturating_sub(seen));
         let seen = m.ledger_write_failures.get();
         m.ledger_write_failures.inc_by(self.ledger.write_failures().saturating_sub(seen));
         // Reset first so deleted budgets disappear from the scrape.

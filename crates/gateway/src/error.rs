@@ -65,6 +65,10 @@ pub enum GatewayError {
     )]
     UnpricedUnderBudget(String),
     #[error("{0}")]
+    InvalidModel(&'static str),
+    #[error("you must provide a model parameter")]
+    MissingModel,
+    #[error("{0}")]
     InvalidJson(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
@@ -121,6 +125,8 @@ impl GatewayError {
             | Self::BudgetExhausted { .. }
             | Self::BudgetBusy { .. }
             | Self::UnpricedUnderBudget(_)
+            | Self::InvalidModel(_)
+            | Self::MissingModel
             | Self::InvalidJson(_)
             | Self::BodyTooLarge { .. }
             | Self::BodyRead
@@ -139,6 +145,8 @@ impl GatewayError {
             }
             Self::TenantSuspended | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::InvalidJson(_)
+            | Self::InvalidModel(_)
+            | Self::MissingModel
             | Self::BodyRead
             | Self::ModelNotPriced(_)
             | Self::UnpricedUnderBudget(_)
@@ -167,6 +175,8 @@ impl GatewayError {
             Self::RateLimited(_) | Self::BudgetBusy { .. } => "rate_limit_exceeded",
             Self::BudgetExhausted { .. } => "insufficient_quota",
             Self::InvalidJson(_) => "invalid_json",
+            Self::InvalidModel(_) => "invalid_model",
+            Self::MissingModel => "missing_required_parameter",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyRead => "invalid_body",
             Self::UnknownRoute(_) => "unknown_url",
@@ -203,7 +213,11 @@ impl GatewayError {
     pub fn envelope(&self) -> ErrorEnvelope {
         let envelope = ErrorEnvelope::new(self.to_string(), self.kind(), self.code());
         match self {
-            Self::ModelNotAllowed(_) | Self::ModelNotPriced(_) | Self::UnpricedUnderBudget(_) => {
+            Self::ModelNotAllowed(_)
+            | Self::ModelNotPriced(_)
+            | Self::UnpricedUnderBudget(_)
+            | Self::InvalidModel(_)
+            | Self::MissingModel => {
                 envelope.with_param("model")
             }
             Self::OverCap { param, .. } => envelope.with_param(*param),

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub redis_fallbacks: IntCounter,
     pub shared_corrections_dropped: IntCounter,
     pub ledger_write_failures: IntCounter,
+    pub ledger_dead_letters: IntCounter,
     pub budget_utilisation: IntGaugeVec,
     pub budget_forecast: IntGaugeVec,
     pub upstream_duration: HistogramVec,
@@ -142,6 +143,10 @@ impl Metrics {
             ledger_write_failures: r.plain_counter(
                 "ledger_write_failures_total",
                 "Usage record batches the database refused or timed out on (they go to the spool).",
+            )?,
+            ledger_dead_letters: r.plain_counter(
+                "ledger_dead_letters_total",
+                "Usage records the database refused on their own, set aside in the spool's dead-letter file.",
             )?,
             redis_fallbacks: r.plain_counter(
                 "redis_fallbacks_total",

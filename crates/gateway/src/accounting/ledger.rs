@@ -5,9 +5,20 @@
 //! answers again; while the spool holds anything, new batches queue behind
 //! it so order is kept. On shutdown the writer drains the channel and writes
 //! (or spools) everything before it returns.
+//!
+//! The request path never touches the disk: when the channel is full, a
+//! record waits in a bounded overflow list that the writer takes next (past
+//! that bound too, the gateway refuses new requests; a record is never
+//! dropped).
+//!
+//! A batch the database refuses while it answers otherwise holds a record
+//! it will never take: each record is then tried alone, and those refused
+//! again are set aside in the spool's dead-letter file (logged, counted in
+//! `tollgate_ledger_dead_letters_total`), so one bad record cannot stop
+//! accounting for everyone.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -19,6 +30,12 @@ use super::spool::Spool;
 
 /// Records waiting in memory before the writer takes them.
 const CHANNEL_CAPACITY: usize = 100_000;
+/// Records that may wait beside a full channel before new requests are
+/// refused (records of requests already admitted are always kept).
+const OVERFLOW_CAPACITY: usize = 100_000;
+/// Spool bytes held with no record reaching the database for this long:
+/// accounting is stuck (readiness says so).
+const STUCK_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct LedgerSettings {
@@ -37,12 +54,59 @@ pub struct Ledger {
     spool: Arc<Spool>,
     queued: Arc<AtomicUsize>,
     write_failures: Arc<AtomicU64>,
+    shared: Arc<LedgerState>,
+}
+
+/// What the request path and the writer both see.
+#[derive(Debug, Default)]
+struct LedgerState {
+    /// Records that found the channel full; the writer takes them next.
+    overflow: Mutex<Vec<UsageEvent>>,
+    overflow_len: AtomicUsize,
+    wake: tokio::sync::Notify,
+    dead_letters: AtomicU64,
+    /// When a record last reached the database (ms since the epoch); 0: not yet.
+    last_written_ms: AtomicU64,
+}
+
+/// How accounting is doing, for readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountingHealth {
+    Ok,
+    /// Records wait in the spool (the database is slow or away).
+    Behind,
+    /// Records have waited in the spool for a while with none written.
+    Stuck,
+    /// The spool is full: new requests are refused.
+    Full,
+}
+
+impl AccountingHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Behind => "behind",
+            Self::Stuck => "stuck",
+            Self::Full => "full",
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
 }
 
 impl Ledger {
     pub fn new(spool: Arc<Spool>) -> (Self, mpsc::Receiver<UsageEvent>) {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        (Self { tx, spool, queued: Arc::new(AtomicUsize::new(0)), write_failures: Arc::new(AtomicU64::new(0)) }, rx)
+        let ledger = Self {
+            tx,
+            spool,
+            queued: Arc::new(AtomicUsize::new(0)),
+            write_failures: Arc::new(AtomicU64::new(0)),
+            shared: Arc::new(LedgerState { last_written_ms: AtomicU64::new(now_ms()), ..LedgerState::default() }),
+        };
+        (ledger, rx)
     }
 
     pub fn record(&self, event: UsageEvent) {
@@ -50,14 +114,38 @@ impl Ledger {
             Ok(()) => {
                 self.queued.fetch_add(1, Ordering::Relaxed);
             }
-            // The writer is far behind (or gone at shutdown): write this one
-            // straight to the spool rather than lose it.
-            Err(mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event)) => {
+            // The writer is far behind: the record waits beside the channel
+            // (memory only; nothing on the request path waits for a disk).
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                self.shared.overflow.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
+                self.shared.overflow_len.fetch_add(1, Ordering::Relaxed);
+                self.shared.wake.notify_one();
+            }
+            // The writer is gone (a stream aborted after the shutdown grace
+            // period): the spool is the only place left.
+            Err(mpsc::error::TrySendError::Closed(event)) => {
                 if let Err(e) = self.spool.append(std::slice::from_ref(&event)) {
                     tracing::error!(error = %e, request_id = %event.request_id, "usage record lost: cannot spool it");
                 }
             }
         }
+    }
+
+    /// Records set aside because the database refused them alone.
+    pub fn dead_letters(&self) -> u64 {
+        self.shared.dead_letters.load(Ordering::Relaxed)
+    }
+
+    /// How accounting is doing now.
+    pub fn health(&self) -> AccountingHealth {
+        if self.is_full() {
+            return AccountingHealth::Full;
+        }
+        if self.spool.is_empty() {
+            return AccountingHealth::Ok;
+        }
+        let since = now_ms().saturating_sub(self.shared.last_written_ms.load(Ordering::Relaxed));
+        if since >= STUCK_AFTER.as_millis() as u64 { AccountingHealth::Stuck } else { AccountingHealth::Behind }
     }
 
     /// Records waiting in memory.
@@ -74,10 +162,11 @@ impl Ledger {
         self.write_failures.load(Ordering::Relaxed)
     }
 
-    /// Whether the spool has reached its bound: the gateway then refuses new
-    /// requests instead of serving traffic it could not account for.
+    /// Whether the spool (or the overflow beside a full channel) has reached
+    /// its bound: the gateway then refuses new requests instead of serving
+    /// traffic it could not account for.
     pub fn is_full(&self) -> bool {
-        self.spool.is_full()
+        self.spool.is_full() || self.shared.overflow_len.load(Ordering::Relaxed) >= OVERFLOW_CAPACITY
     }
 }
 
@@ -87,6 +176,7 @@ pub struct Writer {
     settings: LedgerSettings,
     queued: Arc<AtomicUsize>,
     write_failures: Arc<AtomicU64>,
+    shared: Arc<LedgerState>,
 }
 
 impl Writer {
@@ -97,7 +187,18 @@ impl Writer {
             settings,
             queued: ledger.queued.clone(),
             write_failures: ledger.write_failures.clone(),
+            shared: ledger.shared.clone(),
         }
+    }
+
+    /// Records that waited beside a full channel.
+    fn take_overflow(&self, batch: &mut Vec<UsageEvent>) {
+        if self.shared.overflow_len.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let taken = std::mem::take(&mut *self.shared.overflow.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        self.shared.overflow_len.fetch_sub(taken.len(), Ordering::Relaxed);
+        batch.extend(taken);
     }
 
     pub async fn run(self, mut rx: mpsc::Receiver<UsageEvent>, cancel: CancellationToken) {
@@ -111,6 +212,7 @@ impl Writer {
                 biased;
                 () = cancel.cancelled() => break,
                 n = rx.recv_many(&mut batch, self.settings.batch_size) => if n == 0 { break },
+                () = self.shared.wake.notified() => self.take_overflow(&mut batch),
                 _ = retry.tick() => {
                     if !self.spool.is_empty() {
                         self.replay().await;
@@ -129,9 +231,13 @@ impl Writer {
                 }
             }
             self.write(&mut batch).await;
+            let mut overflow = Vec::new();
+            self.take_overflow(&mut overflow);
+            self.write(&mut overflow).await;
         }
         // Shutdown: take everything still queued.
         rx.close();
+        self.take_overflow(&mut batch);
         while let Some(event) = rx.recv().await {
             batch.push(event);
             if batch.len() >= self.settings.batch_size {
@@ -156,7 +262,7 @@ impl Writer {
         }
         self.queued.fetch_sub(batch.len().min(self.queued.load(Ordering::Relaxed)), Ordering::Relaxed);
         let events = std::mem::take(batch);
-        if self.spool.is_empty() && self.insert(&events).await {
+        if self.spool.is_empty() && self.store(&events).await {
             return;
         }
         let spool = self.spool.clone();
@@ -168,9 +274,67 @@ impl Writer {
         }
     }
 
+    /// Puts `events` in the database, setting aside any record the database
+    /// refuses on its own. `false`: the database is away or too slow; the
+    /// caller spools (or keeps) the records.
+    async fn store(&self, events: &[UsageEvent]) -> bool {
+        if self.insert(events).await {
+            return true;
+        }
+        // Either the database is away, or the batch holds a record it will
+        // never take. Only the database answering tells them apart.
+        if !self.database_answers().await {
+            return false;
+        }
+        let mut refused = Vec::new();
+        for event in events {
+            match tokio::time::timeout(self.settings.write_timeout, self.store.insert_usage(std::slice::from_ref(event)))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => refused.push((event, e.to_string())),
+                Err(_) => return false,
+            }
+        }
+        // A record refused during a blip is not a bad record: check again.
+        if refused.is_empty() || !self.database_answers().await {
+            return refused.is_empty();
+        }
+        self.mark_written();
+        let count = refused.len();
+        for (event, error) in &refused {
+            tracing::error!(
+                error = %error,
+                request_id = %event.request_id,
+                tenant_id = %event.tenant_id,
+                "the database refuses this usage record; set aside in the spool's dead-letter file"
+            );
+        }
+        let spool = self.spool.clone();
+        let set_aside: Vec<UsageEvent> = refused.into_iter().map(|(e, _)| e.clone()).collect();
+        match tokio::task::spawn_blocking(move || spool.set_aside(&set_aside)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, count, "usage records lost: cannot write the dead-letter file"),
+            Err(e) => tracing::error!(error = %e, count, "usage records lost: the dead-letter writer failed"),
+        }
+        self.shared.dead_letters.fetch_add(count as u64, Ordering::Relaxed);
+        true
+    }
+
+    async fn database_answers(&self) -> bool {
+        matches!(tokio::time::timeout(self.settings.write_timeout, self.store.ping()).await, Ok(Ok(())))
+    }
+
+    fn mark_written(&self) {
+        self.shared.last_written_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
     async fn insert(&self, events: &[UsageEvent]) -> bool {
         match tokio::time::timeout(self.settings.write_timeout, self.store.insert_usage(events)).await {
-            Ok(Ok(_)) => true,
+            Ok(Ok(_)) => {
+                self.mark_written();
+                true
+            }
             Ok(Err(e)) => {
                 self.write_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, count = events.len(), "cannot write usage records; spooling them");
@@ -200,7 +364,7 @@ impl Writer {
             };
             let (path, events) = oldest;
             for chunk in events.chunks(self.settings.batch_size.max(1)) {
-                if !self.insert(chunk).await {
+                if !self.store(chunk).await {
                     return;
                 }
             }

@@ -102,6 +102,24 @@ impl Spool {
         Ok(Some((path, events)))
     }
 
+    /// Appends records the database refuses to the dead-letter file
+    /// (`dead-letter.jsonl` beside the segments, never replayed), fsync'd.
+    /// An operator can read, fix and re-import them.
+    pub fn set_aside(&self, events: &[UsageEvent]) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(events.len() * 512);
+        for e in events {
+            serde_json::to_writer(&mut buf, e)?;
+            buf.push(b'\n');
+        }
+        let mut file = OpenOptions::new().create(true).append(true).open(self.dead_letter_path())?;
+        file.write_all(&buf)?;
+        file.sync_data()
+    }
+
+    pub fn dead_letter_path(&self) -> PathBuf {
+        self.dir.join("dead-letter.jsonl")
+    }
+
     /// Deletes a segment whose records are all in the database.
     pub fn remove(&self, path: &Path) -> std::io::Result<()> {
         let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);

@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod identifiers;
 pub mod stream;
 
 use std::sync::Arc;
@@ -159,18 +160,20 @@ async fn forward_post_inner(
     let endpoint = parts.uri.path();
     let (wants_stream, upstream_body, strip_usage) = {
         let peek = RequestPeek::parse(&body).map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
-        let model = peek.model.as_deref();
+        // Every endpoint here needs a model; a missing one must not slip
+        // past an allow-list, and none may be stored or logged unbounded.
+        let model = peek.model.as_deref().ok_or(GatewayError::MissingModel)?;
+        identifiers::check_model(model)?;
         if let Some(exchange) = slot.as_mut() {
-            exchange.set_request(body.clone(), model, peek.is_stream());
+            exchange.set_request(body.clone(), Some(model), peek.is_stream());
         }
-        if let Some(model) = model {
-            if !principal.key.models.allows(model) {
-                return Err(GatewayError::ModelNotAllowed(model.to_owned()));
-            }
-            if proxy.accounting.reject_unpriced && !proxy.accounting.is_billable(model) {
-                return Err(GatewayError::ModelNotPriced(model.to_owned()));
-            }
+        if !principal.key.models.allows(model) {
+            return Err(GatewayError::ModelNotAllowed(model.to_owned()));
         }
+        if proxy.accounting.reject_unpriced && !proxy.accounting.is_billable(model) {
+            return Err(GatewayError::ModelNotPriced(model.to_owned()));
+        }
+        let model = Some(model);
         let applied = policy::apply(&principal.tenant.policy, endpoint, &body, &peek)?;
         if let Some(exchange) = slot.as_mut() {
             exchange.modified = applied.body.is_some();
@@ -224,7 +227,7 @@ async fn forward_post_inner(
     }
     let upstream_response = proxy
         .upstream
-        .send(Method::POST, upstream_path(&parts.uri), &parts.headers, request_id, Some(upstream_body))
+        .send(Method::POST, upstream_path(endpoint), &parts.headers, request_id, Some(upstream_body))
         .await?;
     tracing::debug!(wants_stream, status = upstream_response.status().as_u16(), "upstream answered");
     relay_response(proxy, upstream_response, slot, strip_usage, EndMarker::for_endpoint(endpoint)).await
@@ -278,17 +281,22 @@ async fn forward_get_inner(
     slot: &mut Option<Exchange>,
 ) -> Result<Response, GatewayError> {
     let rules = &principal.key.models;
-    if let Some(id) = parts.uri.path().strip_prefix("/v1/models/") {
-        let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
-        if !rules.allows(&id) {
-            return Err(GatewayError::ModelNotAllowed(id.into_owned()));
+    let path = match parts.uri.path().strip_prefix("/v1/models/") {
+        None => "/models".to_owned(),
+        Some(raw) => {
+            let id = model_id_from_path(raw)?;
+            if !rules.allows(&id) {
+                return Err(GatewayError::ModelNotAllowed(id));
+            }
+            // Built from the checked id only: the client's query string and
+            // encoding never reach the upstream.
+            format!("/models/{id}")
         }
-    }
+    };
     if let Some(exchange) = slot.as_mut() {
         exchange.mark_sent();
     }
-    let upstream_response =
-        proxy.upstream.send(Method::GET, upstream_path(&parts.uri), &parts.headers, request_id, None).await?;
+    let upstream_response = proxy.upstream.send(Method::GET, &path, &parts.headers, request_id, None).await?;
     let response = relay_response(proxy, upstream_response, slot, false, None).await?;
     if rules.is_unrestricted() || parts.uri.path() != "/v1/models" || !response.status().is_success() {
         return Ok(response);
@@ -323,11 +331,25 @@ fn request_id(extensions: &http::Extensions) -> RequestId {
     extensions.get::<RequestId>().cloned().unwrap_or_else(RequestId::generate)
 }
 
-/// The path and query after the `/v1` prefix, still percent-encoded as the
-/// client sent it.
-fn upstream_path(uri: &http::Uri) -> &str {
-    let pq = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
-    pq.strip_prefix("/v1").unwrap_or(pq)
+/// The upstream path of a `/v1` POST endpoint: the route's own path after
+/// `/v1`, never the client's query string (no endpoint here defines one).
+fn upstream_path(endpoint: &str) -> &str {
+    endpoint.strip_prefix("/v1").unwrap_or(endpoint)
+}
+
+/// The model id of `GET /v1/models/{id}`, decoded and checked: no encoded
+/// separators (`%2F`, `%5C`), valid UTF-8, and a model name that is a safe
+/// path (no dot or empty segments), so it cannot walk the upstream's tree.
+fn model_id_from_path(raw: &str) -> Result<String, GatewayError> {
+    let lower = raw.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return Err(GatewayError::InvalidModel("the model id in the path must not contain encoded separators"));
+    }
+    let id = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| GatewayError::InvalidModel("the model id in the path is not valid UTF-8"))?;
+    identifiers::check_model_path(&id)?;
+    Ok(id.into_owned())
 }
 
 async fn relay_response(
@@ -483,9 +505,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strips_only_the_v1_prefix_and_keeps_the_query() {
-        let uri: http::Uri = "/v1/models/google%2Fgemini?x=1".parse().unwrap();
-        assert_eq!(upstream_path(&uri), "/models/google%2Fgemini?x=1");
+    fn post_endpoints_map_to_their_own_upstream_path() {
+        assert_eq!(upstream_path("/v1/chat/completions"), "/chat/completions");
+    }
+
+    #[test]
+    fn model_ids_in_paths_cannot_traverse() {
+        assert_eq!(model_id_from_path("google/gemini-2.5-pro").unwrap(), "google/gemini-2.5-pro");
+        assert_eq!(model_id_from_path("gemini%2D2.5").unwrap(), "gemini-2.5");
+        for bad in ["..", "..%2F..%2Ffiles", "%2e%2e", "%2E%2E/files", "gemini-x%2F..%2F..%2Fstats", "a/../b", "a%5Cb", "%ff"]
+        {
+            assert!(model_id_from_path(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
