@@ -147,9 +147,18 @@ def test_upstream_rate_limit_raises_rate_limit_error(client):
     assert caught.value.status_code == 429
 
 
-def test_upstream_auth_failure_raises_authentication_error(client):
-    with pytest.raises(openai.AuthenticationError):
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_headers=fault("status:401"))
+def test_upstream_refusing_the_gateways_key_is_a_502_not_the_tenants_auth_error(base_url, api_key, counter):
+    # The upstream's 401 is about the gateway's own key: the tenant's key is
+    # fine, so the SDK must not raise AuthenticationError, and a retry
+    # cannot help a configuration fault.
+    retrying = counted_client(base_url, api_key, counter, max_retries=2)
+    for status in ("401", "403"):
+        counter.count = 0
+        with pytest.raises(openai.InternalServerError) as caught:
+            retrying.chat.completions.create(model=MODEL, messages=MESSAGES, extra_headers=fault(f"status:{status}"))
+        assert caught.value.status_code == 502
+        assert caught.value.code == "upstream_auth_failed"
+        assert counter.count == 1, "x-should-retry: false"
 
 
 def test_upstream_html_redirect_raises_a_502_api_status_error(client):

@@ -201,6 +201,8 @@ impl Gateway {
             .env("TOLLGATE_SERVER__LISTEN", public.to_string())
             .env("TOLLGATE_ADMIN__LISTEN", admin.to_string())
             .env("TOLLGATE_UPSTREAM__BASE_URL", format!("http://{upstream}/v1"))
+            // The streaming scenarios steer the fake upstream with x-fake-* headers.
+            .env("TOLLGATE_UPSTREAM__FORWARD_REQUEST_HEADERS", r#"["x-fake-*"]"#)
             .env("TOLLGATE_DATABASE_URL", &db.url)
             .env("TOLLGATE_ACCOUNTING__SPOOL_DIR", data.path().join("spool"))
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)

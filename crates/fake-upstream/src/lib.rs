@@ -329,8 +329,22 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
     let mut response = (status, body.to_string()).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response.headers_mut().insert("x-request-id", HeaderValue::from_static("fake-upstream-request"));
+    for (name, value) in ACCOUNT_HEADERS {
+        response.headers_mut().insert(*name, HeaderValue::from_static(value));
+    }
     response
 }
+
+/// Headers a real upstream sends about the account behind its key, which a
+/// gateway must not pass on to its tenants.
+pub const ACCOUNT_HEADERS: &[(&str, &str)] = &[
+    ("openai-organization", "org-operator-account"),
+    ("openai-project", "proj_operator"),
+    ("x-ratelimit-limit-requests", "10000"),
+    ("x-ratelimit-remaining-requests", "9999"),
+    ("server", "fake-upstream"),
+    ("via", "1.1 fake-edge"),
+];
 
 /// Counts a stream as cancelled unless it ran to its end.
 struct StreamGuard {
@@ -407,6 +421,8 @@ fn sse_response(shared: Arc<Shared>, events: Vec<String>, with_done: bool, scena
         .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
         .header(header::CACHE_CONTROL, "no-cache")
         .header("x-request-id", "fake-upstream-request")
+        .header("openai-organization", "org-operator-account")
+        .header("x-ratelimit-remaining-requests", "9999")
         .body(Body::from_stream(stream))
         .unwrap_or_default()
 }

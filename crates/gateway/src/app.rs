@@ -96,6 +96,7 @@ impl Application {
             hasher,
             bootstrap_digest,
             budgets: budgets.clone(),
+            failures: Arc::new(crate::auth::throttle::FailedAttempts::new(config.auth.failed_attempts_per_minute)),
         });
 
         let accounting = start_accounting(&config, &store, metrics.clone(), &background, &stop_background)?;

@@ -250,8 +250,9 @@ pub struct AuthConfig {
     /// Full reload of the key cache, a safety net behind change notifications.
     #[serde(with = "humantime_serde")]
     pub refresh_interval: Duration,
-    /// Failed authentications per minute from one address before its further
-    /// failures are slowed down.
+    /// Failed authentications per minute from one address (tenant keys and
+    /// admin tokens, counted apart) before every further attempt from it is
+    /// refused with 429 until the minute ends.
     pub failed_attempts_per_minute: u32,
     /// How often keys' `last_used_at` times are written (in one batch).
     #[serde(with = "humantime_serde")]
@@ -339,6 +340,11 @@ pub struct UpstreamConfig {
     pub max_event_bytes: usize,
     /// Upper bound on a non-streamed upstream response body.
     pub max_response_bytes: usize,
+    /// Client request headers forwarded besides the built-in allow-list
+    /// (`content-type`, `accept`, `user-agent`, `openai-beta`,
+    /// `idempotency-key`, `traceparent`, `tracestate`, `x-stainless-*`):
+    /// exact names, or prefixes ending in `*`, e.g. `["x-my-trace-*"]`.
+    pub forward_request_headers: Vec<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -354,6 +360,7 @@ impl Default for UpstreamConfig {
             pool_max_idle_per_host: 256,
             max_event_bytes: 16 * 1024 * 1024,
             max_response_bytes: 256 * 1024 * 1024,
+            forward_request_headers: Vec::new(),
         }
     }
 }

@@ -42,6 +42,8 @@ pub enum AuthFailure {
 pub enum GatewayError {
     #[error("{}", auth_message(*.0))]
     Unauthenticated(AuthFailure),
+    #[error("too many failed authentications from this address; retry later")]
+    AuthThrottled { retry_after: std::time::Duration },
     #[error("this tenant is suspended; contact the gateway's administrators")]
     TenantSuspended,
     #[error("this API key may not use the model `{0}`")]
@@ -66,10 +68,18 @@ pub enum GatewayError {
     UnpricedUnderBudget(String),
     #[error("{0}")]
     InvalidModel(&'static str),
+    #[error(
+        "the request body could not be checked against this tenant's policy (nested too deeply, or a number out of range)"
+    )]
+    PolicyUncheckable,
     #[error("you must provide a model parameter")]
     MissingModel,
     #[error("{0}")]
     InvalidJson(String),
+    #[error("request bodies must not be compressed (content-encoding other than identity)")]
+    UnsupportedContentEncoding,
+    #[error("the request path or query contains a NUL character")]
+    NulInUri,
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("failed to read the request body")]
@@ -82,8 +92,14 @@ pub enum GatewayError {
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
-    #[error("{0}")]
+    /// The detail names what the upstream sent (and which setting to check)
+    /// for the log line; the client gets the generic message.
+    #[error("the upstream answered with something that is not an API response")]
     UpstreamBadResponse(String),
+    /// The upstream refused the gateway's own credentials (401/403): a
+    /// configuration fault of the gateway, not the tenant's key.
+    #[error("the gateway could not authenticate to its upstream; contact the gateway's administrators")]
+    UpstreamRejectedCredentials { status: u16 },
     #[error("the gateway is shutting down")]
     ShuttingDown,
     #[error("internal error")]
@@ -117,6 +133,7 @@ impl GatewayError {
     pub fn fault(&self) -> Fault {
         match self {
             Self::Unauthenticated(_)
+            | Self::AuthThrottled { .. }
             | Self::TenantSuspended
             | Self::ModelNotAllowed(_)
             | Self::ModelNotPriced(_)
@@ -127,24 +144,33 @@ impl GatewayError {
             | Self::UnpricedUnderBudget(_)
             | Self::InvalidModel(_)
             | Self::MissingModel
+            | Self::PolicyUncheckable
             | Self::InvalidJson(_)
+            | Self::UnsupportedContentEncoding
+            | Self::NulInUri
             | Self::BodyTooLarge { .. }
             | Self::BodyRead
             | Self::UnknownRoute(_)
             | Self::MethodNotAllowed { .. } => Fault::Client,
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamBadResponse(_) => Fault::Upstream,
-            Self::ShuttingDown | Self::Internal | Self::AccountingUnavailable => Fault::Gateway,
+            Self::ShuttingDown
+            | Self::Internal
+            | Self::AccountingUnavailable
+            | Self::UpstreamRejectedCredentials { .. } => Fault::Gateway,
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            Self::RateLimited(_) | Self::BudgetExhausted { .. } | Self::BudgetBusy { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Self::RateLimited(_)
+            | Self::BudgetExhausted { .. }
+            | Self::BudgetBusy { .. }
+            | Self::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::TenantSuspended | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::InvalidJson(_)
+            | Self::NulInUri
+            | Self::PolicyUncheckable
             | Self::InvalidModel(_)
             | Self::MissingModel
             | Self::BodyRead
@@ -152,9 +178,12 @@ impl GatewayError {
             | Self::UnpricedUnderBudget(_)
             | Self::OverCap { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedContentEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UnknownRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::UpstreamUnavailable | Self::UpstreamBadResponse(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable | Self::UpstreamBadResponse(_) | Self::UpstreamRejectedCredentials { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown | Self::AccountingUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -172,10 +201,13 @@ impl GatewayError {
             Self::ModelNotPriced(_) | Self::UnpricedUnderBudget(_) => "model_not_priced",
             Self::AccountingUnavailable => "accounting_unavailable",
             Self::OverCap { .. } => "over_policy_cap",
-            Self::RateLimited(_) | Self::BudgetBusy { .. } => "rate_limit_exceeded",
+            Self::RateLimited(_) | Self::BudgetBusy { .. } | Self::AuthThrottled { .. } => "rate_limit_exceeded",
             Self::BudgetExhausted { .. } => "insufficient_quota",
             Self::InvalidJson(_) => "invalid_json",
+            Self::UnsupportedContentEncoding => "unsupported_content_encoding",
+            Self::NulInUri => "invalid_url",
             Self::InvalidModel(_) => "invalid_model",
+            Self::PolicyUncheckable => "invalid_request_body",
             Self::MissingModel => "missing_required_parameter",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyRead => "invalid_body",
@@ -184,6 +216,7 @@ impl GatewayError {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamBadResponse(_) => "upstream_bad_response",
+            Self::UpstreamRejectedCredentials { .. } => "upstream_auth_failed",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal_error",
         }
@@ -194,7 +227,7 @@ impl GatewayError {
         if let Self::BudgetExhausted { .. } = self {
             return "insufficient_quota";
         }
-        if let Self::BudgetBusy { .. } = self {
+        if let Self::BudgetBusy { .. } | Self::AuthThrottled { .. } = self {
             return "requests";
         }
         if let Self::RateLimited(t) = self {
@@ -210,6 +243,17 @@ impl GatewayError {
         }
     }
 
+    /// What the log line says beyond the client's message, if anything.
+    pub fn log_detail(&self) -> Option<String> {
+        match self {
+            Self::UpstreamBadResponse(detail) => Some(detail.clone()),
+            Self::UpstreamRejectedCredentials { status } => Some(format!(
+                "the upstream answered {status} to the gateway's own key: check the upstream key (upstream.api_key_env / api_key_file) and its permissions"
+            )),
+            _ => None,
+        }
+    }
+
     pub fn envelope(&self) -> ErrorEnvelope {
         let envelope = ErrorEnvelope::new(self.to_string(), self.kind(), self.code());
         match self {
@@ -217,9 +261,7 @@ impl GatewayError {
             | Self::ModelNotPriced(_)
             | Self::UnpricedUnderBudget(_)
             | Self::InvalidModel(_)
-            | Self::MissingModel => {
-                envelope.with_param("model")
-            }
+            | Self::MissingModel => envelope.with_param("model"),
             Self::OverCap { param, .. } => envelope.with_param(*param),
             _ => envelope,
         }
@@ -248,18 +290,28 @@ impl IntoResponse for GatewayError {
                 crate::limits::Kind::Concurrency => crate::limits::Allowance::default(),
             };
             allowance.write(headers);
-        } else if let Self::BudgetBusy { retry_after, .. } = &self {
+        } else if let Self::BudgetBusy { retry_after, .. } | Self::AuthThrottled { retry_after } = &self {
             // Other requests hold the budget for now: a retry can succeed.
             write_retry_after(response.headers_mut(), *retry_after);
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("true"));
-        } else if self.fault() == Fault::Client {
-            // A retry of the same bad request cannot succeed; tell the SDKs so
-            // they do not retry a 404/405 or a connection they believe flaky.
+        } else if self.fault() == Fault::Client || matches!(self, Self::UpstreamRejectedCredentials { .. }) {
+            // A retry of the same bad request cannot succeed, nor can one
+            // while the gateway's own upstream key is refused; tell the SDKs
+            // so they do not retry.
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response.extensions_mut().insert(self.fault());
+        response.extensions_mut().insert(ErrorLog { code: self.code(), detail: self.log_detail() });
         response
     }
+}
+
+/// Rides on an error response so the trace layer, which logs every response
+/// once, can say why (handlers and errors never log themselves).
+#[derive(Debug, Clone)]
+pub struct ErrorLog {
+    pub code: &'static str,
+    pub detail: Option<String>,
 }
 
 /// `retry-after-ms` and `retry-after`, which the SDKs wait for before retrying.

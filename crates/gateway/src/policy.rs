@@ -1,10 +1,18 @@
 //! A tenant's token and thinking policy, applied to a request body before
-//! it is forwarded: caps on the output limit, on `reasoning_effort` and on
-//! Gemini's `thinking_budget` (clamped or rejected, as the tenant chooses),
+//! it is forwarded: caps on the output limit, on the reasoning effort and
+//! on Gemini's thinking budget (clamped or rejected, as the tenant chooses),
 //! and defaults injected where the client set none. Only the members that
 //! change are rewritten; everything else keeps its bytes.
+//!
+//! A cap applies to every place a provider reads the setting: the output
+//! limit under each of its names, `reasoning_effort` and the responses
+//! API's `reasoning.effort`, and the thinking budget under `google` and
+//! `extra_body.google`, in snake_case and camelCase. An effort the gateway
+//! does not know is over any cap. A body whose members the gateway cannot
+//! parse to rewrite them is refused, never forwarded unchecked.
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tollgate_openai::RequestPeek;
 use tollgate_openai::rewrite::set_members;
@@ -75,17 +83,27 @@ pub fn apply(
         max_output = Some(default);
     }
 
-    // Reasoning effort.
-    if let (Some(max), Some(asked)) = (policy.max_reasoning_effort, peek.reasoning_effort.as_deref())
-        && ReasoningEffort::parse(asked).is_some_and(|a| a > max)
-    {
-        if reject {
-            return Err(GatewayError::OverCap {
-                param: "reasoning_effort",
-                message: format!("`reasoning_effort` may be at most {}", max.as_str()),
-            });
+    // Reasoning effort, wherever it is set.
+    if let Some(max) = policy.max_reasoning_effort {
+        for (place, asked) in peek.reasoning_efforts() {
+            if ReasoningEffort::parse(asked).is_some_and(|a| a <= max) {
+                continue;
+            }
+            if reject {
+                return Err(GatewayError::OverCap {
+                    param: place,
+                    message: format!("`{place}` may be at most {}", max.as_str()),
+                });
+            }
+            match place {
+                "reasoning_effort" => edits.push(("reasoning_effort", Some(json!(max.as_str())))),
+                _ => {
+                    let mut reasoning = member(body, "reasoning")?.unwrap_or_else(|| json!({}));
+                    reasoning["effort"] = json!(max.as_str());
+                    edits.push(("reasoning", Some(reasoning)));
+                }
+            }
         }
-        edits.push(("reasoning_effort", Some(json!(max.as_str()))));
     }
 
     // Gemini thinking budget (-1 asks for a dynamic budget: over any cap).
@@ -99,40 +117,82 @@ pub fn apply(
                 message: format!("`thinking_config.thinking_budget` may be at most {cap}"),
             });
         }
-        set_thinking_budget(body, peek, cap, &mut edits);
+        for name in ["google", "extra_body"] {
+            if let Some(mut value) = member(body, name)? {
+                let google = if name == "google" { Some(&mut value) } else { value.get_mut("google") };
+                if let Some(google) = google
+                    && clamp_thinking(google, cap)
+                {
+                    edits.push((name, Some(value)));
+                }
+            }
+        }
     }
     if budget.is_none()
-        && peek.reasoning_effort.is_none()
+        && peek.reasoning_efforts().next().is_none()
         && is_gemini(peek.model.as_deref())
         && let Some(default) = policy.default_thinking_budget
     {
-        set_thinking_budget(body, peek, default, &mut edits);
+        set_thinking_budget(body, peek, default, &mut edits)?;
     }
 
     if edits.is_empty() {
         return Ok(Applied { body: None, max_output });
     }
-    let rewritten = set_members(body, &edits).ok_or(GatewayError::Internal)?;
+    let rewritten = set_members(body, &edits).ok_or(GatewayError::PolicyUncheckable)?;
     Ok(Applied { body: Some(Bytes::from(rewritten)), max_output })
+}
+
+/// A top-level member as a value; `None` when absent. A body the gateway
+/// cannot parse this far cannot be checked, so it is refused.
+fn member(body: &[u8], name: &str) -> Result<Option<Value>, GatewayError> {
+    let members: std::collections::HashMap<String, &RawValue> =
+        serde_json::from_slice(body).map_err(|_| GatewayError::PolicyUncheckable)?;
+    match members.get(name) {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str(raw.get()).map(Some).map_err(|_| GatewayError::PolicyUncheckable),
+    }
+}
+
+/// Sets every thinking budget under a `google` object that passes `cap`
+/// (or asks for a dynamic one) to `cap`; whether anything changed.
+fn clamp_thinking(google: &mut Value, cap: u64) -> bool {
+    let mut changed = false;
+    for config in ["thinking_config", "thinkingConfig"] {
+        for name in ["thinking_budget", "thinkingBudget"] {
+            if let Some(budget) = google.get_mut(config).and_then(|c| c.get_mut(name))
+                && budget.as_i64().is_none_or(|b| b < 0 || b as u64 > cap)
+            {
+                *budget = json!(cap);
+                changed = true;
+            }
+        }
+    }
+    changed
 }
 
 /// Sets `thinking_config.thinking_budget` where the client put its thinking
 /// settings (a literal `extra_body`, else the top-level `google` member).
-fn set_thinking_budget(body: &[u8], peek: &RequestPeek<'_>, budget: u64, edits: &mut Vec<(&str, Option<Value>)>) {
-    let Ok(Value::Object(members)) = serde_json::from_slice::<Value>(body) else { return };
+fn set_thinking_budget(
+    body: &[u8],
+    peek: &RequestPeek<'_>,
+    budget: u64,
+    edits: &mut Vec<(&str, Option<Value>)>,
+) -> Result<(), GatewayError> {
     let in_extra_body = peek.extra_body.and_then(|e| e.google).is_some();
     if in_extra_body {
-        let mut extra = members.get("extra_body").cloned().unwrap_or_else(|| json!({}));
+        let mut extra = member(body, "extra_body")?.unwrap_or_else(|| json!({}));
         extra["google"]["thinking_config"]["thinking_budget"] = json!(budget);
         edits.push(("extra_body", Some(extra)));
     } else {
-        let mut google = members.get("google").cloned().filter(Value::is_object).unwrap_or_else(|| json!({}));
+        let mut google = member(body, "google")?.filter(Value::is_object).unwrap_or_else(|| json!({}));
         if !google["thinking_config"].is_object() {
             google["thinking_config"] = json!({});
         }
         google["thinking_config"]["thinking_budget"] = json!(budget);
         edits.push(("google", Some(google)));
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -171,7 +231,7 @@ mod tests {
         assert_eq!(body["max_completion_tokens"], 100, "values under the cap stay");
         assert_eq!(body["reasoning_effort"], "low");
         assert_eq!(body["google"]["thinking_config"], json!({"thinking_budget": 2048, "include_thoughts": true}));
-        assert_eq!(max, Some(100));
+        assert_eq!(max, Some(4096), "the provider may honour either limit, so the larger bounds the output");
     }
 
     #[test]
@@ -212,6 +272,67 @@ mod tests {
         )
         .unwrap();
         assert!(body.is_none(), "an explicit reasoning_effort is the client's thinking choice");
+    }
+
+    #[test]
+    fn caps_apply_to_every_place_a_provider_reads_the_setting() {
+        let sneaky = r#"{"model":"gemini-2.5-pro","google":{"thinking_config":{"thinking_budget":100}},
+            "extra_body":{"google":{"thinking_config":{"thinking_budget":24576},"thinkingConfig":{"thinkingBudget":-1}}}}"#;
+        match run(&capped(OverCap::Reject), "/v1/chat/completions", sneaky) {
+            Err(GatewayError::OverCap { param, .. }) => assert_eq!(param, "thinking_budget"),
+            other => panic!("{other:?}"),
+        }
+        let (body, _) = run(&capped(OverCap::Clamp), "/v1/chat/completions", sneaky).unwrap();
+        let body = body.unwrap();
+        assert_eq!(body["google"]["thinking_config"]["thinking_budget"], 100, "compliant values stay");
+        assert_eq!(body["extra_body"]["google"]["thinking_config"]["thinking_budget"], 2048);
+        assert_eq!(body["extra_body"]["google"]["thinkingConfig"]["thinkingBudget"], 2048);
+
+        let camel = r#"{"model":"gemini-2.5-pro","google":{"thinkingConfig":{"thinkingBudget":9000}}}"#;
+        let (body, _) = run(&capped(OverCap::Clamp), "/v1/chat/completions", camel).unwrap();
+        assert_eq!(body.unwrap()["google"]["thinkingConfig"]["thinkingBudget"], 2048);
+
+        let responses = r#"{"model":"o3","input":"x","reasoning":{"effort":"high","summary":"auto"}}"#;
+        match run(&capped(OverCap::Reject), "/v1/responses", responses) {
+            Err(GatewayError::OverCap { param, .. }) => assert_eq!(param, "reasoning.effort"),
+            other => panic!("{other:?}"),
+        }
+        let (body, _) = run(&capped(OverCap::Clamp), "/v1/responses", responses).unwrap();
+        assert_eq!(body.unwrap()["reasoning"], json!({"effort": "low", "summary": "auto"}));
+
+        let unknown = r#"{"model":"o3","reasoning_effort":"xhigh"}"#;
+        assert!(run(&capped(OverCap::Reject), "/v1/chat/completions", unknown).is_err(), "unknown is over the cap");
+    }
+
+    #[test]
+    fn members_no_value_can_hold_do_not_stop_a_clamp() {
+        let deep =
+            format!(r#"{{"x":{}1{},"model":"gemini-2.5-pro","max_tokens":99999}}"#, "[".repeat(130), "]".repeat(130));
+        let huge = r#"{"x":1e999,"model":"gemini-2.5-pro","max_tokens":99999}"#;
+        for body in [deep.as_str(), huge] {
+            let peek = RequestPeek::parse(body.as_bytes()).expect("the peek skips members it does not read");
+            match apply(&capped(OverCap::Clamp), "/v1/chat/completions", body.as_bytes(), &peek) {
+                Err(GatewayError::PolicyUncheckable) => {}
+                Ok(Applied { body: Some(rewritten), .. }) => {
+                    let text = String::from_utf8(rewritten.to_vec()).unwrap();
+                    assert!(text.contains(r#""max_tokens":4096"#), "{text}");
+                    assert!(text.starts_with(r#"{"x":"#), "other members keep their bytes");
+                }
+                other => panic!("forwarded unchecked: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_thinking_setting_that_cannot_be_parsed_is_refused_not_forwarded_unchecked() {
+        let body = format!(
+            r#"{{"model":"gemini-2.5-pro","google":{{"thinking_config":{{"thinking_budget":9000}},"x":{}1{}}}}}"#,
+            "[".repeat(130),
+            "]".repeat(130)
+        );
+        let peek = RequestPeek::parse(body.as_bytes()).expect("the peek skips members it does not read");
+        let result = apply(&capped(OverCap::Clamp), "/v1/chat/completions", body.as_bytes(), &peek);
+        assert!(matches!(result, Err(GatewayError::PolicyUncheckable)), "{result:?}");
     }
 
     #[test]

@@ -9,14 +9,17 @@
 //!    log line below it has the id; logs each response once with its status
 //!    and latency. Sits under (1) because it reads the `RequestId` extension.
 //! 3. `CatchPanicLayer` — a panic in a handler becomes a 500 envelope instead
-//!    of a dropped connection. Innermost, so (1) and (2) still see a response.
-//! 4. Routes. The body limit is applied where the body is read
+//!    of a dropped connection. Under (1) and (2), so they still see a response.
+//! 4. `refuse_nul_in_uri` — `%00` anywhere in the path or query is a 400
+//!    before routing: no identifier with a NUL reaches a handler or the
+//!    database.
+//! 5. Routes. The body limit is applied where the body is read
 //!    (`proxy::body`), so that it answers with our envelope.
 //!
 //! On the `/v1` routes only (as a route layer, so unknown paths are 404
 //! before any key check):
 //!
-//! 5. `AuthLayer` — resolves the tenant key from the in-memory cache and
+//! 6. `AuthLayer` — resolves the tenant key from the in-memory cache and
 //!    inserts the `Principal` extension that the `/v1` handlers read. Policy,
 //!    rate limits and budgets go after it, in that order.
 
@@ -34,7 +37,7 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::auth::{AuthLayer, Authenticator};
-use crate::error::GatewayError;
+use crate::error::{ErrorLog, Fault, GatewayError};
 use crate::health::{self, Readiness};
 use crate::proxy::{self, Proxy};
 use crate::request_id::{RequestId, RequestIdLayer};
@@ -92,8 +95,20 @@ fn with_common_layers(router: Router) -> Router {
                     .on_response(on_response)
                     .on_failure(()),
             )
-            .layer(CatchPanicLayer::custom(panic_response)),
+            .layer(CatchPanicLayer::custom(panic_response))
+            .layer(axum::middleware::from_fn(refuse_nul_in_uri)),
     )
+}
+
+/// A NUL in a path or query identifier can reach no valid resource, and
+/// the database refuses it: answer 400 before any handler sees it.
+async fn refuse_nul_in_uri(request: Request, next: axum::middleware::Next) -> Response {
+    let uri = request.uri();
+    let raw = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+    if raw.contains("%00") {
+        return GatewayError::NulInUri.into_response();
+    }
+    next.run(request).await
 }
 
 fn make_span(request: &Request) -> Span {
@@ -106,8 +121,22 @@ fn make_span(request: &Request) -> Span {
     )
 }
 
+/// One line per response. Failures the gateway's operators must act on
+/// (its own configuration, the upstream) are warnings and errors, with the
+/// detail the client was not told.
 fn on_response<B>(response: &http::Response<B>, latency: Duration, _span: &Span) {
-    tracing::info!(status = response.status().as_u16(), latency_ms = latency.as_secs_f64() * 1000.0, "response");
+    let status = response.status().as_u16();
+    let latency_ms = latency.as_secs_f64() * 1000.0;
+    let Some(error) = response.extensions().get::<ErrorLog>() else {
+        tracing::info!(status, latency_ms, "response");
+        return;
+    };
+    let detail = error.detail.as_deref().unwrap_or("");
+    match response.extensions().get::<Fault>() {
+        Some(Fault::Gateway) => tracing::error!(status, latency_ms, code = error.code, detail, "response"),
+        Some(Fault::Upstream) => tracing::warn!(status, latency_ms, code = error.code, detail, "response"),
+        _ => tracing::info!(status, latency_ms, code = error.code, "response"),
+    }
 }
 
 async fn unknown_route(request: Request) -> GatewayError {

@@ -18,7 +18,7 @@ use secrecy::ExposeSecret;
 
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::error::GatewayError;
-use crate::proxy::headers::copy_request_headers;
+use crate::proxy::headers::ForwardedHeaders;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,7 @@ pub struct Upstream {
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     max_event_bytes: usize,
+    forwarded: ForwardedHeaders,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -119,6 +120,7 @@ impl Upstream {
             first_byte_timeout: config.first_byte_timeout,
             idle_timeout: config.idle_timeout,
             max_event_bytes: config.max_event_bytes,
+            forwarded: ForwardedHeaders::new(&config.forward_request_headers),
         })
     }
 
@@ -153,7 +155,7 @@ impl Upstream {
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
         headers.reserve(client_headers.len() + 2);
-        copy_request_headers(client_headers, headers);
+        self.forwarded.copy_request_headers(client_headers, headers);
         headers.insert(X_REQUEST_ID.clone(), request_id.header_value().clone());
         if let Some(auth) = &self.authorization {
             headers.insert(header::AUTHORIZATION, auth.clone());

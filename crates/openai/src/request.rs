@@ -14,8 +14,9 @@ pub struct RequestPeek<'a> {
     pub model: Option<Cow<'a, str>>,
     #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
+    /// `Some(None)`: the member is there but `null`.
+    #[serde(default, deserialize_with = "present")]
+    pub stream_options: Option<Option<StreamOptions>>,
     #[serde(default)]
     pub max_tokens: Option<u64>,
     #[serde(default)]
@@ -25,6 +26,9 @@ pub struct RequestPeek<'a> {
     pub max_output_tokens: Option<u64>,
     #[serde(borrow, default)]
     pub reasoning_effort: Option<Cow<'a, str>>,
+    /// The responses API's reasoning settings (`reasoning.effort`).
+    #[serde(borrow, default)]
+    pub reasoning: Option<ReasoningPeek<'a>>,
     /// Gemini thinking settings, as the OpenAI SDKs send `extra_body` (merged
     /// into the body) ...
     #[serde(default)]
@@ -36,10 +40,21 @@ pub struct RequestPeek<'a> {
     pub n: Option<u64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+pub struct ReasoningPeek<'a> {
+    #[serde(borrow, default)]
+    pub effort: Option<Cow<'a, str>>,
+}
+
+/// Gemini settings under `google`: the OpenAI-compatible layers read the
+/// snake_case names and, passing them on, the camelCase ones too, so both
+/// are looked at.
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
 pub struct GooglePeek {
     #[serde(default)]
     pub thinking_config: Option<ThinkingPeek>,
+    #[serde(default, rename = "thinkingConfig")]
+    pub thinking_config_camel: Option<ThinkingPeek>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -47,6 +62,27 @@ pub struct ThinkingPeek {
     /// `-1` asks Gemini for a dynamic budget.
     #[serde(default)]
     pub thinking_budget: Option<i64>,
+    #[serde(default, rename = "thinkingBudget")]
+    pub thinking_budget_camel: Option<i64>,
+}
+
+impl GooglePeek {
+    fn budgets(&self) -> impl Iterator<Item = i64> + '_ {
+        [self.thinking_config, self.thinking_config_camel]
+            .into_iter()
+            .flatten()
+            .flat_map(|t| [t.thinking_budget, t.thinking_budget_camel])
+            .flatten()
+    }
+}
+
+/// Deserializes a member that is present (even as `null`) to `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -100,22 +136,40 @@ impl<'a> RequestPeek<'a> {
         [self.max_completion_tokens, self.max_tokens, self.max_output_tokens].into_iter().flatten().max()
     }
 
-    /// The Gemini thinking budget, wherever the client put it.
+    /// Every Gemini thinking budget the client set, wherever it put it
+    /// (`google` or `extra_body.google`, snake_case or camelCase): an
+    /// upstream may read any of them.
+    pub fn thinking_budgets(&self) -> impl Iterator<Item = i64> + '_ {
+        let direct = self.google.iter().flat_map(GooglePeek::budgets);
+        let extra = self.extra_body.and_then(|e| e.google);
+        direct.chain(extra.into_iter().flat_map(|g| g.budgets().collect::<Vec<_>>()))
+    }
+
+    /// The thinking budget the upstream may use: the most permissive one set
+    /// (`-1`, dynamic, above any number).
     pub fn thinking_budget(&self) -> Option<i64> {
-        let direct = self.google.and_then(|g| g.thinking_config).and_then(|t| t.thinking_budget);
-        direct.or_else(|| self.extra_body.and_then(|e| e.google).and_then(|g| g.thinking_config)?.thinking_budget)
+        self.thinking_budgets().max_by_key(|b| if *b < 0 { u64::MAX } else { *b as u64 })
+    }
+
+    /// Every reasoning effort the client set (`reasoning_effort`, and the
+    /// responses API's `reasoning.effort`).
+    pub fn reasoning_efforts(&self) -> impl Iterator<Item = (&'static str, &str)> + '_ {
+        let top = self.reasoning_effort.as_deref().map(|e| ("reasoning_effort", e));
+        let nested = self.reasoning.as_ref().and_then(|r| r.effort.as_deref()).map(|e| ("reasoning.effort", e));
+        top.into_iter().chain(nested)
     }
 
     pub fn is_stream(&self) -> bool {
         self.stream.unwrap_or(false)
     }
 
+    /// Whether the body has a `stream_options` member, even `null`.
     pub fn has_stream_options(&self) -> bool {
         self.stream_options.is_some()
     }
 
     pub fn client_asked_for_usage(&self) -> bool {
-        self.stream_options.and_then(|o| o.include_usage).unwrap_or(false)
+        self.stream_options.flatten().and_then(|o| o.include_usage).unwrap_or(false)
     }
 }
 
@@ -147,6 +201,29 @@ mod tests {
         let both = RequestPeek::parse(br#"{"max_completion_tokens":1,"max_tokens":100000}"#).unwrap();
         assert_eq!(both.max_output(), Some(100_000), "the larger limit bounds what may be produced");
         assert_eq!(p.reasoning_effort.as_deref(), Some("low"));
+    }
+
+    #[test]
+    fn every_thinking_budget_and_effort_is_seen_and_the_most_permissive_wins() {
+        let p = RequestPeek::parse(
+            br#"{"google":{"thinking_config":{"thinking_budget":100}},
+                "extra_body":{"google":{"thinkingConfig":{"thinkingBudget":9000}}},
+                "reasoning":{"effort":"high"}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.thinking_budgets().collect::<Vec<_>>(), [100, 9000]);
+        assert_eq!(p.thinking_budget(), Some(9000));
+        assert_eq!(p.reasoning_efforts().collect::<Vec<_>>(), [("reasoning.effort", "high")]);
+        let dynamic =
+            RequestPeek::parse(br#"{"google":{"thinking_config":{"thinking_budget":5,"thinkingBudget":-1}}}"#).unwrap();
+        assert_eq!(dynamic.thinking_budget(), Some(-1));
+    }
+
+    #[test]
+    fn a_null_stream_options_member_is_still_a_member() {
+        let p = RequestPeek::parse(br#"{"stream":true,"stream_options":null}"#).unwrap();
+        assert!(p.has_stream_options() && !p.client_asked_for_usage());
+        assert!(!RequestPeek::parse(br#"{"stream":true}"#).unwrap().has_stream_options());
     }
 
     #[test]

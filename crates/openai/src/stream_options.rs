@@ -66,6 +66,16 @@ mod tests {
     }
 
     #[test]
+    fn a_null_stream_options_is_replaced_not_duplicated() {
+        let body = br#"{"model":"x","stream":true,"stream_options":null}"#;
+        let out = with_include_usage(body, true, false).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("stream_options").count(), 1, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true}));
+    }
+
+    #[test]
     fn leaves_the_body_alone_when_the_client_asked() {
         assert!(with_include_usage(b"{}", true, true).is_none());
     }

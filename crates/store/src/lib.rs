@@ -54,6 +54,14 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+impl StoreError {
+    /// Whether the database itself answered with this error (a constraint,
+    /// a value it cannot store), as opposed to not answering at all.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Database(sqlx::Error::Database(_)))
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// A change other replicas must apply to their caches.

@@ -3,6 +3,7 @@
 //! replicas sharing Postgres and Redis, and one replica on its own. The
 //! budget ends spent to within one request's worst case and never past it,
 //! and no client is told "exhausted" while the budget could still take it.
+#![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -110,8 +111,7 @@ async fn run_burst(python: PathBuf, urls: Vec<String>, key: String) -> Value {
 /// The tenant's settled spend once the ledger holds `requests` records.
 async fn settled_spend(served: &Served, requests: i64) -> i64 {
     for _ in 0..400 {
-        let (_, summary) =
-            admin(served, reqwest::Method::GET, "/admin/v1/usage/summary?tenant_id=frugal", None).await;
+        let (_, summary) = admin(served, reqwest::Method::GET, "/admin/v1/usage/summary?tenant_id=frugal", None).await;
         if summary["data"][0]["requests"].as_i64() >= Some(requests) {
             return summary["data"][0]["cost_micros"].as_i64().unwrap();
         }

@@ -124,6 +124,8 @@ impl Served {
             .env("TOLLGATE_DATABASE__SQLITE_PATH", &db)
             .env("TOLLGATE_ACCOUNTING__SPOOL_DIR", dir.path().join("spool"))
             .env("TOLLGATE_UPSTREAM__BASE_URL", upstream)
+            // Tests steer the fake upstream with x-fake-* request headers.
+            .env("TOLLGATE_UPSTREAM__FORWARD_REQUEST_HEADERS", r#"["x-fake-*"]"#)
             .env("TOLLGATE_LOG__FORMAT", "json")
             .env("TOLLGATE_LOG__LEVEL", "debug")
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)

@@ -69,6 +69,15 @@ struct LedgerState {
     last_written_ms: AtomicU64,
 }
 
+/// What one insert found.
+enum Inserted {
+    Yes,
+    /// The database answered with an error.
+    Refused,
+    /// The database did not answer (in time).
+    Unreachable,
+}
+
 /// How accounting is doing, for readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountingHealth {
@@ -196,7 +205,8 @@ impl Writer {
         if self.shared.overflow_len.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let taken = std::mem::take(&mut *self.shared.overflow.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let taken =
+            std::mem::take(&mut *self.shared.overflow.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         self.shared.overflow_len.fetch_sub(taken.len(), Ordering::Relaxed);
         batch.extend(taken);
     }
@@ -278,18 +288,23 @@ impl Writer {
     /// refuses on its own. `false`: the database is away or too slow; the
     /// caller spools (or keeps) the records.
     async fn store(&self, events: &[UsageEvent]) -> bool {
-        if self.insert(events).await {
-            return true;
+        match self.insert(events).await {
+            Inserted::Yes => return true,
+            Inserted::Unreachable => return false,
+            Inserted::Refused => {}
         }
-        // Either the database is away, or the batch holds a record it will
-        // never take. Only the database answering tells them apart.
+        // The database answered with an error: the batch holds a record it
+        // will never take, unless it is on its way down; a ping tells.
         if !self.database_answers().await {
             return false;
         }
         let mut refused = Vec::new();
         for event in events {
-            match tokio::time::timeout(self.settings.write_timeout, self.store.insert_usage(std::slice::from_ref(event)))
-                .await
+            match tokio::time::timeout(
+                self.settings.write_timeout,
+                self.store.insert_usage(std::slice::from_ref(event)),
+            )
+            .await
             {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => refused.push((event, e.to_string())),
@@ -329,21 +344,21 @@ impl Writer {
         self.shared.last_written_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    async fn insert(&self, events: &[UsageEvent]) -> bool {
+    async fn insert(&self, events: &[UsageEvent]) -> Inserted {
         match tokio::time::timeout(self.settings.write_timeout, self.store.insert_usage(events)).await {
             Ok(Ok(_)) => {
                 self.mark_written();
-                true
+                Inserted::Yes
             }
             Ok(Err(e)) => {
                 self.write_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, count = events.len(), "cannot write usage records; spooling them");
-                false
+                tracing::warn!(error = %e, count = events.len(), "cannot write usage records");
+                if e.is_refusal() { Inserted::Refused } else { Inserted::Unreachable }
             }
             Err(_) => {
                 self.write_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(count = events.len(), "usage write timed out; spooling the records");
-                false
+                Inserted::Unreachable
             }
         }
     }

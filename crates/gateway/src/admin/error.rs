@@ -32,6 +32,15 @@ impl AdminError {
         Self { status: StatusCode::UNAUTHORIZED, code: "invalid_admin_token", message: message.to_owned(), param: None }
     }
 
+    pub fn throttled() -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "too_many_failed_attempts",
+            message: "too many failed authentications from this address; retry in a minute".to_owned(),
+            param: None,
+        }
+    }
+
     pub fn unavailable() -> Self {
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,

@@ -39,6 +39,8 @@ pub struct AdminState {
     /// Keyed hash of the bootstrap token (never the token itself).
     pub bootstrap_digest: Option<Digest>,
     pub budgets: Arc<BudgetBook>,
+    /// Failed admin authentications per address (see `auth::throttle`).
+    pub failures: Arc<crate::auth::throttle::FailedAttempts>,
 }
 
 impl AdminState {

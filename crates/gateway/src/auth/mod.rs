@@ -148,6 +148,11 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let now_ms = chrono::Utc::now().timestamp_millis();
+        let ip = peer_ip(request.extensions());
+        if let Some(retry_after) = self.auth.failures.refused(ip, now_ms) {
+            self.auth.metrics.auth_failures.with_label_values(&["throttled"]).inc();
+            return Box::pin(async move { Ok(GatewayError::AuthThrottled { retry_after }.into_response()) });
+        }
         match self.auth.authenticate(request.headers(), now_ms) {
             Ok(principal) => {
                 request.extensions_mut().insert(principal);
@@ -155,21 +160,16 @@ where
             }
             Err(error) => {
                 self.auth.metrics.auth_failures.with_label_values(&[error.code()]).inc();
-                let ip = request
-                    .extensions()
-                    .get::<ConnectInfo<SocketAddr>>()
-                    .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
-                let delay = match error {
-                    GatewayError::Unauthenticated(_) => self.auth.failures.record(ip, (now_ms / 60_000) as u64),
-                    _ => std::time::Duration::ZERO,
-                };
-                Box::pin(async move {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    Ok(error.into_response())
-                })
+                if let GatewayError::Unauthenticated(_) = error {
+                    self.auth.failures.record(ip, now_ms);
+                }
+                Box::pin(async move { Ok(error.into_response()) })
             }
         }
     }
+}
+
+/// The caller's address (unspecified when the listener did not record it).
+pub fn peer_ip(extensions: &http::Extensions) -> IpAddr {
+    extensions.get::<ConnectInfo<SocketAddr>>().map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
 }

@@ -1,68 +1,104 @@
-//! Which headers cross the gateway, in each direction.
+//! Which headers cross the gateway, in each direction: allow-lists, since
+//! anything passed by default is a way for one party to reach the other.
 //!
-//! Everything not listed here passes through untouched (`openai-beta`,
-//! `x-stainless-*`, provider-specific headers, …).
+//! Client → upstream: only headers an OpenAI-compatible API reads from its
+//! callers (content negotiation, the SDKs' own `x-stainless-*` telemetry,
+//! `openai-beta`, idempotency keys, trace context), each bounded in size,
+//! plus any the operator adds with `upstream.forward_request_headers`.
+//! Never the client's credentials, never `OpenAI-Organization` or
+//! `OpenAI-Project` (which would let a tenant choose which of the
+//! operator's organizations pays), never hop-by-hop headers.
+//!
+//! Upstream → client: only what a client needs to read the answer. Never
+//! the upstream account's organization or project, its `x-ratelimit-*`
+//! (those describe the operator's key, shared by every tenant; the
+//! gateway's own replace them), `server`, `via` or cookies.
 
-use http::{HeaderMap, HeaderName, header};
+use http::{HeaderMap, HeaderName};
 
-/// Connection-scoped headers (RFC 9110 §7.6.1) never cross a proxy.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// Headers forwarded to the upstream, besides `x-stainless-*`.
+const REQUEST_ALLOWED: &[&str] =
+    &["content-type", "accept", "user-agent", "openai-beta", "idempotency-key", "traceparent", "tracestate"];
+/// The SDKs' telemetry prefix; a few such headers are forwarded.
+const STAINLESS_PREFIX: &str = "x-stainless-";
+const MAX_STAINLESS_HEADERS: usize = 16;
+/// A forwarded header value longer than this is dropped, so no client can
+/// make the upstream refuse the request (431) and have it blamed on the
+/// upstream.
+const MAX_FORWARDED_VALUE_BYTES: usize = 1024;
+
+/// Headers relayed from the upstream to the client (its `x-request-id` is
+/// relayed as `x-upstream-request-id`).
+const RESPONSE_ALLOWED: &[&str] = &[
+    "content-type",
+    "content-encoding",
+    "content-language",
+    "cache-control",
+    "retry-after",
+    "retry-after-ms",
+    "x-should-retry",
+    "openai-processing-ms",
+    "openai-version",
+];
+
+/// The request headers an operator allows on top of the built-in list:
+/// exact names, or prefixes written with a trailing `*`.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardedHeaders {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
 }
 
-/// Client → upstream. Dropped besides hop-by-hop headers:
-/// - every credential the client sent (the gateway adds the upstream key);
-/// - `host` and `content-length`, which the client sets for the new request;
-/// - `accept-encoding`, so the upstream answers uncompressed and the gateway
-///   can read usage from bodies and forward SSE frames as they come;
-/// - `cookie`, which has no meaning to an API upstream;
-/// - `x-request-id`, replaced by the gateway's own.
-pub fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    for (name, value) in from {
-        let drop = is_hop_by_hop(name)
-            || matches!(
-                name.as_str(),
-                "authorization"
-                    | "api-key"
-                    | "x-api-key"
-                    | "host"
-                    | "content-length"
-                    | "accept-encoding"
-                    | "cookie"
-                    | "x-request-id"
-            );
-        if !drop {
-            to.append(name.clone(), value.clone());
+impl ForwardedHeaders {
+    pub fn new(extra: &[String]) -> Self {
+        let mut allowed = Self::default();
+        for name in extra {
+            let name = name.to_ascii_lowercase();
+            match name.strip_suffix('*') {
+                Some(prefix) => allowed.prefixes.push(prefix.to_owned()),
+                None => allowed.exact.push(name),
+            }
+        }
+        allowed
+    }
+
+    fn allows(&self, name: &str) -> bool {
+        REQUEST_ALLOWED.contains(&name)
+            || self.exact.iter().any(|e| e == name)
+            || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
+    }
+
+    /// Client → upstream: copies the allowed headers of bounded size.
+    pub fn copy_request_headers(&self, from: &HeaderMap, to: &mut HeaderMap) {
+        let mut stainless = 0;
+        for (name, value) in from {
+            if value.len() > MAX_FORWARDED_VALUE_BYTES {
+                continue;
+            }
+            let name_str = name.as_str();
+            let allowed = if name_str.starts_with(STAINLESS_PREFIX) {
+                stainless += 1;
+                stainless <= MAX_STAINLESS_HEADERS
+            } else {
+                self.allows(name_str)
+            };
+            if allowed {
+                to.append(name.clone(), value.clone());
+            }
         }
     }
 }
 
-/// Upstream → client. Dropped besides hop-by-hop headers: `content-length`
-/// (recomputed by the server), `set-cookie`, and the upstream's
-/// `x-request-id`, which is passed on as `x-upstream-request-id` so both ids
-/// can be quoted in a support ticket.
+/// Upstream → client: copies the allowed headers, the upstream's request id
+/// as `x-upstream-request-id` so both ids can be quoted in a support ticket.
 pub fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap) {
     static UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
     for (name, value) in from {
-        if is_hop_by_hop(name) || *name == header::CONTENT_LENGTH || *name == header::SET_COOKIE {
-            continue;
-        }
         if name.as_str() == "x-request-id" {
             to.insert(UPSTREAM_REQUEST_ID.clone(), value.clone());
-            continue;
+        } else if RESPONSE_ALLOWED.contains(&name.as_str()) {
+            to.append(name.clone(), value.clone());
         }
-        to.append(name.clone(), value.clone());
     }
 }
 
@@ -71,40 +107,71 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    #[test]
-    fn client_credentials_and_hop_by_hop_headers_are_not_forwarded() {
-        let mut from = HeaderMap::new();
-        for (k, v) in [
-            ("authorization", "Bearer tg-secret"),
-            ("api-key", "k"),
-            ("x-api-key", "k"),
-            ("connection", "keep-alive"),
-            ("host", "gw"),
-            ("accept-encoding", "gzip"),
-            ("openai-beta", "assistants=v2"),
-            ("x-stainless-lang", "python"),
-            ("content-type", "application/json"),
-        ] {
-            from.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    fn map(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(HeaderName::from_static(k), HeaderValue::from_str(v).unwrap());
         }
-        let mut to = HeaderMap::new();
-        copy_request_headers(&from, &mut to);
-        let names: Vec<_> = to.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names.len(), 3, "{names:?}");
-        assert!(to.contains_key("openai-beta") && to.contains_key("x-stainless-lang"));
-        assert!(to.contains_key("content-type"));
+        m
     }
 
     #[test]
-    fn upstream_request_id_is_renamed() {
-        let mut from = HeaderMap::new();
-        from.insert("x-request-id", HeaderValue::from_static("up-1"));
-        from.insert("openai-processing-ms", HeaderValue::from_static("12"));
-        from.insert("set-cookie", HeaderValue::from_static("a=b"));
+    fn only_allowed_client_headers_are_forwarded() {
+        let from = map(&[
+            ("authorization", "Bearer tg-secret"),
+            ("api-key", "k"),
+            ("x-api-key", "k"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("host", "gw"),
+            ("accept-encoding", "gzip"),
+            ("openai-organization", "org-operator-2"),
+            ("openai-project", "proj-x"),
+            ("cookie", "a=b"),
+            ("x-custom", "1"),
+            ("openai-beta", "assistants=v2"),
+            ("x-stainless-lang", "python"),
+            ("content-type", "application/json"),
+        ]);
+        let mut to = HeaderMap::new();
+        ForwardedHeaders::default().copy_request_headers(&from, &mut to);
+        let mut names: Vec<_> = to.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "openai-beta", "x-stainless-lang"]);
+    }
+
+    #[test]
+    fn operators_can_allow_more_and_sizes_and_counts_are_bounded() {
+        let mut from = map(&[("x-fake-chunks", "3"), ("x-trace-tag", "t"), ("user-agent", &"a".repeat(5000))]);
+        for i in 0..40 {
+            from.append(HeaderName::try_from(format!("x-stainless-n{i}")).unwrap(), HeaderValue::from_static("v"));
+        }
+        let mut to = HeaderMap::new();
+        ForwardedHeaders::new(&["x-fake-*".to_owned(), "X-Trace-Tag".to_owned()]).copy_request_headers(&from, &mut to);
+        assert!(to.contains_key("x-fake-chunks") && to.contains_key("x-trace-tag"));
+        assert!(!to.contains_key("user-agent"), "an oversized value is dropped");
+        assert_eq!(to.keys().filter(|k| k.as_str().starts_with("x-stainless-")).count(), MAX_STAINLESS_HEADERS);
+    }
+
+    #[test]
+    fn only_allowed_upstream_headers_reach_the_client() {
+        let from = map(&[
+            ("x-request-id", "up-1"),
+            ("openai-processing-ms", "12"),
+            ("openai-organization", "org-operator"),
+            ("openai-project", "proj"),
+            ("x-ratelimit-remaining-requests", "4999"),
+            ("via", "1.1 proxy"),
+            ("server", "cloudflare"),
+            ("set-cookie", "a=b"),
+            ("content-type", "application/json"),
+            ("retry-after", "3"),
+        ]);
         let mut to = HeaderMap::new();
         copy_response_headers(&from, &mut to);
+        let mut names: Vec<_> = to.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "openai-processing-ms", "retry-after", "x-upstream-request-id"]);
         assert_eq!(to["x-upstream-request-id"], "up-1");
-        assert_eq!(to["openai-processing-ms"], "12");
-        assert!(!to.contains_key("set-cookie") && !to.contains_key("x-request-id"));
     }
 }

@@ -26,9 +26,7 @@ pub fn check_model(model: &str) -> Result<(), GatewayError> {
         return Err(GatewayError::InvalidModel("`model` is longer than 256 characters"));
     }
     if !model.bytes().all(allowed) {
-        return Err(GatewayError::InvalidModel(
-            "`model` may contain only ASCII letters, digits and . _ - : / @ +",
-        ));
+        return Err(GatewayError::InvalidModel("`model` may contain only ASCII letters, digits and . _ - : / @ +"));
     }
     Ok(())
 }

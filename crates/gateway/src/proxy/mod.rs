@@ -94,7 +94,7 @@ fn begin(
         request_id.as_str(),
         principal.tenant_id(),
         &principal.key.id,
-        parts.uri.path(),
+        endpoint_name(parts.uri.path()),
     );
     Ok((request_id, principal, Some(exchange)))
 }
@@ -156,7 +156,22 @@ async fn forward_post_inner(
     if proxy.accounting.ledger.is_full() {
         return Err(GatewayError::AccountingUnavailable);
     }
+    // The gateway reads the body to check it, so it must be the bytes it
+    // reads: a compressed body would pass unchecked.
+    if let Some(encoding) = parts.headers.get(header::CONTENT_ENCODING)
+        && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(GatewayError::UnsupportedContentEncoding);
+    }
     let body = body::read_limited(body, &parts.headers, proxy.max_body_bytes).await?;
+    // JSON is UTF-8 (RFC 8259); the peek skips strings it does not read
+    // without checking them, so the whole body is checked here, at once.
+    if let Err(e) = std::str::from_utf8(&body) {
+        return Err(GatewayError::InvalidJson(format!(
+            "the request body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        )));
+    }
     let endpoint = parts.uri.path();
     let (wants_stream, upstream_body, strip_usage) = {
         let peek = RequestPeek::parse(&body).map_err(|e| GatewayError::InvalidJson(e.to_string()))?;
@@ -173,7 +188,6 @@ async fn forward_post_inner(
         if proxy.accounting.reject_unpriced && !proxy.accounting.is_billable(model) {
             return Err(GatewayError::ModelNotPriced(model.to_owned()));
         }
-        let model = Some(model);
         let applied = policy::apply(&principal.tenant.policy, endpoint, &body, &peek)?;
         if let Some(exchange) = slot.as_mut() {
             exchange.modified = applied.body.is_some();
@@ -211,7 +225,7 @@ async fn forward_post_inner(
         let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);
         if !budgets.is_empty() {
             let reservations =
-                reserve_budgets(proxy, &budgets, model.unwrap_or_default(), forwarded_len, output).await?;
+                reserve_budgets(proxy, &budgets, model, forwarded_len, output).await?;
             grants.remaining_budget = Reservation::remaining(&reservations);
             if let Some(exchange) = slot.as_mut() {
                 exchange.reservations = reservations;
@@ -331,6 +345,12 @@ fn request_id(extensions: &http::Extensions) -> RequestId {
     extensions.get::<RequestId>().cloned().unwrap_or_else(RequestId::generate)
 }
 
+/// The endpoint as recorded and labelled: the route, never the raw path
+/// (a model id in the path would make metric series without bound).
+fn endpoint_name(path: &str) -> &str {
+    if path.starts_with("/v1/models/") { "/v1/models/{id}" } else { path }
+}
+
 /// The upstream path of a `/v1` POST endpoint: the route's own path after
 /// `/v1`, never the client's query string (no endpoint here defines one).
 fn upstream_path(endpoint: &str) -> &str {
@@ -364,6 +384,11 @@ async fn relay_response(
         return Err(GatewayError::UpstreamBadResponse(format!(
             "the upstream answered with status {status} instead of an API response; check upstream.base_url"
         )));
+    }
+    // The upstream refusing the gateway's own key says nothing about the
+    // tenant's: its message (which may quote the key) stays here.
+    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        return Err(GatewayError::UpstreamRejectedCredentials { status: status.as_u16() });
     }
     let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
     let is_event_stream =
@@ -513,7 +538,8 @@ mod tests {
     fn model_ids_in_paths_cannot_traverse() {
         assert_eq!(model_id_from_path("google/gemini-2.5-pro").unwrap(), "google/gemini-2.5-pro");
         assert_eq!(model_id_from_path("gemini%2D2.5").unwrap(), "gemini-2.5");
-        for bad in ["..", "..%2F..%2Ffiles", "%2e%2e", "%2E%2E/files", "gemini-x%2F..%2F..%2Fstats", "a/../b", "a%5Cb", "%ff"]
+        for bad in
+            ["..", "..%2F..%2Ffiles", "%2e%2e", "%2E%2E/files", "gemini-x%2F..%2F..%2Fstats", "a/../b", "a%5Cb", "%ff"]
         {
             assert!(model_id_from_path(bad).is_err(), "{bad}");
         }

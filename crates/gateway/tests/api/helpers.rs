@@ -67,6 +67,8 @@ impl TestGateway {
         config.server.listen = "127.0.0.1:0".parse().expect("addr");
         config.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
         config.upstream.base_url = fake.base_url();
+        // Tests steer the fake upstream with x-fake-* request headers.
+        config.upstream.forward_request_headers = vec!["x-fake-*".to_owned()];
         config.upstream.api_key_file = Some(write("upstream.key", UPSTREAM_KEY));
         config.admin.bootstrap_token_file = Some(write("admin.token", ADMIN_TOKEN));
         config.auth.hash_secret_file = Some(write("hash.secret", "test-hash-secret"));

@@ -179,23 +179,6 @@ async fn deleting_a_tenant_revokes_its_keys(gw: TestGateway) {
 }
 
 #[tokio::test]
-async fn repeated_failures_from_one_address_are_slowed_down() {
-    let gw = TestGateway::start_with(|c| c.auth.failed_attempts_per_minute = 3).await;
-    let bad = format!("tg-aaaaaaaaaaaa-{}", "b".repeat(40));
-    let mut timings = Vec::new();
-    for _ in 0..6 {
-        let started = std::time::Instant::now();
-        assert_eq!(chat(&bad, &gw, CHAT).await.status(), 401);
-        timings.push(started.elapsed());
-    }
-    assert!(timings[..3].iter().all(|t| *t < Duration::from_millis(90)), "{timings:?}");
-    assert!(timings[5] >= Duration::from_millis(300), "the 6th failure waits 3 steps: {timings:?}");
-    let started = std::time::Instant::now();
-    assert_eq!(chat(&gw.key, &gw, CHAT).await.status(), 200);
-    assert!(started.elapsed() < Duration::from_millis(200), "a valid key is never slowed down");
-}
-
-#[tokio::test]
 async fn last_use_is_recorded_in_the_background() {
     let gw = TestGateway::start_with(|c| c.auth.last_used_flush_interval = Duration::from_millis(100)).await;
     let id = key_id(&gw.key);

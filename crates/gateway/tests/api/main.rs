@@ -17,5 +17,6 @@ mod passthrough;
 mod policy;
 mod replicas;
 mod sdk;
+mod security;
 mod streaming;
 mod upstream_failures;

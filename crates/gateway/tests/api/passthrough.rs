@@ -84,14 +84,23 @@ async fn every_proxied_endpoint_reaches_the_matching_upstream_path() {
 }
 
 #[tokio::test]
-async fn model_ids_with_slashes_and_queries_are_forwarded_as_sent() {
+async fn model_ids_with_slashes_are_forwarded_and_client_queries_are_not() {
     let gw = TestGateway::start().await;
     let response = gw.http.get(gw.url("/v1/models/google/gemini-2.5-flash?view=full")).send().await.unwrap();
     // The fake does not know this id: its 404 JSON error passes through.
     assert_eq!(response.status(), 404);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "model_not_found");
-    assert_eq!(gw.fake.requests()[0].path, "/v1/models/google/gemini-2.5-flash?view=full");
+    assert_eq!(gw.fake.requests()[0].path, "/v1/models/google/gemini-2.5-flash", "no endpoint here defines a query");
+    let chat = gw
+        .http
+        .post(gw.url("/v1/chat/completions?api-version=1&key=x"))
+        .json(&serde_json::json!({"model": "gpt-4.1", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    assert_eq!(gw.fake.requests()[1].path, "/v1/chat/completions");
 }
 
 #[tokio::test]
