@@ -148,9 +148,18 @@ impl Application {
             max_response_bytes: config.upstream.max_response_bytes,
         });
         let public = bind(config.server.listen).await?;
-        let (admin, merged_admin) = match config.admin.listen {
-            Some(addr) => (Some((bind(addr).await?, router::build_admin(admin_router, readiness.clone()))), None),
-            None => (None, Some(admin_router)),
+        let (admin, merged_admin) = match (config.admin.share_public_listener, config.admin.listen) {
+            (false, Some(addr)) => {
+                (Some((bind(addr).await?, router::build_admin(admin_router, readiness.clone()))), None)
+            }
+            _ => {
+                tracing::warn!(
+                    public = %config.server.listen,
+                    "admin.share_public_listener is on: the admin API and /metrics are served on the PUBLIC \
+                     listener, where anyone who reaches it can try admin tokens and read every tenant's metrics"
+                );
+                (None, Some(admin_router))
+            }
         };
         let usage = Arc::new(TenantUsageState { store: store.clone() });
         let public_router = router::build(proxy, readiness.clone(), auth, usage, merged_admin);

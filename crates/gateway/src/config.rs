@@ -274,9 +274,14 @@ impl Default for AuthConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Listener for `/admin/v1`, kept off the public network by default.
-    /// Unset: the admin API is served on the public listener.
+    /// Listener for `/admin/v1`, `/metrics` and the health endpoints, kept
+    /// off the public network.
     pub listen: Option<SocketAddr>,
+    /// Serve the admin API and `/metrics` on the public listener instead
+    /// (`listen` is then ignored). Anyone who reaches the public port can
+    /// then try admin tokens and read every tenant's metrics: only for a
+    /// public listener that is itself private.
+    pub share_public_listener: bool,
     /// Environment variable holding the bootstrap admin token.
     pub bootstrap_token_env: String,
     pub bootstrap_token_file: Option<PathBuf>,
@@ -286,6 +291,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 8081))),
+            share_public_listener: false,
             bootstrap_token_env: "TOLLGATE_ADMIN_TOKEN".to_owned(),
             bootstrap_token_file: None,
         }
@@ -426,6 +432,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
             ConfigError::Invalid { key, problem: problem.into() }
+        }
+        if self.admin.listen.is_none() && !self.admin.share_public_listener {
+            return Err(invalid(
+                "admin.listen",
+                "is required (or set admin.share_public_listener = true to serve the admin API on the public listener)",
+            ));
         }
         let url = Url::parse(&self.upstream.base_url)
             .map_err(|e| invalid("upstream.base_url", format!("is not a URL: {e}")))?;

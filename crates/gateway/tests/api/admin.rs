@@ -170,3 +170,23 @@ async fn the_served_openapi_document_matches_the_checked_in_one() {
         assert!(doc["paths"][path].is_object(), "{path} documented");
     }
 }
+
+#[tokio::test]
+async fn the_admin_api_shares_the_public_listener_only_when_asked_to() {
+    let shared = TestGateway::start_with(|c| c.admin.share_public_listener = true).await;
+    assert_eq!(shared.admin_addr, shared.addr, "no admin listener of its own");
+    let (status, _) = shared.admin(reqwest::Method::GET, "/admin/v1/tenants", None).await;
+    assert_eq!(status, 200);
+    let metrics = shared.anonymous.get(shared.url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+
+    let apart = TestGateway::start().await;
+    assert_ne!(apart.admin_addr, apart.addr);
+    let on_public = apart.anonymous.get(apart.url("/admin/v1/tenants")).send().await.unwrap();
+    assert_eq!(on_public.status(), 404, "not on the public listener by default");
+
+    let mut config = tollgate_gateway::Config::default();
+    config.admin.listen = None;
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("admin.listen") && error.contains("share_public_listener"), "{error}");
+}
