@@ -17,6 +17,7 @@ pub mod policy;
 pub mod proxy;
 pub mod request_id;
 pub mod router;
+pub mod routing;
 pub mod shared;
 pub mod shutdown;
 pub mod telemetry;

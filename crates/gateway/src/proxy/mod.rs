@@ -224,8 +224,7 @@ async fn forward_post_inner(
         }
         let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);
         if !budgets.is_empty() {
-            let reservations =
-                reserve_budgets(proxy, &budgets, model, forwarded_len, output).await?;
+            let reservations = reserve_budgets(proxy, &budgets, model, forwarded_len, output).await?;
             grants.remaining_budget = Reservation::remaining(&reservations);
             if let Some(exchange) = slot.as_mut() {
                 exchange.reservations = reservations;
