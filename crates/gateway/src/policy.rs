@@ -11,11 +11,11 @@
 //! does not know is over any cap. A body whose members the gateway cannot
 //! parse to rewrite them is refused, never forwarded unchecked.
 
-use bytes::Bytes;
+use std::collections::HashMap;
+
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tollgate_openai::RequestPeek;
-use tollgate_openai::rewrite::set_members;
 use tollgate_store::{OverCap, ReasoningEffort, TenantPolicy};
 
 use crate::error::GatewayError;
@@ -23,8 +23,9 @@ use crate::error::GatewayError;
 /// The result of applying a policy.
 #[derive(Debug, Default)]
 pub struct Applied {
-    /// The rewritten body, when the policy changed anything.
-    pub body: Option<Bytes>,
+    /// The top-level members to set (or, with `None`, remove); the request
+    /// is forwarded unchanged when there are none.
+    pub edits: Vec<(&'static str, Option<Value>)>,
     /// The output limit the upstream will see (after caps and defaults).
     pub max_output: Option<u64>,
 }
@@ -51,10 +52,11 @@ pub fn apply(
 ) -> Result<Applied, GatewayError> {
     let requested = peek.max_output();
     if !applies_to(endpoint) {
-        return Ok(Applied { body: None, max_output: requested });
+        return Ok(Applied { edits: Vec::new(), max_output: requested });
     }
     let reject = policy.over_cap == Some(OverCap::Reject);
-    let mut edits: Vec<(&str, Option<Value>)> = Vec::new();
+    let mut members = Members::new(body);
+    let mut edits: Vec<(&'static str, Option<Value>)> = Vec::new();
     let mut max_output = requested;
 
     // Output limit: cap every name the client used; default when none.
@@ -98,7 +100,7 @@ pub fn apply(
             match place {
                 "reasoning_effort" => edits.push(("reasoning_effort", Some(json!(max.as_str())))),
                 _ => {
-                    let mut reasoning = member(body, "reasoning")?.unwrap_or_else(|| json!({}));
+                    let mut reasoning = members.get("reasoning")?.unwrap_or_else(|| json!({}));
                     reasoning["effort"] = json!(max.as_str());
                     edits.push(("reasoning", Some(reasoning)));
                 }
@@ -118,7 +120,7 @@ pub fn apply(
             });
         }
         for name in ["google", "extra_body"] {
-            if let Some(mut value) = member(body, name)? {
+            if let Some(mut value) = members.get(name)? {
                 let google = if name == "google" { Some(&mut value) } else { value.get_mut("google") };
                 if let Some(google) = google
                     && clamp_thinking(google, cap)
@@ -133,24 +135,34 @@ pub fn apply(
         && is_gemini(peek.model.as_deref())
         && let Some(default) = policy.default_thinking_budget
     {
-        set_thinking_budget(body, peek, default, &mut edits)?;
+        set_thinking_budget(&mut members, peek, default, &mut edits)?;
     }
 
-    if edits.is_empty() {
-        return Ok(Applied { body: None, max_output });
-    }
-    let rewritten = set_members(body, &edits).ok_or(GatewayError::PolicyUncheckable)?;
-    Ok(Applied { body: Some(Bytes::from(rewritten)), max_output })
+    Ok(Applied { edits, max_output })
 }
 
-/// A top-level member as a value; `None` when absent. A body the gateway
-/// cannot parse this far cannot be checked, so it is refused.
-fn member(body: &[u8], name: &str) -> Result<Option<Value>, GatewayError> {
-    let members: std::collections::HashMap<String, &RawValue> =
-        serde_json::from_slice(body).map_err(|_| GatewayError::PolicyUncheckable)?;
-    match members.get(name) {
-        None => Ok(None),
-        Some(raw) => serde_json::from_str(raw.get()).map(Some).map_err(|_| GatewayError::PolicyUncheckable),
+/// The body's top-level members, parsed the first time one is needed and
+/// only once per request.
+struct Members<'a> {
+    body: &'a [u8],
+    parsed: Option<HashMap<String, &'a RawValue>>,
+}
+
+impl<'a> Members<'a> {
+    fn new(body: &'a [u8]) -> Self {
+        Self { body, parsed: None }
+    }
+
+    /// A top-level member as a value; `None` when absent. A body the
+    /// gateway cannot parse this far cannot be checked, so it is refused.
+    fn get(&mut self, name: &str) -> Result<Option<Value>, GatewayError> {
+        if self.parsed.is_none() {
+            self.parsed = Some(serde_json::from_slice(self.body).map_err(|_| GatewayError::PolicyUncheckable)?);
+        }
+        match self.parsed.as_ref().and_then(|m| m.get(name)) {
+            None => Ok(None),
+            Some(raw) => serde_json::from_str(raw.get()).map(Some).map_err(|_| GatewayError::PolicyUncheckable),
+        }
     }
 }
 
@@ -174,18 +186,18 @@ fn clamp_thinking(google: &mut Value, cap: u64) -> bool {
 /// Sets `thinking_config.thinking_budget` where the client put its thinking
 /// settings (a literal `extra_body`, else the top-level `google` member).
 fn set_thinking_budget(
-    body: &[u8],
+    members: &mut Members<'_>,
     peek: &RequestPeek<'_>,
     budget: u64,
-    edits: &mut Vec<(&str, Option<Value>)>,
+    edits: &mut Vec<(&'static str, Option<Value>)>,
 ) -> Result<(), GatewayError> {
     let in_extra_body = peek.extra_body.and_then(|e| e.google).is_some();
     if in_extra_body {
-        let mut extra = member(body, "extra_body")?.unwrap_or_else(|| json!({}));
+        let mut extra = members.get("extra_body")?.unwrap_or_else(|| json!({}));
         extra["google"]["thinking_config"]["thinking_budget"] = json!(budget);
         edits.push(("extra_body", Some(extra)));
     } else {
-        let mut google = member(body, "google")?.filter(Value::is_object).unwrap_or_else(|| json!({}));
+        let mut google = members.get("google")?.filter(Value::is_object).unwrap_or_else(|| json!({}));
         if !google["thinking_config"].is_object() {
             google["thinking_config"] = json!({});
         }
@@ -198,11 +210,14 @@ fn set_thinking_budget(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_openai::rewrite::set_members;
 
     fn run(policy: &TenantPolicy, endpoint: &str, body: &str) -> Result<(Option<Value>, Option<u64>), GatewayError> {
         let peek = RequestPeek::parse(body.as_bytes()).unwrap();
         let applied = apply(policy, endpoint, body.as_bytes(), &peek)?;
-        Ok((applied.body.map(|b| serde_json::from_slice(&b).unwrap()), applied.max_output))
+        let rewritten = (!applied.edits.is_empty())
+            .then(|| serde_json::from_slice(&set_members(body.as_bytes(), &applied.edits).unwrap()).unwrap());
+        Ok((rewritten, applied.max_output))
     }
 
     fn capped(over_cap: OverCap) -> TenantPolicy {
@@ -313,8 +328,9 @@ mod tests {
             let peek = RequestPeek::parse(body.as_bytes()).expect("the peek skips members it does not read");
             match apply(&capped(OverCap::Clamp), "/v1/chat/completions", body.as_bytes(), &peek) {
                 Err(GatewayError::PolicyUncheckable) => {}
-                Ok(Applied { body: Some(rewritten), .. }) => {
-                    let text = String::from_utf8(rewritten.to_vec()).unwrap();
+                Ok(Applied { edits, .. }) if !edits.is_empty() => {
+                    let rewritten = set_members(body.as_bytes(), &edits).expect("raw members are kept as they are");
+                    let text = String::from_utf8(rewritten).unwrap();
                     assert!(text.contains(r#""max_tokens":4096"#), "{text}");
                     assert!(text.starts_with(r#"{"x":"#), "other members keep their bytes");
                 }

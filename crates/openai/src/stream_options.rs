@@ -1,8 +1,5 @@
 //! Asking the upstream for stream usage on the client's behalf.
 
-use indexmap::IndexMap;
-use serde_json::value::RawValue;
-
 /// The request body with `stream_options.include_usage` set to `true`, or
 /// `None` if the client already asked for it. Every other member keeps its
 /// original bytes: when `stream_options` is absent (the common case) the
@@ -27,13 +24,7 @@ pub fn with_include_usage(body: &[u8], has_stream_options: bool, already_asked: 
         out.extend_from_slice(rest);
         return Some(out);
     }
-    let mut members: IndexMap<String, Box<RawValue>> = serde_json::from_slice(body).ok()?;
-    let mut options: serde_json::Map<String, serde_json::Value> =
-        members.get("stream_options").and_then(|raw| serde_json::from_str(raw.get()).ok()).unwrap_or_default();
-    options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
-    let raw = RawValue::from_string(serde_json::Value::Object(options).to_string()).ok()?;
-    members.insert("stream_options".to_owned(), raw);
-    serde_json::to_vec(&members).ok()
+    crate::rewrite::rewrite(body, &[], true)
 }
 
 #[cfg(test)]

@@ -191,10 +191,9 @@ pub struct Exchange {
     pub stream: bool,
     pub modified: bool,
     request_body: Bytes,
-    /// The request's hold on the rate limits, settled with the real usage.
-    pub permit: Option<crate::limits::Permit>,
-    /// The request's reservations on budgets, settled with the real cost.
-    pub reservations: Vec<crate::budget::Reservation>,
+    /// The request's hold on the rate limits and budgets, settled with the
+    /// real usage and cost when the record closes.
+    admission: Option<crate::proxy::admission::Admission>,
     /// When the request was handed to the upstream client.
     pub sent_at: Option<Instant>,
     /// Time spent waiting on the upstream (non-streamed answers).
@@ -220,8 +219,7 @@ impl Exchange {
             stream: false,
             modified: false,
             request_body: Bytes::new(),
-            permit: None,
-            reservations: Vec::new(),
+            admission: None,
         }
     }
 
@@ -229,6 +227,11 @@ impl Exchange {
         self.request_body = body;
         self.requested_model = model.unwrap_or_default().to_owned();
         self.stream = stream;
+    }
+
+    /// Hands the exchange the request's admission, settled when it closes.
+    pub fn hold(&mut self, admission: crate::proxy::admission::Admission) {
+        self.admission = Some(admission);
     }
 
     /// Called just before the request goes upstream: from here the prompt is
@@ -269,9 +272,6 @@ impl Exchange {
                 (Usage { prompt, completion, total, reasoning: 0, cached: 0 }, true)
             }
         };
-        if let Some(mut permit) = self.permit.take() {
-            permit.settle(usage.prompt.saturating_add(usage.billed_output()));
-        }
         let prices = self.accounting.prices.load();
         let price = prices
             .price(&self.requested_model)
@@ -285,8 +285,8 @@ impl Exchange {
         if unpriced {
             self.accounting.unpriced_warnings.warn(&self.requested_model);
         }
-        for reservation in self.reservations.drain(..) {
-            reservation.settle(cost);
+        if let Some(admission) = self.admission.take() {
+            admission.settle(usage.prompt.saturating_add(usage.billed_output()), cost);
         }
         let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let event = UsageEvent {

@@ -1,0 +1,146 @@
+//! Admission: rate limits and budgets in one step, held by one guard.
+//!
+//! [`admit`] takes the request's in-flight slot and token estimate from the
+//! rate limits, then reserves its worst-case cost on its budgets; if the
+//! budgets refuse, the limits it took are given back at once. The
+//! [`Admission`] it returns is settled exactly once with the real usage and
+//! cost ([`Admission::settle`]); dropped unsettled (a failure before
+//! anything was billed), it gives back everything it holds.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue};
+
+use super::Proxy;
+use crate::accounting::format_usd;
+use crate::auth::Principal;
+use crate::budget::{self, Reservation};
+use crate::error::GatewayError;
+use crate::limits::{self, Allowance, Permit};
+
+/// What a request asks of the limits and budgets.
+#[derive(Debug, Clone, Copy)]
+pub struct Demand<'a> {
+    /// The model whose price bounds the cost.
+    pub model: &'a str,
+    /// Bytes of the body that will be forwarded (the prompt's upper bound in
+    /// tokens; a quarter of it is the rate limits' estimate).
+    pub forwarded_bytes: usize,
+    /// The most output tokens the request may produce, all choices together.
+    pub max_output: u64,
+}
+
+/// What the response tells the client about its limits and budget.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Grants {
+    allowance: Option<Allowance>,
+    remaining_budget: Option<i64>,
+}
+
+/// What the client is told about the tightest hard budget's remainder.
+pub const BUDGET_HEADER: &str = "x-tollgate-budget-remaining-usd";
+
+impl Grants {
+    pub fn write(&self, headers: &mut HeaderMap) {
+        if let Some(allowance) = &self.allowance {
+            allowance.write(headers);
+        }
+        if let Some(remaining) = self.remaining_budget
+            && let Ok(value) = HeaderValue::from_str(&format_usd(remaining.max(0)))
+        {
+            headers.insert(BUDGET_HEADER, value);
+        }
+    }
+}
+
+/// A request's hold on the rate limits and budgets.
+#[derive(Debug, Default)]
+pub struct Admission {
+    permit: Option<Permit>,
+    reservations: Vec<Reservation>,
+    grants: Grants,
+}
+
+impl Admission {
+    pub fn grants(&self) -> Grants {
+        self.grants
+    }
+
+    /// Replaces the estimates with what the request really used and cost.
+    pub fn settle(mut self, tokens: u64, cost_micros: i64) {
+        if let Some(mut permit) = self.permit.take() {
+            permit.settle(tokens);
+        }
+        for reservation in self.reservations.drain(..) {
+            reservation.settle(cost_micros);
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        // Unsettled: nothing was used or billed. The permit gives its
+        // in-flight slot back by itself when dropped.
+        if let Some(permit) = self.permit.as_mut() {
+            permit.settle(0);
+        }
+        for reservation in self.reservations.drain(..) {
+            reservation.settle(0);
+        }
+    }
+}
+
+/// Admits a request against its tenant's and key's limits and budgets.
+pub async fn admit(proxy: &Proxy, principal: &Principal, demand: Demand<'_>) -> Result<Admission, GatewayError> {
+    let mut admission = Admission::default();
+    let checks = limits::checks_for(
+        principal.tenant_id(),
+        &principal.tenant.policy.limits,
+        &proxy.limits.defaults(),
+        &principal.key.id,
+        &principal.key.limits,
+    );
+    if !checks.is_empty() {
+        let estimate = (demand.forwarded_bytes as u64 / 4).saturating_add(demand.max_output);
+        let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        let permit = proxy.limiter.admit(&checks, estimate, now).await.map_err(GatewayError::RateLimited)?;
+        admission.grants.allowance = Some(permit.allowance);
+        admission.permit = Some(permit);
+    }
+    let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);
+    if !budgets.is_empty() {
+        // On refusal `admission` is dropped here, giving the limits back.
+        admission.reservations = reserve(proxy, &budgets, demand).await?;
+        admission.grants.remaining_budget = Reservation::remaining(&admission.reservations);
+    }
+    Ok(admission)
+}
+
+/// Reserves the request's worst case on its budgets: the prompt at the
+/// input price and the whole output limit at the output price. The prompt
+/// bound is the forwarded body's length in bytes: every tokenizer in use
+/// (byte-level BPE, SentencePiece with byte fallback) spends at least one
+/// byte of text per token, whatever the script, so no prompt can have more
+/// tokens than its request has bytes.
+async fn reserve(
+    proxy: &Proxy,
+    budgets: &[Arc<budget::BudgetState>],
+    demand: Demand<'_>,
+) -> Result<Vec<Reservation>, GatewayError> {
+    let worst = match proxy.accounting.worst_case_micros(demand.model, demand.forwarded_bytes as u64, demand.max_output)
+    {
+        Some(worst) => worst,
+        // Nothing to bound the cost with: only soft budgets can take it.
+        None if budgets.iter().any(|b| b.budget.hard) => {
+            return Err(GatewayError::UnpricedUnderBudget(demand.model.to_owned()));
+        }
+        None => 0,
+    };
+    let waiting = budget::Waiting { max_wait: proxy.limits.budget_wait, ..budget::Waiting::default() };
+    budget::admit(proxy.shared.as_ref(), budgets, worst, chrono::Utc::now().date_naive(), waiting).await.map_err(
+        |refusal| match refusal {
+            budget::Refusal::Exhausted { budget_id, period } => GatewayError::BudgetExhausted { budget_id, period },
+            budget::Refusal::Busy { budget_id, retry_after } => GatewayError::BudgetBusy { budget_id, retry_after },
+        },
+    )
+}

@@ -1,0 +1,198 @@
+//! Relaying the upstream's answer to the client, and accounting for it.
+//!
+//! Responses keep their status, body and allowed headers. JSON bodies are
+//! read whole (usage and the model that served come from them, and the cost
+//! header is set); event streams are relayed event by event through the
+//! accounting tap.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, StatusCode, header};
+use tollgate_openai::{EndMarker, UsageField, find_model, find_usage};
+
+use super::{Proxy, headers, stream};
+use crate::accounting::tap::StreamTap;
+use crate::accounting::{Exchange, Outcome, estimate, format_usd};
+use crate::error::GatewayError;
+use crate::upstream::{self, UpstreamResponse, classify};
+
+/// Relays the upstream's answer and closes the exchange with its outcome:
+/// streams through the accounting tap (which closes it at the end), whole
+/// bodies after reading their usage. An upstream answer no SDK can use (a
+/// redirect, an HTML page) or a refusal of the gateway's own key becomes the
+/// gateway's error instead.
+pub async fn respond(
+    proxy: &Proxy,
+    upstream: UpstreamResponse,
+    slot: &mut Option<Exchange>,
+    strip_usage: bool,
+    end: Option<EndMarker>,
+) -> Result<Response, GatewayError> {
+    let status = upstream.status();
+    if status.is_redirection() || status.is_informational() {
+        return Err(GatewayError::UpstreamBadResponse(format!(
+            "the upstream answered with status {status} instead of an API response; check upstream.base_url"
+        )));
+    }
+    // The upstream refusing the gateway's own key says nothing about the
+    // tenant's: its message (which may quote the key) stays here.
+    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        return Err(GatewayError::UpstreamRejectedCredentials { status: status.as_u16() });
+    }
+    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    let is_event_stream =
+        content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
+
+    let mut response = Response::builder().status(status);
+    if let Some(headers) = response.headers_mut() {
+        // Room for the gateway's own headers too (rate limits, budget, cost,
+        // request id), so the map is sized once rather than regrown.
+        headers.reserve(upstream.headers().len() + 12);
+        headers::copy_response_headers(upstream.headers(), headers);
+    }
+
+    if is_event_stream && status.is_success() {
+        let tap = slot.take().map(|exchange| StreamTap::new(exchange, strip_usage, status.as_u16()));
+        let body = stream::relay(
+            upstream.into_body(),
+            proxy.upstream.idle_timeout(),
+            proxy.upstream.max_event_bytes(),
+            end,
+            tap,
+        );
+        if let Some(headers) = response.headers_mut() {
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Tells nginx-style proxies in front of the gateway not to buffer.
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        }
+        return response.body(Body::from_stream(body)).map_err(|_| GatewayError::Internal);
+    }
+
+    let body =
+        read_upstream_body(upstream.into_body(), proxy.upstream.idle_timeout(), proxy.max_response_bytes).await?;
+    if !is_json(content_type.as_ref(), &body) {
+        return Err(GatewayError::UpstreamBadResponse(format!(
+            "the upstream answered with status {} and a body that is not JSON",
+            status.as_u16()
+        )));
+    }
+    if let Some(mut exchange) = slot.take() {
+        exchange.upstream_elapsed = exchange.sent_at.map(|t| t.elapsed());
+        let succeeded = status.is_success();
+        let usage = match find_usage(&body) {
+            UsageField::Present(usage, ..) => Some(usage),
+            _ => None,
+        };
+        let estimated_output = if succeeded && usage.is_none() { estimate::response_tokens(&body) } else { 0 };
+        let cost = exchange.close(Outcome {
+            status: status.as_u16(),
+            error_class: (!succeeded).then(|| upstream_error_class(status)),
+            usage,
+            upstream_model: find_model(&body),
+            reached_upstream: succeeded,
+            estimated_output,
+            first_event: None,
+        });
+        if succeeded
+            && let Some(headers) = response.headers_mut()
+            && let Ok(value) = HeaderValue::from_str(&format_usd(cost))
+        {
+            headers.insert(COST_HEADER, value);
+        }
+    }
+    if content_type.is_none()
+        && let Some(headers) = response.headers_mut()
+    {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    response.body(Body::from(body)).map_err(|_| GatewayError::Internal)
+}
+
+/// `fault:status_N` for an error the upstream answered with. Whose fault it
+/// is decides who gets paged: a request the upstream found invalid is the
+/// client's; an upstream refusing our own credentials is the gateway's
+/// configuration; overload and server errors are the upstream's.
+fn upstream_error_class(status: StatusCode) -> String {
+    let fault = match status.as_u16() {
+        401 | 403 => "gateway",
+        429 => "upstream",
+        400..=499 => "client",
+        _ => "upstream",
+    };
+    format!("{fault}:status_{}", status.as_u16())
+}
+
+/// The request's cost in USD, on answers whose cost is known before the body.
+pub const COST_HEADER: &str = "x-tollgate-cost-usd";
+/// Reads a whole upstream body, allowing at most `idle` between chunks.
+async fn read_upstream_body(
+    mut body: hyper::body::Incoming,
+    idle: Duration,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    loop {
+        let chunk = match tokio::time::timeout(idle, upstream::next_chunk(&mut body)).await {
+            Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
+            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        // Most bodies arrive in one chunk: keep it without copying.
+        match first.take() {
+            None if rest.is_empty() => first = Some(chunk),
+            prev => {
+                if let Some(prev) = prev {
+                    rest.extend_from_slice(&prev);
+                }
+                rest.extend_from_slice(&chunk);
+            }
+        }
+        let len = first.as_ref().map_or(0, Bytes::len) + rest.len();
+        if len > limit {
+            return Err(GatewayError::UpstreamBadResponse(format!(
+                "the upstream response is larger than {limit} bytes"
+            )));
+        }
+    }
+    Ok(first.unwrap_or_else(|| rest.freeze()))
+}
+
+/// JSON by content type, or, when the upstream sent none or a generic one,
+/// by its first byte. HTML error pages and redirects' bodies fail this.
+fn is_json(content_type: Option<&HeaderValue>, body: &[u8]) -> bool {
+    let declared = content_type.and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase);
+    match declared.as_deref() {
+        Some(ct) if ct.contains("json") => true,
+        Some(ct) if ct.starts_with("text/html") => false,
+        _ => matches!(body.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'[')),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_errors_are_classed_by_whose_fault_they_are() {
+        let class = |code| upstream_error_class(StatusCode::from_u16(code).unwrap());
+        assert_eq!(class(400), "client:status_400");
+        assert_eq!(class(422), "client:status_422");
+        assert_eq!(class(401), "gateway:status_401");
+        assert_eq!(class(429), "upstream:status_429");
+        assert_eq!(class(503), "upstream:status_503");
+    }
+
+    #[test]
+    fn html_is_not_json_even_if_it_looks_like_it() {
+        let html = HeaderValue::from_static("text/html; charset=utf-8");
+        assert!(!is_json(Some(&html), b"{}"));
+        assert!(is_json(None, b"  {\"a\":1}"));
+        assert!(!is_json(None, b"<html>"));
+        assert!(is_json(Some(&HeaderValue::from_static("application/json")), b""));
+    }
+}
