@@ -171,6 +171,50 @@ impl Metrics {
         })
     }
 
+    /// Observes one closed usage record: `priced` says whether its model may
+    /// be a label (else `other`), `total` and `upstream` how long the request
+    /// and its upstream part took.
+    pub fn observe(
+        &self,
+        e: &tollgate_store::UsageEvent,
+        priced: bool,
+        total: std::time::Duration,
+        upstream: Option<std::time::Duration>,
+    ) {
+        let model = if priced { e.requested_model.as_str() } else { "other" };
+        let stream = if e.stream { "true" } else { "false" };
+        let status = u16::try_from(e.status).unwrap_or(500);
+        self.requests.with_label_values(&[&e.tenant_id, model, &e.endpoint, status_class(status), stream]).inc();
+        self.request_duration.with_label_values(&[&e.endpoint, stream]).observe(total.as_secs_f64());
+        if let Some(ttft) = e.ttft_ms {
+            self.time_to_first_token.with_label_values(&[model]).observe(ttft as f64 / 1000.0);
+        }
+        if let Some(upstream) = upstream {
+            self.upstream_duration.with_label_values(&[&e.endpoint, stream]).observe(upstream.as_secs_f64());
+            self.overhead.observe(total.saturating_sub(upstream).as_secs_f64());
+        }
+        for (kind, n) in [
+            ("prompt", e.prompt_tokens),
+            ("completion", e.completion_tokens),
+            ("reasoning", e.reasoning_tokens),
+            ("cached", e.cached_tokens),
+            ("billed_output", e.billed_output_tokens),
+        ] {
+            if n > 0 {
+                self.tokens.with_label_values(&[&e.tenant_id, model, kind]).inc_by(n.unsigned_abs());
+            }
+        }
+        if e.cost_micros > 0 {
+            self.cost_micros.with_label_values(&[&e.tenant_id, model]).inc_by(e.cost_micros.unsigned_abs());
+        }
+        if e.unpriced {
+            self.unpriced.with_label_values(&["other"]).inc();
+        }
+        if let Some((fault, code)) = e.error_class.as_deref().and_then(|c| c.split_once(':')) {
+            self.failures.with_label_values(&[fault, code]).inc();
+        }
+    }
+
     /// Every metric family this gateway exports, with its `tollgate_` prefix.
     pub fn family_names(&self) -> &[String] {
         &self.names

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_openai::Usage;
 use tollgate_store::{Store, UsageEvent};
 
-use crate::metrics::{Metrics, status_class};
+use crate::metrics::Metrics;
 
 pub use ledger::Ledger;
 use pricing::PriceTable;
@@ -314,54 +314,16 @@ impl Exchange {
             latency_ms: i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX),
             ttft_ms: outcome.first_event.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
         };
-        self.observe(&event);
+        // Metrics observe the closed record; models without a price share
+        // the label `other`, so label values stay bounded.
+        let total = self.started.elapsed();
+        // Streams and failures end here: the upstream's part lasted until now.
+        let upstream = self.upstream_elapsed.or_else(|| self.sent_at.map(|t| t.elapsed()));
+        let priced = self.accounting.is_priced(&event.requested_model);
+        self.accounting.metrics.observe(&event, priced, total, upstream);
         self.accounting.metrics.in_flight.dec();
         self.accounting.ledger.record(event);
         cost
-    }
-}
-
-impl Exchange {
-    /// Records the request in the metrics. Models without a price share the
-    /// label `other`, so label values stay bounded.
-    fn observe(&self, e: &UsageEvent) {
-        let m = &self.accounting.metrics;
-        let priced = self.accounting.is_priced(&e.requested_model);
-        let model = if priced { e.requested_model.as_str() } else { "other" };
-        let stream = if e.stream { "true" } else { "false" };
-        let status = u16::try_from(e.status).unwrap_or(500);
-        m.requests.with_label_values(&[&e.tenant_id, model, &e.endpoint, status_class(status), stream]).inc();
-        let total = self.started.elapsed();
-        m.request_duration.with_label_values(&[&e.endpoint, stream]).observe(total.as_secs_f64());
-        if let Some(ttft) = e.ttft_ms {
-            m.time_to_first_token.with_label_values(&[model]).observe(ttft as f64 / 1000.0);
-        }
-        // Streams and failures end here: the upstream's part lasted until now.
-        let upstream = self.upstream_elapsed.or_else(|| self.sent_at.map(|t| t.elapsed()));
-        if let Some(upstream) = upstream {
-            m.upstream_duration.with_label_values(&[&e.endpoint, stream]).observe(upstream.as_secs_f64());
-            m.overhead.observe(total.saturating_sub(upstream).as_secs_f64());
-        }
-        for (kind, n) in [
-            ("prompt", e.prompt_tokens),
-            ("completion", e.completion_tokens),
-            ("reasoning", e.reasoning_tokens),
-            ("cached", e.cached_tokens),
-            ("billed_output", e.billed_output_tokens),
-        ] {
-            if n > 0 {
-                m.tokens.with_label_values(&[&e.tenant_id, model, kind]).inc_by(n as u64);
-            }
-        }
-        if e.cost_micros > 0 {
-            m.cost_micros.with_label_values(&[&e.tenant_id, model]).inc_by(e.cost_micros as u64);
-        }
-        if e.unpriced {
-            m.unpriced.with_label_values(&["other"]).inc();
-        }
-        if let Some((fault, code)) = e.error_class.as_deref().and_then(|c| c.split_once(':')) {
-            m.failures.with_label_values(&[fault, code]).inc();
-        }
     }
 }
 
