@@ -26,6 +26,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use crate::auth::hasher::{Digest, SecretHasher};
 use crate::auth::sync::CacheSync;
 use crate::budget::BudgetBook;
+use crate::clock::Clock;
 pub use error::AdminError;
 
 /// Admin request bodies are small JSON documents.
@@ -39,6 +40,9 @@ pub struct AdminState {
     /// Keyed hash of the bootstrap token (never the token itself).
     pub bootstrap_digest: Option<Digest>,
     pub budgets: Arc<BudgetBook>,
+    /// Decides key expiry in views, validation and rotation grace, as
+    /// authentication does.
+    pub clock: Clock,
 }
 
 impl AdminState {

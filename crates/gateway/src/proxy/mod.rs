@@ -24,6 +24,7 @@ use crate::accounting::{Accounting, Exchange, Outcome, estimate, format_usd};
 use crate::auth::Principal;
 use crate::auth::models::ModelRules;
 use crate::budget::{self, BudgetBook, Reservation};
+use crate::clock::Clock;
 use crate::config::LimitsConfig;
 use crate::error::GatewayError;
 use crate::limits::{self, Allowance, RateLimiter};
@@ -44,6 +45,8 @@ pub struct Proxy {
     pub shared: Option<Arc<Shared>>,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
+    /// Decides the rate-limit window and the budget period.
+    pub clock: Clock,
 }
 
 pub type ProxyState = State<Arc<Proxy>>;
@@ -195,7 +198,7 @@ async fn forward_post_inner(
         let prompt_estimate = body.len() as u64 / 4;
         if !checks.is_empty() {
             let estimate = prompt_estimate.saturating_add(output);
-            let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+            let now = proxy.clock.now_ms().max(0) as u64;
             let permit = proxy.limiter.admit(&checks, estimate, now).await.map_err(GatewayError::RateLimited)?;
             grants.allowance = Some(permit.allowance);
             if let Some(exchange) = slot.as_mut() {
@@ -207,10 +210,9 @@ async fn forward_post_inner(
         let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);
         if !budgets.is_empty() {
             let worst = proxy.accounting.worst_case_micros(model.unwrap_or_default(), prompt_estimate, output);
-            let reservations =
-                budget::reserve_shared(proxy.shared.as_ref(), &budgets, worst, chrono::Utc::now().date_naive())
-                    .await
-                    .map_err(|e| GatewayError::BudgetExhausted { budget_id: e.budget_id, period: e.period })?;
+            let reservations = budget::reserve_shared(proxy.shared.as_ref(), &budgets, worst, proxy.clock.today())
+                .await
+                .map_err(|e| GatewayError::BudgetExhausted { budget_id: e.budget_id, period: e.period })?;
             grants.remaining_budget = Reservation::remaining(&reservations);
             if let Some(exchange) = slot.as_mut() {
                 exchange.reservations = reservations;
