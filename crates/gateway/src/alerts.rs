@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{NaiveDate, Timelike, Utc};
+use chrono::{DateTime, NaiveDate, Timelike, Utc};
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_store::{Budget, BudgetAlert, Period, Store, StoreResult};
 
 use crate::accounting::format_usd;
+use crate::clock::Clock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,10 +104,17 @@ impl BudgetReading {
 pub type BudgetReadings = Arc<arc_swap::ArcSwap<Vec<BudgetReading>>>;
 
 /// Checks every budget against the ledger every `every`, queuing due alerts
-/// and publishing the readings for the metrics.
-pub async fn watch_budgets(store: Store, every: Duration, readings: BudgetReadings, cancel: CancellationToken) {
+/// and publishing the readings for the metrics. `clock` decides the current
+/// period, as it does for the budget counters.
+pub async fn watch_budgets(
+    store: Store,
+    every: Duration,
+    readings: BudgetReadings,
+    clock: Clock,
+    cancel: CancellationToken,
+) {
     loop {
-        match check_budgets(&store).await {
+        match check_budgets(&store, clock.now()).await {
             Ok(fresh) => readings.store(Arc::new(fresh)),
             Err(e) => tracing::warn!(error = %e, "budget alert check failed"),
         }
@@ -117,8 +125,7 @@ pub async fn watch_budgets(store: Store, every: Duration, readings: BudgetReadin
     }
 }
 
-pub async fn check_budgets(store: &Store) -> StoreResult<Vec<BudgetReading>> {
-    let now = Utc::now();
+pub async fn check_budgets(store: &Store, now: DateTime<Utc>) -> StoreResult<Vec<BudgetReading>> {
     let today = now.date_naive();
     let fraction = f64::from(now.num_seconds_from_midnight()) / 86_400.0;
     let mut readings = Vec::new();

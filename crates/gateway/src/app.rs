@@ -25,6 +25,7 @@ use crate::alerts;
 use crate::auth::sync::{CacheSync, touch_writer};
 use crate::auth::{Authenticator, KeyCache, SecretHasher};
 use crate::budget::BudgetBook;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::health::Readiness;
 use crate::limits::RateLimiter;
@@ -48,6 +49,12 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with_clock(config, Clock::system()).await
+    }
+
+    /// Like `build`, deciding expiry, rate-limit windows and budget periods
+    /// by `clock` (tests move an adjustable one instead of sleeping).
+    pub async fn build_with_clock(config: Config, clock: Clock) -> anyhow::Result<Self> {
         let store = Store::connect(config.database.url()?.expose_secret(), config.database.max_connections)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
@@ -58,11 +65,8 @@ impl Application {
 
         let cache = Arc::new(KeyCache::default());
         let budgets = Arc::new(BudgetBook::default());
-        budgets
-            .load(&store, chrono::Utc::now().date_naive())
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot load budgets: {e}"))?;
-        let sync = Arc::new(CacheSync::new(store.clone(), cache.clone(), budgets.clone()));
+        budgets.load(&store, clock.today()).await.map_err(|e| anyhow::anyhow!("cannot load budgets: {e}"))?;
+        let sync = Arc::new(CacheSync::new(store.clone(), cache.clone(), budgets.clone(), clock.clone()));
         sync.refresh_all().await.map_err(|e| anyhow::anyhow!("cannot load keys: {e}"))?;
         let metrics = Arc::new(Metrics::new()?);
         let auth = Arc::new(Authenticator::new(
@@ -70,6 +74,7 @@ impl Application {
             hasher.clone(),
             config.auth.failed_attempts_per_minute,
             metrics.clone(),
+            clock.clone(),
         ));
 
         let background = TaskTracker::new();
@@ -97,6 +102,7 @@ impl Application {
             bootstrap_digest,
             budgets: budgets.clone(),
             failures: Arc::new(crate::auth::throttle::FailedAttempts::new(config.auth.failed_attempts_per_minute)),
+            clock: clock.clone(),
         });
 
         let accounting = start_accounting(&config, &store, metrics.clone(), &background, &stop_background)?;
@@ -106,6 +112,7 @@ impl Application {
             store.clone(),
             config.alerts.check_interval,
             budget_readings.clone(),
+            clock.clone(),
             stop_background.clone(),
         ));
         background.spawn(alerts::deliver_alerts(
@@ -126,7 +133,7 @@ impl Application {
                 Some(shared)
             }
         };
-        let limiter = Arc::new(RateLimiter::new(shared.clone(), config.redis.replicas));
+        let limiter = Arc::new(RateLimiter::new(shared.clone(), config.redis.replicas, clock.clone()));
         background.spawn(limiter.clone().sweep_loop(stop_background.clone()));
         let gauges =
             Gauges { cache: cache.clone(), ledger: accounting.ledger.clone(), budget_readings, shared: shared.clone() };
@@ -146,6 +153,7 @@ impl Application {
             shared,
             max_body_bytes: config.server.max_body_bytes,
             max_response_bytes: config.upstream.max_response_bytes,
+            clock,
         });
         let public = bind(config.server.listen).await?;
         let (admin, merged_admin) = match (config.admin.share_public_listener, config.admin.listen) {

@@ -8,6 +8,7 @@ pub mod alerts;
 pub mod app;
 pub mod auth;
 pub mod budget;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod health;
@@ -25,4 +26,5 @@ pub mod tenant_usage;
 pub mod upstream;
 
 pub use app::Application;
+pub use clock::{Clock, ClockControl};
 pub use config::Config;

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub rejections: IntCounterVec,
     pub failures: IntCounterVec,
     pub unpriced: IntCounterVec,
+    pub pricing_reloads: IntCounterVec,
     pub in_flight: IntGauge,
     pub auth_failures: IntCounterVec,
     pub key_cache_size: IntGauge,
@@ -91,6 +92,16 @@ impl Metrics {
         let mut r = Registrar { registry: Registry::new_custom(Some("tollgate".to_owned()), None)?, names: Vec::new() };
         let build_info = r.gauges("build_info", "Always 1; the running version.", &["version"])?;
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let pricing_reloads = r.counter(
+            "pricing_reloads_total",
+            "Changes of the pricing file seen, by result: applied, or rejected (the previous prices stay in force).",
+            &["result"],
+        )?;
+        // Both series exist from the start, so a rejection shows as an
+        // increase rather than as a series appearing.
+        for result in ["applied", "rejected"] {
+            pricing_reloads.with_label_values(&[result]);
+        }
         Ok(Self {
             requests: r.counter(
                 "requests_total",
@@ -135,6 +146,7 @@ impl Metrics {
                 &["fault", "code"],
             )?,
             unpriced: r.counter("unpriced_requests_total", "Requests for models without a price.", &["model"])?,
+            pricing_reloads,
             in_flight: r.gauge("in_flight_requests", "Requests being answered now.")?,
             auth_failures: r.counter("auth_failures_total", "Refused tenant keys by reason.", &["reason"])?,
             key_cache_size: r.gauge("key_cache_keys", "Keys in the in-memory authentication cache.")?,

@@ -332,8 +332,12 @@ async fn the_auth_fingerprint_moves_with_every_key_or_tenant_change_only(store: 
     // Last-use times are not part of what a cache holds.
     store.touch_keys(&["k1".to_owned()], Utc::now()).await.unwrap();
     assert_eq!(store.auth_fingerprint().await.unwrap(), with_key);
-    // updated_at is in milliseconds: make sure the revocation lands later.
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // updated_at is in milliseconds: the revocation must land in a later one
+    // than the key's creation, or the sum could not move.
+    let created = store.get_key("k1").await.unwrap().updated_at;
+    while Utc::now().timestamp_millis() <= created.timestamp_millis() {
+        tokio::task::yield_now().await;
+    }
     store.revoke_key("k1", "bootstrap").await.unwrap();
     assert_ne!(store.auth_fingerprint().await.unwrap(), with_key, "a revocation moves it");
 }

@@ -179,13 +179,25 @@ async fn dashboards_and_rules_name_only_metrics_the_gateway_exports_and_show_eve
     let served = serve_with_fast_budget_checks(&fake.base_url());
     let tenants = create_tenants(&served);
     drive_traffic(&served, &tenants).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let exported: BTreeSet<String> =
         tollgate_gateway::metrics::Metrics::new().unwrap().family_names().iter().cloned().collect();
     assert!(exported.len() >= 20, "{exported:?}");
     // After that traffic every family has series on the real /metrics, except
-    // the forecast, which waits for an hour of the budget's day.
-    let text = scrape(&served).await;
+    // the forecast, which waits for an hour of the budget's day. Budget
+    // gauges come from the next budget check after the ledger write.
+    let shown = |text: &str| {
+        exported
+            .iter()
+            .filter(|n| !n.ends_with("budget_forecast_percent"))
+            .all(|name| text.contains(&format!("# TYPE {name} ")))
+    };
+    // Polled for a while; what is still missing then is named below.
+    let started = Instant::now();
+    let mut text = scrape(&served).await;
+    while !shown(&text) && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = scrape(&served).await;
+    }
     for name in exported.iter().filter(|n| !n.ends_with("budget_forecast_percent")) {
         assert!(text.contains(&format!("# TYPE {name} ")), "{name} is not on /metrics:\n{text}");
     }
@@ -274,6 +286,23 @@ impl Prometheus {
         Ok(answer["data"]["result"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Waits until Prometheus has scraped the gateway since `after`, so that
+    /// traffic sent before it is in its data.
+    async fn wait_for_scrape_after(&self, after: std::time::SystemTime) {
+        let after = after.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let started = Instant::now();
+        loop {
+            // The timestamp of `up` is the start of the latest scrape.
+            let latest = self.query(r#"timestamp(up{job="tollgate"})"#).await.unwrap_or_default();
+            let at = latest.first().and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok());
+            if at.is_some_and(|at| at > after) {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "Prometheus did not scrape the gateway again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn wait_for(&self, what: &str, expr: &str) {
         let started = Instant::now();
         while self.query(expr).await.unwrap_or_default().is_empty() {
@@ -306,7 +335,7 @@ async fn a_real_prometheus_scrapes_the_gateway_and_every_rule_and_dashboard_quer
     prometheus.wait_for("the gateway being up", r#"up{job="tollgate"} == 1"#).await;
     for _ in 0..3 {
         drive_traffic(&served, &tenants).await;
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        prometheus.wait_for_scrape_after(std::time::SystemTime::now()).await;
     }
     prometheus.wait_for("request rates", "sum(rate(tollgate_requests_total[1m])) > 0").await;
     prometheus.wait_for("overhead quantiles", "rate(tollgate_gateway_overhead_seconds_count[1m]) > 0").await;

@@ -253,15 +253,13 @@ async fn serve_logs_json_with_request_ids_keeps_secrets_out_and_stops_on_sigterm
 
     // The usage reports see the request once the ledger has written it.
     let mut summary = Value::Null;
-    for _ in 0..100 {
+    time_until("the usage summary shows the request", Duration::from_secs(10), async || {
         let (ok, out, err) = served.cli(&["usage", "summary", "--group-by", "tenant,model", "--output", "json"]);
         assert!(ok, "{err}");
         summary = serde_json::from_str(&out).unwrap();
-        if summary["data"].as_array().is_some_and(|d| !d.is_empty()) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        summary["data"].as_array().is_some_and(|d| !d.is_empty())
+    })
+    .await;
     assert_eq!(summary["data"][0]["tenant_id"], "acme", "{summary}");
     assert_eq!(summary["data"][0]["model"], "gpt-4.1");
     assert_eq!(summary["data"][0]["requests"], 1);
@@ -389,10 +387,11 @@ fn migrate_creates_the_schema_and_openapi_prints_the_document() {
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
 }
 
-/// Polls `check` every 20 ms for up to 5 s and returns how long it took to pass.
-async fn time_until(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+/// Polls `check` every 20 ms for up to `within` and returns how long it took
+/// to pass: waiting on the condition, never for a fixed time.
+async fn time_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
     let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_secs(5) {
+    while started.elapsed() < within {
         if check().await {
             return started.elapsed();
         }
@@ -430,12 +429,18 @@ async fn a_change_made_on_one_replica_reaches_another_replica_within_a_second() 
                 .as_u16()
         }
     };
-    let created = time_until("B accepts a key created on A", async || status_on(b.public.clone()).await == 200).await;
+    let created = time_until("B accepts a key created on A", Duration::from_secs(5), async || {
+        status_on(b.public.clone()).await == 200
+    })
+    .await;
     assert!(created < Duration::from_secs(1), "{created:?}");
 
     let (ok, _, err) = a.cli(&["keys", "revoke", &key_id]);
     assert!(ok, "{err}");
-    let revoked = time_until("B refuses a key revoked on A", async || status_on(b.public.clone()).await == 401).await;
+    let revoked = time_until("B refuses a key revoked on A", Duration::from_secs(5), async || {
+        status_on(b.public.clone()).await == 401
+    })
+    .await;
     assert!(revoked < Duration::from_secs(1), "revocation took {revoked:?} to reach the other replica");
     println!("key created on A usable on B after {created:?}; revoke on A effective on B after {revoked:?}");
 
@@ -443,7 +448,7 @@ async fn a_change_made_on_one_replica_reaches_another_replica_within_a_second() 
     assert!(ok);
     let (ok, _, _) = b.cli(&["tenants", "suspend", "acme"]);
     assert!(ok);
-    let suspended = time_until("A refuses a tenant suspended on B", async || {
+    let suspended = time_until("A refuses a tenant suspended on B", Duration::from_secs(5), async || {
         http.post(format!("{}/v1/chat/completions", a.public))
             .bearer_auth(&key2)
             .body("{}")
@@ -467,10 +472,13 @@ async fn sigterm_under_load_loses_no_usage_record() {
 
     let http = http_client();
     let mut requests = tokio::task::JoinSet::new();
+    // The load is spread over 600 ms (a request every 5 ms) so that SIGTERM
+    // can land in the middle of it: this paces the load, it waits for nothing.
+    let start = tokio::time::Instant::now();
     for i in 0..120 {
         let (http, key, base) = (http.clone(), key.clone(), served.public.clone());
         requests.spawn(async move {
-            tokio::time::sleep(Duration::from_millis(i * 5)).await;
+            tokio::time::sleep_until(start + Duration::from_millis(i * 5)).await;
             let stream = i % 2 == 0;
             let body = format!(r#"{{"model":"gemini-2.5-flash","stream":{stream},"messages":[]}}"#);
             let response = http
@@ -493,7 +501,12 @@ async fn sigterm_under_load_loses_no_usage_record() {
             }
         });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM lands mid-run: once the upstream has seen part of the load,
+    // with the rest still to come.
+    time_until("a sixth of the load reaching the upstream", Duration::from_secs(10), async || {
+        fake.requests().len() >= 20
+    })
+    .await;
     let sqlite = served.sqlite_url();
     let (log, _data) = tokio::task::spawn_blocking(move || served.stop_keeping_data()).await.unwrap();
     assert!(log.contains("SIGTERM received"));

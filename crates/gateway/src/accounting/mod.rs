@@ -124,10 +124,17 @@ impl Accounting {
             let now = modified(&path);
             if now != seen {
                 seen = now;
-                match self.reload_prices() {
-                    Ok(n) => tracing::info!(models = n, "pricing reloaded"),
-                    Err(e) => tracing::error!(error = %e, "pricing file rejected; keeping the previous prices"),
-                }
+                let result = match self.reload_prices() {
+                    Ok(n) => {
+                        tracing::info!(models = n, "pricing reloaded");
+                        "applied"
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "pricing file rejected; keeping the previous prices");
+                        "rejected"
+                    }
+                };
+                self.metrics.pricing_reloads.with_label_values(&[result]).inc();
             }
         }
     }

@@ -26,7 +26,7 @@ impl FromRequestParts<AdminState> for Admin {
         // Past its failures for the minute, an address is refused before
         // any token is checked (see `auth::throttle`).
         let ip = crate::auth::peer_ip(&parts.extensions);
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = state.clock.now_ms();
         if state.failures.refused(ip, now_ms).is_some() {
             return Err(AdminError::throttled());
         }

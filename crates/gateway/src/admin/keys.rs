@@ -37,11 +37,13 @@ pub struct KeyView {
     pub status: KeyStatus,
 }
 
-impl From<ApiKey> for KeyView {
-    fn from(key: ApiKey) -> Self {
+impl KeyView {
+    /// The key and its status as of `now` (the gateway's clock, which also
+    /// decides when authentication starts refusing it).
+    pub fn at(key: ApiKey, now: DateTime<Utc>) -> Self {
         let status = if key.revoked_at.is_some() {
             KeyStatus::Revoked
-        } else if key.expires_at.is_some_and(|t| t <= Utc::now()) {
+        } else if key.expires_at.is_some_and(|t| t <= now) {
             KeyStatus::Expired
         } else {
             KeyStatus::Active
@@ -122,7 +124,7 @@ pub async fn create(
     validate::name("name", &body.name)?;
     validate::models(&body.allowed_models)?;
     validate::limits(&body.limits)?;
-    if body.expires_at.is_some_and(|t| t <= Utc::now()) {
+    if body.expires_at.is_some_and(|t| t <= state.clock.now()) {
         return Err(AdminError::invalid("expires_at", "must be in the future"));
     }
     let issued = token::issue(TENANT_KEY_PREFIX);
@@ -140,7 +142,10 @@ pub async fn create(
         other => other.into(),
     })?;
     state.changed(Change::Key(key.id.clone())).await;
-    Ok((StatusCode::CREATED, Json(CreatedKey { key: key.into(), secret: issued.full.expose_secret().to_owned() })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey { key: KeyView::at(key, state.clock.now()), secret: issued.full.expose_secret().to_owned() }),
+    ))
 }
 
 #[utoipa::path(get, path = "/admin/v1/tenants/{id}/keys", tag = "keys", params(PageQuery),
@@ -158,7 +163,8 @@ pub async fn list(
     })?;
     let rows = state.store.list_keys(&tenant_id, query.cursor.as_deref(), limit + 1).await?;
     let (keys, next_cursor) = validate::paginate(rows, limit, |k| k.id.clone());
-    Ok(Json(KeyList { data: keys.into_iter().map(KeyView::from).collect(), next_cursor }))
+    let now = state.clock.now();
+    Ok(Json(KeyList { data: keys.into_iter().map(|k| KeyView::at(k, now)).collect(), next_cursor }))
 }
 
 #[utoipa::path(get, path = "/admin/v1/keys/{key_id}", tag = "keys",
@@ -168,7 +174,8 @@ pub async fn get(
     _admin: Admin,
     Path(key_id): Path<String>,
 ) -> Result<Json<KeyView>, AdminError> {
-    Ok(Json(state.store.get_key(&key_id).await.map_err(key_not_found)?.into()))
+    let key = state.store.get_key(&key_id).await.map_err(key_not_found)?;
+    Ok(Json(KeyView::at(key, state.clock.now())))
 }
 
 #[utoipa::path(patch, path = "/admin/v1/keys/{key_id}", tag = "keys", request_body = UpdateKey,
@@ -196,7 +203,7 @@ pub async fn update(
     };
     let key = state.store.update_key(&key_id, &patch, &admin.actor).await.map_err(key_not_found)?;
     state.changed(Change::Key(key_id)).await;
-    Ok(Json(key.into()))
+    Ok(Json(KeyView::at(key, state.clock.now())))
 }
 
 #[utoipa::path(post, path = "/admin/v1/keys/{key_id}/revoke", tag = "keys",
@@ -208,7 +215,7 @@ pub async fn revoke(
 ) -> Result<Json<KeyView>, AdminError> {
     let key = state.store.revoke_key(&key_id, &admin.actor).await.map_err(key_not_found)?;
     state.changed(Change::Key(key_id)).await;
-    Ok(Json(key.into()))
+    Ok(Json(KeyView::at(key, state.clock.now())))
 }
 
 /// Issues a new key with the same tenant, name, models and limits; the old
@@ -237,15 +244,15 @@ pub async fn rotate(
     };
     let grace = chrono::Duration::from_std(body.grace_period).unwrap_or(chrono::Duration::zero());
     let (previous, key) =
-        state.store.rotate_key(&key_id, &new, Utc::now() + grace, &admin.actor).await.map_err(key_not_found)?;
+        state.store.rotate_key(&key_id, &new, state.clock.now() + grace, &admin.actor).await.map_err(key_not_found)?;
     state.changed(Change::Key(key_id)).await;
     state.changed(Change::Key(key.id.clone())).await;
     Ok((
         StatusCode::CREATED,
         Json(RotatedKey {
-            key: key.into(),
+            key: KeyView::at(key, state.clock.now()),
             secret: issued.full.expose_secret().to_owned(),
-            previous_key: previous.into(),
+            previous_key: KeyView::at(previous, state.clock.now()),
         }),
     ))
 }

@@ -26,6 +26,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use crate::auth::hasher::{Digest, SecretHasher};
 use crate::auth::sync::CacheSync;
 use crate::budget::BudgetBook;
+use crate::clock::Clock;
 pub use error::AdminError;
 
 /// Admin request bodies are small JSON documents.
@@ -41,6 +42,9 @@ pub struct AdminState {
     pub budgets: Arc<BudgetBook>,
     /// Failed admin authentications per address (see `auth::throttle`).
     pub failures: Arc<crate::auth::throttle::FailedAttempts>,
+    /// Decides key expiry in views, validation and rotation grace, as
+    /// authentication does.
+    pub clock: Clock,
 }
 
 impl AdminState {

@@ -29,6 +29,7 @@ use tower::{Layer, Service};
 pub use cache::{CachedKey, CachedTenant, KeyCache};
 pub use hasher::SecretHasher;
 
+use crate::clock::Clock;
 use crate::error::{AuthFailure, GatewayError};
 use crate::metrics::Metrics;
 use throttle::FailedAttempts;
@@ -54,6 +55,8 @@ pub struct Authenticator {
     failures: FailedAttempts,
     pub touches: Arc<Touches>,
     metrics: Arc<Metrics>,
+    /// Decides expiry (and so the end of a rotation's grace period).
+    clock: Clock,
 }
 
 impl Authenticator {
@@ -62,6 +65,7 @@ impl Authenticator {
         hasher: SecretHasher,
         failed_attempts_per_minute: u32,
         metrics: Arc<Metrics>,
+        clock: Clock,
     ) -> Self {
         Self {
             cache,
@@ -69,6 +73,7 @@ impl Authenticator {
             failures: FailedAttempts::new(failed_attempts_per_minute),
             touches: Arc::new(Touches::default()),
             metrics,
+            clock,
         }
     }
 
@@ -147,7 +152,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = self.auth.clock.now_ms();
         let ip = peer_ip(request.extensions());
         if let Some(retry_after) = self.auth.failures.refused(ip, now_ms) {
             self.auth.metrics.auth_failures.with_label_values(&["throttled"]).inc();

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
-use tollgate_store::{Backend, CHANGES_CHANNEL, Change, Store, StoreError, StoreResult, now_millis};
+use tollgate_store::{Backend, CHANGES_CHANNEL, Change, Store, StoreError, StoreResult};
 
 use super::cache::KeyCache;
 use super::touches::Touches;
 use crate::budget::BudgetBook;
+use crate::clock::Clock;
 
 /// Revoked or expired keys stay cached this long, so their callers are told
 /// why they are refused.
@@ -33,11 +34,20 @@ pub struct CacheSync {
     write: tokio::sync::Mutex<()>,
     /// The database's auth fingerprint at the last full reload.
     fingerprint: std::sync::Mutex<Option<String>>,
+    /// Which keys count as long dead, and which budget period is current.
+    clock: Clock,
 }
 
 impl CacheSync {
-    pub fn new(store: Store, cache: Arc<KeyCache>, budgets: Arc<BudgetBook>) -> Self {
-        Self { store, cache, budgets, write: tokio::sync::Mutex::new(()), fingerprint: std::sync::Mutex::default() }
+    pub fn new(store: Store, cache: Arc<KeyCache>, budgets: Arc<BudgetBook>, clock: Clock) -> Self {
+        Self {
+            store,
+            cache,
+            budgets,
+            write: tokio::sync::Mutex::new(()),
+            fingerprint: std::sync::Mutex::default(),
+            clock,
+        }
     }
 
     pub async fn refresh_all(&self) -> StoreResult<()> {
@@ -45,9 +55,9 @@ impl CacheSync {
         // Taken before the load: a change made during it shows next time.
         let fingerprint = self.store.auth_fingerprint().await?;
         let tenants = self.store.all_tenants().await?;
-        let keys = self.store.keys_alive_since(now_millis() - DEAD_KEY_RETENTION_MS).await?;
+        let keys = self.store.keys_alive_since(self.clock.now_ms() - DEAD_KEY_RETENTION_MS).await?;
         self.cache.replace_all(&keys, &tenants);
-        self.budgets.reload_definitions(&self.store, chrono::Utc::now().date_naive()).await?;
+        self.budgets.reload_definitions(&self.store, self.clock.today()).await?;
         *self.fingerprint.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fingerprint);
         tracing::debug!(keys = keys.len(), tenants = tenants.len(), "key cache reloaded");
         Ok(())
@@ -61,7 +71,7 @@ impl CacheSync {
         let known = self.fingerprint.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         if known.as_deref() == Some(current.as_str()) {
             let _guard = self.write.lock().await;
-            return self.budgets.reload_definitions(&self.store, chrono::Utc::now().date_naive()).await;
+            return self.budgets.reload_definitions(&self.store, self.clock.today()).await;
         }
         self.refresh_all().await
     }
@@ -80,7 +90,7 @@ impl CacheSync {
                 Err(e) => return Err(e),
             },
             Change::Budget(tenant) => {
-                self.budgets.reload_tenant(&self.store, tenant, chrono::Utc::now().date_naive()).await?;
+                self.budgets.reload_tenant(&self.store, tenant, self.clock.today()).await?;
             }
             // Admin tokens are checked against the database on each admin call.
             Change::AdminToken(_) => {}

@@ -18,6 +18,7 @@ use tollgate_store::Limits;
 
 use local::LocalLimits;
 
+use crate::clock::Clock;
 use crate::shared::{Shared, Verdict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +205,9 @@ pub struct RateLimiter {
     shared: Option<Arc<Shared>>,
     /// Replicas sharing the limits: local fallback limits are divided by it.
     replicas: u64,
+    /// The clock requests are admitted by, so the sweep forgets the windows
+    /// that are old by that same clock.
+    clock: Clock,
 }
 
 /// An admitted request's hold on the limits: its in-flight slot (released on
@@ -259,8 +263,12 @@ const WINDOW_TTL_MS: u64 = 120_000;
 const INFLIGHT_TTL_MS: u64 = 600_000;
 
 impl RateLimiter {
-    pub fn new(shared: Option<Arc<Shared>>, replicas: u64) -> Self {
-        Self { local: LocalLimits::default(), shared, replicas: replicas.max(1) }
+    pub fn new(shared: Option<Arc<Shared>>, replicas: u64, clock: Clock) -> Self {
+        Self { local: LocalLimits::default(), shared, replicas: replicas.max(1), clock }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms().max(0) as u64
     }
 
     pub async fn admit(self: &Arc<Self>, checks: &[Check], tokens: u64, now_ms: u64) -> Result<Permit, Throttled> {
@@ -343,8 +351,7 @@ impl RateLimiter {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_secs(60)) => {}
             }
-            let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
-            self.local.sweep(Window::at(now).index.saturating_sub(1));
+            self.local.sweep(Window::at(self.now_ms()).index.saturating_sub(1));
         }
     }
 }

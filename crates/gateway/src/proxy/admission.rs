@@ -102,7 +102,7 @@ pub async fn admit(proxy: &Proxy, principal: &Principal, demand: Demand<'_>) -> 
     );
     if !checks.is_empty() {
         let estimate = (demand.forwarded_bytes as u64 / 4).saturating_add(demand.max_output);
-        let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        let now = u64::try_from(proxy.clock.now_ms()).unwrap_or(0);
         let permit = proxy.limiter.admit(&checks, estimate, now).await.map_err(GatewayError::RateLimited)?;
         admission.grants.allowance = Some(permit.allowance);
         admission.permit = Some(permit);
@@ -137,10 +137,10 @@ async fn reserve(
         None => 0,
     };
     let waiting = budget::Waiting { max_wait: proxy.limits.budget_wait, ..budget::Waiting::default() };
-    budget::admit(proxy.shared.as_ref(), budgets, worst, chrono::Utc::now().date_naive(), waiting).await.map_err(
-        |refusal| match refusal {
+    budget::admit(proxy.shared.as_ref(), budgets, worst, proxy.clock.today(), waiting).await.map_err(|refusal| {
+        match refusal {
             budget::Refusal::Exhausted { budget_id, period } => GatewayError::BudgetExhausted { budget_id, period },
             budget::Refusal::Busy { budget_id, retry_after } => GatewayError::BudgetBusy { budget_id, retry_after },
-        },
-    )
+        }
+    })
 }

@@ -38,6 +38,7 @@ use crate::accounting::{Accounting, Exchange, Outcome};
 use crate::auth::Principal;
 use crate::auth::models::ModelRules;
 use crate::budget::BudgetBook;
+use crate::clock::Clock;
 use crate::config::LimitsConfig;
 use crate::error::GatewayError;
 use crate::limits::RateLimiter;
@@ -61,6 +62,8 @@ pub struct Proxy {
     pub shared: Option<Arc<Shared>>,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
+    /// Decides the rate-limit window and the budget period.
+    pub clock: Clock,
 }
 
 pub type ProxyState = State<Arc<Proxy>>;

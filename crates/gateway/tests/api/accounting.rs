@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{Db, TestGateway, client_with_key};
+use crate::helpers::{Db, PATIENCE, TestGateway, client_with_key, scraped_value, wait_for, wait_until};
 
 /// gemini-2.5-flash in config/pricing.toml, in micro-dollars per million tokens.
 const INPUT: i64 = 300_000;
@@ -61,28 +61,28 @@ fn expected_cost(t: Tokens, input: i64, cached: i64, output: i64) -> i64 {
 }
 
 async fn ledger_records(gw: &TestGateway, expected: usize) -> Vec<Value> {
-    for _ in 0..200 {
+    wait_for(&format!("{expected} records in the ledger"), PATIENCE, async || {
         let (status, page) = gw.admin(Method::GET, "/admin/v1/usage/records?limit=200", None).await;
         assert_eq!(status, 200, "{page}");
         let data = page["data"].as_array().unwrap().clone();
-        if data.len() >= expected {
-            return data;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the ledger never reached {expected} records");
+        (data.len() >= expected).then_some(data)
+    })
+    .await
 }
 
 /// The ledger record of one request, once written.
 pub async fn ledger_record(gw: &TestGateway, request_id: &str) -> Value {
-    for _ in 0..200 {
+    wait_for(&format!("the ledger record of {request_id}"), PATIENCE, async || {
         let (_, page) = gw.admin(Method::GET, "/admin/v1/usage/records?limit=200", None).await;
-        if let Some(r) = page["data"].as_array().unwrap().iter().find(|r| r["request_id"] == request_id) {
-            return r.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("no ledger record for {request_id}");
+        page["data"].as_array().unwrap().iter().find(|r| r["request_id"] == request_id).cloned()
+    })
+    .await
+}
+
+/// How many changes of the pricing file the gateway saw, with `result`.
+async fn pricing_reloads(gw: &TestGateway, result: &str) -> f64 {
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    scraped_value(&metrics, &format!("tollgate_pricing_reloads_total{{result=\"{result}\"}}")).unwrap()
 }
 
 struct Call {
@@ -348,24 +348,20 @@ async fn prices_reload_without_a_restart_and_unpriced_models_are_flagged_or_refu
     let before = cost(&first);
 
     // Ten times the price; the gateway picks it up by itself.
+    assert_eq!(pricing_reloads(&gw, "applied").await, 0.0);
     std::fs::write(&pricing, "[models.\"gpt-4.1\"]\ninput = 10.0\noutput = 10.0\n").unwrap();
-    let mut after = before.clone();
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        let r = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
-        after = cost(&r);
-        if after != before {
-            break;
-        }
-    }
+    wait_until("the new prices applied", PATIENCE, async || pricing_reloads(&gw, "applied").await == 1.0).await;
+    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    let after = cost(&r);
     let micros = |usd: &str| (usd.parse::<f64>().unwrap() * 1e6).round() as i64;
     assert_eq!(micros(&after), micros(&before) * 10, "{before} then {after}");
 
     // A broken file leaves the last good prices in force.
     std::fs::write(&pricing, "this is not toml [").unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("the broken file rejected", PATIENCE, async || pricing_reloads(&gw, "rejected").await == 1.0).await;
     let r = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
     assert_eq!(cost(&r), after);
+    assert_eq!(pricing_reloads(&gw, "applied").await, 1.0, "the broken file was not applied");
 
     // No price: served, recorded with cost 0 and flagged.
     let unpriced = json!({"model": "mystery-model", "messages": []});

@@ -12,7 +12,7 @@ use axum::routing::post;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::TestGateway;
+use crate::helpers::{PATIENCE, TestGateway, wait_for, wait_until};
 
 #[derive(Default)]
 struct Received {
@@ -81,14 +81,25 @@ async fn threshold_alerts_are_delivered_signed_retried_and_fired_once_per_period
     }
 
     let accepted = |r: &Arc<Mutex<Received>>| r.lock().unwrap().calls.iter().filter(|c| c.0).count();
-    for _ in 0..200 {
-        if accepted(&generic) >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // More checks must not fire the same thresholds again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until("three deliveries accepted by the generic webhook", PATIENCE, async || accepted(&generic) >= 3).await;
+
+    // More checks must not fire the same thresholds again. Spend a little
+    // more and wait for a check that saw it: that check ran with every
+    // threshold already crossed and already in the outbox.
+    assert_eq!(gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap().status(), 200);
+    let spent = wait_for("the ledger to hold the fifth request", PATIENCE, async || {
+        let (_, summary) = gw.admin(Method::GET, "/admin/v1/usage/summary?tenant_id=test", None).await;
+        let row = &summary["data"][0];
+        (row["requests"].as_i64() == Some(5)).then(|| row["cost_micros"].as_i64().unwrap())
+    })
+    .await;
+    let reading =
+        format!("tollgate_budget_utilisation_percent{{budget=\"{budget_id}\",tenant=\"test\"}} {}", spent * 100 / 20);
+    wait_until("a budget check that saw the fifth request", PATIENCE, async || {
+        let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        metrics.lines().any(|l| l == reading)
+    })
+    .await;
 
     let calls = generic.lock().unwrap().calls.clone();
     let delivered: Vec<&Value> = calls.iter().filter(|c| c.0).map(|c| &c.2).collect();
@@ -96,8 +107,13 @@ async fn threshold_alerts_are_delivered_signed_retried_and_fired_once_per_period
     let mut thresholds: Vec<i64> = delivered.iter().map(|b| b["threshold_percent"].as_i64().unwrap()).collect();
     thresholds.sort();
     assert_eq!(thresholds, [50, 80, 100], "each threshold delivered exactly once: {delivered:?}");
-    for (accepted, signature, body) in calls.iter().filter(|c| c.0) {
-        assert!(accepted);
+    // A retry delivers the alert that failed, not a new one.
+    let delivered_ids: Vec<&str> = delivered.iter().map(|b| b["alert_id"].as_str().unwrap()).collect();
+    for (_, _, failed) in calls.iter().filter(|c| !c.0) {
+        let id = failed["alert_id"].as_str().unwrap();
+        assert!(delivered_ids.contains(&id), "the failed delivery of {id} was retried until it succeeded");
+    }
+    for (_, signature, body) in calls.iter().filter(|c| c.0) {
         assert_eq!(body["type"], "budget.threshold");
         assert_eq!(body["budget_id"], budget_id.as_str());
         let signature = signature.as_deref().expect("generic webhooks are signed");

@@ -1,21 +1,17 @@
 //! Hard budgets under concurrency, through HTTP.
 
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{Db, TestGateway, client_with_key};
+use crate::helpers::{Db, PATIENCE, TestGateway, client_with_key, envelope, wait_for};
 
 async fn settled_spend(gw: &TestGateway, tenant: &str, requests: i64) -> i64 {
-    for _ in 0..200 {
+    wait_for(&format!("the ledger to hold {requests} records for {tenant}"), PATIENCE, async || {
         let (_, summary) = gw.admin(Method::GET, &format!("/admin/v1/usage/summary?tenant_id={tenant}"), None).await;
-        if summary["data"][0]["requests"].as_i64() == Some(requests) {
-            return summary["data"][0]["cost_micros"].as_i64().unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the ledger never held {requests} records for {tenant}");
+        let row = &summary["data"][0];
+        (row["requests"].as_i64() == Some(requests)).then(|| row["cost_micros"].as_i64().unwrap())
+    })
+    .await
 }
 
 /// What a burst of parallel requests against a small hard budget got.
@@ -202,4 +198,32 @@ async fn an_absurd_max_tokens_cannot_wrap_around_a_hard_budget() {
         assert_eq!(body["error"]["code"], "insufficient_quota");
     }
     assert!(gw.fake.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_daily_budget_spent_today_is_available_again_tomorrow() {
+    let gw = TestGateway::start().await;
+    let (status, _) = gw
+        .admin(Method::POST, "/admin/v1/tenants/test/budgets", Some(json!({"period": "daily", "amount_usd": "0.001"})))
+        .await;
+    assert_eq!(status, 201);
+    // A worst case of about 250 µ$ (100 output tokens at $2.50/M) fits in
+    // the 1,000 µ$ budget until a few requests have settled.
+    let body =
+        json!({"model": "gemini-2.5-flash", "max_tokens": 100, "messages": [{"role": "user", "content": "spend"}]});
+    let send = async || gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    let mut served = 0;
+    let refused = loop {
+        let response = send().await;
+        if response.status() == 429 {
+            break response;
+        }
+        assert_eq!(response.status(), 200);
+        served += 1;
+        assert!(served < 100, "the budget never ran out");
+    };
+    assert_eq!(envelope(refused).await["error"]["code"], "insufficient_quota");
+
+    gw.clock.advance(std::time::Duration::from_secs(24 * 3600));
+    assert_eq!(send().await.status(), 200, "a new day, a new budget");
 }

@@ -3,14 +3,14 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
 
+use chrono::{DateTime, Utc};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tollgate_fake_upstream::FakeUpstream;
-use tollgate_gateway::{Application, Config};
+use tollgate_gateway::{Application, Clock, ClockControl, Config};
 use tollgate_store::testing::TestDatabase;
 
 pub const UPSTREAM_KEY: &str = "sk-upstream-test-key";
@@ -26,6 +26,8 @@ pub struct TestGateway {
     pub anonymous: reqwest::Client,
     /// A key of tenant `test`, allowed every model.
     pub key: String,
+    /// The gateway's clock: tests move it instead of sleeping.
+    pub clock: TestClock,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -55,6 +57,17 @@ impl TestGateway {
     }
 
     pub async fn start_full(fake: FakeUpstream, db: Db, adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_on_clock(fake, db, TestClock::new(), adjust).await
+    }
+
+    /// A gateway on `clock`; replicas given the same clock agree on rate-limit
+    /// windows and budget periods, as real replicas with synchronised clocks do.
+    pub async fn start_on_clock(
+        fake: FakeUpstream,
+        db: Db,
+        clock: TestClock,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         init_test_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         let write = |name: &str, value: &str| {
@@ -90,7 +103,7 @@ impl TestGateway {
         adjust(&mut config);
         config.validate().expect("test config is valid");
 
-        let app = Application::build(config).await.expect("application builds");
+        let app = Application::build_with_clock(config, clock.clock.clone()).await.expect("application builds");
         let addr = app.local_addr();
         let admin_addr = app.admin_addr().unwrap_or(addr);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -105,6 +118,7 @@ impl TestGateway {
             http: anonymous.clone(),
             anonymous,
             key: String::new(),
+            clock,
             stop: Some(stop),
             server: Some(server),
             _dir: dir,
@@ -206,29 +220,97 @@ pub async fn envelope(response: reqwest::Response) -> serde_json::Value {
     body
 }
 
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if check() {
-            return;
+/// How long a test waits for an effect that happens in the background
+/// (a notification, a ledger write, a background check) before failing.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// How often a wait looks again.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Polls `probe` until it yields a value, for at most `within`; `None` if it
+/// never did. Waiting on the condition itself (rather than sleeping a fixed
+/// time) returns as soon as the effect happened and cannot pass without it.
+pub async fn poll_for<T>(within: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = probe().await {
+            return Some(value);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL).await;
     }
-    panic!("timed out waiting for: {what}");
 }
 
-/// Waits for an asynchronous condition, polling it (bounded).
-pub async fn eventually_async<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..200 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Like [`poll_for`], failing the test with `what` if the value never came.
+pub async fn wait_for<T>(what: &str, within: Duration, probe: impl AsyncFnMut() -> Option<T>) -> T {
+    match poll_for(within, probe).await {
+        Some(value) => value,
+        None => panic!("timed out after {within:?} waiting for: {what}"),
     }
-    panic!("timed out waiting for: {what}");
+}
+
+/// Waits until `condition` holds, failing the test with `what` after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut condition: impl AsyncFnMut() -> bool) {
+    wait_for(what, within, async || condition().await.then_some(())).await;
+}
+
+/// A test's handle on a gateway's clock: reads it and moves it.
+#[derive(Clone)]
+pub struct TestClock {
+    pub clock: Clock,
+    control: ClockControl,
+}
+
+impl TestClock {
+    pub fn new() -> Self {
+        let (clock, control) = Clock::adjustable();
+        Self { clock, control }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.control.advance(by);
+    }
+
+    /// Moves the clock to the start of the next minute: the requests that
+    /// follow fall in one fresh rate-limit window (a minute of real time
+    /// before the next one begins).
+    pub fn to_next_minute(&self) {
+        let next = (self.clock.now_ms().div_euclid(60_000) + 1) * 60_000;
+        self.control.set(DateTime::from_timestamp_millis(next).expect("a representable time"));
+    }
+}
+
+/// The socket address a service URL points at (`default_port` when it names
+/// none), so a test can put a [`CuttableLink`] in front of it.
+pub async fn service_addr(url: &str, default_port: u16) -> SocketAddr {
+    let parsed = reqwest::Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    let host = parsed.host_str().unwrap_or_else(|| panic!("{url} names no host"));
+    let port = parsed.port().unwrap_or(default_port);
+    tokio::net::lookup_host((host, port))
+        .await
+        .unwrap_or_else(|e| panic!("cannot resolve {host}:{port}: {e}"))
+        .next()
+        .unwrap_or_else(|| panic!("{host}:{port} resolves to nothing"))
+}
+
+/// `url` with its host and port replaced by `addr` (user, path and query kept).
+pub fn through(url: &str, addr: SocketAddr) -> String {
+    let mut parsed = reqwest::Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    parsed.set_host(Some(&addr.ip().to_string())).expect("the URL takes a host");
+    parsed.set_port(Some(addr.port())).expect("the URL takes a port");
+    parsed.to_string()
+}
+
+/// One line of a Prometheus text scrape: the value of the series whose name
+/// and labels are exactly `series` (e.g. `name{a="b"}`).
+pub fn scraped_value(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn init_test_logging() {
@@ -277,16 +359,10 @@ impl CuttableLink {
     }
 
     pub async fn restore(&self) {
-        let mut listener = None;
-        for _ in 0..50 {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => {
-                    listener = Some(l);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-        self.serve(listener.expect("the link's port can be bound again"));
+        // The port is free once the cut connections are gone.
+        let listener =
+            wait_for("the link's port can be bound again", PATIENCE, async || TcpListener::bind(self.addr).await.ok())
+                .await;
+        self.serve(listener);
     }
 }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use crate::helpers::TestGateway;
+use crate::helpers::{PATIENCE, TestGateway, wait_until};
 
 const SLOW_STREAM: &str = r#"{"model":"gpt-4.1","stream":true,"messages":[]}"#;
 
@@ -24,9 +24,11 @@ async fn an_in_flight_stream_finishes_after_shutdown_begins_and_new_connections_
     let first = stream.next().await.unwrap().unwrap();
 
     let server = gw.begin_shutdown();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let refused = reqwest::Client::new().get(gw.url("/healthz")).send().await;
-    assert!(refused.is_err(), "a new connection after shutdown began must be refused");
+    // A fresh client each time: a new connection, never a pooled one.
+    wait_until("new connections refused once shutdown began", PATIENCE, async || {
+        reqwest::Client::new().get(gw.url("/healthz")).send().await.is_err()
+    })
+    .await;
 
     let mut text = String::from_utf8(first.to_vec()).unwrap();
     while let Some(chunk) = stream.next().await {

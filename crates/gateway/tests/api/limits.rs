@@ -1,5 +1,7 @@
 //! Rate limits through HTTP: requests, tokens and in-flight requests per
 //! tenant and per key, with the headers and errors the SDKs understand.
+//! Tests that count within a minute put the gateway's clock at the start of
+//! one, so no window boundary falls in the middle of them.
 
 use std::time::Duration;
 
@@ -7,15 +9,7 @@ use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{TestGateway, client_with_key, envelope};
-
-/// Waits, if needed, so the test's requests fall in one rate-limit minute.
-async fn early_in_a_minute() {
-    let second = chrono::Utc::now().timestamp_millis() % 60_000;
-    if second > 45_000 {
-        tokio::time::sleep(Duration::from_millis((60_000 - second + 100) as u64)).await;
-    }
-}
+use crate::helpers::{PATIENCE, TestGateway, client_with_key, envelope, wait_until};
 
 async fn tenant_with(
     gw: &TestGateway,
@@ -34,9 +28,9 @@ const CHAT: &str = r#"{"model":"gpt-4.1","messages":[]}"#;
 
 #[tokio::test]
 async fn requests_per_minute_are_enforced_exactly_with_headers() {
-    early_in_a_minute().await;
     let gw = TestGateway::start().await;
     let client = tenant_with(&gw, "rpm", json!({"limits": {"rpm": 5}}), json!({})).await;
+    gw.clock.to_next_minute();
     for i in 0..5 {
         let r = client.post(gw.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
         assert_eq!(r.status(), 200, "request {i}");
@@ -64,13 +58,19 @@ async fn requests_per_minute_are_enforced_exactly_with_headers() {
     );
     // Other tenants are not affected.
     assert_eq!(gw.http.post(gw.url("/v1/chat/completions")).body(CHAT).send().await.unwrap().status(), 200);
+
+    // The next minute brings a new allowance.
+    gw.clock.advance(Duration::from_secs(60));
+    let next = client.post(gw.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
+    assert_eq!(next.status(), 200, "a new minute, a new allowance");
+    assert_eq!(next.headers()["x-ratelimit-remaining-requests"], "4");
 }
 
 #[tokio::test]
 async fn a_key_limit_applies_on_top_of_its_tenants() {
-    early_in_a_minute().await;
     let gw = TestGateway::start().await;
     let client = tenant_with(&gw, "keyed", json!({"limits": {"rpm": 100}}), json!({"rpm": 2})).await;
+    gw.clock.to_next_minute();
     for _ in 0..2 {
         assert_eq!(client.post(gw.url("/v1/chat/completions")).body(CHAT).send().await.unwrap().status(), 200);
     }
@@ -79,9 +79,9 @@ async fn a_key_limit_applies_on_top_of_its_tenants() {
 
 #[tokio::test]
 async fn tokens_are_reserved_while_in_flight_and_corrected_after() {
-    early_in_a_minute().await;
     let gw = TestGateway::start().await;
     let client = tenant_with(&gw, "tpm", json!({"limits": {"tpm": 1000}}), json!({})).await;
+    gw.clock.to_next_minute();
     let big = json!({"model": "gpt-4.1", "max_tokens": 900, "stream": true, "messages": []});
     let held = client
         .post(gw.url("/v1/chat/completions"))
@@ -128,15 +128,9 @@ async fn in_flight_requests_are_capped_and_released_when_streams_end_or_clients_
     let mut stream = first.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
-    let mut admitted = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let r = client.post(gw.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
-        if r.status() == 200 {
-            admitted = true;
-            break;
-        }
-    }
-    assert!(admitted, "the slot of the departed client was released");
+    wait_until("the slot of the departed client is released", PATIENCE, async || {
+        client.post(gw.url("/v1/chat/completions")).body(CHAT).send().await.unwrap().status() == 200
+    })
+    .await;
     drop(second);
 }

@@ -1,8 +1,6 @@
 //! `/metrics` on the admin listener, after real traffic.
 
-use std::time::Duration;
-
-use crate::helpers::{TestGateway, client_with_key};
+use crate::helpers::{PATIENCE, TestGateway, client_with_key, poll_for};
 
 #[tokio::test]
 async fn metrics_describe_traffic_with_bounded_labels_and_no_secrets() {
@@ -25,12 +23,10 @@ async fn metrics_describe_traffic_with_bounded_labels_and_no_secrets() {
         .await
         .unwrap();
     gw.http.get(gw.url("/v1/models")).send().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
 
     let public = gw.anonymous.get(gw.url("/metrics")).send().await.unwrap();
     assert_eq!(public.status(), 404, "metrics are not on the public listener");
-    let text = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for expected in [
+    let expected = [
         r#"tollgate_requests_total{endpoint="/v1/chat/completions",model="gpt-4.1",status="2xx",stream="false",tenant="test"} 1"#,
         r#"tollgate_requests_total{endpoint="/v1/chat/completions",model="gemini-2.5-flash",status="2xx",stream="true",tenant="test"} 1"#,
         r#"tollgate_requests_total{endpoint="/v1/chat/completions",model="other",status="2xx",stream="false",tenant="test"} 1"#,
@@ -52,7 +48,17 @@ async fn metrics_describe_traffic_with_bounded_labels_and_no_secrets() {
         "tollgate_ledger_write_failures_total 0",
         r#"tollgate_build_info{version=""#,
         r#"tollgate_time_to_first_token_seconds_count{model="gemini-2.5-flash"} 1"#,
-    ] {
+    ];
+    // A request is counted when its record closes, which can follow the
+    // client's last byte by a moment: scrape until every series is there.
+    let scrape = async || gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let complete = async || {
+        let text = scrape().await;
+        expected.iter().all(|e| text.contains(e)).then_some(())
+    };
+    poll_for(PATIENCE, complete).await;
+    let text = scrape().await;
+    for expected in expected {
         assert!(text.contains(expected), "missing {expected}\n{text}");
     }
     assert!(!text.contains("some-unpriced-model"), "unpriced models are folded into `other`");

@@ -3,15 +3,17 @@
 
 use std::time::Duration;
 
-use crate::helpers::{CuttableLink, Db, TestGateway};
+use crate::helpers::{
+    CuttableLink, Db, PATIENCE, TestGateway, scraped_value, service_addr, through, wait_for, wait_until,
+};
 use reqwest::Method;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_loses_no_usage_record_and_no_request() {
     let db = tollgate_store::testing::TestDatabase::postgres().await;
-    let link = CuttableLink::start("127.0.0.1:5432".parse().unwrap()).await;
-    let via_link = db.url.replace("127.0.0.1:5432", &link.addr.to_string());
+    let link = CuttableLink::start(service_addr(&db.url, 5432).await).await;
+    let via_link = through(&db.url, link.addr);
     assert_ne!(via_link, db.url, "the test database URL goes through the link");
     let fake = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
     let gw = TestGateway::start_full(fake, Db::Url(via_link), |c| {
@@ -37,30 +39,27 @@ async fn a_database_outage_loses_no_usage_record_and_no_request() {
     let started = std::time::Instant::now();
     send(40).await;
     let during_outage = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let spooled: u64 =
-        std::fs::read_dir(gw.data_dir().join("spool")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-    assert!(spooled > 0, "records waited in the spool during the outage");
-    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let value = |name: &str| -> f64 {
-        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
-    };
-    assert!(value("tollgate_ledger_write_failures_total ") >= 1.0, "failed writes are counted");
-    assert_eq!(value("tollgate_ledger_spool_bytes ") as u64, spooled, "the spool size is exported");
+    // The writer's batch times out (write_timeout) and goes to the spool.
+    let spool_dir = gw.data_dir().join("spool");
+    let what = "a failed write counted, records in the spool, and the spool's size exported";
+    wait_until(what, PATIENCE, async || {
+        let spooled: u64 = std::fs::read_dir(&spool_dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let failures = scraped_value(&metrics, "tollgate_ledger_write_failures_total").unwrap();
+        let exported = scraped_value(&metrics, "tollgate_ledger_spool_bytes").unwrap();
+        failures >= 1.0 && spooled > 0 && exported == spooled as f64
+    })
+    .await;
     send(20).await;
     link.restore().await;
     send(20).await;
 
     let store = tollgate_store::Store::connect(&db.url, 2).await.unwrap();
-    let mut count = 0;
-    for _ in 0..200 {
-        count = store.count_usage_events().await.unwrap();
-        if count == served {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let count = wait_for("a record for every request served", PATIENCE, async || {
+        let count = store.count_usage_events().await.unwrap();
+        (count >= served).then_some(count)
+    })
+    .await;
     assert_eq!(count, served, "exactly one record per request served");
     let (_, summary) = gw.admin(Method::GET, "/admin/v1/usage/summary", None).await;
     assert_eq!(summary["data"][0]["requests"], served, "rollups count each record once");

@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{TestGateway, client_with_key, envelope};
+use crate::helpers::{PATIENCE, TestGateway, client_with_key, envelope, wait_for};
 
 #[tokio::test]
 async fn caps_are_clamped_or_rejected_defaults_injected_and_changes_recorded() {
@@ -47,16 +47,12 @@ async fn caps_are_clamped_or_rejected_defaults_injected_and_changes_recorded() {
     assert_eq!(&gw.fake.requests()[2].body[..], untouched.as_bytes());
 
     // Changed requests are recorded as such.
-    let mut modified = None;
-    for _ in 0..100 {
+    let modified = wait_for("the record of the clamped request", PATIENCE, async || {
         let (_, page) = gw.admin(Method::GET, "/admin/v1/usage/records?tenant_id=capped", None).await;
-        if let Some(r) = page["data"].as_array().unwrap().iter().find(|r| r["request_id"] == "clamped") {
-            modified = Some(r["modified"].clone());
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert_eq!(modified, Some(json!(true)));
+        page["data"].as_array().unwrap().iter().find(|r| r["request_id"] == "clamped").map(|r| r["modified"].clone())
+    })
+    .await;
+    assert_eq!(modified, json!(true));
 
     // Reject mode names the field and sends nothing upstream.
     let (status, _) = gw

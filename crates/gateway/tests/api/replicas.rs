@@ -1,12 +1,16 @@
 //! Two gateway replicas sharing Postgres and Redis: limits and budgets hold
 //! for the fleet, and a Redis outage falls back to local limits.
-
-use std::time::Duration;
+//!
+//! The replicas share one test clock (as real replicas share NTP time), and
+//! tests that count within a minute start at the beginning of one.
 
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::helpers::{CuttableLink, Db, TestGateway, client_with_key};
+use crate::helpers::{
+    CuttableLink, Db, PATIENCE, TestClock, TestGateway, client_with_key, envelope, scraped_value, service_addr,
+    through, wait_for, wait_until,
+};
 
 fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
@@ -16,18 +20,22 @@ fn redis_url() -> String {
 async fn pair(redis: &str, replicas: u64) -> (TestGateway, TestGateway, tollgate_store::testing::TestDatabase) {
     let db = tollgate_store::testing::TestDatabase::postgres().await;
     let prefix = format!("test-{}", uuid_like());
-    let start = |url: String, prefix: String, redis: String| async move {
-        let dir = tempfile::tempdir().unwrap();
-        let redis_file = dir.path().join("redis.url");
-        std::fs::write(&redis_file, redis).unwrap();
-        let fake = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
-        let gw = TestGateway::start_full(fake, Db::Url(url), move |c| {
-            c.redis.url_file = Some(redis_file);
-            c.redis.key_prefix = prefix;
-            c.redis.replicas = replicas;
-        })
-        .await;
-        (gw, dir)
+    let clock = TestClock::new();
+    let start = |url: String, prefix: String, redis: String| {
+        let clock = clock.clone();
+        async move {
+            let dir = tempfile::tempdir().unwrap();
+            let redis_file = dir.path().join("redis.url");
+            std::fs::write(&redis_file, redis).unwrap();
+            let fake = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
+            let gw = TestGateway::start_on_clock(fake, Db::Url(url), clock, move |c| {
+                c.redis.url_file = Some(redis_file);
+                c.redis.key_prefix = prefix;
+                c.redis.replicas = replicas;
+            })
+            .await;
+            (gw, dir)
+        }
     };
     let (a, _da) = start(db.url.clone(), prefix.clone(), redis.to_owned()).await;
     let (b, _db) = start(db.url.clone(), prefix, redis.to_owned()).await;
@@ -38,34 +46,75 @@ fn uuid_like() -> String {
     format!("{:x}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() ^ std::process::id() as i64)
 }
 
-async fn early_in_a_minute() {
-    let ms = chrono::Utc::now().timestamp_millis() % 60_000;
-    if ms > 45_000 {
-        tokio::time::sleep(Duration::from_millis((60_000 - ms + 100) as u64)).await;
-    }
+/// Sends `body` through replica `gw` until `accepted` holds for the
+/// response: the way to know that a change made on the other replica has
+/// reached this one (by Postgres notification). Returns the requests sent.
+async fn until_applied(
+    gw: &TestGateway,
+    key: &str,
+    body: &str,
+    accepted: impl Fn(&reqwest::Response) -> bool,
+    what: &str,
+) -> usize {
+    let client = client_with_key(key);
+    let mut sent = 0;
+    wait_until(what, PATIENCE, async || {
+        sent += 1;
+        let response = client.post(gw.url("/v1/chat/completions")).body(body.to_owned()).send().await.unwrap();
+        accepted(&response)
+    })
+    .await;
+    sent
+}
+
+fn header_is(response: &reqwest::Response, name: &str, value: &str) -> bool {
+    response.headers().get(name).is_some_and(|v| v == value)
+}
+
+async fn fallbacks(gw: &TestGateway) -> f64 {
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    scraped_value(&metrics, "tollgate_redis_fallbacks_total").unwrap()
+}
+
+/// Runs `attempt` on a fresh minute until one is decided by Redis alone.
+/// A Redis call that times out (on a busy machine) is decided by the
+/// replica's local counters: right for production, but such an attempt
+/// proves nothing about limits shared by the fleet.
+async fn decided_in_redis<T>(a: &TestGateway, b: &TestGateway, mut attempt: impl AsyncFnMut() -> T) -> T {
+    wait_for("an attempt decided in Redis, with no local fallback", PATIENCE, async || {
+        a.clock.to_next_minute();
+        let before = fallbacks(a).await + fallbacks(b).await;
+        let outcome = attempt().await;
+        (fallbacks(a).await + fallbacks(b).await == before).then_some(outcome)
+    })
+    .await
 }
 
 const CHAT: &str = r#"{"model":"gemini-2.5-flash-lite","messages":[]}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_per_minute_hold_across_two_replicas() {
-    early_in_a_minute().await;
     let (a, b, _db) = pair(&redis_url(), 2).await;
     let (status, _) =
         a.admin(Method::PATCH, "/admin/v1/tenants/test", Some(json!({"policy": {"limits": {"rpm": 10}}}))).await;
     assert_eq!(status, 200);
-    // B learns of the change through Postgres notifications.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut ok = 0;
-    for i in 0..16 {
-        let gw = if i % 2 == 0 { &a } else { &b };
-        let r = client_with_key(&a.key).post(gw.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
-        match r.status().as_u16() {
-            200 => ok += 1,
-            429 => {}
-            other => panic!("status {other}"),
+    let limited = |r: &reqwest::Response| header_is(r, "x-ratelimit-limit-requests", "10");
+    until_applied(&b, &a.key, CHAT, limited, "B applies the limit set on A").await;
+    // Each attempt starts on a fresh minute, which the probes did not count in.
+    let ok = decided_in_redis(&a, &b, async || {
+        let mut ok = 0;
+        for i in 0..16 {
+            let gw = if i % 2 == 0 { &a } else { &b };
+            let r = client_with_key(&a.key).post(gw.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
+            match r.status().as_u16() {
+                200 => ok += 1,
+                429 => {}
+                other => panic!("status {other}"),
+            }
         }
-    }
+        ok
+    })
+    .await;
     assert_eq!(ok, 10, "the fleet admits exactly the limit, not limit x replicas");
 }
 
@@ -76,27 +125,19 @@ async fn a_hard_budget_is_spent_to_within_one_worst_case_and_never_past_it_acros
         .admin(Method::POST, "/admin/v1/tenants/test/budgets", Some(json!({"period": "daily", "amount_usd": "0.01"})))
         .await;
     assert_eq!(status, 201);
-    // B learns of the budget through Postgres notifications.
-    let probe = client_with_key(&a.key);
-    crate::helpers::eventually_async("replica B knows the budget", || async {
-        let r = probe.post(b.url("/v1/chat/completions")).json(&json!({"model": "no-price", "messages": []})).send();
-        r.await.unwrap().status() == 400
-    })
-    .await;
+    let budgeted = |r: &reqwest::Response| r.headers().contains_key("x-tollgate-budget-remaining-usd");
+    // The probes are billed against the budget like any request.
+    let probes = until_applied(&b, &a.key, CHAT, budgeted, "B applies the budget created on A").await;
     // One client for all: building a client per request would pace them.
     let client = client_with_key(&a.key);
     let urls = [a.url("/v1/chat/completions"), b.url("/v1/chat/completions")];
     let seen = crate::budgets::burst(&client, &urls, 300).await;
-    let requests = seen.ok + seen.exhausted + seen.busy + 1;
-    let mut spent = -1;
-    for _ in 0..400 {
+    let total = seen.ok + seen.exhausted + seen.busy + probes as i64;
+    let spent = wait_for("the ledger holds every request", PATIENCE, async || {
         let (_, s) = a.admin(Method::GET, "/admin/v1/usage/summary?tenant_id=test", None).await;
-        if s["data"][0]["requests"].as_i64() >= Some(requests) {
-            spent = s["data"][0]["cost_micros"].as_i64().unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+        (s["data"][0]["requests"].as_i64() == Some(total)).then(|| s["data"][0]["cost_micros"].as_i64().unwrap())
+    })
+    .await;
     let worst = crate::budgets::burst_worst_case_micros();
     println!("two replicas: {seen:?}, {spent} µ$ of 10000, worst case {worst} µ$");
     assert!((0..=10_000).contains(&spent), "fleet-wide spend {spent} µ$ within the $0.01 budget");
@@ -106,12 +147,13 @@ async fn a_hard_budget_is_spent_to_within_one_worst_case_and_never_past_it_acros
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
-    early_in_a_minute().await;
-    let link = CuttableLink::start("127.0.0.1:6379".parse().unwrap()).await;
-    let (a, _b, _db) = pair(&format!("redis://{}", link.addr), 2).await;
+    let redis = redis_url();
+    let link = CuttableLink::start(service_addr(&redis, 6379).await).await;
+    let (a, _b, _db) = pair(&through(&redis, link.addr), 2).await;
     let (status, _) =
         a.admin(Method::PATCH, "/admin/v1/tenants/test", Some(json!({"policy": {"limits": {"rpm": 10}}}))).await;
     assert_eq!(status, 200);
+    a.clock.to_next_minute();
     let client = client_with_key(&a.key);
     let send = async || client.post(a.url("/v1/chat/completions")).body(CHAT).send().await.unwrap().status().as_u16();
 
@@ -125,8 +167,8 @@ async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
     assert_eq!(during.iter().filter(|s| **s == 200).count(), 5, "{during:?}");
     assert!(during.iter().all(|s| *s == 200 || *s == 429), "traffic keeps being answered: {during:?}");
     let metrics = a.anonymous.get(a.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let fallbacks = metrics.lines().find_map(|l| l.strip_prefix("tollgate_redis_fallbacks_total ")).unwrap();
-    assert!(fallbacks.parse::<u64>().unwrap() >= 1, "fallbacks are counted: {fallbacks}");
+    let fallbacks = scraped_value(&metrics, "tollgate_redis_fallbacks_total").unwrap();
+    assert!(fallbacks >= 1.0, "fallbacks are counted: {fallbacks}");
     assert!(
         metrics.contains(r#"tollgate_rejections_total{reason="requests_per_minute",tenant="test"} 3"#),
         "{metrics}"
@@ -134,16 +176,9 @@ async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
 
     link.restore().await;
     // Back on Redis once it answers again: its count (1 so far this minute)
-    // applies, not the local one (5, exhausted).
-    let mut recovered = false;
-    for _ in 0..30 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        if send().await == 200 {
-            recovered = true;
-            break;
-        }
-    }
-    assert!(recovered, "limits are shared again after Redis returns");
+    // applies, not the local one (5, exhausted), so the first 200 says the
+    // limits are shared again (refused requests count nowhere).
+    wait_until("limits are shared again after Redis returns", PATIENCE, async || send().await == 200).await;
     let mut after = Vec::new();
     for _ in 0..12 {
         after.push(send().await);
@@ -152,9 +187,20 @@ async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
     assert_eq!(admitted, 8, "ten a minute for the fleet, two already used: {after:?}");
 }
 
+/// Sends a request until it is not refused for being in flight: a slot is
+/// released when its request's record closes, and reaches Redis a moment
+/// later, in the background.
+async fn past_in_flight(send: impl AsyncFn() -> reqwest::Response) -> reqwest::Response {
+    wait_for("a request not refused for the in-flight limit", PATIENCE, async || {
+        let response = send().await;
+        let in_flight = response.status() == 429 && header_is(&response, "retry-after", "1");
+        (!in_flight).then_some(response)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_and_token_limits_hold_across_two_replicas() {
-    early_in_a_minute().await;
     let (a, b, _db) = pair(&redis_url(), 2).await;
     let (status, _) = a
         .admin(
@@ -164,36 +210,54 @@ async fn in_flight_and_token_limits_hold_across_two_replicas() {
         )
         .await;
     assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let small = r#"{"model":"gpt-4.1","max_tokens":10,"messages":[]}"#;
+    let limited = |r: &reqwest::Response| header_is(r, "x-ratelimit-limit-tokens", "3000");
+    until_applied(&b, &a.key, small, limited, "B applies the limits set on A").await;
     let client = client_with_key(&a.key);
-    let slow = |url: String| {
+    // A stream stays open (and holds its slot and tokens) until the test
+    // lets go of it.
+    let stream = |url: String, max_tokens: u64| {
         client
             .post(url)
-            .header("x-fake-chunks", "10")
+            .header("x-fake-chunks", "100")
             .header("x-fake-chunk-interval-ms", "100")
-            .body(r#"{"model":"gpt-4.1","max_tokens":1000,"stream":true,"messages":[]}"#)
+            .json(&json!({"model": "gpt-4.1", "max_tokens": max_tokens, "stream": true, "messages": []}))
             .send()
     };
-    // Two streams in flight, one on each replica: the tenant's two slots.
-    let first = slow(a.url("/v1/chat/completions")).await.unwrap();
-    let second = slow(b.url("/v1/chat/completions")).await.unwrap();
-    assert_eq!((first.status(), second.status()), (reqwest::StatusCode::OK, reqwest::StatusCode::OK));
-    let third = client.post(a.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
-    assert_eq!(third.status(), 429, "the fleet holds two in flight, not two per replica");
-    first.bytes().await.unwrap();
-    second.bytes().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let chat = |url: String, body: Value| client.post(url).json(&body).send();
 
-    // Tokens: 3,000 a minute for the fleet; 1,000 reserved per request
-    // while in flight, corrected to the few tokens really used after.
-    let big = json!({"model": "gpt-4.1", "max_tokens": 1400, "messages": []});
-    let held_a = client.post(a.url("/v1/chat/completions")).header("x-fake-latency-ms", "500").json(&big).send();
-    let held_b = client.post(b.url("/v1/chat/completions")).header("x-fake-latency-ms", "500").json(&big).send();
-    let probe = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        client.post(b.url("/v1/chat/completions")).json(&big).send().await.unwrap().status()
-    };
-    let (ra, rb, probe) = tokio::join!(held_a, held_b, probe);
-    assert_eq!((ra.unwrap().status(), rb.unwrap().status()), (reqwest::StatusCode::OK, reqwest::StatusCode::OK));
-    assert_eq!(probe, 429, "a third 1,400-token reservation does not fit in 3,000 across replicas");
+    // Two streams in flight, one on each replica: the tenant's two slots.
+    let (first, second, third) = decided_in_redis(&a, &b, async || {
+        let first = past_in_flight(async || stream(a.url("/v1/chat/completions"), 100).await.unwrap()).await;
+        let second = past_in_flight(async || stream(b.url("/v1/chat/completions"), 100).await.unwrap()).await;
+        // Small enough for the token limit: only the in-flight limit can refuse it.
+        let third = chat(a.url("/v1/chat/completions"), serde_json::from_str(small).unwrap()).await.unwrap();
+        (first, second, third)
+    })
+    .await;
+    assert_eq!((first.status(), second.status()), (reqwest::StatusCode::OK, reqwest::StatusCode::OK));
+    assert_eq!(third.status(), 429, "the fleet holds two in flight, not two per replica");
+    assert_eq!(third.headers()["retry-after"], "1", "refused for being in flight, not for tokens");
+    drop((first, second));
+
+    // Tokens: 3,000 a minute for the fleet. A stream open on A holds its
+    // worst case (1,400 output tokens and its prompt), so 1,700 more on B do
+    // not fit; once it ends, its reservation shrinks to the few tokens it
+    // used, and they do.
+    let ask = |max_tokens: u64| json!({"model": "gpt-4.1", "max_tokens": max_tokens, "messages": []});
+    let (held, refused) = decided_in_redis(&a, &b, async || {
+        let held = past_in_flight(async || stream(a.url("/v1/chat/completions"), 1400).await.unwrap()).await;
+        let refused = past_in_flight(async || chat(b.url("/v1/chat/completions"), ask(1700)).await.unwrap()).await;
+        (held, refused)
+    })
+    .await;
+    assert_eq!(held.status(), 200);
+    assert_eq!(refused.status(), 429, "1,400 held on A and 1,700 asked on B do not fit in 3,000");
+    assert_eq!(refused.headers()["x-should-retry"], "true", "it would fit on its own");
+    assert_eq!(envelope(refused).await["error"]["type"], "tokens");
+    drop(held);
+    wait_until("the held stream's reservation corrected to what it used", PATIENCE, async || {
+        chat(b.url("/v1/chat/completions"), ask(1700)).await.unwrap().status() == 200
+    })
+    .await;
 }

@@ -5,7 +5,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{Db, TestGateway, client_with_key, envelope};
+use crate::helpers::{Db, PATIENCE, TestGateway, client_with_key, envelope, wait_until};
 
 async fn tenant_with_policy(gw: &TestGateway, id: &str, policy: Value) -> reqwest::Client {
     let (status, body) = gw
@@ -64,19 +64,18 @@ async fn a_record_the_database_refuses_is_set_aside_and_accounting_goes_on_for_e
         assert_eq!(gw.http.post(gw.url("/v1/chat/completions")).json(&chat).send().await.unwrap().status(), 200);
     }
 
-    crate::helpers::eventually_async("the other tenant's records are written", || async {
+    wait_until("the other tenant's records are written", PATIENCE, async || {
         store.count_usage_events().await.unwrap() == 5
     })
     .await;
     let dead_letters = gw.data_dir().join("spool").join("dead-letter.jsonl");
-    crate::helpers::eventually("the refused record is set aside", || {
+    wait_until("the refused record is set aside", PATIENCE, async || {
         std::fs::read_to_string(&dead_letters).is_ok_and(|t| t.contains(&poisoned_id))
     })
     .await;
     // Later records are not queued behind it.
     assert_eq!(gw.http.post(gw.url("/v1/chat/completions")).json(&chat).send().await.unwrap().status(), 200);
-    crate::helpers::eventually_async("accounting goes on", || async { store.count_usage_events().await.unwrap() == 6 })
-        .await;
+    wait_until("accounting goes on", PATIENCE, async || store.count_usage_events().await.unwrap() == 6).await;
     let ready: Value = gw.anonymous.get(gw.admin_url("/readyz")).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["accounting"]["state"], "ok", "{ready}");

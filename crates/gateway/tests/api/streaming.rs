@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use crate::helpers::{TestGateway, eventually};
+use crate::helpers::{PATIENCE, TestGateway, wait_until};
 
 const STREAM_BODY: &str = r#"{"model":"gemini-2.5-flash","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 
@@ -89,7 +89,7 @@ async fn a_client_that_disconnects_cancels_the_upstream_stream() {
     assert!(first.starts_with(b"data: "));
     drop(stream);
 
-    eventually("the upstream sees the stream cancelled", || gw.fake.streams_cancelled() == 1).await;
+    wait_until("the upstream sees the stream cancelled", PATIENCE, async || gw.fake.streams_cancelled() == 1).await;
     assert_eq!(gw.fake.streams_completed(), 0);
 }
 
