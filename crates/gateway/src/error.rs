@@ -78,8 +78,6 @@ pub enum GatewayError {
     InvalidJson(String),
     #[error("request bodies must not be compressed (content-encoding other than identity)")]
     UnsupportedContentEncoding,
-    #[error("the request path or query contains a NUL character")]
-    NulInUri,
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("failed to read the request body")]
@@ -147,7 +145,6 @@ impl GatewayError {
             | Self::PolicyUncheckable
             | Self::InvalidJson(_)
             | Self::UnsupportedContentEncoding
-            | Self::NulInUri
             | Self::BodyTooLarge { .. }
             | Self::BodyRead
             | Self::UnknownRoute(_)
@@ -169,7 +166,6 @@ impl GatewayError {
             | Self::AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::TenantSuspended | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::InvalidJson(_)
-            | Self::NulInUri
             | Self::PolicyUncheckable
             | Self::InvalidModel(_)
             | Self::MissingModel
@@ -205,7 +201,6 @@ impl GatewayError {
             Self::BudgetExhausted { .. } => "insufficient_quota",
             Self::InvalidJson(_) => "invalid_json",
             Self::UnsupportedContentEncoding => "unsupported_content_encoding",
-            Self::NulInUri => "invalid_url",
             Self::InvalidModel(_) => "invalid_model",
             Self::PolicyUncheckable => "invalid_request_body",
             Self::MissingModel => "missing_required_parameter",

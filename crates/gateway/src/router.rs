@@ -9,17 +9,14 @@
 //!    log line below it has the id; logs each response once with its status
 //!    and latency. Sits under (1) because it reads the `RequestId` extension.
 //! 3. `CatchPanicLayer` — a panic in a handler becomes a 500 envelope instead
-//!    of a dropped connection. Under (1) and (2), so they still see a response.
-//! 4. `refuse_nul_in_uri` — `%00` anywhere in the path or query is a 400
-//!    before routing: no identifier with a NUL reaches a handler or the
-//!    database.
-//! 5. Routes. The body limit is applied where the body is read
+//!    of a dropped connection. Innermost, so (1) and (2) still see a response.
+//! 4. Routes. The body limit is applied where the body is read
 //!    (`proxy::body`), so that it answers with our envelope.
 //!
 //! On the `/v1` routes only (as a route layer, so unknown paths are 404
 //! before any key check):
 //!
-//! 6. `AuthLayer` — resolves the tenant key from the in-memory cache and
+//! 5. `AuthLayer` — resolves the tenant key from the in-memory cache and
 //!    inserts the `Principal` extension that the `/v1` handlers read. Policy,
 //!    rate limits and budgets go after it, in that order.
 
@@ -95,20 +92,8 @@ fn with_common_layers(router: Router) -> Router {
                     .on_response(on_response)
                     .on_failure(()),
             )
-            .layer(CatchPanicLayer::custom(panic_response))
-            .layer(axum::middleware::from_fn(refuse_nul_in_uri)),
+            .layer(CatchPanicLayer::custom(panic_response)),
     )
-}
-
-/// A NUL in a path or query identifier can reach no valid resource, and
-/// the database refuses it: answer 400 before any handler sees it.
-async fn refuse_nul_in_uri(request: Request, next: axum::middleware::Next) -> Response {
-    let uri = request.uri();
-    let raw = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
-    if raw.contains("%00") {
-        return GatewayError::NulInUri.into_response();
-    }
-    next.run(request).await
 }
 
 fn make_span(request: &Request) -> Span {

@@ -17,8 +17,10 @@ pub struct TenantUsageState {
     pub store: Store,
 }
 
-#[utoipa::path(get, path = "/v1/usage", tag = "tenant usage", params(SummaryQuery),
-    responses((status = 200, body = Summary)))]
+#[utoipa::path(get, path = "/v1/usage", tag = "tenant usage", operation_id = "tenantUsageSummary", params(SummaryQuery),
+    security(("tenant_key" = [])),
+    responses((status = 200, description = "The caller's tenant's totals", body = Summary),
+        (status = 403, description = "The key's tenant is suspended (`tenant_suspended`).")))]
 pub async fn summary(
     State(state): State<Arc<TenantUsageState>>,
     Extension(principal): Extension<Principal>,
@@ -27,8 +29,10 @@ pub async fn summary(
     Ok(Json(usage::summarize(&state.store, query, Some(principal.tenant_id())).await?))
 }
 
-#[utoipa::path(get, path = "/v1/usage/records", tag = "tenant usage", params(RecordsQuery),
-    responses((status = 200, body = RecordList)))]
+#[utoipa::path(get, path = "/v1/usage/records", tag = "tenant usage", operation_id = "tenantUsageRecords", params(RecordsQuery),
+    security(("tenant_key" = [])),
+    responses((status = 200, description = "One page of the caller's tenant's records", body = RecordList),
+        (status = 403, description = "The key's tenant is suspended (`tenant_suspended`).")))]
 pub async fn records(
     State(state): State<Arc<TenantUsageState>>,
     Extension(principal): Extension<Principal>,

@@ -25,7 +25,7 @@ impl Store {
         secret_hash: &str,
         actor: &str,
     ) -> StoreResult<AdminToken> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("INSERT INTO admin_tokens (id, name, secret_hash, created_at) VALUES ($1, $2, $3, $4)")
             .bind(id)
             .bind(name)
@@ -65,7 +65,7 @@ impl Store {
 
     pub async fn revoke_admin_token(&self, id: &str, actor: &str) -> StoreResult<AdminToken> {
         self.get_admin_token(id).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(now_millis())
             .bind(id)

@@ -98,7 +98,7 @@ fn budget(row: &AnyRow) -> StoreResult<Budget> {
 impl Store {
     pub async fn create_budget(&self, b: &Budget, actor: &str) -> StoreResult<Budget> {
         let now = now_millis();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let tenant_ok = sqlx::query("SELECT id FROM tenants WHERE id = $1 AND status <> 'deleted'")
             .bind(&b.tenant_id)
             .fetch_optional(&mut *tx)
@@ -156,7 +156,7 @@ impl Store {
     }
 
     pub async fn update_budget(&self, b: &Budget, actor: &str) -> StoreResult<Budget> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE budgets SET amount_micros = $1, hard = $2, thresholds = $3, updated_at = $4 WHERE id = $5",
         )
@@ -186,7 +186,7 @@ impl Store {
 
     pub async fn delete_budget(&self, id: &str, actor: &str) -> StoreResult<Budget> {
         let b = self.get_budget(id).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM budgets WHERE id = $1").bind(id).execute(&mut *tx).await?;
         Audit { actor, action: "budget.delete", target_type: "budget", target_id: id, details: json!({}) }
             .write(&mut tx)

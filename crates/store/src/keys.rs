@@ -84,7 +84,7 @@ impl Store {
     }
 
     pub async fn create_key(&self, new: &NewKey, actor: &str) -> StoreResult<ApiKey> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         self.insert_key(&mut tx, new, None).await?;
         Audit {
             actor,
@@ -163,7 +163,7 @@ impl Store {
         let expires_at = patch.expires_at.unwrap_or(current.expires_at);
         let models = patch.allowed_models.clone().unwrap_or(current.allowed_models);
         let limits = patch.limits.clone().unwrap_or(current.limits);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "UPDATE api_keys SET name = $1, expires_at = $2, allowed_models = $3, limits = $4, updated_at = $5 \
              WHERE id = $6",
@@ -197,7 +197,7 @@ impl Store {
             return Ok(current);
         }
         let now = now_millis();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE api_keys SET revoked_at = $1, updated_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(now)
             .bind(id)
@@ -232,7 +232,7 @@ impl Store {
             Some(existing) if existing < old_valid_until => existing,
             _ => old_valid_until,
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         self.insert_key(&mut tx, new, Some(old_id)).await?;
         let updated = sqlx::query(
             "UPDATE api_keys SET expires_at = $1, rotated_to = $2, updated_at = $3 \
@@ -267,7 +267,7 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for id in ids {
             sqlx::query(
                 "UPDATE api_keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)",

@@ -140,6 +140,19 @@ impl Store {
         self.backend
     }
 
+    /// A transaction that will write. SQLite starts it with the write lock
+    /// (`BEGIN IMMEDIATE`): a deferred transaction that reads, then writes,
+    /// fails at once with "database is locked" when another write committed
+    /// after its read (`busy_timeout` cannot wait for that), whereas waiting
+    /// for the lock up front is covered by `busy_timeout`.
+    pub(crate) async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(tx)
+    }
+
     /// The URL this store was opened with (it may hold a password: never log it).
     pub fn url(&self) -> &str {
         &self.url

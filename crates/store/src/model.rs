@@ -71,12 +71,14 @@ pub struct TenantPolicy {
     pub limits: Limits,
     /// Cap on `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub max_output_tokens: Option<u64>,
     /// What to do with a request over a cap: `clamp` it (default) or `reject` it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub over_cap: Option<OverCap>,
     /// Injected when a request sets no output limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub default_max_output_tokens: Option<u64>,
     /// Highest `reasoning_effort` allowed: `none`, `minimal`, `low`, `medium`, `high`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,12 +139,15 @@ impl ReasoningEffort {
 pub struct Limits {
     /// Requests per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub rpm: Option<u64>,
     /// Tokens per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub tpm: Option<u64>,
     /// Requests in flight at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub max_concurrent: Option<u64>,
 }
 

@@ -32,7 +32,7 @@ fn policy_json(policy: &crate::TenantPolicy) -> String {
 impl Store {
     pub async fn create_tenant(&self, new: &NewTenant, actor: &str) -> StoreResult<Tenant> {
         let now = now_millis();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let inserted = sqlx::query(
             "INSERT INTO tenants (id, display_name, status, metadata, policy, created_at, updated_at) \
              VALUES ($1, $2, 'active', $3, $5, $4, $4)",
@@ -106,7 +106,7 @@ impl Store {
         let display_name = patch.display_name.clone().unwrap_or(current.display_name);
         let metadata = patch.metadata.clone().unwrap_or(current.metadata);
         let policy = patch.policy.clone().unwrap_or(current.policy);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE tenants SET display_name = $1, metadata = $2, policy = $5, updated_at = $3 WHERE id = $4")
             .bind(&display_name)
             .bind(metadata.to_string())
@@ -137,7 +137,7 @@ impl Store {
             TenantStatus::Deleted => return self.delete_tenant(id, actor).await,
         };
         self.get_tenant(id).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE tenants SET status = $1, updated_at = $2 WHERE id = $3 AND status <> 'deleted'")
             .bind(status.as_str())
             .bind(now_millis())
@@ -155,7 +155,7 @@ impl Store {
     pub async fn delete_tenant(&self, id: &str, actor: &str) -> StoreResult<Tenant> {
         self.get_tenant(id).await?;
         let now = now_millis();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE tenants SET status = 'deleted', updated_at = $1 WHERE id = $2")
             .bind(now)
             .bind(id)

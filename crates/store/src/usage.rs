@@ -318,7 +318,7 @@ impl Store {
     async fn insert_usage_postgres(&self, events: &[UsageEvent]) -> StoreResult<u64> {
         let mut inserted = 0;
         let sql = insert_usage_from_json();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for chunk in events.chunks(5000) {
             let rows: Vec<JsonRow<'_>> = chunk.iter().map(JsonRow::from).collect();
             let rows = serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -331,7 +331,7 @@ impl Store {
 
     async fn insert_usage_sqlite(&self, events: &[UsageEvent]) -> StoreResult<u64> {
         let mut inserted = 0;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let insert =
             format!("INSERT INTO usage_events ({COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING", placeholders(1, 0));
         let rollup = format!(

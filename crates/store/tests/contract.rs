@@ -64,6 +64,7 @@ contract!(
     retention_drops_old_usage_but_keeps_rollups,
     the_auth_fingerprint_moves_with_every_key_or_tenant_change_only,
     client_text_with_nul_characters_cannot_block_the_ledger,
+    concurrent_changes_wait_for_each_other,
 );
 
 fn usage_event(id: &str, at: i64, tenant: &str, model: &str, cost: i64) -> tollgate_store::UsageEvent {
@@ -355,4 +356,25 @@ async fn client_text_with_nul_characters_cannot_block_the_ledger(store: &Store) 
     let stored = page.iter().find(|e| e.id == "nul").unwrap();
     assert_eq!(stored.requested_model, "gpt\u{fffd}4");
     assert_eq!(stored.upstream_model.as_deref(), Some("up\u{fffd}stream"));
+}
+
+/// Each change reads, then writes, in one transaction. On SQLite a deferred
+/// transaction whose read predates another's commit cannot take the write
+/// lock and fails at once ("database is locked"): two admin calls at the
+/// same moment were enough. Changes must queue instead.
+async fn concurrent_changes_wait_for_each_other(store: &Store) {
+    store.create_tenant(&new_tenant("acme"), "test").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.create_key(&new_key(&format!("k{i}"), "acme"), "test").await?;
+            store.create_tenant(&new_tenant(&format!("t{i}")), "test").await?;
+            store.revoke_key(&format!("k{i}"), "test").await.map(|_| ())
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(store.list_keys("acme", None, 100).await.unwrap().len(), 16);
 }

@@ -18,8 +18,8 @@ pub struct AuditList {
     pub next_cursor: Option<String>,
 }
 
-#[utoipa::path(get, path = "/admin/v1/audit", tag = "audit", params(PageQuery),
-    responses((status = 200, body = AuditList)))]
+#[utoipa::path(get, path = "/admin/v1/audit", tag = "audit", operation_id = "listAudit", params(PageQuery),
+    responses((status = 200, description = "One page of the audit log, newest first", body = AuditList)))]
 pub async fn list(
     State(state): State<AdminState>,
     _admin: Admin,

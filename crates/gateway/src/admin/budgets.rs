@@ -1,29 +1,44 @@
 //! `/admin/v1/tenants/{id}/budgets` and `/admin/v1/budgets/{budget_id}`
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tollgate_store::{Budget, Change, Period, StoreError};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::AdminState;
 use super::auth::Admin;
 use super::error::AdminError;
-use super::extract::AdminJson;
+use super::extract::{AdminJson, AdminPath};
+use super::tenants::{NOT_FOUND as TENANT_NOT_FOUND, TenantId};
+
+/// The `{budget_id}` of `/admin/v1/budgets/{budget_id}`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // Only describes the path to the OpenAPI document.
+pub struct BudgetId {
+    /// The budget's id, `bud_...`.
+    budget_id: String,
+}
+
+const NOT_FOUND: &str = "No budget has this id (`not_found`).";
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBudget {
     /// `daily`, `weekly` (from Monday), `monthly` (calendar months, UTC) or `lifetime`.
     pub period: Period,
-    /// The amount in USD as a decimal string, e.g. `"500"` or `"12.50"` (up to 6 decimals).
+    /// The amount in USD as a decimal string, e.g. `"500"` or `"12.50"` (up to 6
+    /// decimals), more than zero and at most 9223372036854.775807.
+    #[schema(pattern = "^\\s*([0-9]+(\\.[0-9]{0,6})?|\\.[0-9]{1,6})\\s*$", example = "500")]
     pub amount_usd: String,
     /// Refuse requests that could exceed it (default true); false only alerts.
     #[serde(default = "yes")]
     pub hard: bool,
-    /// Alert thresholds in percent (default 50, 80, 100).
+    /// Alert thresholds in percent, each 1-1000 (default 50, 80, 100).
     #[serde(default)]
+    #[schema(max_items = 10)]
     pub thresholds: Option<Vec<u32>>,
     /// Limit the budget to one key of the tenant.
     #[serde(default)]
@@ -37,8 +52,12 @@ fn yes() -> bool {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateBudget {
+    /// A decimal string, as for creation.
+    #[schema(pattern = "^\\s*([0-9]+(\\.[0-9]{0,6})?|\\.[0-9]{1,6})\\s*$", example = "500")]
     pub amount_usd: Option<String>,
     pub hard: Option<bool>,
+    /// Alert thresholds in percent, each 1-1000.
+    #[schema(max_items = 10)]
     pub thresholds: Option<Vec<u32>>,
 }
 
@@ -96,12 +115,16 @@ fn view(state: &AdminState, budget: Budget) -> BudgetView {
     }
 }
 
-#[utoipa::path(post, path = "/admin/v1/tenants/{id}/budgets", tag = "budgets", request_body = CreateBudget,
-    responses((status = 201, body = BudgetView), (status = 400, description = "validation failed"), (status = 404, description = "no such tenant")))]
+#[utoipa::path(post, path = "/admin/v1/tenants/{id}/budgets", tag = "budgets", operation_id = "createBudget", params(TenantId), request_body = CreateBudget,
+    responses((status = 201, description = "Created, with this period's spend", body = BudgetView,
+        links(
+            ("updateBudget" = (operation_id = "updateBudget", parameters(("budget_id" = "$response.body#/id")))),
+            ("deleteBudget" = (operation_id = "deleteBudget", parameters(("budget_id" = "$response.body#/id")))),
+        )), (status = 404, description = TENANT_NOT_FOUND)))]
 pub async fn create(
     State(state): State<AdminState>,
     admin: Admin,
-    Path(tenant_id): Path<String>,
+    AdminPath(tenant_id): AdminPath,
     AdminJson(body): AdminJson<CreateBudget>,
 ) -> Result<(StatusCode, Json<BudgetView>), AdminError> {
     let amount_micros = parse_usd("amount_usd", &body.amount_usd)?;
@@ -133,23 +156,28 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, created))))
 }
 
-#[utoipa::path(get, path = "/admin/v1/tenants/{id}/budgets", tag = "budgets",
-    responses((status = 200, body = BudgetList)))]
+#[utoipa::path(get, path = "/admin/v1/tenants/{id}/budgets", tag = "budgets", operation_id = "listBudgets", params(TenantId),
+    responses((status = 200, description = "The tenant's budgets, with this period's spend", body = BudgetList), (status = 404, description = TENANT_NOT_FOUND)))]
 pub async fn list(
     State(state): State<AdminState>,
     _admin: Admin,
-    Path(tenant_id): Path<String>,
+    AdminPath(tenant_id): AdminPath,
 ) -> Result<Json<BudgetList>, AdminError> {
+    // As for keys: a mistyped tenant id is a 404, not an empty list.
+    state.store.get_tenant(&tenant_id).await.map_err(|e| match e {
+        StoreError::NotFound => AdminError::not_found("tenant"),
+        other => other.into(),
+    })?;
     let budgets = state.store.list_budgets(&tenant_id).await?;
     Ok(Json(BudgetList { data: budgets.into_iter().map(|b| view(&state, b)).collect() }))
 }
 
-#[utoipa::path(patch, path = "/admin/v1/budgets/{budget_id}", tag = "budgets", request_body = UpdateBudget,
-    responses((status = 200, body = BudgetView), (status = 404, description = "not found")))]
+#[utoipa::path(patch, path = "/admin/v1/budgets/{budget_id}", tag = "budgets", operation_id = "updateBudget", params(BudgetId), request_body = UpdateBudget,
+    responses((status = 200, description = "The updated budget", body = BudgetView), (status = 404, description = NOT_FOUND)))]
 pub async fn update(
     State(state): State<AdminState>,
     admin: Admin,
-    Path(budget_id): Path<String>,
+    AdminPath(budget_id): AdminPath,
     AdminJson(body): AdminJson<UpdateBudget>,
 ) -> Result<Json<BudgetView>, AdminError> {
     let mut budget = state.store.get_budget(&budget_id).await.map_err(not_found)?;
@@ -168,12 +196,12 @@ pub async fn update(
     Ok(Json(view(&state, updated)))
 }
 
-#[utoipa::path(delete, path = "/admin/v1/budgets/{budget_id}", tag = "budgets",
-    responses((status = 200, body = Budget), (status = 404, description = "not found")))]
+#[utoipa::path(delete, path = "/admin/v1/budgets/{budget_id}", tag = "budgets", operation_id = "deleteBudget", params(BudgetId),
+    responses((status = 200, description = "The deleted budget", body = Budget), (status = 404, description = NOT_FOUND)))]
 pub async fn delete(
     State(state): State<AdminState>,
     admin: Admin,
-    Path(budget_id): Path<String>,
+    AdminPath(budget_id): AdminPath,
 ) -> Result<Json<Budget>, AdminError> {
     let deleted = state.store.delete_budget(&budget_id, &admin.actor).await.map_err(not_found)?;
     state.changed(Change::Budget(deleted.tenant_id.clone())).await;
@@ -203,11 +231,14 @@ mod tests {
     }
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AlertQuery {
+    /// Only this tenant's alerts.
     pub tenant_id: Option<String>,
-    /// 1-200 (default 50).
+    /// How many (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
 }
 
@@ -217,8 +248,8 @@ pub struct AlertList {
 }
 
 /// Budget alerts, newest first, with their delivery state.
-#[utoipa::path(get, path = "/admin/v1/alerts", tag = "budgets", params(AlertQuery),
-    responses((status = 200, body = AlertList)))]
+#[utoipa::path(get, path = "/admin/v1/alerts", tag = "budgets", operation_id = "listAlerts", params(AlertQuery),
+    responses((status = 200, description = "The newest alerts", body = AlertList)))]
 pub async fn alerts(
     State(state): State<AdminState>,
     _admin: Admin,

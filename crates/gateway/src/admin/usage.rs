@@ -23,16 +23,24 @@ const MAX_DAYS: i64 = 366;
 const MAX_CSV_ROWS: usize = 1_000_000;
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SummaryQuery {
-    /// First UTC day, `YYYY-MM-DD` (default: 30 days before `to`).
+    /// First UTC day, `YYYY-MM-DD` (default: 30 days before `to`); at most
+    /// 366 days before `to`.
+    #[param(format = Date)]
     pub from: Option<String>,
     /// Last UTC day, inclusive (default: today).
+    #[param(format = Date)]
     pub to: Option<String>,
+    /// Only this tenant (ignored with a tenant key: always the key's tenant).
     pub tenant_id: Option<String>,
+    /// Only this key.
     pub key_id: Option<String>,
+    /// Only this requested model.
     pub model: Option<String>,
-    /// Comma-separated: any of `tenant`, `key`, `model`, `day`.
+    /// Comma-separated: any of `tenant`, `key`, `model`, `day` (empty: no grouping).
+    #[param(pattern = "^\\s*((tenant|key|model|day)\\s*(,\\s*(tenant|key|model|day)\\s*)*)?$")]
     pub group_by: Option<String>,
 }
 
@@ -54,19 +62,55 @@ pub struct Summary {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RecordsQuery {
     /// RFC 3339 start (inclusive).
     pub from: Option<DateTime<Utc>>,
     /// RFC 3339 end (exclusive).
     pub to: Option<DateTime<Utc>>,
+    /// Only this tenant (ignored with a tenant key: always the key's tenant).
     pub tenant_id: Option<String>,
+    /// Only this key.
     pub key_id: Option<String>,
+    /// Only this requested model.
     pub model: Option<String>,
-    /// Page size, 1-200 (default 50).
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
     /// `next_cursor` from the previous page.
     pub cursor: Option<String>,
+}
+
+/// The records export takes the filters only: it is not paginated.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ExportQuery {
+    /// RFC 3339 start (inclusive).
+    pub from: Option<DateTime<Utc>>,
+    /// RFC 3339 end (exclusive).
+    pub to: Option<DateTime<Utc>>,
+    /// Only this tenant.
+    pub tenant_id: Option<String>,
+    /// Only this key.
+    pub key_id: Option<String>,
+    /// Only this requested model.
+    pub model: Option<String>,
+}
+
+impl From<ExportQuery> for RecordsQuery {
+    fn from(q: ExportQuery) -> Self {
+        Self {
+            from: q.from,
+            to: q.to,
+            tenant_id: q.tenant_id,
+            key_id: q.key_id,
+            model: q.model,
+            limit: None,
+            cursor: None,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -76,7 +120,15 @@ pub struct RecordList {
 }
 
 fn parse_day(field: &'static str, day: &str) -> Result<NaiveDate, AdminError> {
-    NaiveDate::parse_from_str(day, "%Y-%m-%d").map_err(|_| AdminError::invalid(field, "must be a date, YYYY-MM-DD"))
+    let bad = || AdminError::invalid(field, "must be a date, YYYY-MM-DD");
+    // chrono also reads `2026-1-5` and signed years; the document promises
+    // an RFC 3339 full date, so only that shape is accepted.
+    let shaped = day.len() == 10
+        && day.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    if !shaped {
+        return Err(bad());
+    }
+    NaiveDate::parse_from_str(day, "%Y-%m-%d").map_err(|_| bad())
 }
 
 fn parse_group_by(text: Option<&str>) -> Result<Vec<GroupBy>, AdminError> {
@@ -110,7 +162,9 @@ pub async fn summarize(store: &Store, query: SummaryQuery, tenant: Option<&str>)
     };
     let from = match &query.from {
         Some(d) => parse_day("from", d)?,
-        None => to - chrono::Duration::days(30),
+        None => to
+            .checked_sub_signed(chrono::Duration::days(30))
+            .ok_or_else(|| AdminError::invalid("to", "is too early"))?,
     };
     if from > to {
         return Err(AdminError::invalid("from", "must not be after `to`"));
@@ -242,8 +296,8 @@ pub async fn csv(store: &Store, query: RecordsQuery, tenant: Option<&str>) -> Re
         .into_response())
 }
 
-#[utoipa::path(get, path = "/admin/v1/usage/summary", tag = "usage", params(SummaryQuery),
-    responses((status = 200, body = Summary), (status = 400, description = "bad range or grouping")))]
+#[utoipa::path(get, path = "/admin/v1/usage/summary", tag = "usage", operation_id = "usageSummary", params(SummaryQuery),
+    responses((status = 200, description = "Totals over whole UTC days, one row per group", body = Summary)))]
 pub async fn admin_summary(
     State(state): State<AdminState>,
     _admin: Admin,
@@ -252,8 +306,8 @@ pub async fn admin_summary(
     Ok(Json(summarize(&state.store, query, None).await?))
 }
 
-#[utoipa::path(get, path = "/admin/v1/usage/records", tag = "usage", params(RecordsQuery),
-    responses((status = 200, body = RecordList)))]
+#[utoipa::path(get, path = "/admin/v1/usage/records", tag = "usage", operation_id = "usageRecords", params(RecordsQuery),
+    responses((status = 200, description = "One page of per-request records, newest first", body = RecordList)))]
 pub async fn admin_records(
     State(state): State<AdminState>,
     _admin: Admin,
@@ -262,14 +316,15 @@ pub async fn admin_records(
     Ok(Json(records(&state.store, query, None).await?))
 }
 
-#[utoipa::path(get, path = "/admin/v1/usage/records.csv", tag = "usage", params(RecordsQuery),
-    responses((status = 200, description = "CSV, one row per request", content_type = "text/csv")))]
+#[utoipa::path(get, path = "/admin/v1/usage/records.csv", tag = "usage", operation_id = "usageRecordsCsv", params(ExportQuery),
+    responses((status = 200, description = "CSV with a header line, one row per request, newest first (at most 1,000,000 rows)",
+        content_type = "text/csv; charset=utf-8", body = String)))]
 pub async fn admin_csv(
     State(state): State<AdminState>,
     _admin: Admin,
-    AdminQuery(query): AdminQuery<RecordsQuery>,
+    AdminQuery(query): AdminQuery<ExportQuery>,
 ) -> Result<Response, AdminError> {
-    csv(&state.store, query, None).await
+    csv(&state.store, query.into(), None).await
 }
 
 #[cfg(test)]
@@ -283,6 +338,14 @@ mod tests {
         out.push(',');
         csv_field(&mut out, "a,\"b\"");
         assert_eq!(out, "plain,\"a,\"\"b\"\"\"");
+    }
+
+    #[test]
+    fn days_are_rfc_3339_full_dates() {
+        assert_eq!(parse_day("from", "2026-02-28").unwrap(), NaiveDate::from_ymd_opt(2026, 2, 28).unwrap());
+        for bad in ["2026-1-5", "+2026-01-05", "2026-02-30", "20260205", "2026-02-05T00:00:00Z", ""] {
+            assert_eq!(parse_day("from", bad).unwrap_err().param.as_deref(), Some("from"), "{bad}");
+        }
     }
 
     #[test]

@@ -39,6 +39,17 @@ pub fn limits(limits: &tollgate_store::Limits) -> Result<(), AdminError> {
     limits_at("limits", limits)
 }
 
+/// Largest count a limit or cap may hold: what the document promises
+/// (`int64`), what SQL and Redis counters and upstream JSON parsers hold.
+const MAX_COUNT: u64 = i64::MAX as u64;
+
+fn at_most_max(field: impl Into<String>, value: Option<u64>) -> Result<(), AdminError> {
+    if value.is_some_and(|v| v > MAX_COUNT) {
+        return Err(AdminError::invalid(field, format!("must be at most {MAX_COUNT}")));
+    }
+    Ok(())
+}
+
 fn limits_at(prefix: &str, limits: &tollgate_store::Limits) -> Result<(), AdminError> {
     for (field, value) in [("rpm", limits.rpm), ("tpm", limits.tpm), ("max_concurrent", limits.max_concurrent)] {
         if value == Some(0) {
@@ -47,6 +58,7 @@ fn limits_at(prefix: &str, limits: &tollgate_store::Limits) -> Result<(), AdminE
                 "must be greater than 0 (omit it for no limit)",
             ));
         }
+        at_most_max(format!("{prefix}.{field}"), value)?;
     }
     Ok(())
 }
@@ -60,6 +72,14 @@ pub fn policy(policy: &tollgate_store::TenantPolicy) -> Result<(), AdminError> {
         if value == Some(0) {
             return Err(AdminError::invalid(field, "must be greater than 0"));
         }
+    }
+    for (field, value) in [
+        ("policy.max_output_tokens", policy.max_output_tokens),
+        ("policy.default_max_output_tokens", policy.default_max_output_tokens),
+        ("policy.max_thinking_budget", policy.max_thinking_budget),
+        ("policy.default_thinking_budget", policy.default_thinking_budget),
+    ] {
+        at_most_max(field, value)?;
     }
     if let (Some(cap), Some(default)) = (policy.max_output_tokens, policy.default_max_output_tokens)
         && default > cap
@@ -106,6 +126,16 @@ mod tests {
     fn pages_end_with_the_cursor_of_their_last_row_only_when_there_is_more() {
         assert_eq!(paginate(vec![1, 2, 3], 2, i32::to_string), (vec![1, 2], Some("2".to_owned())));
         assert_eq!(paginate(vec![1, 2], 2, i32::to_string), (vec![1, 2], None));
+    }
+
+    #[test]
+    fn counts_fit_a_signed_64_bit_integer() {
+        let limits = tollgate_store::Limits { tpm: Some(MAX_COUNT + 1), ..Default::default() };
+        assert_eq!(super::limits(&limits).unwrap_err().param.as_deref(), Some("limits.tpm"));
+        let limits = tollgate_store::Limits { tpm: Some(MAX_COUNT), ..Default::default() };
+        assert!(super::limits(&limits).is_ok());
+        let policy = tollgate_store::TenantPolicy { max_thinking_budget: Some(u64::MAX), ..Default::default() };
+        assert_eq!(super::policy(&policy).unwrap_err().param.as_deref(), Some("policy.max_thinking_budget"));
     }
 
     #[test]

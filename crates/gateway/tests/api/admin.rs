@@ -4,7 +4,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, TestGateway};
+use crate::helpers::{ADMIN_TOKEN, Db, TestGateway};
 
 async fn raw(gw: &TestGateway, method: Method, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
     let mut request = gw.anonymous.request(method, gw.admin_url(path)).header("content-type", "application/json");
@@ -189,4 +189,64 @@ async fn the_admin_api_shares_the_public_listener_only_when_asked_to() {
     config.admin.listen = None;
     let error = config.validate().unwrap_err().to_string();
     assert!(error.contains("admin.listen") && error.contains("share_public_listener"), "{error}");
+}
+
+/// Found by fuzzing the admin API against its document (tests/api/openapi.rs).
+#[tokio::test]
+async fn input_no_resource_can_match_is_a_client_error_on_postgres() {
+    let fake = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
+    let gw = TestGateway::start_full(fake, Db::Postgres, |_| {}).await;
+    // Postgres text cannot hold NUL: these used to reach the database and
+    // come back as 503 database_unavailable. Invalid UTF-8 in a path used to
+    // be axum's plain-text 400.
+    for (method, path) in [
+        (Method::GET, "/admin/v1/tenants/a%00b"),
+        (Method::GET, "/admin/v1/tenants/%FF"),
+        (Method::GET, "/admin/v1/tenants/a%00b/keys"),
+        (Method::GET, "/admin/v1/tenants/a%00b/budgets"),
+        (Method::GET, "/admin/v1/keys/%00"),
+        (Method::POST, "/admin/v1/keys/%00/revoke"),
+        (Method::DELETE, "/admin/v1/budgets/%00"),
+        (Method::POST, "/admin/v1/admin-tokens/%00/revoke"),
+    ] {
+        let (status, body) = raw(&gw, method.clone(), path, Some(ADMIN_TOKEN), "").await;
+        assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")), "{method} {path}: {body}");
+    }
+    for (path, param) in [
+        ("/admin/v1/tenants?cursor=a%00", "cursor"),
+        ("/admin/v1/usage/records?model=%00", "model"),
+        ("/admin/v1/usage/summary?tenant_id=x%00", "tenant_id"),
+        ("/admin/v1/alerts?tenant_id=%00", "tenant_id"),
+    ] {
+        let (status, body) = raw(&gw, Method::GET, path, Some(ADMIN_TOKEN), "").await;
+        assert_eq!((status, body["error"]["param"].as_str()), (400, Some(param)), "{path}: {body}");
+    }
+
+    // Serde reads a struct from an array of its fields too: this created a
+    // tenant, and `[null, null]` cleared a key's limits.
+    let (status, body) = raw(&gw, Method::POST, "/admin/v1/tenants", Some(ADMIN_TOKEN), r#"["acme", "Acme"]"#).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_body")), "{body}");
+    let key_id = gw.key.split('-').nth(1).unwrap().to_owned();
+    let (status, body) =
+        raw(&gw, Method::PATCH, &format!("/admin/v1/keys/{key_id}"), Some(ADMIN_TOKEN), r#"{"limits": [null, null]}"#)
+            .await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("limits")), "{body}");
+
+    // The document says int64: larger counts are refused, not stored.
+    let (status, body) = raw(
+        &gw,
+        Method::PATCH,
+        &format!("/admin/v1/keys/{key_id}"),
+        Some(ADMIN_TOKEN),
+        r#"{"limits": {"tpm": 9223372036854775808}}"#,
+    )
+    .await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("limits.tpm")), "{body}");
+
+    // A tenant that does not exist has no budget list, as it has no key list.
+    let (status, _) = gw.admin(Method::GET, "/admin/v1/tenants/nobody/budgets", None).await;
+    assert_eq!(status, 404);
+    // Parameters the export ignored are refused.
+    let (status, body) = gw.admin(Method::GET, "/admin/v1/usage/records.csv?limit=5", None).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("query")), "{body}");
 }

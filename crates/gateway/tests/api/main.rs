@@ -12,6 +12,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod metrics;
+mod openapi;
 mod outage;
 mod passthrough;
 mod policy;

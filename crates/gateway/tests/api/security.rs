@@ -291,22 +291,36 @@ async fn the_upstream_refusing_the_gateways_key_is_a_502_that_names_no_key() {
 }
 
 #[tokio::test]
-async fn a_nul_in_a_path_or_query_is_a_400_on_both_listeners() {
-    let gw = TestGateway::start().await;
-    for url in [
-        gw.url("/v1/usage?model=%00"),
-        gw.url("/v1/usage/records?model=a%00b"),
-        gw.url("/v1/models/a%00"),
-        gw.admin_url("/admin/v1/tenants/%00"),
-        gw.admin_url("/admin/v1/usage/summary?tenant_id=%00"),
+async fn a_nul_in_a_path_or_query_is_a_client_error_on_both_listeners() {
+    let gw =
+        TestGateway::start_full(tollgate_fake_upstream::FakeUpstream::start().await.unwrap(), Db::Postgres, |_| {})
+            .await;
+    for (url, status, code) in [
+        (gw.url("/v1/usage?model=%00"), 400, "validation_failed"),
+        (gw.url("/v1/usage/records?model=a%00b"), 400, "validation_failed"),
+        (gw.url("/v1/models/a%00"), 400, "invalid_model"),
+        (gw.admin_url("/admin/v1/usage/summary?tenant_id=%00"), 400, "validation_failed"),
+        (gw.admin_url("/admin/v1/tenants/%00"), 404, "not_found"),
     ] {
-        let response = gw.http.get(&url).bearer_auth(crate::helpers::ADMIN_TOKEN).send().await.unwrap();
-        assert_eq!(response.status(), 400, "{url}");
-        assert_eq!(envelope(response).await["error"]["code"], "invalid_url");
+        let client = if url.contains("/admin/") { &gw.anonymous } else { &gw.http };
+        let response = client.get(&url).bearer_auth_if(url.contains("/admin/")).send().await.unwrap();
+        assert_eq!(response.status(), status, "{url}");
+        assert_eq!(envelope(response).await["error"]["code"], code, "{url}");
     }
+    assert!(gw.fake.requests().is_empty());
     // The tenant key still works on the public listener.
     let ok = gw.http.get(gw.url("/v1/usage?model=gpt-4.1")).send().await.unwrap();
     assert_eq!(ok.status(), 200);
+}
+
+trait AdminAuth {
+    fn bearer_auth_if(self, admin: bool) -> Self;
+}
+
+impl AdminAuth for reqwest::RequestBuilder {
+    fn bearer_auth_if(self, admin: bool) -> Self {
+        if admin { self.bearer_auth(crate::helpers::ADMIN_TOKEN) } else { self }
+    }
 }
 
 #[tokio::test]
