@@ -143,6 +143,11 @@ fn add_shared_responses(operation: &mut Operation) {
     if has_body {
         shared.push(("413", "The body is over 64 KiB (`request_too_large`)."));
     }
+    shared.push((
+        "429",
+        "Too many failed authentications from this address this minute: every attempt is refused until \
+         the minute ends (`too_many_failed_attempts` for admin tokens, `rate_limit_exceeded` for tenant keys).",
+    ));
     shared.push(("500", "An unexpected failure (`internal_error`)."));
     shared.push(("503", "The database is unavailable (`database_unavailable`); try again."));
     let responses = &mut operation.responses.responses;
