@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tollgate_openai::RequestPeek;
 use tollgate_store::{OverCap, ReasoningEffort, TenantPolicy};
 
+use crate::accounting::pricing::ThinkingPlace;
 use crate::error::GatewayError;
 
 /// The result of applying a policy.
@@ -40,15 +41,14 @@ fn applies_to(endpoint: &str) -> bool {
     matches!(endpoint, "/v1/chat/completions" | "/v1/completions" | "/v1/responses")
 }
 
-fn is_gemini(model: Option<&str>) -> bool {
-    model.is_some_and(|m| m.rsplit('/').next().is_some_and(|bare| bare.starts_with("gemini")))
-}
-
+/// Applies `policy` to a request for `endpoint`. `thinking` says where the
+/// model takes a thinking budget (from the model catalogue), for defaults.
 pub fn apply(
     policy: &TenantPolicy,
     endpoint: &str,
     body: &[u8],
     peek: &RequestPeek<'_>,
+    thinking: Option<ThinkingPlace>,
 ) -> Result<Applied, GatewayError> {
     let requested = peek.max_output();
     if !applies_to(endpoint) {
@@ -132,7 +132,7 @@ pub fn apply(
     }
     if budget.is_none()
         && peek.reasoning_efforts().next().is_none()
-        && is_gemini(peek.model.as_deref())
+        && thinking == Some(ThinkingPlace::Google)
         && let Some(default) = policy.default_thinking_budget
     {
         set_thinking_budget(&mut members, peek, default, &mut edits)?;
@@ -214,7 +214,9 @@ mod tests {
 
     fn run(policy: &TenantPolicy, endpoint: &str, body: &str) -> Result<(Option<Value>, Option<u64>), GatewayError> {
         let peek = RequestPeek::parse(body.as_bytes()).unwrap();
-        let applied = apply(policy, endpoint, body.as_bytes(), &peek)?;
+        let table = crate::accounting::pricing::PriceTable::parse(crate::accounting::pricing::DEFAULT_PRICING).unwrap();
+        let thinking = peek.model.as_deref().and_then(|m| table.thinking_place(m));
+        let applied = apply(policy, endpoint, body.as_bytes(), &peek, thinking)?;
         let rewritten = (!applied.edits.is_empty())
             .then(|| serde_json::from_slice(&set_members(body.as_bytes(), &applied.edits).unwrap()).unwrap());
         Ok((rewritten, applied.max_output))
@@ -326,7 +328,7 @@ mod tests {
         let huge = r#"{"x":1e999,"model":"gemini-2.5-pro","max_tokens":99999}"#;
         for body in [deep.as_str(), huge] {
             let peek = RequestPeek::parse(body.as_bytes()).expect("the peek skips members it does not read");
-            match apply(&capped(OverCap::Clamp), "/v1/chat/completions", body.as_bytes(), &peek) {
+            match apply(&capped(OverCap::Clamp), "/v1/chat/completions", body.as_bytes(), &peek, None) {
                 Err(GatewayError::PolicyUncheckable) => {}
                 Ok(Applied { edits, .. }) if !edits.is_empty() => {
                     let rewritten = set_members(body.as_bytes(), &edits).expect("raw members are kept as they are");
@@ -347,7 +349,7 @@ mod tests {
             "]".repeat(130)
         );
         let peek = RequestPeek::parse(body.as_bytes()).expect("the peek skips members it does not read");
-        let result = apply(&capped(OverCap::Clamp), "/v1/chat/completions", body.as_bytes(), &peek);
+        let result = apply(&capped(OverCap::Clamp), "/v1/chat/completions", body.as_bytes(), &peek, None);
         assert!(matches!(result, Err(GatewayError::PolicyUncheckable)), "{result:?}");
     }
 

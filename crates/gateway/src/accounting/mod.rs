@@ -91,6 +91,11 @@ impl Accounting {
         self.prices.load().contains(model)
     }
 
+    /// Where `model` takes its thinking budget (the model catalogue).
+    pub fn thinking_place(&self, model: &str) -> Option<pricing::ThinkingPlace> {
+        self.prices.load().thinking_place(model)
+    }
+
     /// Whether requests for `model` can be billed: it has a price, or the
     /// table has a default price.
     pub fn is_billable(&self, model: &str) -> bool {

@@ -40,6 +40,28 @@ pub struct PriceTable {
     models: HashMap<String, ModelPrice>,
     /// The price of models the table does not name, if the operator set one.
     default: Option<ModelPrice>,
+    /// Which models take a thinking budget where (first match wins).
+    families: Vec<(crate::auth::models::ModelRules, ThinkingPlace)>,
+}
+
+/// Where a model family reads its thinking budget in an OpenAI-shaped
+/// request, so a tenant's default budget can be set there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThinkingPlace {
+    /// `google.thinking_config.thinking_budget` (Gemini through an
+    /// OpenAI-compatible layer).
+    Google,
+    /// The family has no thinking budget to default.
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFamily {
+    /// Model names or globs (`gemini-*`).
+    models: Vec<String>,
+    thinking: ThinkingPlace,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +98,8 @@ struct PricingFile {
     models: HashMap<String, FileModel>,
     /// Applies to every model not listed (see `config/pricing.toml`).
     default: Option<FileModel>,
+    #[serde(default)]
+    families: Vec<FileFamily>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +155,9 @@ impl PriceTable {
             models.insert(name, price);
         }
         let default = file.default.map(|m| model_price("(default)", m)).transpose()?;
-        Ok(Self { models, default })
+        let families =
+            file.families.into_iter().map(|f| (crate::auth::models::ModelRules::new(&f.models), f.thinking)).collect();
+        Ok(Self { models, default, families })
     }
 
     pub fn load(path: Option<&Path>) -> Result<Self, PricingError> {
@@ -152,6 +178,12 @@ impl PriceTable {
 
     pub fn contains(&self, model: &str) -> bool {
         self.price(model).is_some()
+    }
+
+    /// Where `model` takes its thinking budget, from the first family whose
+    /// names match; `None` when no family names it.
+    pub fn thinking_place(&self, model: &str) -> Option<ThinkingPlace> {
+        self.families.iter().find(|(rules, _)| !rules.is_unrestricted() && rules.allows(model)).map(|(_, t)| *t)
     }
 
     /// The price of models the table does not name, if one is configured.
@@ -214,6 +246,18 @@ mod tests {
         assert_eq!(table.price_or_default("unknown").unwrap().cost_micros(&one_of_each), 25_000_000);
         assert!(!table.contains("unknown"), "the default does not make a model known");
         assert!(PriceTable::parse("[models.a]\ninput = 1.0\noutput = 2.0\n").unwrap().price_or_default("b").is_none());
+    }
+
+    #[test]
+    fn families_say_where_a_model_takes_its_thinking_budget() {
+        let table = PriceTable::parse(DEFAULT_PRICING).unwrap();
+        assert_eq!(table.thinking_place("gemini-2.5-flash"), Some(ThinkingPlace::Google));
+        assert_eq!(table.thinking_place("google/gemini-3-pro"), Some(ThinkingPlace::Google));
+        assert_eq!(table.thinking_place("gpt-4.1"), None);
+        let custom =
+            PriceTable::parse("[[families]]\nmodels = [\"my-gemini-alias\"]\nthinking = \"google\"\n").unwrap();
+        assert_eq!(custom.thinking_place("my-gemini-alias"), Some(ThinkingPlace::Google));
+        assert_eq!(custom.thinking_place("gemini-2.5-pro"), None, "the catalogue, not the name, decides");
     }
 
     #[test]

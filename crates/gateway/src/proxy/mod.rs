@@ -7,7 +7,8 @@
 //! 3. read the body: uncompressed, under the limit, UTF-8 ([`request`]);
 //! 4. parse it once and require a bounded model;
 //! 5. authorize the model: the key's allow-list, the pricing gate;
-//! 6. apply the tenant's policy (caps and defaults, as edits);
+//! 6. apply the tenant's policy (caps and defaults, as edits; where a
+//!    model takes its thinking budget comes from the model catalogue);
 //! 7. build the forwarded body: the edits and the stream usage option in
 //!    one rewrite, or the client's bytes untouched;
 //! 8. admission: rate limits and budgets in one guard ([`admission`]);
@@ -97,7 +98,8 @@ async fn post_stages(
         exchange.set_request(body.clone(), Some(model), peek.is_stream());
     }
     request::authorize(proxy, principal, model)?;
-    let applied = policy::apply(&principal.tenant.policy, endpoint, &body, &peek)?;
+    let thinking = proxy.accounting.thinking_place(model);
+    let applied = policy::apply(&principal.tenant.policy, endpoint, &body, &peek, thinking)?;
     let forwarded = request::forwarded_body(&body, &peek, &applied.edits, endpoint)?;
     // Saturating: a client-chosen max_tokens must not wrap to a tiny worst case.
     let max_output =
