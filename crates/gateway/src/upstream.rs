@@ -36,6 +36,54 @@ pub enum UpstreamSetupError {
 /// An upstream answer whose body has not been read yet.
 pub type UpstreamResponse = http::Response<Incoming>;
 
+/// How far a call to the upstream got when it failed: what decides whether
+/// another attempt (the same target again, or a fallback) is safe and can
+/// help. After the first event reached the client, only an error event can
+/// follow; that is the stream relay's business, not a failure of this type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No connection was made: the request never left.
+    BeforeSend,
+    /// Sent, and no response headers came.
+    AfterSend,
+    /// Headers came, and the body failed before anything reached the client.
+    AfterHeaders,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Refused, reset or closed.
+    Unreachable,
+    /// No headers (or no next chunk) in time.
+    Timeout,
+}
+
+/// A transport failure talking to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamFailure {
+    pub phase: Phase,
+    pub kind: FailureKind,
+}
+
+impl UpstreamFailure {
+    /// Whether the upstream can have seen (and billed) the request. Nothing
+    /// was relayed to the client in any phase of this type, so another
+    /// attempt is always invisible to it; one that may have reached the
+    /// upstream may cost twice, which the route's retry policy weighs.
+    pub fn may_have_reached_upstream(self) -> bool {
+        self.phase != Phase::BeforeSend
+    }
+}
+
+impl From<UpstreamFailure> for GatewayError {
+    fn from(failure: UpstreamFailure) -> Self {
+        match failure.kind {
+            FailureKind::Timeout => GatewayError::UpstreamTimeout,
+            FailureKind::Unreachable => GatewayError::UpstreamUnavailable,
+        }
+    }
+}
+
 /// hyper's pooled client, used directly rather than through reqwest: per
 /// request reqwest parsed a URL (with IDNA host processing), ran a redirect
 /// policy even with redirects off and wrapped every call in further futures,
@@ -142,13 +190,14 @@ impl Upstream {
         client_headers: &HeaderMap,
         request_id: &RequestId,
         body: Option<Bytes>,
-    ) -> Result<UpstreamResponse, GatewayError> {
+    ) -> Result<UpstreamResponse, UpstreamFailure> {
         let mut uri = String::with_capacity(self.base.len() + path_and_query.len());
         uri.push_str(&self.base);
         uri.push_str(path_and_query);
-        // The path came from a request line hyper accepted, so it is valid
-        // here too; a failure would be a gateway bug, answered as such.
-        let uri = Uri::try_from(uri).map_err(|_| GatewayError::Internal)?;
+        // Paths are the gateway's own routes and checked identifiers, so
+        // they are valid here; were one not, the request never leaves.
+        let uri = Uri::try_from(uri)
+            .map_err(|_| UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::Unreachable })?;
 
         let mut request = http::Request::new(Full::new(body.unwrap_or_default()));
         *request.method_mut() = method;
@@ -162,8 +211,10 @@ impl Upstream {
         }
 
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(request)).await {
-            Err(_elapsed) => Err(GatewayError::UpstreamTimeout),
-            Ok(Err(e)) => Err(classify(&e)),
+            Err(_elapsed) => Err(UpstreamFailure { phase: Phase::AfterSend, kind: FailureKind::Timeout }),
+            // A connect error means the request never left.
+            Ok(Err(e)) if e.is_connect() => Err(classify(&e, Phase::BeforeSend)),
+            Ok(Err(e)) => Err(classify(&e, Phase::AfterSend)),
             Ok(Ok(response)) => Ok(response),
         }
     }
@@ -186,19 +237,19 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Maps a transport error to the client-facing error: a connection that
-/// timed out is a timeout, anything else means the upstream is unavailable.
+/// Classes a transport error that happened in `phase`: a connection that
+/// timed out is a timeout, anything else means the upstream is unreachable.
 /// The detail (which may include the upstream host) is logged at debug level.
-pub fn classify(error: &(dyn std::error::Error + 'static)) -> GatewayError {
+pub fn classify(error: &(dyn std::error::Error + 'static), phase: Phase) -> UpstreamFailure {
     tracing::debug!(error = %error, "upstream transport error");
     let mut source = Some(error);
     while let Some(e) = source {
         if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-            return GatewayError::UpstreamTimeout;
+            return UpstreamFailure { phase, kind: FailureKind::Timeout };
         }
         source = e.source();
     }
-    GatewayError::UpstreamUnavailable
+    UpstreamFailure { phase, kind: FailureKind::Unreachable }
 }
 
 #[cfg(test)]
@@ -223,9 +274,14 @@ mod tests {
     #[test]
     fn a_connect_timeout_anywhere_in_the_chain_is_a_timeout() {
         let timed_out = Wrapped(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"));
-        assert!(matches!(classify(&timed_out), GatewayError::UpstreamTimeout));
+        let failure = classify(&timed_out, Phase::BeforeSend);
+        assert_eq!(failure, UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::Timeout });
+        assert!(matches!(GatewayError::from(failure), GatewayError::UpstreamTimeout));
+        assert!(!failure.may_have_reached_upstream(), "a connect failure never reached it");
         let refused = Wrapped(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
-        assert!(matches!(classify(&refused), GatewayError::UpstreamUnavailable));
+        let failure = classify(&refused, Phase::AfterSend);
+        assert!(matches!(GatewayError::from(failure), GatewayError::UpstreamUnavailable));
+        assert!(failure.may_have_reached_upstream());
     }
 
     #[test]

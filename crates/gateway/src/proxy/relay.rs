@@ -17,7 +17,7 @@ use super::{Proxy, headers, stream};
 use crate::accounting::tap::StreamTap;
 use crate::accounting::{Exchange, Outcome, estimate, format_usd};
 use crate::error::GatewayError;
-use crate::upstream::{self, UpstreamResponse, classify};
+use crate::upstream::{self, Phase, UpstreamResponse, classify};
 
 /// Relays the upstream's answer and closes the exchange with its outcome:
 /// streams through the accounting tap (which closes it at the end), whole
@@ -138,7 +138,7 @@ async fn read_upstream_body(
     loop {
         let chunk = match tokio::time::timeout(idle, upstream::next_chunk(&mut body)).await {
             Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
-            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Err(e)) => return Err(classify(&e, Phase::AfterHeaders).into()),
             Ok(Ok(None)) => break,
             Ok(Ok(Some(chunk))) => chunk,
         };
