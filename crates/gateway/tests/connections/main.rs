@@ -9,6 +9,7 @@ mod discard;
 #[path = "../api/helpers.rs"]
 mod helpers;
 mod raw;
+mod sdk;
 mod slow_clients;
 
 /// Held by every test in this binary: the memory test needs a quiet process,
