@@ -322,8 +322,23 @@ fn warn_if_over_file_limit(max_connections: usize, two_listeners: bool) {
     }
 }
 
+/// Connections the kernel completes and queues for `accept`. `TcpListener::bind`
+/// uses 128, which a burst of new connections overflows, or one arriving
+/// while the listener is at `server.max_connections`; past it the kernel
+/// drops handshakes, and with SYN cookies some clients get a reset instead
+/// of a wait. (The kernel caps it at `net.core.somaxconn`.)
+const LISTEN_BACKLOG: u32 = 1024;
+
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        // As `TcpListener::bind` does: a restarted gateway can bind at once
+        // while the previous one's connections linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {

@@ -110,8 +110,9 @@ async fn a_client_that_stops_sending_mid_body_is_cut_off_within_the_idle_bound()
     .await;
     let mut stream = raw::connect(gw.addr).await;
     stream.write_all(raw::chat_head(Some(&gw.key), OVER, "").as_bytes()).await.unwrap();
-    raw::write_filler(&mut stream, LIMIT / 2).await.unwrap();
+    // Before the last bytes are sent: the gateway's idle timer starts later.
     let stopped = Instant::now();
+    raw::write_filler(&mut stream, LIMIT / 2).await.unwrap();
     let response = raw::read_response(&mut stream, PROMPTLY).await.unwrap();
     assert_eq!(response.status, 413);
     let Closed::After(after) = raw::wait_closed(&mut stream, stopped, IDLE + PROMPTLY).await else {
@@ -143,12 +144,13 @@ async fn discarding_stops_at_its_byte_bound_and_at_its_time_bound() {
     assert!(written < 64 * 1024 * 1024, "{written} bytes taken with a discard bound of {DISCARD_BYTES}");
     println!("discard byte bound {DISCARD_BYTES}: the client got {written} bytes out before the close");
 
-    // Time: a client that keeps sending, slowly, is closed at the time bound.
+    // Time: a client that keeps sending, slowly, is closed at the time bound
+    // (counted here from before the request: the discard starts later).
+    let answered = Instant::now();
     let mut stream = raw::connect(gw.addr).await;
     stream.write_all(raw::chat_head(Some(&gw.key), huge, "").as_bytes()).await.unwrap();
     let response = raw::read_response(&mut stream, PROMPTLY).await.unwrap();
     assert_eq!(response.status, 413);
-    let answered = Instant::now();
     let (mut reader, mut writer) = stream.into_split();
     let drip = async {
         for _ in 0..1000 {
