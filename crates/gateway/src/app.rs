@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::serve::ListenerExt;
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use secrecy::{ExposeSecret, SecretString};
@@ -32,6 +31,7 @@ use crate::limits::RateLimiter;
 use crate::metrics::{self, GaugeSource, Metrics, MetricsState};
 use crate::proxy::Proxy;
 use crate::router;
+use crate::server::{self, ConnectionLimits, body::BodyLimits};
 use crate::shared::Shared;
 use crate::tenant_usage::TenantUsageState;
 use crate::upstream::Upstream;
@@ -42,6 +42,11 @@ pub struct Application {
     admin: Option<(TcpListener, Router)>,
     readiness: Readiness,
     shutdown_grace: Duration,
+    connections: ConnectionLimits,
+    /// Discards of unread request bodies (see `server::body`).
+    discards: TaskTracker,
+    /// Cancelled when the listeners stop accepting.
+    stop_accepting: CancellationToken,
     store: Store,
     background: TaskTracker,
     stop_background: CancellationToken,
@@ -171,12 +176,19 @@ impl Application {
         };
         let usage = Arc::new(TenantUsageState { store: store.clone() });
         let public_router = router::build(proxy, readiness.clone(), auth, usage, merged_admin);
+        let discards = TaskTracker::new();
+        let stop_accepting = CancellationToken::new();
+        let bodies = Arc::new(BodyLimits::new(&config.server, discards.clone(), stop_accepting.clone()));
+        warn_if_over_file_limit(config.server.max_connections, admin.is_some());
         Ok(Self {
             public,
             public_router,
             admin,
             readiness,
             shutdown_grace: config.server.shutdown_grace,
+            connections: ConnectionLimits::new(&config.server, bodies),
+            discards,
+            stop_accepting,
             store,
             background,
             stop_background,
@@ -205,22 +217,14 @@ impl Application {
     /// requests and streams finish for up to `server.shutdown_grace`, stops
     /// the background tasks (flushing what they hold) and returns.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let stop_accepting = CancellationToken::new();
+        let stop_accepting = self.stop_accepting;
         let mut servers = tokio::task::JoinSet::new();
         for (name, listener, router) in
             std::iter::once(("public", self.public, self.public_router)).chain(self.admin.map(|(l, r)| ("admin", l, r)))
         {
             let addr = local_addr(&listener);
             tracing::info!(%addr, listener = name, "listening");
-            let listener = listener.tap_io(|tcp| {
-                // Small SSE frames must leave at once, not wait for Nagle.
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-                }
-            });
-            let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-            servers.spawn(async move { server.await });
+            servers.spawn(server::serve(name, listener, router, self.connections.clone(), stop_accepting.clone()));
         }
         self.readiness.set(true);
 
@@ -239,7 +243,12 @@ impl Application {
         if drained.is_err() {
             tracing::warn!(grace = ?self.shutdown_grace, "shutdown grace period over; closing the connections still open");
             servers.abort_all();
+            while servers.join_next().await.is_some() {}
         }
+        // Discards end with their connections (or at `stop_accepting`), so
+        // this wait is short.
+        self.discards.close();
+        self.discards.wait().await;
         self.stop_background.cancel();
         self.background.close();
         self.background.wait().await;
@@ -287,8 +296,49 @@ fn start_accounting(
     Ok(accounting)
 }
 
+/// Open connections beyond the process's file descriptor limit fail to be
+/// accepted instead of waiting at `server.max_connections`; say so at start-up
+/// rather than in the middle of a flood. (Linux only: read from /proc.)
+fn warn_if_over_file_limit(max_connections: usize, two_listeners: bool) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<usize>().ok());
+    let listeners = if two_listeners { 2 } else { 1 };
+    if let Some(soft) = soft
+        && max_connections.saturating_mul(listeners) > soft
+    {
+        tracing::warn!(
+            max_connections,
+            listeners,
+            open_files_limit = soft,
+            "server.max_connections per listener is above the open files limit: at that limit new connections \
+             cannot be accepted; raise the limit (e.g. LimitNOFILE) or lower server.max_connections"
+        );
+    }
+}
+
+/// Connections the kernel completes and queues for `accept`. `TcpListener::bind`
+/// uses 128, which a burst of new connections overflows, or one arriving
+/// while the listener is at `server.max_connections`; past it the kernel
+/// drops handshakes, and with SYN cookies some clients get a reset instead
+/// of a wait. (The kernel caps it at `net.core.somaxconn`.)
+const LISTEN_BACKLOG: u32 = 1024;
+
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        // As `TcpListener::bind` does: a restarted gateway can bind at once
+        // while the previous one's connections linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {

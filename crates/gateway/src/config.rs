@@ -309,6 +309,36 @@ pub struct ServerConfig {
     /// How long in-flight requests and streams may run after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// HTTP/1.1: a request head (request line and headers) must be complete
+    /// within this long of the connection being ready for it, that is of
+    /// being accepted or of its previous response ending. Past it the
+    /// connection is closed without an answer.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed
+    /// (HTTP/1.1 keep-alive and HTTP/2 alike). At most `header_read_timeout`:
+    /// an idle HTTP/1.1 connection is waiting for a request head.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_timeout: Duration,
+    /// Longest silence while a request body is arriving; past it the request
+    /// gets 408 `request_timeout` and the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// A request body must be complete within this long of the gateway
+    /// starting to read it; past it, 408 as above.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Open connections per listener. At the cap the listener stops
+    /// accepting; new connections wait in the kernel's queue until one closes.
+    pub max_connections: usize,
+    /// After answering a request whose body is still arriving (413, 401, ...),
+    /// up to this many more bytes of it are read and thrown away so the client
+    /// can read the answer instead of a connection reset. 0: close at once.
+    pub discard_max_bytes: u64,
+    /// ...for at most this long (and never past a `body_idle_timeout` of
+    /// silence).
+    #[serde(with = "humantime_serde")]
+    pub discard_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -317,6 +347,13 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+            discard_max_bytes: 64 * 1024 * 1024,
+            discard_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -450,6 +487,26 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
         }
+        for (key, value) in [
+            ("server.header_read_timeout", self.server.header_read_timeout),
+            ("server.keep_alive_timeout", self.server.keep_alive_timeout),
+            ("server.body_idle_timeout", self.server.body_idle_timeout),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.server.keep_alive_timeout > self.server.header_read_timeout {
+            return Err(invalid(
+                "server.keep_alive_timeout",
+                "must not exceed server.header_read_timeout: an idle HTTP/1.1 connection is waiting for a request \
+                 head, which header_read_timeout already bounds",
+            ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be greater than 0"));
+        }
         if self.upstream.max_event_bytes == 0 {
             return Err(invalid("upstream.max_event_bytes", "must be greater than 0"));
         }
@@ -562,5 +619,77 @@ impl UpstreamConfig {
     /// suits local upstreams that need none.
     pub fn api_key(&self) -> Result<Option<SecretString>, ConfigError> {
         read_secret(self.api_key_file.as_deref(), &self.api_key_env, "upstream.api_key_file")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file layers of `Config::load`, without the environment (which the
+    /// test runner's own `TOLLGATE_*` variables would pollute).
+    fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file_exact(path))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn a_config_from_before_the_connection_settings_loads_with_their_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"127.0.0.1:9000\"\nmax_body_bytes = 1024\nshutdown_grace = \"5s\"\n",
+        )
+        .unwrap();
+        let server = from_file(&path).unwrap().server;
+        assert_eq!(server.max_body_bytes, 1024);
+        let defaults = ServerConfig::default();
+        assert_eq!(server.header_read_timeout, defaults.header_read_timeout);
+        assert_eq!(server.keep_alive_timeout, defaults.keep_alive_timeout);
+        assert_eq!(server.body_idle_timeout, defaults.body_idle_timeout);
+        assert_eq!(server.body_read_timeout, defaults.body_read_timeout);
+        assert_eq!(server.max_connections, defaults.max_connections);
+        assert_eq!(server.discard_max_bytes, defaults.discard_max_bytes);
+        assert_eq!(server.discard_timeout, defaults.discard_timeout);
+    }
+
+    #[test]
+    fn the_example_config_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/tollgate.example.toml");
+        let example = serde_json::to_value(from_file(&path).unwrap().server).unwrap();
+        assert_eq!(example, serde_json::to_value(ServerConfig::default()).unwrap());
+    }
+
+    #[test]
+    fn connection_settings_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.toml");
+        std::fs::write(
+            &path,
+            "[server]\nheader_read_timeout = \"20s\"\nkeep_alive_timeout = \"15s\"\nbody_idle_timeout = \"1m\"\n\
+             max_connections = 500\ndiscard_max_bytes = 0\n",
+        )
+        .unwrap();
+        let server = from_file(&path).unwrap().server;
+        assert_eq!(server.header_read_timeout, Duration::from_secs(20));
+        assert_eq!(server.keep_alive_timeout, Duration::from_secs(15));
+        assert_eq!(server.body_idle_timeout, Duration::from_secs(60));
+        assert_eq!(server.max_connections, 500);
+        assert_eq!(server.discard_max_bytes, 0);
+
+        for (toml, key) in [
+            ("keep_alive_timeout = \"11s\"", "server.keep_alive_timeout"),
+            ("max_connections = 0", "server.max_connections"),
+            ("body_idle_timeout = \"0s\"", "server.body_idle_timeout"),
+        ] {
+            std::fs::write(&path, format!("[server]\n{toml}\n")).unwrap();
+            let err = from_file(&path).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
     }
 }

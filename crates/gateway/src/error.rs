@@ -82,6 +82,8 @@ pub enum GatewayError {
     BodyTooLarge { limit: usize },
     #[error("failed to read the request body")]
     BodyRead,
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("unknown path {0}")]
     UnknownRoute(String),
     #[error("method {method} is not allowed on {path}")]
@@ -147,6 +149,7 @@ impl GatewayError {
             | Self::UnsupportedContentEncoding
             | Self::BodyTooLarge { .. }
             | Self::BodyRead
+            | Self::RequestTimeout
             | Self::UnknownRoute(_)
             | Self::MethodNotAllowed { .. } => Fault::Client,
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamBadResponse(_) => Fault::Upstream,
@@ -175,6 +178,7 @@ impl GatewayError {
             | Self::OverCap { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedContentEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnknownRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpstreamUnavailable | Self::UpstreamBadResponse(_) | Self::UpstreamRejectedCredentials { .. } => {
@@ -206,6 +210,7 @@ impl GatewayError {
             Self::MissingModel => "missing_required_parameter",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyRead => "invalid_body",
+            Self::RequestTimeout => "request_timeout",
             Self::UnknownRoute(_) => "unknown_url",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::UpstreamUnavailable => "upstream_unavailable",
@@ -289,10 +294,13 @@ impl IntoResponse for GatewayError {
             // Other requests hold the budget for now: a retry can succeed.
             write_retry_after(response.headers_mut(), *retry_after);
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("true"));
-        } else if self.fault() == Fault::Client || matches!(self, Self::UpstreamRejectedCredentials { .. }) {
+        } else if (self.fault() == Fault::Client && !matches!(self, Self::RequestTimeout))
+            || matches!(self, Self::UpstreamRejectedCredentials { .. })
+        {
             // A retry of the same bad request cannot succeed, nor can one
             // while the gateway's own upstream key is refused; tell the SDKs
-            // so they do not retry.
+            // so they do not retry. (A body that stalled on the way may well
+            // arrive the next time: 408 keeps the SDKs' own retry rule.)
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response.extensions_mut().insert(self.fault());

@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod request_id;
 pub mod router;
 pub mod routing;
+pub mod server;
 pub mod shared;
 pub mod shutdown;
 pub mod telemetry;

@@ -86,10 +86,17 @@ fn an_unknown_environment_key_is_an_error_that_names_it() {
 fn the_environment_overrides_the_file() {
     let (ok, text) = check_config(
         Some("[server]\nmax_body_bytes = 10\n"),
-        &[("TOLLGATE_SERVER__MAX_BODY_BYTES", "12345"), ("TOLLGATE_LOG__FORMAT", "json")],
+        &[
+            ("TOLLGATE_SERVER__MAX_BODY_BYTES", "12345"),
+            ("TOLLGATE_LOG__FORMAT", "json"),
+            ("TOLLGATE_SERVER__HEADER_READ_TIMEOUT", "25s"),
+            ("TOLLGATE_SERVER__MAX_CONNECTIONS", "777"),
+        ],
     );
     assert!(ok, "{text}");
     assert!(text.contains("12345"), "{text}");
+    assert!(text.contains("\"header_read_timeout\": \"25s\""), "{text}");
+    assert!(text.contains("\"max_connections\": 777"), "{text}");
     assert!(text.contains("\"json\""), "{text}");
 }
 

@@ -17,11 +17,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AdminJson<T> {
     type Rejection = AdminError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let body = Bytes::from_request(request, state).await.map_err(|_| AdminError {
-            status: http::StatusCode::PAYLOAD_TOO_LARGE,
-            code: "request_too_large",
-            message: "the request body is too large".to_owned(),
-            param: None,
+        let body = Bytes::from_request(request, state).await.map_err(|rejection| {
+            if crate::server::body::is_timeout(&rejection) {
+                return AdminError {
+                    status: http::StatusCode::REQUEST_TIMEOUT,
+                    code: "request_timeout",
+                    message: "the request body did not arrive in time".to_owned(),
+                    param: None,
+                };
+            }
+            AdminError {
+                status: http::StatusCode::PAYLOAD_TOO_LARGE,
+                code: "request_too_large",
+                message: "the request body is too large".to_owned(),
+                param: None,
+            }
         })?;
         let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| AdminError {
             status: http::StatusCode::BAD_REQUEST,

@@ -9,7 +9,10 @@ use crate::error::GatewayError;
 
 /// Reads the whole body, refusing it with 413 as soon as it is known to be
 /// too large: at once from `content-length`, or once the streamed bytes pass
-/// the limit. Nothing has been sent upstream at that point.
+/// the limit. Nothing has been sent upstream at that point. A body that
+/// stalls is a 408 (the read timeouts are the connection layer's, see
+/// `server::body`). The limit is checked before the body is read, so a client
+/// that sent `Expect: 100-continue` is refused before it sends the body.
 pub async fn read_limited(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, GatewayError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -19,6 +22,7 @@ pub async fn read_limited(body: Body, headers: &HeaderMap, limit: usize) -> Resu
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(GatewayError::BodyTooLarge { limit }),
+        Err(e) if crate::server::body::is_timeout(&*e) => Err(GatewayError::RequestTimeout),
         Err(_) => Err(GatewayError::BodyRead),
     }
 }

@@ -57,7 +57,17 @@ async fn the_official_python_sdk_works_through_the_gateway() {
     let throttled = gw.create_key("throttled", serde_json::json!({"name": "k"})).await;
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sdk"])
+            // The oversized-body test needs the default limit and a gateway of
+            // its own: `connections::sdk` runs it.
+            .args([
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "--ignore=tests/sdk/test_oversized_body.py",
+                "tests/sdk",
+            ])
             .current_dir(root)
             .env("TOLLGATE_BASE_URL", base_url)
             .env("SDK_TEST_API_KEY", api_key)
