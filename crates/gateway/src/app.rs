@@ -31,6 +31,7 @@ use crate::limits::RateLimiter;
 use crate::metrics::{self, GaugeSource, Metrics, MetricsState};
 use crate::proxy::Proxy;
 use crate::router;
+use crate::routing::table::{RouteTable, Upstreams};
 use crate::server::{self, ConnectionLimits, body::BodyLimits};
 use crate::shared::Shared;
 use crate::tenant_usage::TenantUsageState;
@@ -128,7 +129,14 @@ impl Application {
             stop_background.clone(),
         ));
 
-        let upstream = Upstream::new(&config.upstream)?;
+        let upstream = Arc::new(Upstream::new(&config.upstream)?);
+        let mut by_name = std::collections::HashMap::from([("default".to_owned(), upstream.clone())]);
+        for extra in &config.upstreams {
+            by_name.insert(extra.name.clone(), Arc::new(Upstream::new(extra)?));
+        }
+        let upstreams = Upstreams::new(by_name);
+        let routes = RouteTable::build(&config.routes, &upstreams, &mut std::collections::HashMap::new())
+            .map_err(|e| anyhow::anyhow!("routes: {e}"))?;
         let shared = match config.redis.url()? {
             None => None,
             Some(url) => {
@@ -151,6 +159,7 @@ impl Application {
         let readiness = Readiness::new(accounting.ledger.clone());
         let proxy = Arc::new(Proxy {
             upstream,
+            routes,
             accounting,
             limiter,
             limits: config.limits.clone(),

@@ -24,7 +24,12 @@ const NON_CONFIG_ENV: &[&str] = &["CONFIG", "ADMIN_TOKEN", "ADMIN_URL", "DATABAS
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    /// The default upstream: where requests for models no route names go.
     pub upstream: UpstreamConfig,
+    /// Further upstreams that routes can send to, each with a `name`.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Model routes: fallbacks, retries and weighted variants.
+    pub routes: Vec<crate::routing::config::RouteConfig>,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub admin: AdminConfig,
@@ -361,6 +366,9 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
+    /// The name routes use (`[[upstreams]]`); the `[upstream]` section is
+    /// always `default`.
+    pub name: String,
     /// OpenAI-compatible base URL, including its `/v1` (or equivalent) prefix.
     pub base_url: String,
     /// Environment variable holding the upstream API key.
@@ -393,6 +401,7 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
+            name: "default".to_owned(),
             base_url: "https://api.cometapi.com/v1".to_owned(),
             api_key_env: "COMETAPI_KEY".to_owned(),
             api_key_file: None,
@@ -437,6 +446,8 @@ pub enum ConfigError {
     Load(Box<figment::Error>),
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
+    #[error("configuration: `{key}` {problem}")]
+    InvalidRoute { key: String, problem: String },
     #[error("configuration: `{key}` {path}: {source}")]
     SecretFile { key: &'static str, path: PathBuf, source: std::io::Error },
 }
@@ -467,6 +478,17 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        fn check_base_url(base_url: &str, key: &'static str) -> Result<(), ConfigError> {
+            let invalid = |problem: String| ConfigError::Invalid { key, problem };
+            let url = Url::parse(base_url).map_err(|e| invalid(format!("is not a URL: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(invalid("must be an http or https URL".to_owned()));
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(invalid("must not have a query or fragment".to_owned()));
+            }
+            Ok(())
+        }
         fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
             ConfigError::Invalid { key, problem: problem.into() }
         }
@@ -476,14 +498,21 @@ impl Config {
                 "is required (or set admin.share_public_listener = true to serve the admin API on the public listener)",
             ));
         }
-        let url = Url::parse(&self.upstream.base_url)
-            .map_err(|e| invalid("upstream.base_url", format!("is not a URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid("upstream.base_url", "must be an http or https URL"));
+        check_base_url(&self.upstream.base_url, "upstream.base_url")?;
+        let mut names = vec!["default"];
+        for upstream in &self.upstreams {
+            let name = upstream.name.as_str();
+            if name.is_empty() || name == "default" || names.contains(&name) {
+                return Err(invalid(
+                    "upstreams.name",
+                    format!("{name:?}: every [[upstreams]] needs its own name (\"default\" is [upstream])"),
+                ));
+            }
+            check_base_url(&upstream.base_url, "upstreams.base_url")?;
+            names.push(name);
         }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(invalid("upstream.base_url", "must not have a query or fragment"));
-        }
+        crate::routing::config::validate(&self.routes, &names)
+            .map_err(|(key, problem)| ConfigError::InvalidRoute { key, problem })?;
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
         }

@@ -38,6 +38,9 @@ pub struct RequestPeek<'a> {
     pub extra_body: Option<ExtraBodyPeek>,
     #[serde(default)]
     pub n: Option<u64>,
+    /// The end user, as the client names them (sticky routing reads it).
+    #[serde(borrow, default)]
+    pub user: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -200,6 +200,8 @@ pub struct Exchange {
     key_id: String,
     endpoint: String,
     pub requested_model: String,
+    /// The model a route sent the request to, when it was not the one asked.
+    served_model: Option<String>,
     pub stream: bool,
     pub modified: bool,
     request_body: Bytes,
@@ -228,6 +230,7 @@ impl Exchange {
             key_id: key_id.to_owned(),
             endpoint: endpoint.to_owned(),
             requested_model: String::new(),
+            served_model: None,
             stream: false,
             modified: false,
             request_body: Bytes::new(),
@@ -239,6 +242,13 @@ impl Exchange {
         self.request_body = body;
         self.requested_model = model.unwrap_or_default().to_owned();
         self.stream = stream;
+    }
+
+    /// Records which model served the request (priced before the one asked).
+    pub fn served_by(&mut self, model: &str) {
+        if model != self.requested_model {
+            self.served_model = Some(model.to_owned());
+        }
     }
 
     /// Hands the exchange the request's admission, settled when it closes.
@@ -285,8 +295,12 @@ impl Exchange {
             }
         };
         let prices = self.accounting.prices.load();
-        let price = prices
-            .price(&self.requested_model)
+        // The model that served (a route's target) is what was bought.
+        let price = self
+            .served_model
+            .as_deref()
+            .and_then(|m| prices.price(m))
+            .or_else(|| prices.price(&self.requested_model))
             .or_else(|| outcome.upstream_model.as_deref().and_then(|m| prices.price(m)))
             .or(prices.default_price());
         let (cost, unpriced) = match price {

@@ -21,8 +21,9 @@ use crate::limits::{self, Allowance, Permit};
 /// What a request asks of the limits and budgets.
 #[derive(Debug, Clone, Copy)]
 pub struct Demand<'a> {
-    /// The model whose price bounds the cost.
-    pub model: &'a str,
+    /// Every model the request may be served by: the dearest bounds the
+    /// cost, so a fallback can never pass a hard budget.
+    pub models: &'a [&'a str],
     /// Bytes of the body that will be forwarded (the prompt's upper bound in
     /// tokens; a quarter of it is the rate limits' estimate).
     pub forwarded_bytes: usize,
@@ -127,15 +128,17 @@ async fn reserve(
     budgets: &[Arc<budget::BudgetState>],
     demand: Demand<'_>,
 ) -> Result<Vec<Reservation>, GatewayError> {
-    let worst = match proxy.accounting.worst_case_micros(demand.model, demand.forwarded_bytes as u64, demand.max_output)
-    {
-        Some(worst) => worst,
-        // Nothing to bound the cost with: only soft budgets can take it.
-        None if budgets.iter().any(|b| b.budget.hard) => {
-            return Err(GatewayError::UnpricedUnderBudget(demand.model.to_owned()));
+    let mut worst = 0i64;
+    for model in demand.models {
+        match proxy.accounting.worst_case_micros(model, demand.forwarded_bytes as u64, demand.max_output) {
+            Some(cost) => worst = worst.max(cost),
+            // Nothing to bound the cost with: only soft budgets can take it.
+            None if budgets.iter().any(|b| b.budget.hard) => {
+                return Err(GatewayError::UnpricedUnderBudget((*model).to_owned()));
+            }
+            None => {}
         }
-        None => 0,
-    };
+    }
     let waiting = budget::Waiting { max_wait: proxy.limits.budget_wait, ..budget::Waiting::default() };
     budget::admit(proxy.shared.as_ref(), budgets, worst, proxy.clock.today(), waiting).await.map_err(|refusal| {
         match refusal {

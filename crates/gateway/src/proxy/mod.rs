@@ -20,6 +20,7 @@
 
 pub mod admission;
 pub mod body;
+pub mod forward;
 pub mod headers;
 pub mod identifiers;
 pub mod relay;
@@ -45,6 +46,7 @@ use crate::error::GatewayError;
 use crate::limits::RateLimiter;
 use crate::policy;
 use crate::request_id::RequestId;
+use crate::routing::table::RouteTable;
 use crate::shared::Shared;
 use crate::upstream::Upstream;
 
@@ -54,7 +56,9 @@ pub use relay::COST_HEADER;
 /// What the `/v1` handlers share.
 #[derive(Debug)]
 pub struct Proxy {
-    pub upstream: Upstream,
+    /// The default upstream: requests for models no route names go here.
+    pub upstream: Arc<Upstream>,
+    pub routes: RouteTable,
     pub accounting: Arc<Accounting>,
     pub limiter: Arc<RateLimiter>,
     pub limits: LimitsConfig,
@@ -97,14 +101,19 @@ async fn post_stages(
     if let Some(exchange) = slot.as_mut() {
         exchange.set_request(body.clone(), Some(model), peek.is_stream());
     }
-    request::authorize(proxy, principal, model)?;
+    let route = proxy.routes.resolve(model);
+    let candidates: Vec<&str> = match &route {
+        Some(route) => route.models(model).collect(),
+        None => vec![model],
+    };
+    request::authorize(proxy, principal, model, &candidates)?;
     let thinking = proxy.accounting.thinking_place(model);
     let applied = policy::apply(&principal.tenant.policy, endpoint, &body, &peek, thinking)?;
     let forwarded = request::forwarded_body(&body, &peek, &applied.edits, endpoint)?;
     // Saturating: a client-chosen max_tokens must not wrap to a tiny worst case.
     let max_output =
         applied.max_output.unwrap_or(proxy.limits.default_output_tokens).saturating_mul(peek.n.unwrap_or(1).max(1));
-    let demand = admission::Demand { model, forwarded_bytes: forwarded.body.len(), max_output };
+    let demand = admission::Demand { models: &candidates, forwarded_bytes: forwarded.body.len(), max_output };
     let admission = admission::admit(proxy, principal, demand).await?;
     let grants = admission.grants();
     if let Some(exchange) = slot.as_mut() {
@@ -112,13 +121,37 @@ async fn post_stages(
         exchange.hold(admission);
         exchange.mark_sent();
     }
-    let upstream = proxy
-        .upstream
-        .send(Method::POST, request::upstream_path(endpoint), &parts.headers, request_id, Some(forwarded.body))
-        .await?;
-    let mut response =
-        relay::respond(proxy, upstream, slot, forwarded.strip_usage, EndMarker::for_endpoint(endpoint)).await?;
+    let call = forward::Call {
+        path: request::upstream_path(endpoint),
+        headers: &parts.headers,
+        request_id,
+        body: &forwarded.body,
+        peek: &peek,
+        requested_model: model,
+        policy: &principal.tenant.policy,
+        has_output_limit: applied.max_output.is_some(),
+        key_id: &principal.key.id,
+        tenant_id: principal.tenant_id(),
+    };
+    let served = match &route {
+        Some(route) => forward::routed(route, &call).await?,
+        None => forward::direct(&proxy.upstream, &call, forwarded.body.clone()).await?,
+    };
+    if let Some(exchange) = slot.as_mut() {
+        exchange.served_by(&served.model);
+    }
+    let served_headers = relay::ServedHeaders::new(&served);
+    let mut response = relay::respond(
+        proxy,
+        served.upstream,
+        served.response,
+        slot,
+        forwarded.strip_usage,
+        EndMarker::for_endpoint(endpoint),
+    )
+    .await?;
     grants.write(response.headers_mut());
+    served_headers.write(response.headers_mut());
     Ok(response)
 }
 
@@ -216,7 +249,7 @@ async fn forward_get_inner(
         exchange.mark_sent();
     }
     let upstream_response = proxy.upstream.send(Method::GET, &path, &parts.headers, request_id, None).await?;
-    let response = relay::respond(proxy, upstream_response, slot, false, None).await?;
+    let response = relay::respond(proxy, &proxy.upstream, upstream_response, slot, false, None).await?;
     if rules.is_unrestricted() || parts.uri.path() != "/v1/models" || !response.status().is_success() {
         return Ok(response);
     }

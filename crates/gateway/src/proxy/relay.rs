@@ -19,6 +19,32 @@ use crate::accounting::{Exchange, Outcome, estimate, format_usd};
 use crate::error::GatewayError;
 use crate::upstream::{self, Phase, UpstreamResponse, classify};
 
+/// `x-tollgate-upstream`, `x-tollgate-model`, `x-tollgate-attempts`: what
+/// served the request, on every answer relayed from an upstream.
+pub struct ServedHeaders {
+    upstream: HeaderValue,
+    model: Option<HeaderValue>,
+    attempts: HeaderValue,
+}
+
+impl ServedHeaders {
+    pub fn new(served: &super::forward::Served<'_>) -> Self {
+        Self {
+            upstream: HeaderValue::from_str(served.upstream_name).unwrap_or(HeaderValue::from_static("default")),
+            model: HeaderValue::from_str(&served.model).ok(),
+            attempts: HeaderValue::from(served.attempts),
+        }
+    }
+
+    pub fn write(self, headers: &mut http::HeaderMap) {
+        headers.insert("x-tollgate-upstream", self.upstream);
+        if let Some(model) = self.model {
+            headers.insert("x-tollgate-model", model);
+        }
+        headers.insert("x-tollgate-attempts", self.attempts);
+    }
+}
+
 /// Relays the upstream's answer and closes the exchange with its outcome:
 /// streams through the accounting tap (which closes it at the end), whole
 /// bodies after reading their usage. An upstream answer no SDK can use (a
@@ -26,6 +52,7 @@ use crate::upstream::{self, Phase, UpstreamResponse, classify};
 /// gateway's error instead.
 pub async fn respond(
     proxy: &Proxy,
+    client: &upstream::Upstream,
     upstream: UpstreamResponse,
     slot: &mut Option<Exchange>,
     strip_usage: bool,
@@ -56,13 +83,7 @@ pub async fn respond(
 
     if is_event_stream && status.is_success() {
         let tap = slot.take().map(|exchange| StreamTap::new(exchange, strip_usage, status.as_u16()));
-        let body = stream::relay(
-            upstream.into_body(),
-            proxy.upstream.idle_timeout(),
-            proxy.upstream.max_event_bytes(),
-            end,
-            tap,
-        );
+        let body = stream::relay(upstream.into_body(), client.idle_timeout(), client.max_event_bytes(), end, tap);
         if let Some(headers) = response.headers_mut() {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Tells nginx-style proxies in front of the gateway not to buffer.
@@ -71,8 +92,7 @@ pub async fn respond(
         return response.body(Body::from_stream(body)).map_err(|_| GatewayError::Internal);
     }
 
-    let body =
-        read_upstream_body(upstream.into_body(), proxy.upstream.idle_timeout(), proxy.max_response_bytes).await?;
+    let body = read_upstream_body(upstream.into_body(), client.idle_timeout(), proxy.max_response_bytes).await?;
     if !is_json(content_type.as_ref(), &body) {
         return Err(GatewayError::UpstreamBadResponse(format!(
             "the upstream answered with status {} and a body that is not JSON",

@@ -47,13 +47,18 @@ pub fn model<'p>(peek: &'p RequestPeek<'_>) -> Result<&'p str, GatewayError> {
     Ok(model)
 }
 
-/// The key's model allow-list, and the pricing gate.
-pub fn authorize(proxy: &Proxy, principal: &Principal, model: &str) -> Result<(), GatewayError> {
-    if !principal.key.models.allows(model) {
-        return Err(GatewayError::ModelNotAllowed(model.to_owned()));
+/// The key's model allow-list, for the model asked for and every model its
+/// route may send, and the pricing gate for each of those.
+pub fn authorize(proxy: &Proxy, principal: &Principal, model: &str, candidates: &[&str]) -> Result<(), GatewayError> {
+    for name in std::iter::once(model).chain(candidates.iter().copied()) {
+        if !principal.key.models.allows(name) {
+            return Err(GatewayError::ModelNotAllowed(name.to_owned()));
+        }
     }
-    if proxy.accounting.reject_unpriced && !proxy.accounting.is_billable(model) {
-        return Err(GatewayError::ModelNotPriced(model.to_owned()));
+    for name in candidates {
+        if proxy.accounting.reject_unpriced && !proxy.accounting.is_billable(name) {
+            return Err(GatewayError::ModelNotPriced((*name).to_owned()));
+        }
     }
     Ok(())
 }

@@ -4,8 +4,14 @@
 //! - [`choice`]: one target of a weighted group, at random or sticky;
 //! - [`breaker`]: a circuit breaker per target (error rate over a window,
 //!   cooldown, probes, gradual return);
-//! - [`backoff`]: exponential full-jitter waits that honour `retry-after`.
+//! - [`backoff`]: exponential full-jitter waits that honour `retry-after`;
+//! - [`config`]: `[[routes]]` as written, and their validation;
+//! - [`table`]: the routes in force, their targets and breakers.
+//!
+//! The forward stage (`proxy::forward`) puts them together.
 
 pub mod backoff;
 pub mod breaker;
 pub mod choice;
+pub mod config;
+pub mod table;

@@ -17,6 +17,7 @@ mod outage;
 mod passthrough;
 mod policy;
 mod replicas;
+mod routing;
 mod sdk;
 mod security;
 mod streaming;

@@ -1,0 +1,156 @@
+//! The routes in force: which targets a client's model name may go to, in
+//! which order, and the live state (circuit breakers) of each target.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wildmatch::WildMatch;
+
+use super::backoff::Backoff;
+use super::breaker::{Breaker, BreakerSettings};
+use super::config::{Overrides, RetryOn, RouteConfig, Sticky};
+use crate::upstream::Upstream;
+
+/// One place a request can go: an upstream and the model to ask there.
+#[derive(Debug)]
+pub struct Target {
+    pub upstream_name: String,
+    pub upstream: Arc<Upstream>,
+    /// The model sent there; `None`: the client's.
+    pub model: Option<String>,
+    pub weight: u64,
+    pub overrides: Overrides,
+    /// `route/group/index`, for metrics and the ledger.
+    pub label: String,
+    pub breaker: Arc<Breaker>,
+}
+
+impl Target {
+    /// The model this target asks for, given the client's.
+    pub fn model_for<'a>(&'a self, requested: &'a str) -> &'a str {
+        self.model.as_deref().unwrap_or(requested)
+    }
+}
+
+#[derive(Debug)]
+pub struct Group {
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// The `model` the route was written for.
+    pub name: String,
+    pub groups: Vec<Group>,
+    pub sticky: Option<Sticky>,
+    pub retry_on: Vec<RetryOn>,
+    pub attempts_per_target: u32,
+    pub deadline: Duration,
+    pub backoff: Backoff,
+}
+
+impl Route {
+    /// Every model the route may send (for allow-lists and the worst case).
+    pub fn models<'a>(&'a self, requested: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.groups.iter().flat_map(|g| g.targets.iter()).map(move |t| t.model_for(requested))
+    }
+
+    pub fn retries(&self, on: RetryOn) -> bool {
+        self.retry_on.contains(&on)
+    }
+}
+
+/// The upstreams by name; `default` is the `[upstream]` section.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    by_name: HashMap<String, Arc<Upstream>>,
+}
+
+impl Upstreams {
+    pub fn new(by_name: HashMap<String, Arc<Upstream>>) -> Self {
+        Self { by_name }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.by_name.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    exact: HashMap<String, Arc<Route>>,
+    globs: Vec<(WildMatch, Arc<Route>)>,
+}
+
+impl RouteTable {
+    /// Builds the routes; targets keep the breaker of the same
+    /// `upstream/model` across rebuilds.
+    pub fn build(
+        routes: &[RouteConfig],
+        upstreams: &Upstreams,
+        breakers: &mut HashMap<String, Arc<Breaker>>,
+    ) -> Result<Self, String> {
+        let mut table = Self::default();
+        for config in routes {
+            let mut groups = Vec::with_capacity(config.groups.len());
+            for (g, group) in config.groups.iter().enumerate() {
+                let mut targets = Vec::with_capacity(group.targets.len());
+                for (t, target) in group.targets.iter().enumerate() {
+                    let upstream = upstreams
+                        .get(&target.upstream)
+                        .ok_or_else(|| format!("no upstream is named {:?}", target.upstream))?
+                        .clone();
+                    let breaker_key =
+                        format!("{}/{}", target.upstream, target.model.as_deref().unwrap_or(&config.model));
+                    let breaker = breakers
+                        .entry(breaker_key)
+                        .or_insert_with(|| Arc::new(Breaker::new(BreakerSettings::default())))
+                        .clone();
+                    targets.push(Target {
+                        upstream_name: target.upstream.clone(),
+                        upstream,
+                        model: target.model.clone(),
+                        weight: u64::from(target.weight),
+                        overrides: target.overrides.clone(),
+                        label: format!("{}/{g}/{t}", config.model),
+                        breaker,
+                    });
+                }
+                groups.push(Group { targets });
+            }
+            let route = Arc::new(Route {
+                name: config.model.clone(),
+                groups,
+                sticky: config.sticky,
+                retry_on: config.retry_on.clone(),
+                attempts_per_target: config.attempts_per_target,
+                deadline: config.deadline,
+                backoff: Backoff::default(),
+            });
+            if config.model.contains(['*', '?']) {
+                table.globs.push((WildMatch::new(&config.model), route));
+            } else {
+                table.exact.insert(config.model.clone(), route);
+            }
+        }
+        Ok(table)
+    }
+
+    /// The route for a client's model: an exact name or alias first, then
+    /// the first glob (in file order) that matches.
+    pub fn resolve(&self, model: &str) -> Option<Arc<Route>> {
+        self.exact
+            .get(model)
+            .or_else(|| self.globs.iter().find(|(glob, _)| glob.matches(model)).map(|(_, route)| route))
+            .cloned()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.globs.is_empty()
+    }
+}

@@ -1,0 +1,258 @@
+//! Routes across several upstreams, through the real gateway and two fake
+//! upstreams: fallbacks, what is never retried, weighted and sticky
+//! variants, and money that stays exact when a request falls back.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tollgate_fake_upstream::{ErrorStyle, FakeUpstream, Fault, Scenario};
+use tollgate_gateway::Config;
+use tollgate_gateway::routing::config::{GroupConfig, Overrides, RetryOn, RouteConfig, Sticky, TargetConfig};
+
+use crate::helpers::{PATIENCE, TestGateway, client_with_key, wait_for};
+
+fn target(upstream: &str, model: &str, weight: u32) -> TargetConfig {
+    TargetConfig {
+        upstream: upstream.to_owned(),
+        model: Some(model.to_owned()),
+        weight,
+        overrides: Overrides::default(),
+    }
+}
+
+fn route(model: &str, groups: Vec<Vec<TargetConfig>>) -> RouteConfig {
+    RouteConfig {
+        model: model.to_owned(),
+        groups: groups.into_iter().map(|targets| GroupConfig { targets }).collect(),
+        sticky: None,
+        retry_on: vec![RetryOn::Connect, RetryOn::Timeout, RetryOn::RateLimited, RetryOn::ServerError],
+        attempts_per_target: 1,
+        deadline: Duration::from_secs(30),
+    }
+}
+
+/// A gateway whose default upstream is `primary` and which also knows
+/// `backup`, with `routes`.
+async fn routed_gateway(backup: &FakeUpstream, routes: Vec<RouteConfig>) -> TestGateway {
+    let backup_url = backup.base_url();
+    TestGateway::start_with(move |c: &mut Config| {
+        let mut extra = c.upstream.clone();
+        extra.name = "backup".to_owned();
+        extra.base_url = backup_url;
+        c.upstreams = vec![extra];
+        c.routes = routes;
+    })
+    .await
+}
+
+fn always_failing(status: u16) -> Scenario {
+    Scenario { fault: Some(Fault::Status { status, style: ErrorStyle::OpenAi }), ..Scenario::default() }
+}
+
+async fn record(gw: &TestGateway, request_id: &str) -> Value {
+    crate::accounting::ledger_record(gw, request_id).await
+}
+
+#[tokio::test]
+async fn a_failing_primary_falls_back_and_the_served_model_is_billed_once() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let routes = vec![route(
+        "chat-default",
+        vec![vec![target("default", "gemini-2.5-flash-lite", 1)], vec![target("backup", "gemini-2.5-pro", 1)]],
+    )];
+    let gw = routed_gateway(&backup, routes).await;
+    gw.fake.set_defaults(always_failing(503));
+    let response = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "chat-default", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-upstream"], "backup");
+    assert_eq!(response.headers()["x-tollgate-model"], "gemini-2.5-pro");
+    assert_eq!(response.headers()["x-tollgate-attempts"], "2");
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let cost: f64 = response.headers()["x-tollgate-cost-usd"].to_str().unwrap().parse().unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["model"], "gemini-2.5-pro");
+    assert_eq!(gw.fake.requests()[0].json()["model"], "gemini-2.5-flash-lite", "the primary was tried first");
+    assert_eq!(backup.requests()[0].json()["model"], "gemini-2.5-pro", "the fallback got its own model name");
+
+    let record = record(&gw, &request_id).await;
+    assert_eq!(record["requested_model"], "chat-default");
+    assert_eq!(record["upstream_model"], "gemini-2.5-pro");
+    // Priced as Pro ($1.25/$10 per M), not Flash-Lite.
+    let usage = &backup.reported()[0].usage.clone().unwrap();
+    let (prompt, completion) = (usage["prompt_tokens"].as_i64().unwrap(), usage["completion_tokens"].as_i64().unwrap());
+    let expected = (prompt * 1_250_000 + completion * 10_000_000 + 500_000) / 1_000_000;
+    assert_eq!(record["cost_micros"], expected, "{record}");
+    assert!((cost * 1e6 - expected as f64).abs() < 0.5);
+    let (_, page) = gw.admin(Method::GET, "/admin/v1/usage/records?limit=200", None).await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 1, "one ledger record per client request");
+}
+
+#[tokio::test]
+async fn an_error_no_retry_can_fix_is_never_retried_or_fallen_back_from() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let mut routed =
+        route("chat-default", vec![vec![target("default", "gpt-4.1", 1)], vec![target("backup", "gpt-4.1", 1)]]);
+    routed.attempts_per_target = 3;
+    let gw = routed_gateway(&backup, vec![routed]).await;
+    gw.fake.set_defaults(always_failing(400));
+    let response = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "chat-default", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400, "the upstream's own answer");
+    assert_eq!(response.headers()["x-tollgate-attempts"], "1");
+    assert_eq!(gw.fake.requests().len(), 1);
+    assert!(backup.requests().is_empty(), "no fallback for a bad request");
+}
+
+#[tokio::test]
+async fn retries_stay_on_a_target_before_falling_back_and_an_exhausted_route_relays_the_last_answer() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let mut routed =
+        route("chat-default", vec![vec![target("default", "gpt-4.1", 1)], vec![target("backup", "gpt-4.1", 1)]]);
+    routed.attempts_per_target = 2;
+    let gw = routed_gateway(&backup, vec![routed]).await;
+    gw.fake.set_defaults(always_failing(503));
+    backup.set_defaults(always_failing(429));
+    let response = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "chat-default", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429, "the last target's answer");
+    assert_eq!(response.headers()["x-tollgate-attempts"], "4");
+    assert_eq!((gw.fake.requests().len(), backup.requests().len()), (2, 2));
+}
+
+#[tokio::test]
+async fn a_streamed_request_falls_back_before_its_first_event() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let routes =
+        vec![route("chat-default", vec![vec![target("default", "gpt-4.1", 1)], vec![target("backup", "gpt-4.1", 1)]])];
+    let gw = routed_gateway(&backup, routes).await;
+    gw.fake.set_defaults(always_failing(502));
+    let response = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "chat-default", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(backup.streams_completed(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_split_lands_within_two_percent_and_sticky_users_stay_on_one_variant() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let routes =
+        vec![route("split", vec![vec![target("default", "variant-a", 90), target("backup", "variant-b", 10)]])];
+    let gw = routed_gateway(&backup, routes).await;
+    let total = 4_000;
+    let mut tasks = tokio::task::JoinSet::new();
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    for _ in 0..total {
+        let (client, url, permits) = (gw.http.clone(), gw.url("/v1/embeddings"), semaphore.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            let r = client.post(url).json(&json!({"model": "split", "input": "x"})).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let to_b = backup.requests().len();
+    let share = to_b as f64 / total as f64;
+    println!("split: {to_b} of {total} to the 10% variant ({:.2}%)", share * 100.0);
+    assert!((0.08..=0.12).contains(&share), "10% ± 2%: {share}");
+    assert_eq!(gw.fake.requests().len() + to_b, total);
+
+    let mut sticky = route("sticky", vec![vec![target("default", "variant-a", 50), target("backup", "variant-b", 50)]]);
+    sticky.sticky = Some(Sticky::User);
+    let backup = FakeUpstream::start().await.unwrap();
+    let gw = routed_gateway(&backup, vec![sticky]).await;
+    for user in ["alice", "bob", "carol", "dave"] {
+        let mut served_by = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let r = gw
+                .http
+                .post(gw.url("/v1/embeddings"))
+                .json(&json!({"model": "sticky", "input": "x", "user": user}))
+                .send()
+                .await
+                .unwrap();
+            served_by.insert(r.headers()["x-tollgate-model"].to_str().unwrap().to_owned());
+        }
+        assert_eq!(served_by.len(), 1, "{user} stayed on one variant: {served_by:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_budget_holds_when_every_request_falls_back_to_a_pricier_model() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let routes = vec![route(
+        "cheap-first",
+        vec![vec![target("default", "gemini-2.5-flash-lite", 1)], vec![target("backup", "gemini-2.5-pro", 1)]],
+    )];
+    let gw = routed_gateway(&backup, routes).await;
+    gw.fake.set_defaults(always_failing(503));
+    let (status, _) = gw
+        .admin(Method::POST, "/admin/v1/tenants/test/budgets", Some(json!({"period": "monthly", "amount_usd": "0.01"})))
+        .await;
+    assert_eq!(status, 201);
+    let client = client_with_key(&gw.key);
+    let body = json!({"model": "cheap-first", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let (client, url, body) = (client.clone(), gw.url("/v1/chat/completions"), body.clone());
+        tasks.spawn(async move { client.post(url).json(&body).send().await.unwrap().status().as_u16() });
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    while let Some(status) = tasks.join_next().await {
+        *statuses.entry(status.unwrap()).or_insert(0) += 1;
+    }
+    let served = statuses.get(&200).copied().unwrap_or(0);
+    assert!(served > 0 && statuses.keys().all(|s| [200, 429].contains(s)), "{statuses:?}");
+    let spent = wait_for("every record is written", PATIENCE, async || {
+        let (_, s) = gw.admin(Method::GET, "/admin/v1/usage/summary?tenant_id=test", None).await;
+        (s["data"][0]["requests"].as_i64() == Some(300)).then(|| s["data"][0]["cost_micros"].as_i64().unwrap())
+    })
+    .await;
+    println!("{statuses:?}: {spent} µ$ of 10000, every answer from Pro");
+    assert!(spent <= 10_000, "the reservation covered the pricier fallback: {spent} µ$");
+    assert_eq!(backup.requests().len(), served, "every answer came from the fallback");
+}
+
+#[tokio::test]
+async fn a_route_sends_only_models_the_key_may_use() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let routes = vec![route(
+        "gemini-default",
+        vec![vec![target("default", "gemini-2.5-flash", 1)], vec![target("backup", "gpt-4.1", 1)]],
+    )];
+    let gw = routed_gateway(&backup, routes).await;
+    let restricted =
+        client_with_key(&gw.create_key("test", json!({"name": "g", "allowed_models": ["gemini-*"]})).await);
+    let response = restricted
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "gemini-default", "messages": []}))
+        .send();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 403, "the fallback's gpt-4.1 is not allowed for this key");
+    assert!(gw.fake.requests().is_empty() && backup.requests().is_empty());
+}
