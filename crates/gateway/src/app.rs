@@ -135,8 +135,10 @@ impl Application {
             by_name.insert(extra.name.clone(), Arc::new(Upstream::new(extra)?));
         }
         let upstreams = Upstreams::new(by_name);
-        let routes = RouteTable::build(&config.routes, &upstreams, &mut std::collections::HashMap::new())
-            .map_err(|e| anyhow::anyhow!("routes: {e}"))?;
+        let routes = Arc::new(
+            RouteTable::build(&config.routes, &upstreams, &mut std::collections::HashMap::new())
+                .map_err(|e| anyhow::anyhow!("routes: {e}"))?,
+        );
         let shared = match config.redis.url()? {
             None => None,
             Some(url) => {
@@ -148,8 +150,13 @@ impl Application {
         };
         let limiter = Arc::new(RateLimiter::new(shared.clone(), config.redis.replicas, clock.clone()));
         background.spawn(limiter.clone().sweep_loop(stop_background.clone()));
-        let gauges =
-            Gauges { cache: cache.clone(), ledger: accounting.ledger.clone(), budget_readings, shared: shared.clone() };
+        let gauges = Gauges {
+            cache: cache.clone(),
+            ledger: accounting.ledger.clone(),
+            budget_readings,
+            shared: shared.clone(),
+            routes: routes.clone(),
+        };
         // Prometheus scrapes the admin listener, never the public one.
         let admin_router = admin_router.merge(
             Router::new()
@@ -373,10 +380,13 @@ struct Gauges {
     /// From the ledger, so every replica reports the fleet's spend.
     budget_readings: alerts::BudgetReadings,
     shared: Option<Arc<Shared>>,
+    routes: Arc<RouteTable>,
 }
 
 impl GaugeSource for Gauges {
     fn refresh(&self, m: &Metrics) {
+        m.breakers_open
+            .set(i64::try_from(self.routes.breakers_not_closed(crate::proxy::forward::monotonic_ms())).unwrap_or(0));
         m.key_cache_size.set(i64::try_from(self.cache.key_count()).unwrap_or(i64::MAX));
         m.ledger_queue_depth.set(i64::try_from(self.ledger.queue_depth()).unwrap_or(i64::MAX));
         m.spool_bytes.set(i64::try_from(self.ledger.spool().bytes()).unwrap_or(i64::MAX));

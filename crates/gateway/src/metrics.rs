@@ -39,6 +39,8 @@ pub struct Metrics {
     pub spool_bytes: IntGauge,
     pub redis_fallbacks: IntCounter,
     pub shared_corrections_dropped: IntCounter,
+    pub upstream_attempts: IntCounterVec,
+    pub breakers_open: IntGauge,
     pub ledger_write_failures: IntCounter,
     pub ledger_dead_letters: IntCounter,
     pub budget_utilisation: IntGaugeVec,
@@ -164,6 +166,13 @@ impl Metrics {
                 "redis_fallbacks_total",
                 "Limit checks decided locally because Redis was unavailable.",
             )?,
+            upstream_attempts: r.counter(
+                "upstream_attempts_total",
+                "Attempts sent upstream by upstream, route target (`-` without a route) and outcome \
+                 (ok, client_error, rate_limited, server_error, timeout, connect).",
+                &["upstream", "target", "outcome"],
+            )?,
+            breakers_open: r.gauge("breakers_open", "Route targets whose circuit breaker is open or half-open.")?,
             shared_corrections_dropped: r.plain_counter(
                 "shared_corrections_dropped_total",
                 "Corrections to Redis counters dropped because too many were waiting (the counter stays high until it expires).",

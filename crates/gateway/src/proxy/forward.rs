@@ -25,6 +25,7 @@ use tollgate_openai::rewrite::set_members;
 use tollgate_store::TenantPolicy;
 
 use crate::error::GatewayError;
+use crate::metrics::Metrics;
 use crate::request_id::RequestId;
 use crate::routing::backoff::retry_after;
 use crate::routing::breaker::Admission as BreakerAdmission;
@@ -59,17 +60,33 @@ pub struct Call<'a> {
     pub has_output_limit: bool,
     pub key_id: &'a str,
     pub tenant_id: &'a str,
+    pub metrics: &'a Metrics,
+}
+
+/// The `outcome` label of one attempt.
+fn outcome(result: &Result<UpstreamResponse, UpstreamFailure>) -> &'static str {
+    match result {
+        Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        Ok(r) if r.status().is_server_error() => "server_error",
+        Ok(r) if r.status().is_client_error() => "client_error",
+        Ok(_) => "ok",
+        Err(UpstreamFailure { phase: Phase::BeforeSend, .. }) => "connect",
+        Err(UpstreamFailure { kind: FailureKind::Timeout, .. }) => "timeout",
+        Err(UpstreamFailure { kind: FailureKind::Unreachable, .. }) => "server_error",
+    }
 }
 
 /// Milliseconds of a monotonic clock, for the breakers.
-fn monotonic_ms() -> u64 {
+pub fn monotonic_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     u64::try_from(START.get_or_init(std::time::Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Sends the request once to `upstream`, with no route.
 pub async fn direct<'a>(upstream: &'a Upstream, call: &Call<'_>, body: Bytes) -> Result<Served<'a>, GatewayError> {
-    let response = upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body)).await?;
+    let result = upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body)).await;
+    call.metrics.upstream_attempts.with_label_values(&["default", "-", outcome(&result)]).inc();
+    let response = result?;
     Ok(Served {
         response,
         upstream,

@@ -58,7 +58,7 @@ pub use relay::COST_HEADER;
 pub struct Proxy {
     /// The default upstream: requests for models no route names go here.
     pub upstream: Arc<Upstream>,
-    pub routes: RouteTable,
+    pub routes: Arc<RouteTable>,
     pub accounting: Arc<Accounting>,
     pub limiter: Arc<RateLimiter>,
     pub limits: LimitsConfig,
@@ -132,6 +132,7 @@ async fn post_stages(
         has_output_limit: applied.max_output.is_some(),
         key_id: &principal.key.id,
         tenant_id: principal.tenant_id(),
+        metrics: &proxy.accounting.metrics,
     };
     let served = match &route {
         Some(route) => forward::routed(route, &call).await?,

@@ -150,6 +150,19 @@ impl RouteTable {
             .cloned()
     }
 
+    /// Every route, exact names first.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.exact.values().chain(self.globs.iter().map(|(_, r)| r))
+    }
+
+    /// Targets whose breaker is not closed now.
+    pub fn breakers_not_closed(&self, now_ms: u64) -> usize {
+        self.routes()
+            .flat_map(|r| r.groups.iter().flat_map(|g| g.targets.iter()))
+            .filter(|t| t.breaker.state(now_ms) != super::breaker::BreakerState::Closed)
+            .count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.globs.is_empty()
     }

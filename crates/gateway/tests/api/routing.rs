@@ -92,6 +92,13 @@ async fn a_failing_primary_falls_back_and_the_served_model_is_billed_once() {
     assert!((cost * 1e6 - expected as f64).abs() < 0.5);
     let (_, page) = gw.admin(Method::GET, "/admin/v1/usage/records?limit=200", None).await;
     assert_eq!(page["data"].as_array().unwrap().len(), 1, "one ledger record per client request");
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for series in [
+        r#"tollgate_upstream_attempts_total{outcome="server_error",target="chat-default/0/0",upstream="default"} 1"#,
+        r#"tollgate_upstream_attempts_total{outcome="ok",target="chat-default/1/0",upstream="backup"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
 }
 
 #[tokio::test]
