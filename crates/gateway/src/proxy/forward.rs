@@ -203,7 +203,9 @@ async fn try_target(
     call: &Call<'_>,
 ) -> Result<Result<UpstreamResponse, UpstreamFailure>, GatewayError> {
     let body = body_for(target, call)?;
-    Ok(target.upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body)).await)
+    let result = target.upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body)).await;
+    call.metrics.upstream_attempts.with_label_values(&[&target.upstream_name, &target.label, outcome(&result)]).inc();
+    Ok(result)
 }
 
 fn served<'a>(
