@@ -92,5 +92,9 @@ fn event(i: usize) -> UsageEvent {
         error_class: None,
         latency_ms: 840,
         ttft_ms: Some(210),
+        route: None,
+        target: None,
+        upstream: None,
+        attempts: 1,
     }
 }

@@ -48,6 +48,22 @@ pub struct UsageEvent {
     pub latency_ms: i64,
     /// Time to the first streamed event, for streams.
     pub ttft_ms: Option<i64>,
+    /// The route that sent the request (its `model`), when one did.
+    #[serde(default)]
+    pub route: Option<String>,
+    /// The route target (variant) that served: `route/group/index`.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// The upstream that served (`default` for `[upstream]`).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Attempts sent upstream for this request (retries and fallbacks).
+    #[serde(default = "one_attempt")]
+    pub attempts: i32,
+}
+
+fn one_attempt() -> i32 {
+    1
 }
 
 impl UsageEvent {
@@ -67,8 +83,9 @@ pub fn day_of(at_ms: i64) -> String {
 
 const COLUMNS: &str = "id, at, day, request_id, tenant_id, key_id, endpoint, requested_model, upstream_model, stream, \
     prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, total_tokens, billed_output_tokens, \
-    cost_micros, estimated, unpriced, modified, status, error_class, latency_ms, ttft_ms";
-const NCOLS: usize = 24;
+    cost_micros, estimated, unpriced, modified, status, error_class, latency_ms, ttft_ms, route, target, upstream, \
+    attempts";
+const NCOLS: usize = 28;
 
 const ROLLUP_UPDATE: &str = "ON CONFLICT (day, tenant_id, key_id, model) DO UPDATE SET \
     requests = usage_daily.requests + excluded.requests, errors = usage_daily.errors + excluded.errors, \
@@ -108,6 +125,10 @@ struct JsonRow<'a> {
     error_class: Option<&'a str>,
     latency_ms: i64,
     ttft_ms: Option<i64>,
+    route: Option<&'a str>,
+    target: Option<&'a str>,
+    upstream: Option<&'a str>,
+    attempts: i32,
 }
 
 impl<'a> From<&'a UsageEvent> for JsonRow<'a> {
@@ -137,6 +158,10 @@ impl<'a> From<&'a UsageEvent> for JsonRow<'a> {
             error_class: e.error_class.as_deref(),
             latency_ms: e.latency_ms,
             ttft_ms: e.ttft_ms,
+            route: e.route.as_deref(),
+            target: e.target.as_deref(),
+            upstream: e.upstream.as_deref(),
+            attempts: e.attempts,
         }
     }
 }
@@ -147,7 +172,8 @@ const RECORD_TYPES: &str = "id TEXT, at BIGINT, day TEXT, request_id TEXT, tenan
     endpoint TEXT, requested_model TEXT, upstream_model TEXT, stream INTEGER, prompt_tokens BIGINT, \
     completion_tokens BIGINT, reasoning_tokens BIGINT, cached_tokens BIGINT, total_tokens BIGINT, \
     billed_output_tokens BIGINT, cost_micros BIGINT, estimated INTEGER, unpriced INTEGER, modified INTEGER, \
-    status INTEGER, error_class TEXT, latency_ms BIGINT, ttft_ms BIGINT";
+    status INTEGER, error_class TEXT, latency_ms BIGINT, ttft_ms BIGINT, route TEXT, target TEXT, upstream TEXT, \
+    attempts INTEGER";
 
 /// Inserts the records of `$1` (a JSON array of [`JsonRow`]), skipping ids
 /// already stored, and adds exactly the inserted ones to the daily rollups.
@@ -203,6 +229,10 @@ fn bind_event<'q>(
         .bind(e.error_class.as_deref())
         .bind(e.latency_ms)
         .bind(e.ttft_ms)
+        .bind(e.route.as_deref())
+        .bind(e.target.as_deref())
+        .bind(e.upstream.as_deref())
+        .bind(e.attempts)
 }
 
 fn event(row: &AnyRow) -> StoreResult<UsageEvent> {
@@ -230,6 +260,10 @@ fn event(row: &AnyRow) -> StoreResult<UsageEvent> {
         error_class: row.try_get("error_class")?,
         latency_ms: row.try_get("latency_ms")?,
         ttft_ms: row.try_get("ttft_ms")?,
+        route: row.try_get("route")?,
+        target: row.try_get("target")?,
+        upstream: row.try_get("upstream")?,
+        attempts: row.try_get("attempts")?,
     })
 }
 

@@ -92,6 +92,10 @@ fn usage_event(id: &str, at: i64, tenant: &str, model: &str, cost: i64) -> tollg
         error_class: None,
         latency_ms: 12,
         ttft_ms: Some(3),
+        route: None,
+        target: None,
+        upstream: None,
+        attempts: 1,
     }
 }
 

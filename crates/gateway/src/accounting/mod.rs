@@ -167,6 +167,15 @@ pub async fn maintain_ledger(store: Store, retention_days: u32, cancel: Cancella
     }
 }
 
+/// What served a request, for its record.
+#[derive(Debug, Clone)]
+pub struct ServedBy {
+    pub route: Option<String>,
+    pub target: Option<String>,
+    pub upstream: String,
+    pub attempts: u32,
+}
+
 /// How a request ended, as far as accounting cares.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -202,6 +211,8 @@ pub struct Exchange {
     pub requested_model: String,
     /// The model a route sent the request to, when it was not the one asked.
     served_model: Option<String>,
+    /// What served the request: route, target, upstream, attempts.
+    served: Option<ServedBy>,
     pub stream: bool,
     pub modified: bool,
     request_body: Bytes,
@@ -231,6 +242,7 @@ impl Exchange {
             endpoint: endpoint.to_owned(),
             requested_model: String::new(),
             served_model: None,
+            served: None,
             stream: false,
             modified: false,
             request_body: Bytes::new(),
@@ -244,11 +256,13 @@ impl Exchange {
         self.stream = stream;
     }
 
-    /// Records which model served the request (priced before the one asked).
-    pub fn served_by(&mut self, model: &str) {
+    /// Records what served the request; its model is priced before the
+    /// one asked for.
+    pub fn served_by(&mut self, model: &str, by: ServedBy) {
         if model != self.requested_model {
             self.served_model = Some(model.to_owned());
         }
+        self.served = Some(by);
     }
 
     /// Hands the exchange the request's admission, settled when it closes.
@@ -339,6 +353,13 @@ impl Exchange {
             error_class: outcome.error_class,
             latency_ms: i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX),
             ttft_ms: outcome.first_event.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            route: self.served.as_ref().and_then(|s| s.route.clone()),
+            target: self.served.as_ref().and_then(|s| s.target.clone()),
+            upstream: self.served.as_ref().map(|s| s.upstream.clone()),
+            attempts: self
+                .served
+                .as_ref()
+                .map_or(i32::from(self.sent_upstream), |s| i32::try_from(s.attempts).unwrap_or(i32::MAX)),
         };
         // Metrics observe the closed record; models without a price share
         // the label `other`, so label values stay bounded.

@@ -175,6 +175,10 @@ mod tests {
             error_class: None,
             latency_ms: 1,
             ttft_ms: None,
+            route: None,
+            target: None,
+            upstream: None,
+            attempts: 1,
         }
     }
 

@@ -220,7 +220,7 @@ pub async fn records(store: &Store, query: RecordsQuery, tenant: Option<&str>) -
 
 const CSV_HEADER: &str = "id,at,request_id,tenant_id,key_id,endpoint,requested_model,upstream_model,stream,\
 prompt_tokens,completion_tokens,reasoning_tokens,cached_tokens,total_tokens,billed_output_tokens,cost_micros,cost_usd,\
-estimated,unpriced,modified,status,error_class,latency_ms,ttft_ms\n";
+estimated,unpriced,modified,status,error_class,latency_ms,ttft_ms,route,target,upstream,attempts\n";
 
 fn csv_field(out: &mut String, value: &str) {
     if value.contains([',', '"', '\n', '\r']) {
@@ -234,7 +234,7 @@ fn csv_field(out: &mut String, value: &str) {
 
 fn csv_row(out: &mut String, e: &UsageEvent) {
     let at = tollgate_store::from_millis(e.at).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let fields: [String; 24] = [
+    let fields: [String; 28] = [
         e.id.clone(),
         at,
         e.request_id.clone(),
@@ -259,6 +259,10 @@ fn csv_row(out: &mut String, e: &UsageEvent) {
         e.error_class.clone().unwrap_or_default(),
         e.latency_ms.to_string(),
         e.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
+        e.route.clone().unwrap_or_default(),
+        e.target.clone().unwrap_or_default(),
+        e.upstream.clone().unwrap_or_default(),
+        e.attempts.to_string(),
     ];
     for (i, f) in fields.iter().enumerate() {
         if i > 0 {

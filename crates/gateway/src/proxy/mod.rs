@@ -139,7 +139,13 @@ async fn post_stages(
         None => forward::direct(&proxy.upstream, &call, forwarded.body.clone()).await?,
     };
     if let Some(exchange) = slot.as_mut() {
-        exchange.served_by(&served.model);
+        let by = crate::accounting::ServedBy {
+            route: route.as_ref().map(|r| r.name.clone()),
+            target: served.target.map(str::to_owned),
+            upstream: served.upstream_name.to_owned(),
+            attempts: served.attempts,
+        };
+        exchange.served_by(&served.model, by);
     }
     let served_headers = relay::ServedHeaders::new(&served);
     let mut response = relay::respond(

@@ -84,6 +84,10 @@ async fn a_failing_primary_falls_back_and_the_served_model_is_billed_once() {
     let record = record(&gw, &request_id).await;
     assert_eq!(record["requested_model"], "chat-default");
     assert_eq!(record["upstream_model"], "gemini-2.5-pro");
+    assert_eq!(record["route"], "chat-default");
+    assert_eq!(record["target"], "chat-default/1/0");
+    assert_eq!(record["upstream"], "backup");
+    assert_eq!(record["attempts"], 2);
     // Priced as Pro ($1.25/$10 per M), not Flash-Lite.
     let usage = &backup.reported()[0].usage.clone().unwrap();
     let (prompt, completion) = (usage["prompt_tokens"].as_i64().unwrap(), usage["completion_tokens"].as_i64().unwrap());
