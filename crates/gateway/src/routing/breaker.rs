@@ -211,14 +211,22 @@ impl Breaker {
         inner.probes_passed = 0;
     }
 
-    /// The share of its weight a target gets now, per thousand: 0 while open
-    /// or half-open (probes aside), rising from 100 to 1000 over the ramp
-    /// after it closed.
+    /// The share of its weight a target gets now, per thousand: 0 while
+    /// open, full while half-open with a probe to send (so the next request
+    /// probes) and 0 while a probe is out, rising from 100 to 1000 over the
+    /// ramp after it closed.
     pub fn weight_factor(&self, now_ms: u64) -> u64 {
         let mut inner = self.lock();
         self.advance(&mut inner, now_ms);
         match inner.state {
-            BreakerState::Open | BreakerState::HalfOpen => 0,
+            BreakerState::Open => 0,
+            BreakerState::HalfOpen => {
+                if inner.probes_in_flight == 0 && inner.probes_passed < self.settings.probes {
+                    1000
+                } else {
+                    0
+                }
+            }
             BreakerState::Closed => match inner.closed_at_ms {
                 Some(at) if now_ms.saturating_sub(at) < self.settings.ramp_ms => {
                     100 + 900 * (now_ms - at) / self.settings.ramp_ms
@@ -270,7 +278,9 @@ mod tests {
         assert_eq!(b.state(1_000), BreakerState::Open);
         assert_eq!(b.admit(3_000), Admission::Refused, "cooling down");
         assert_eq!(b.weight_factor(3_000), 0);
+        assert_eq!(b.weight_factor(6_000), 1000, "half-open: the next request probes");
         assert_eq!(b.admit(6_000), Admission::Probe, "half-open after the cooldown");
+        assert_eq!(b.weight_factor(6_000), 0, "not while the probe is out");
         assert_eq!(b.admit(6_000), Admission::Refused, "one probe at a time");
         b.record(Admission::Probe, true, 6_100);
         assert_eq!(b.admit(6_200), Admission::Probe);

@@ -41,6 +41,58 @@ pub struct RouteConfig {
     /// The longest a request may spend on attempts and waits between them.
     #[serde(default = "default_deadline", with = "humantime_serde")]
     pub deadline: Duration,
+    /// Each target's circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+/// When a target's circuit breaker opens, and how it comes back.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// The sliding window failures are counted over.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Attempts needed in the window before the rate counts (never "one
+    /// failure ejects").
+    pub min_requests: u32,
+    /// The failure share (0 to 1) that opens the breaker.
+    pub failure_rate: f64,
+    /// How long an open breaker keeps its target out.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// Requests let through one at a time while half-open; all must succeed.
+    pub probes: u32,
+    /// How long a closed breaker takes to give its target its full weight.
+    #[serde(with = "humantime_serde")]
+    pub ramp: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(30),
+            min_requests: 20,
+            failure_rate: 0.5,
+            cooldown: Duration::from_secs(30),
+            probes: 3,
+            ramp: Duration::from_secs(30),
+        }
+    }
+}
+
+impl BreakerConfig {
+    pub fn settings(&self) -> super::breaker::BreakerSettings {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        super::breaker::BreakerSettings {
+            window_ms: ms(self.window).max(10),
+            min_requests: self.min_requests.max(1),
+            failure_per_mille: (self.failure_rate.clamp(0.0, 1.0) * 1000.0).round() as u32,
+            cooldown_ms: ms(self.cooldown),
+            probes: self.probes.max(1),
+            ramp_ms: ms(self.ramp),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +189,9 @@ pub fn validate(routes: &[RouteConfig], upstreams: &[&str]) -> Result<(), (Strin
         }
         if route.groups.is_empty() {
             return Err((at("groups"), "needs at least one group of targets".to_owned()));
+        }
+        if !(route.breaker.failure_rate > 0.0 && route.breaker.failure_rate <= 1.0) {
+            return Err((at("breaker.failure_rate"), "must be above 0 and at most 1".to_owned()));
         }
         if route.attempts_per_target == 0 {
             return Err((at("attempts_per_target"), "must be at least 1".to_owned()));

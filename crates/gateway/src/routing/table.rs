@@ -8,7 +8,7 @@ use std::time::Duration;
 use wildmatch::WildMatch;
 
 use super::backoff::Backoff;
-use super::breaker::{Breaker, BreakerSettings};
+use super::breaker::Breaker;
 use super::config::{Overrides, RetryOn, RouteConfig, Sticky};
 use crate::upstream::Upstream;
 
@@ -105,11 +105,13 @@ impl RouteTable {
                         .get(&target.upstream)
                         .ok_or_else(|| format!("no upstream is named {:?}", target.upstream))?
                         .clone();
-                    let breaker_key =
-                        format!("{}/{}", target.upstream, target.model.as_deref().unwrap_or(&config.model));
+                    // One breaker per route target: the same upstream and
+                    // model in two routes are judged apart (their settings
+                    // may differ), and a rebuild keeps each one's state.
+                    let breaker_key = format!("{}/{g}/{t}", config.model);
                     let breaker = breakers
                         .entry(breaker_key)
-                        .or_insert_with(|| Arc::new(Breaker::new(BreakerSettings::default())))
+                        .or_insert_with(|| Arc::new(Breaker::new(config.breaker.settings())))
                         .clone();
                     targets.push(Target {
                         upstream_name: target.upstream.clone(),

@@ -8,9 +8,11 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tollgate_fake_upstream::{ErrorStyle, FakeUpstream, Fault, Scenario};
 use tollgate_gateway::Config;
-use tollgate_gateway::routing::config::{GroupConfig, Overrides, RetryOn, RouteConfig, Sticky, TargetConfig};
+use tollgate_gateway::routing::config::{
+    BreakerConfig, GroupConfig, Overrides, RetryOn, RouteConfig, Sticky, TargetConfig,
+};
 
-use crate::helpers::{PATIENCE, TestGateway, client_with_key, wait_for};
+use crate::helpers::{PATIENCE, TestGateway, client_with_key, wait_for, wait_until};
 
 fn target(upstream: &str, model: &str, weight: u32) -> TargetConfig {
     TargetConfig {
@@ -29,6 +31,7 @@ fn route(model: &str, groups: Vec<Vec<TargetConfig>>) -> RouteConfig {
         retry_on: vec![RetryOn::Connect, RetryOn::Timeout, RetryOn::RateLimited, RetryOn::ServerError],
         attempts_per_target: 1,
         deadline: Duration::from_secs(30),
+        breaker: BreakerConfig::default(),
     }
 }
 
@@ -266,4 +269,52 @@ async fn a_route_sends_only_models_the_key_may_use() {
     let response = response.await.unwrap();
     assert_eq!(response.status(), 403, "the fallback's gpt-4.1 is not allowed for this key");
     assert!(gw.fake.requests().is_empty() && backup.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_breaker_opens_after_its_threshold_probes_after_its_cooldown_and_closes() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let mut routed =
+        route("guarded", vec![vec![target("default", "gpt-4.1", 1)], vec![target("backup", "gpt-4.1", 1)]]);
+    routed.breaker = BreakerConfig {
+        window: Duration::from_secs(60),
+        min_requests: 4,
+        failure_rate: 0.5,
+        cooldown: Duration::from_millis(400),
+        probes: 2,
+        ramp: Duration::ZERO,
+    };
+    let gw = routed_gateway(&backup, vec![routed]).await;
+    let send = async || {
+        let r = gw
+            .http
+            .post(gw.url("/v1/embeddings"))
+            .json(&json!({"model": "guarded", "input": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "the fallback answers throughout");
+        r.headers()["x-tollgate-upstream"].to_str().unwrap().to_owned()
+    };
+    gw.fake.set_defaults(always_failing(503));
+    for _ in 0..3 {
+        assert_eq!(send().await, "backup");
+    }
+    assert_eq!(gw.fake.requests().len(), 3, "below the minimum, the primary is still tried");
+    assert_eq!(send().await, "backup");
+    assert_eq!(gw.fake.requests().len(), 4, "the fourth failure opens the breaker");
+    for _ in 0..5 {
+        assert_eq!(send().await, "backup");
+    }
+    assert_eq!(gw.fake.requests().len(), 4, "open: the primary is skipped");
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tollgate_breakers_open 1"), "the open breaker is visible");
+
+    gw.fake.set_defaults(Scenario::default());
+    // After the cooldown, probes go to the primary one at a time; two good
+    // ones close the breaker.
+    wait_until("the primary is probed and serves again", PATIENCE, async || send().await == "default").await;
+    assert_eq!(send().await, "default");
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tollgate_breakers_open 0"), "closed again");
 }
