@@ -31,7 +31,8 @@ use crate::limits::RateLimiter;
 use crate::metrics::{self, GaugeSource, Metrics, MetricsState};
 use crate::proxy::Proxy;
 use crate::router;
-use crate::routing::table::{RouteTable, Upstreams};
+use crate::routing::reload::Routes;
+use crate::routing::table::Upstreams;
 use crate::server::{self, ConnectionLimits, body::BodyLimits};
 use crate::shared::Shared;
 use crate::tenant_usage::TenantUsageState;
@@ -136,9 +137,14 @@ impl Application {
         }
         let upstreams = Upstreams::new(by_name);
         let routes = Arc::new(
-            RouteTable::build(&config.routes, &upstreams, &mut std::collections::HashMap::new())
+            Routes::new(&config.routes, config.routing.routes_file.clone(), upstreams)
                 .map_err(|e| anyhow::anyhow!("routes: {e}"))?,
         );
+        background.spawn(routes.clone().watch(
+            config.routing.reload_interval,
+            metrics.clone(),
+            stop_background.clone(),
+        ));
         let shared = match config.redis.url()? {
             None => None,
             Some(url) => {
@@ -380,13 +386,15 @@ struct Gauges {
     /// From the ledger, so every replica reports the fleet's spend.
     budget_readings: alerts::BudgetReadings,
     shared: Option<Arc<Shared>>,
-    routes: Arc<RouteTable>,
+    routes: Arc<Routes>,
 }
 
 impl GaugeSource for Gauges {
     fn refresh(&self, m: &Metrics) {
-        m.breakers_open
-            .set(i64::try_from(self.routes.breakers_not_closed(crate::proxy::forward::monotonic_ms())).unwrap_or(0));
+        m.breakers_open.set(
+            i64::try_from(self.routes.current().breakers_not_closed(crate::proxy::forward::monotonic_ms()))
+                .unwrap_or(0),
+        );
         m.key_cache_size.set(i64::try_from(self.cache.key_count()).unwrap_or(i64::MAX));
         m.ledger_queue_depth.set(i64::try_from(self.ledger.queue_depth()).unwrap_or(i64::MAX));
         m.spool_bytes.set(i64::try_from(self.ledger.spool().bytes()).unwrap_or(i64::MAX));

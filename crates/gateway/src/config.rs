@@ -30,6 +30,7 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Model routes: fallbacks, retries and weighted variants.
     pub routes: Vec<crate::routing::config::RouteConfig>,
+    pub routing: RoutingConfig,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub admin: AdminConfig,
@@ -38,6 +39,23 @@ pub struct Config {
     pub redis: RedisConfig,
     pub alerts: AlertsConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// A file of `[[routes]]`, used instead of the routes in this file and
+    /// reloaded when it changes (routes and weights change without a restart).
+    pub routes_file: Option<PathBuf>,
+    /// How often the routes file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self { routes_file: None, reload_interval: Duration::from_secs(5) }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -513,6 +531,9 @@ impl Config {
         }
         crate::routing::config::validate(&self.routes, &names)
             .map_err(|(key, problem)| ConfigError::InvalidRoute { key, problem })?;
+        if self.routing.routes_file.is_some() && !self.routes.is_empty() {
+            return Err(invalid("routing.routes_file", "replaces [[routes]] here: keep the routes in one place"));
+        }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
         }

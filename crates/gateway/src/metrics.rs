@@ -32,6 +32,7 @@ pub struct Metrics {
     pub failures: IntCounterVec,
     pub unpriced: IntCounterVec,
     pub pricing_reloads: IntCounterVec,
+    pub routes_reloads: IntCounterVec,
     pub in_flight: IntGauge,
     pub auth_failures: IntCounterVec,
     pub key_cache_size: IntGauge,
@@ -104,6 +105,16 @@ impl Metrics {
         for result in ["applied", "rejected"] {
             pricing_reloads.with_label_values(&[result]);
         }
+        let routes_reloads = r.counter(
+            "routes_reloads_total",
+            "Changes of the routes file seen, by result: applied, or rejected (the routes in force stay).",
+            &["result"],
+        )?;
+        // Both series exist from the start, so a rejection shows as an
+        // increase rather than as a series appearing.
+        for result in ["applied", "rejected"] {
+            routes_reloads.with_label_values(&[result]);
+        }
         Ok(Self {
             requests: r.counter(
                 "requests_total",
@@ -149,6 +160,7 @@ impl Metrics {
             )?,
             unpriced: r.counter("unpriced_requests_total", "Requests for models without a price.", &["model"])?,
             pricing_reloads,
+            routes_reloads,
             in_flight: r.gauge("in_flight_requests", "Requests being answered now.")?,
             auth_failures: r.counter("auth_failures_total", "Refused tenant keys by reason.", &["reason"])?,
             key_cache_size: r.gauge("key_cache_keys", "Keys in the in-memory authentication cache.")?,

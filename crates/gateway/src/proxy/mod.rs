@@ -46,7 +46,7 @@ use crate::error::GatewayError;
 use crate::limits::RateLimiter;
 use crate::policy;
 use crate::request_id::RequestId;
-use crate::routing::table::RouteTable;
+use crate::routing::reload::Routes;
 use crate::shared::Shared;
 use crate::upstream::Upstream;
 
@@ -58,7 +58,7 @@ pub use relay::COST_HEADER;
 pub struct Proxy {
     /// The default upstream: requests for models no route names go here.
     pub upstream: Arc<Upstream>,
-    pub routes: Arc<RouteTable>,
+    pub routes: Arc<Routes>,
     pub accounting: Arc<Accounting>,
     pub limiter: Arc<RateLimiter>,
     pub limits: LimitsConfig,
@@ -101,7 +101,7 @@ async fn post_stages(
     if let Some(exchange) = slot.as_mut() {
         exchange.set_request(body.clone(), Some(model), peek.is_stream());
     }
-    let route = proxy.routes.resolve(model);
+    let route = proxy.routes.current().resolve(model);
     let candidates: Vec<&str> = match &route {
         Some(route) => route.models(model).collect(),
         None => vec![model],

@@ -6,7 +6,8 @@
 //!   cooldown, probes, gradual return);
 //! - [`backoff`]: exponential full-jitter waits that honour `retry-after`;
 //! - [`config`]: `[[routes]]` as written, and their validation;
-//! - [`table`]: the routes in force, their targets and breakers.
+//! - [`table`]: the routes in force, their targets and breakers;
+//! - [`reload`]: the table swapped without a restart when its file changes.
 //!
 //! The forward stage (`proxy::forward`) puts them together.
 
@@ -14,4 +15,5 @@ pub mod backoff;
 pub mod breaker;
 pub mod choice;
 pub mod config;
+pub mod reload;
 pub mod table;

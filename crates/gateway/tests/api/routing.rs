@@ -318,3 +318,73 @@ async fn a_breaker_opens_after_its_threshold_probes_after_its_cooldown_and_close
     let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("tollgate_breakers_open 0"), "closed again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_changed_in_the_routes_file_take_effect_under_load_with_no_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    let routes = |a: u32, b: u32| {
+        format!(
+            "[[routes]]\nmodel = \"live\"\n[[routes.groups]]\ntargets = [\n  \
+             {{ upstream = \"default\", model = \"variant-a\", weight = {a} }},\n  \
+             {{ upstream = \"backup\", model = \"variant-b\", weight = {b} }},\n]\n"
+        )
+    };
+    std::fs::write(&file, routes(100, 0)).unwrap();
+    let backup = FakeUpstream::start().await.unwrap();
+    let (backup_url, routes_file) = (backup.base_url(), file.clone());
+    let gw = TestGateway::start_with(move |c: &mut Config| {
+        let mut extra = c.upstream.clone();
+        extra.name = "backup".to_owned();
+        extra.base_url = backup_url;
+        c.upstreams = vec![extra];
+        c.routing.routes_file = Some(routes_file);
+        c.routing.reload_interval = Duration::from_millis(50);
+    })
+    .await;
+
+    // Load keeps flowing while the file changes under it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (client, url, stop) = (gw.http.clone(), gw.url("/v1/embeddings"), stop.clone());
+        load.spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client.post(&url).json(&json!({"model": "live", "input": "x"})).send().await.unwrap();
+                statuses.push(r.status().as_u16());
+            }
+            statuses
+        });
+    }
+    wait_until("traffic on variant A", PATIENCE, async || gw.fake.requests().len() > 20).await;
+    assert!(backup.requests().is_empty());
+
+    // A file with a mistake is refused: the routes in force stay.
+    std::fs::write(&file, "[[routes]]\nmodel = \"live\"\ngroups = []\n").unwrap();
+    wait_until("the broken file is refused", PATIENCE, async || reloads(&gw, "rejected").await == 1).await;
+    let before = gw.fake.requests().len();
+    wait_until("more traffic on variant A", PATIENCE, async || gw.fake.requests().len() > before + 50).await;
+    assert!(backup.requests().is_empty(), "the broken file changed nothing");
+
+    std::fs::write(&file, routes(0, 100)).unwrap();
+    wait_until("the new weights are applied", PATIENCE, async || reloads(&gw, "applied").await == 1).await;
+    wait_until("traffic moves to variant B", PATIENCE, async || backup.requests().len() > 20).await;
+    let on_a = gw.fake.requests().len();
+    wait_until("more traffic on variant B", PATIENCE, async || backup.requests().len() > 60).await;
+    assert_eq!(gw.fake.requests().len(), on_a, "none left on A once the new weights are in force");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    while let Some(statuses) = load.join_next().await {
+        let statuses = statuses.unwrap();
+        sent += statuses.len();
+        assert!(statuses.iter().all(|s| *s == 200), "no failed request: {statuses:?}");
+    }
+    println!("{sent} requests across two reloads, none failed");
+}
+
+async fn reloads(gw: &TestGateway, result: &str) -> u64 {
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let series = format!("tollgate_routes_reloads_total{{result=\"{result}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
