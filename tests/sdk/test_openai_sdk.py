@@ -265,3 +265,26 @@ def test_throttling_raises_rate_limit_error_after_the_sdk_retries(base_url, thro
     assert caught.value.code == "rate_limit_exceeded"
     assert counter.count == 3, "throttling is worth retrying: the SDK tried three times"
     stream.close()
+
+
+def test_a_route_falls_back_when_its_primary_fails(client):
+    raw = client.chat.completions.with_raw_response.create(model="chat-fallback", messages=MESSAGES)
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    assert completion.model == "gemini-2.5-pro"
+    assert raw.headers["x-tollgate-upstream"] == "default"
+    assert raw.headers["x-tollgate-attempts"] == "2"
+
+
+def test_a_routed_stream_falls_back_before_its_first_event(client):
+    stream = client.chat.completions.create(model="chat-fallback", messages=MESSAGES, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text
+
+
+def test_a_route_never_retries_a_bad_request(base_url, api_key, counter):
+    retrying = counted_client(base_url, api_key, counter, max_retries=2)
+    with pytest.raises(openai.BadRequestError) as caught:
+        retrying.chat.completions.create(model="chat-strict", messages=MESSAGES)
+    assert counter.count == 1, "a 400 is final for the SDK"
+    assert caught.value.response.headers["x-tollgate-attempts"] == "1", "and for the route: no fallback"

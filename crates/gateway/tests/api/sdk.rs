@@ -7,6 +7,35 @@ use std::time::Duration;
 
 use crate::helpers::TestGateway;
 
+fn always(status: u16) -> tollgate_fake_upstream::Scenario {
+    let fault = tollgate_fake_upstream::Fault::Status { status, style: tollgate_fake_upstream::ErrorStyle::OpenAi };
+    tollgate_fake_upstream::Scenario { fault: Some(fault), ..Default::default() }
+}
+
+/// A route whose fallback groups are one target each, in order.
+fn route(model: &str, targets: &[(&str, &str)]) -> tollgate_gateway::routing::config::RouteConfig {
+    use tollgate_gateway::routing::config::{GroupConfig, Overrides, RetryOn, RouteConfig, TargetConfig};
+    RouteConfig {
+        model: model.to_owned(),
+        groups: targets
+            .iter()
+            .map(|(upstream, model)| GroupConfig {
+                targets: vec![TargetConfig {
+                    upstream: (*upstream).to_owned(),
+                    model: Some((*model).to_owned()),
+                    weight: 1,
+                    overrides: Overrides::default(),
+                }],
+            })
+            .collect(),
+        sticky: None,
+        retry_on: vec![RetryOn::Connect, RetryOn::Timeout, RetryOn::RateLimited, RetryOn::ServerError],
+        attempts_per_target: 1,
+        deadline: Duration::from_secs(30),
+        breaker: Default::default(),
+    }
+}
+
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -23,9 +52,27 @@ async fn the_official_python_sdk_works_through_the_gateway() {
         return;
     }
 
-    let gw = TestGateway::start_with(|c| {
+    // Two more upstreams for the routes the suite uses: one that always
+    // answers 503 (a fallback serves), one that always answers 400 (final).
+    let failing = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
+    failing.set_defaults(always(503));
+    let refusing = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
+    refusing.set_defaults(always(400));
+    let (failing_url, refusing_url) = (failing.base_url(), refusing.base_url());
+    let gw = TestGateway::start_with(move |c| {
         c.server.max_body_bytes = 64 * 1024;
         c.upstream.first_byte_timeout = Duration::from_millis(500);
+        let named = |name: &str, base_url: String| {
+            let mut upstream = c.upstream.clone();
+            upstream.name = name.to_owned();
+            upstream.base_url = base_url;
+            upstream
+        };
+        c.upstreams = vec![named("failing", failing_url), named("refusing", refusing_url)];
+        c.routes = vec![
+            route("chat-fallback", &[("failing", "gemini-2.5-flash-lite"), ("default", "gemini-2.5-pro")]),
+            route("chat-strict", &[("refusing", "gemini-2.5-flash-lite"), ("default", "gemini-2.5-pro")]),
+        ];
     })
     .await;
     let base_url = format!("{}/v1", gw.url(""));
