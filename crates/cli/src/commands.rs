@@ -346,7 +346,7 @@ pub enum UsageCommand {
     Summary {
         #[command(flatten)]
         filter: UsageFilter,
-        /// Comma-separated: tenant, key, model, day.
+        /// Comma-separated: tenant, key, model, day, route, target, upstream, served_model.
         #[arg(long)]
         group_by: Option<String>,
     },

@@ -294,16 +294,49 @@ pub enum GroupBy {
     Key,
     Model,
     Day,
+    /// The route that sent the request (empty: none).
+    Route,
+    /// The route target (variant) that served it.
+    Target,
+    /// The upstream that served it.
+    Upstream,
+    /// The model that served it (the upstream's answer, else the one asked).
+    ServedModel,
 }
 
 impl GroupBy {
+    /// The rollup column.
     fn column(self) -> &'static str {
         match self {
             Self::Tenant => "tenant_id",
             Self::Key => "key_id",
             Self::Model => "model",
             Self::Day => "day",
+            Self::Route => "route",
+            Self::Target => "target",
+            Self::Upstream => "upstream",
+            Self::ServedModel => "served_model",
         }
+    }
+
+    /// The expression over per-request records, named as [`Self::column`].
+    fn record_expression(self) -> &'static str {
+        match self {
+            Self::Tenant => "tenant_id",
+            Self::Key => "key_id",
+            Self::Model => "requested_model AS model",
+            Self::Day => "day",
+            Self::Route => "COALESCE(route, '') AS route",
+            Self::Target => "COALESCE(target, '') AS target",
+            Self::Upstream => "COALESCE(upstream, '') AS upstream",
+            Self::ServedModel => "COALESCE(upstream_model, requested_model) AS served_model",
+        }
+    }
+
+    /// Whether the daily rollups hold this dimension; the routing ones are
+    /// read from the per-request records.
+    fn in_rollups(self) -> bool {
+        matches!(self, Self::Tenant | Self::Key | Self::Model | Self::Day)
     }
 }
 
@@ -314,6 +347,14 @@ pub struct UsageTotals {
     pub key_id: Option<String>,
     pub model: Option<String>,
     pub day: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_model: Option<String>,
     pub requests: i64,
     pub errors: i64,
     pub estimated_requests: i64,
@@ -501,24 +542,45 @@ impl Store {
         group_by: &[GroupBy],
     ) -> StoreResult<Vec<UsageTotals>> {
         let groups: Vec<&str> = group_by.iter().map(|g| g.column()).collect();
-        let select_groups = if groups.is_empty() { String::new() } else { format!("{}, ", groups.join(", ")) };
         let group_clause = if groups.is_empty() { String::new() } else { format!("GROUP BY {}", groups.join(", ")) };
         let order_clause = if groups.is_empty() { String::new() } else { format!("ORDER BY {}", groups.join(", ")) };
         // CAST keeps SUM's type an integer on both backends.
-        let sql = format!(
-            "SELECT {select_groups}CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS requests, \
-             CAST(COALESCE(SUM(errors), 0) AS BIGINT) AS errors, \
-             CAST(COALESCE(SUM(estimated_requests), 0) AS BIGINT) AS estimated_requests, \
-             CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
-             CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
-             CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning_tokens, \
-             CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
-             CAST(COALESCE(SUM(billed_output_tokens), 0) AS BIGINT) AS billed_output_tokens, \
-             CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost_micros \
-             FROM usage_daily WHERE day >= $1 AND day <= $2 \
-             AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR model = $5) \
-             {group_clause} {order_clause}"
-        );
+        let sql = if group_by.iter().all(|g| g.in_rollups()) {
+            let select_groups = if groups.is_empty() { String::new() } else { format!("{}, ", groups.join(", ")) };
+            format!(
+                "SELECT {select_groups}CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS requests, \
+                 CAST(COALESCE(SUM(errors), 0) AS BIGINT) AS errors, \
+                 CAST(COALESCE(SUM(estimated_requests), 0) AS BIGINT) AS estimated_requests, \
+                 CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+                 CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+                 CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning_tokens, \
+                 CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
+                 CAST(COALESCE(SUM(billed_output_tokens), 0) AS BIGINT) AS billed_output_tokens, \
+                 CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost_micros \
+                 FROM usage_daily WHERE day >= $1 AND day <= $2 \
+                 AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR model = $5) \
+                 {group_clause} {order_clause}"
+            )
+        } else {
+            // Routing dimensions are not in the rollups: the records of the
+            // range are summed (their day column is the rollups' day).
+            let select_groups: String = group_by.iter().map(|g| format!("{}, ", g.record_expression())).collect();
+            format!(
+                "SELECT {select_groups}CAST(COUNT(*) AS BIGINT) AS requests, \
+                 CAST(COALESCE(SUM(CASE WHEN status >= 400 OR error_class IS NOT NULL THEN 1 ELSE 0 END), 0) AS BIGINT) \
+                 AS errors, \
+                 CAST(COALESCE(SUM(estimated), 0) AS BIGINT) AS estimated_requests, \
+                 CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+                 CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+                 CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning_tokens, \
+                 CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
+                 CAST(COALESCE(SUM(billed_output_tokens), 0) AS BIGINT) AS billed_output_tokens, \
+                 CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost_micros \
+                 FROM usage_events WHERE day >= $1 AND day <= $2 \
+                 AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR requested_model = $5) \
+                 {group_clause} {order_clause}"
+            )
+        };
         let rows = sqlx::query(&sql)
             .bind(from_day)
             .bind(to_day)
@@ -537,6 +599,10 @@ impl Store {
                     key_id: text(GroupBy::Key)?,
                     model: text(GroupBy::Model)?,
                     day: text(GroupBy::Day)?,
+                    route: text(GroupBy::Route)?,
+                    target: text(GroupBy::Target)?,
+                    upstream: text(GroupBy::Upstream)?,
+                    served_model: text(GroupBy::ServedModel)?,
                     requests: row.try_get("requests")?,
                     errors: row.try_get("errors")?,
                     estimated_requests: row.try_get("estimated_requests")?,

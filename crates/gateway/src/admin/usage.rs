@@ -39,8 +39,12 @@ pub struct SummaryQuery {
     pub key_id: Option<String>,
     /// Only this requested model.
     pub model: Option<String>,
-    /// Comma-separated: any of `tenant`, `key`, `model`, `day` (empty: no grouping).
-    #[param(pattern = "^\\s*((tenant|key|model|day)\\s*(,\\s*(tenant|key|model|day)\\s*)*)?$")]
+    /// Comma-separated: any of `tenant`, `key`, `model`, `day`, and what
+    /// served the requests: `route`, `target` (or `variant`), `upstream`,
+    /// `served_model` (empty: no grouping).
+    #[param(
+        pattern = "^\\s*((tenant|key|model|day|route|target|variant|upstream|served_model)\\s*(,\\s*(tenant|key|model|day|route|target|variant|upstream|served_model)\\s*)*)?$"
+    )]
     pub group_by: Option<String>,
 }
 
@@ -140,10 +144,14 @@ fn parse_group_by(text: Option<&str>) -> Result<Vec<GroupBy>, AdminError> {
             "key" => GroupBy::Key,
             "model" => GroupBy::Model,
             "day" => GroupBy::Day,
+            "route" => GroupBy::Route,
+            "target" | "variant" => GroupBy::Target,
+            "upstream" => GroupBy::Upstream,
+            "served_model" => GroupBy::ServedModel,
             other => {
                 return Err(AdminError::invalid(
                     "group_by",
-                    format!("{other:?} is not one of tenant, key, model, day"),
+                    format!("{other:?} is not one of tenant, key, model, day, route, target, upstream, served_model"),
                 ));
             }
         };

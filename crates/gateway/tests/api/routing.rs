@@ -99,6 +99,17 @@ async fn a_failing_primary_falls_back_and_the_served_model_is_billed_once() {
     assert!((cost * 1e6 - expected as f64).abs() < 0.5);
     let (_, page) = gw.admin(Method::GET, "/admin/v1/usage/records?limit=200", None).await;
     assert_eq!(page["data"].as_array().unwrap().len(), 1, "one ledger record per client request");
+    // Cost per request per variant is one call.
+    let (status, summary) =
+        gw.admin(Method::GET, "/admin/v1/usage/summary?group_by=route,target,upstream,served_model", None).await;
+    assert_eq!(status, 200, "{summary}");
+    let row = &summary["data"][0];
+    assert_eq!(
+        (&row["route"], &row["target"], &row["upstream"], &row["served_model"]),
+        (&json!("chat-default"), &json!("chat-default/1/0"), &json!("backup"), &json!("gemini-2.5-pro")),
+        "{summary}"
+    );
+    assert_eq!((row["requests"].as_i64(), row["cost_micros"].as_i64()), (Some(1), Some(expected)));
     let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
     for series in [
         r#"tollgate_upstream_attempts_total{outcome="server_error",target="chat-default/0/0",upstream="default"} 1"#,
