@@ -310,6 +310,38 @@ pub async fn audit(args: AdminArgs, command: AuditCommand) -> anyhow::Result<()>
     print_page(args.output, &page, &["id", "at", "actor", "action", "target_type", "target_id"])
 }
 
+/// The routes in force: one row per target, in the order they are tried.
+pub async fn routes(args: AdminArgs) -> anyhow::Result<()> {
+    let client = args.client()?;
+    let list = client.call(Method::GET, "/admin/v1/routes", None).await?;
+    if matches!(args.output, Format::Json) {
+        return output::print(args.output, &list, &[]);
+    }
+    let mut rows = Vec::new();
+    for route in list["data"].as_array().into_iter().flatten() {
+        for (g, group) in route["groups"].as_array().into_iter().flatten().enumerate() {
+            for target in group.as_array().into_iter().flatten() {
+                rows.push(json!({
+                    "route": route["model"], "group": g, "target": target["label"], "upstream": target["upstream"],
+                    "model": target["model"], "weight": target["weight"], "breaker": target["breaker"],
+                }));
+            }
+        }
+    }
+    output::print(
+        args.output,
+        &Value::Array(rows),
+        &["route", "group", "target", "upstream", "model", "weight", "breaker"],
+    )
+}
+
+/// The upstreams and the health of the route targets that use them.
+pub async fn upstreams(args: AdminArgs) -> anyhow::Result<()> {
+    let client = args.client()?;
+    let list = client.call(Method::GET, "/admin/v1/upstreams", None).await?;
+    print_page(args.output, &list, &["name", "base_url", "targets", "targets_not_closed"])
+}
+
 /// Which requests a usage report covers.
 #[derive(Args)]
 pub struct UsageFilter {

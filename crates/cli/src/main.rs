@@ -68,6 +68,16 @@ enum Command {
         #[command(subcommand)]
         command: UsageCommand,
     },
+    /// The routes in force, one row per target, with its circuit breaker.
+    Routes {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The upstreams and the health of the route targets that use them.
+    Upstreams {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Read the admin audit log.
     Audit {
         #[command(flatten)]
@@ -87,6 +97,8 @@ fn main() -> ExitCode {
         Command::Tenants { admin, command } => run(commands::tenants(admin, command)),
         Command::Keys { admin, command } => run(commands::keys(admin, command)),
         Command::Audit { admin, command } => run(commands::audit(admin, command)),
+        Command::Routes { admin } => run(commands::routes(admin)),
+        Command::Upstreams { admin } => run(commands::upstreams(admin)),
         Command::Usage { admin, command } => run(commands::usage(admin, command)),
         Command::Budgets { admin, command } => run(commands::budgets(admin, command)),
     };

@@ -102,12 +102,28 @@ impl Application {
                 "no bootstrap admin token configured; only admin tokens already issued can use the admin API"
             );
         }
+        let upstream = Arc::new(Upstream::new(&config.upstream)?);
+        let mut by_name = std::collections::HashMap::from([("default".to_owned(), upstream.clone())]);
+        for extra in &config.upstreams {
+            by_name.insert(extra.name.clone(), Arc::new(Upstream::new(extra)?));
+        }
+        let upstreams = Upstreams::new(by_name);
+        let routes = Arc::new(
+            Routes::new(&config.routes, config.routing.routes_file.clone(), upstreams)
+                .map_err(|e| anyhow::anyhow!("routes: {e}"))?,
+        );
+        background.spawn(routes.clone().watch(
+            config.routing.reload_interval,
+            metrics.clone(),
+            stop_background.clone(),
+        ));
         let admin_router = admin::router(AdminState {
             store: store.clone(),
             sync,
             hasher,
             bootstrap_digest,
             budgets: budgets.clone(),
+            routes: routes.clone(),
             failures: Arc::new(crate::auth::throttle::FailedAttempts::new(config.auth.failed_attempts_per_minute)),
             clock: clock.clone(),
         });
@@ -130,21 +146,6 @@ impl Application {
             stop_background.clone(),
         ));
 
-        let upstream = Arc::new(Upstream::new(&config.upstream)?);
-        let mut by_name = std::collections::HashMap::from([("default".to_owned(), upstream.clone())]);
-        for extra in &config.upstreams {
-            by_name.insert(extra.name.clone(), Arc::new(Upstream::new(extra)?));
-        }
-        let upstreams = Upstreams::new(by_name);
-        let routes = Arc::new(
-            Routes::new(&config.routes, config.routing.routes_file.clone(), upstreams)
-                .map_err(|e| anyhow::anyhow!("routes: {e}"))?,
-        );
-        background.spawn(routes.clone().watch(
-            config.routing.reload_interval,
-            metrics.clone(),
-            stop_background.clone(),
-        ));
         let shared = match config.redis.url()? {
             None => None,
             Some(url) => {

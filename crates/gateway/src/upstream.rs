@@ -172,6 +172,11 @@ impl Upstream {
         })
     }
 
+    /// The API root requests go to.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout
     }

@@ -538,3 +538,34 @@ async fn sigterm_under_load_loses_no_usage_record() {
     assert!(answered > 0 && refused > 0, "the signal arrived mid-run ({answered} answered, {refused} refused)");
     assert_eq!(recorded, answered, "every answered request has its record after shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_from_a_file_serve_an_alias_and_the_cli_lists_them() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        "[[routes]]\nmodel = \"chat-default\"\n[[routes.groups]]\ntargets = [{ model = \"gemini-2.5-flash-lite\" }]\n",
+    )
+    .unwrap();
+    let served = Served::start(&fake.base_url(), &[("TOLLGATE_ROUTING__ROUTES_FILE", routes.to_str().unwrap())]);
+    let key = served.acme_key();
+    let response = http_client()
+        .post(format!("{}/v1/chat/completions", served.public))
+        .bearer_auth(&key)
+        .body(r#"{"model":"chat-default","messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-model"], "gemini-2.5-flash-lite");
+    assert_eq!(fake.requests()[0].json()["model"], "gemini-2.5-flash-lite");
+    let (ok, out, err) = served.cli(&["routes"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("chat-default/0/0") && out.contains("closed"), "{out}");
+    let (ok, out, err) = served.cli(&["upstreams"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("default") && !out.contains("sk-upstream-very-secret"), "{out}");
+    served.stop();
+}

@@ -10,6 +10,7 @@ pub mod error;
 pub mod extract;
 mod keys;
 pub mod openapi;
+mod routing;
 mod strict_json;
 mod tenants;
 mod tokens;
@@ -41,6 +42,8 @@ pub struct AdminState {
     /// Keyed hash of the bootstrap token (never the token itself).
     pub bootstrap_digest: Option<Digest>,
     pub budgets: Arc<BudgetBook>,
+    /// The routes in force (read-only here).
+    pub routes: Arc<crate::routing::reload::Routes>,
     /// Failed admin authentications per address (see `auth::throttle`).
     pub failures: Arc<crate::auth::throttle::FailedAttempts>,
     /// Decides key expiry in views, validation and rotation grace, as
@@ -81,6 +84,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/v1/admin-tokens", post(tokens::create).get(tokens::list))
         .route("/admin/v1/admin-tokens/{token_id}/revoke", post(tokens::revoke))
         .route("/admin/v1/audit", get(audit::list))
+        .route("/admin/v1/routes", get(routing::routes))
+        .route("/admin/v1/upstreams", get(routing::upstreams))
         .route("/admin/v1/usage/summary", get(usage::admin_summary))
         .route("/admin/v1/usage/records", get(usage::admin_records))
         .route("/admin/v1/usage/records.csv", get(usage::admin_csv))

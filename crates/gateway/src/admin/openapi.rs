@@ -19,7 +19,7 @@ use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{Content, ContentBuilder, Ref, RefOr};
 
-use super::{audit, budgets, keys, tenants, tokens, usage};
+use super::{audit, budgets, keys, routing, tenants, tokens, usage};
 
 /// Scheme names, as the operations' `security` lists refer to them.
 pub const ADMIN_TOKEN: &str = "admin_token";
@@ -35,6 +35,7 @@ const ERROR_SCHEMA: &str = "ApiError";
         tokens::create, tokens::list, tokens::revoke,
         budgets::create, budgets::list, budgets::update, budgets::delete, budgets::alerts,
         audit::list,
+        routing::routes, routing::upstreams,
         usage::admin_summary, usage::admin_records, usage::admin_csv,
         crate::tenant_usage::summary, crate::tenant_usage::records,
     ),

@@ -76,6 +76,11 @@ impl Routes {
         Ok(Self { table: ArcSwap::from_pointee(table), upstreams, breakers: Mutex::new(breakers), file })
     }
 
+    /// The upstreams routes can send to, by name.
+    pub fn upstreams(&self) -> Vec<(String, Arc<crate::upstream::Upstream>)> {
+        self.upstreams.iter().map(|(n, u)| (n.to_owned(), u.clone())).collect()
+    }
+
     /// The table in force now.
     pub fn current(&self) -> Arc<RouteTable> {
         self.table.load_full()

@@ -79,6 +79,10 @@ impl Upstreams {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.by_name.keys().map(String::as_str)
     }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<Upstream>)> {
+        self.by_name.iter().map(|(n, u)| (n.as_str(), u))
+    }
 }
 
 #[derive(Debug, Default)]

@@ -320,6 +320,16 @@ async fn a_breaker_opens_after_its_threshold_probes_after_its_cooldown_and_close
     assert_eq!(gw.fake.requests().len(), 4, "open: the primary is skipped");
     let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("tollgate_breakers_open 1"), "the open breaker is visible");
+    let (status, routes) = gw.admin(Method::GET, "/admin/v1/routes", None).await;
+    assert_eq!(status, 200, "{routes}");
+    let primary = &routes["data"][0]["groups"][0][0];
+    assert_eq!((&primary["label"], &primary["breaker"]), (&json!("guarded/0/0"), &json!("open")), "{routes}");
+    assert_eq!(routes["data"][0]["groups"][1][0]["breaker"], "closed");
+    let (_, upstreams) = gw.admin(Method::GET, "/admin/v1/upstreams", None).await;
+    let names: Vec<&str> = upstreams["data"].as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["backup", "default"]);
+    assert_eq!(upstreams["data"][1]["targets_not_closed"], 1, "{upstreams}");
+    assert!(!upstreams.to_string().contains(crate::helpers::UPSTREAM_KEY), "no key in the listing");
 
     gw.fake.set_defaults(Scenario::default());
     // After the cooldown, probes go to the primary one at a time; two good
