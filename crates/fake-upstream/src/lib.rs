@@ -66,6 +66,8 @@ struct Shared {
     defaults: Mutex<Scenario>,
     queued: Mutex<VecDeque<Fault>>,
     requests: Mutex<Vec<RecordedRequest>>,
+    /// Keys it accepts (`Authorization: Bearer <key>`); empty: any.
+    accepted_keys: Mutex<Vec<String>>,
     reported: Mutex<Vec<Reported>>,
     streams_started: AtomicUsize,
     streams_cancelled: AtomicUsize,
@@ -119,6 +121,12 @@ impl FakeUpstream {
     }
 
     /// The next request (of any kind) gets this fault.
+    /// Accepts only these keys from now on (empty: any), answering 401 to
+    /// others as a real upstream does.
+    pub fn accept_keys(&self, keys: &[&str]) {
+        *lock(&self.shared.accepted_keys) = keys.iter().map(|k| (*k).to_owned()).collect();
+    }
+
     pub fn enqueue_fault(&self, fault: Fault) {
         lock(&self.shared.queued).push_back(fault);
     }
@@ -206,6 +214,18 @@ async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response
         });
     }
 
+    // Like a real upstream, refuse a key it does not know (when told which).
+    {
+        let accepted = lock(&shared.accepted_keys);
+        let presented = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !accepted.is_empty() && !accepted.iter().any(|k| presented == format!("Bearer {k}")) {
+            return json_response(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error": {"message": "Incorrect API key provided: sk-...xyz",
+                "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}}),
+            );
+        }
+    }
     let mut scenario = lock(&shared.defaults).clone();
     if let Err(e) = scenario.apply_headers(&parts.headers) {
         return json_response(

@@ -107,6 +107,15 @@ impl Application {
         for extra in &config.upstreams {
             by_name.insert(extra.name.clone(), Arc::new(Upstream::new(extra)?));
         }
+        // Key files are reread when they change: a key rotates without a restart.
+        let with_key_files = std::iter::once(("default", &config.upstream))
+            .chain(config.upstreams.iter().map(|u| (u.name.as_str(), u)))
+            .filter(|(_, settings)| settings.api_key_file.is_some());
+        for (name, _) in with_key_files {
+            if let Some(client) = by_name.get(name) {
+                background.spawn(client.clone().watch_keys(config.routing.reload_interval, stop_background.clone()));
+            }
+        }
         let upstreams = Upstreams::new(by_name);
         let routes = Arc::new(
             Routes::new(&config.routes, config.routing.routes_file.clone(), upstreams)
@@ -392,6 +401,9 @@ struct Gauges {
 
 impl GaugeSource for Gauges {
     fn refresh(&self, m: &Metrics) {
+        let set_aside: u64 = self.routes.upstreams().iter().map(|(_, u)| u.keys_set_aside()).sum();
+        let seen = m.upstream_keys_set_aside.get();
+        m.upstream_keys_set_aside.inc_by(set_aside.saturating_sub(seen));
         m.breakers_open.set(
             i64::try_from(self.routes.current().breakers_not_closed(crate::proxy::forward::monotonic_ms()))
                 .unwrap_or(0),

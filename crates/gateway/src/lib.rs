@@ -25,6 +25,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tenant_usage;
 pub mod upstream;
+pub mod upstream_keys;
 
 pub use app::Application;
 pub use clock::{Clock, ClockControl};

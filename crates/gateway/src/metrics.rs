@@ -42,6 +42,7 @@ pub struct Metrics {
     pub shared_corrections_dropped: IntCounter,
     pub upstream_attempts: IntCounterVec,
     pub breakers_open: IntGauge,
+    pub upstream_keys_set_aside: IntCounter,
     pub ledger_write_failures: IntCounter,
     pub ledger_dead_letters: IntCounter,
     pub budget_utilisation: IntGaugeVec,
@@ -185,6 +186,10 @@ impl Metrics {
                 &["upstream", "target", "outcome"],
             )?,
             breakers_open: r.gauge("breakers_open", "Route targets whose circuit breaker is open or half-open.")?,
+            upstream_keys_set_aside: r.plain_counter(
+                "upstream_keys_set_aside_total",
+                "Upstream keys set aside because the upstream refused them (401/403).",
+            )?,
             shared_corrections_dropped: r.plain_counter(
                 "shared_corrections_dropped_total",
                 "Corrections to Redis counters dropped because too many were waiting (the counter stays high until it expires).",

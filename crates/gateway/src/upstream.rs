@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Uri, header};
+use http::{HeaderMap, Method, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -20,13 +20,14 @@ use crate::config::{ConfigError, UpstreamConfig};
 use crate::error::GatewayError;
 use crate::proxy::headers::ForwardedHeaders;
 use crate::request_id::{RequestId, X_REQUEST_ID};
+use crate::upstream_keys::{TakenKey, UpstreamKeys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamSetupError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("the upstream key cannot be sent in an HTTP header")]
-    KeyNotAHeader,
+    #[error(transparent)]
+    Keys(#[from] crate::upstream_keys::KeyError),
     #[error("cannot set up TLS to the upstream: {0}")]
     Tls(#[from] rustls::Error),
     #[error("upstream.base_url is not a URL: {0}")]
@@ -97,7 +98,7 @@ pub struct Upstream {
     /// e.g. `https://api.cometapi.com/v1`, checked once; a request's URI is
     /// this followed by its path and query.
     base: String,
-    authorization: Option<HeaderValue>,
+    keys: UpstreamKeys,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     max_event_bytes: usize,
@@ -108,7 +109,7 @@ impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
             .field("base_url", &self.base)
-            .field("has_key", &self.authorization.is_some())
+            .field("has_key", &!self.keys.is_empty())
             .finish_non_exhaustive()
     }
 }
@@ -117,17 +118,13 @@ impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Self, UpstreamSetupError> {
         install_crypto_provider();
 
-        let authorization = match config.api_key()? {
-            None => None,
-            Some(key) => {
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
-                    .map_err(|_| UpstreamSetupError::KeyNotAHeader)?;
-                // Keeps the key out of hpack tables and Debug output.
-                value.set_sensitive(true);
-                Some(value)
-            }
+        let env_key = match &config.api_key_file {
+            Some(_) => None,
+            None => config.api_key()?,
         };
-        if authorization.is_none() {
+        let keys = UpstreamKeys::new(config.api_key_file.as_deref(), env_key.as_ref().map(|k| k.expose_secret()))
+            .map_err(UpstreamSetupError::Keys)?;
+        if keys.is_empty() {
             tracing::warn!(
                 env = %config.api_key_env,
                 "no upstream API key configured; requests are forwarded without one"
@@ -164,7 +161,7 @@ impl Upstream {
         Ok(Self {
             client,
             base,
-            authorization,
+            keys,
             first_byte_timeout: config.first_byte_timeout,
             idle_timeout: config.idle_timeout,
             max_event_bytes: config.max_event_bytes,
@@ -204,15 +201,42 @@ impl Upstream {
         let uri = Uri::try_from(uri)
             .map_err(|_| UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::Unreachable })?;
 
-        let mut request = http::Request::new(Full::new(body.unwrap_or_default()));
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
+        let body = body.unwrap_or_default();
+        let now = crate::proxy::forward::monotonic_ms();
+        let key = self.keys.take(now);
+        let response = self.attempt(&method, &uri, client_headers, request_id, body.clone(), key.as_ref()).await?;
+        // The upstream refused this key: set it aside and, if there is
+        // another, send the same request again with it (nothing was done).
+        if let Some(key) = key
+            && matches!(response.status(), http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN)
+        {
+            self.keys.set_aside(&key, now);
+            if let Some(other) = self.keys.take_other(now, Some(&key)).filter(|_| self.keys.has_other(&key, now)) {
+                return self.attempt(&method, &uri, client_headers, request_id, body, Some(&other)).await;
+            }
+        }
+        Ok(response)
+    }
+
+    /// One request with one key.
+    async fn attempt(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        client_headers: &HeaderMap,
+        request_id: &RequestId,
+        body: Bytes,
+        key: Option<&TakenKey>,
+    ) -> Result<UpstreamResponse, UpstreamFailure> {
+        let mut request = http::Request::new(Full::new(body));
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri.clone();
         let headers = request.headers_mut();
         headers.reserve(client_headers.len() + 2);
         self.forwarded.copy_request_headers(client_headers, headers);
         headers.insert(X_REQUEST_ID.clone(), request_id.header_value().clone());
-        if let Some(auth) = &self.authorization {
-            headers.insert(header::AUTHORIZATION, auth.clone());
+        if let Some(key) = key {
+            headers.insert(header::AUTHORIZATION, key.header.clone());
         }
 
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(request)).await {
@@ -221,6 +245,26 @@ impl Upstream {
             Ok(Err(e)) if e.is_connect() => Err(classify(&e, Phase::BeforeSend)),
             Ok(Err(e)) => Err(classify(&e, Phase::AfterSend)),
             Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// Keys set aside since start.
+    pub fn keys_set_aside(&self) -> u64 {
+        self.keys.set_aside_count()
+    }
+
+    /// Rereads the key file whenever it changes, until cancelled.
+    pub async fn watch_keys(self: std::sync::Arc<Self>, every: Duration, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            match self.keys.reload_if_changed() {
+                Ok(Some(n)) => tracing::info!(keys = n, base_url = %self.base, "upstream keys reloaded"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "upstream key file refused; the keys in force stay"),
+            }
         }
     }
 }

@@ -409,3 +409,67 @@ async fn reloads(gw: &TestGateway, result: &str) -> u64 {
     let series = format!("tollgate_routes_reloads_total{{result=\"{result}\"}} ");
     metrics.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_key_file_rewritten_under_load_is_picked_up_with_no_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("upstream.keys");
+    std::fs::write(&keys, "sk-first\n").unwrap();
+    let key_file = keys.clone();
+    let gw = TestGateway::start_with(move |c: &mut Config| {
+        c.upstream.api_key_file = Some(key_file);
+        c.routing.reload_interval = Duration::from_millis(50);
+    })
+    .await;
+    gw.fake.accept_keys(&["sk-first"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (client, url, stop) = (gw.http.clone(), gw.url("/v1/embeddings"), stop.clone());
+        load.spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client.post(&url).json(&json!({"model": "text-embedding-3-small", "input": "x"})).send();
+                statuses.push(r.await.unwrap().status().as_u16());
+            }
+            statuses
+        });
+    }
+    let sent_with = |key: &'static str| {
+        let fake = &gw.fake;
+        move || fake.requests().iter().filter(|r| r.headers["authorization"] == format!("Bearer {key}")).count()
+    };
+    wait_until("traffic with the first key", PATIENCE, async || sent_with("sk-first")() > 20).await;
+    // Rotation as an operator does it: the upstream takes both keys, the
+    // file gets the new one, then the old one is revoked upstream.
+    gw.fake.accept_keys(&["sk-first", "sk-second"]);
+    std::fs::write(&keys, "sk-second\n").unwrap();
+    wait_until("traffic with the new key", PATIENCE, async || sent_with("sk-second")() > 20).await;
+    gw.fake.accept_keys(&["sk-second"]);
+    let old = sent_with("sk-first")();
+    wait_until("more traffic with the new key", PATIENCE, async || sent_with("sk-second")() > 60).await;
+    assert_eq!(sent_with("sk-first")(), old, "the old key is no longer used");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(statuses) = load.join_next().await {
+        let statuses = statuses.unwrap();
+        assert!(statuses.iter().all(|s| *s == 200), "no failed request: {statuses:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_key_the_upstream_refuses_is_set_aside_and_the_request_retried_with_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("upstream.keys");
+    std::fs::write(&keys, "sk-revoked\nsk-good\n").unwrap();
+    let key_file = keys.clone();
+    let gw = TestGateway::start_with(move |c: &mut Config| c.upstream.api_key_file = Some(key_file)).await;
+    gw.fake.accept_keys(&["sk-good"]);
+    for _ in 0..10 {
+        let r = gw.http.post(gw.url("/v1/embeddings")).json(&json!({"model": "m", "input": "x"})).send().await.unwrap();
+        assert_eq!(r.status(), 200, "the tenant never sees the refused key");
+    }
+    let with_revoked = gw.fake.requests().iter().filter(|r| r.headers["authorization"] == "Bearer sk-revoked").count();
+    assert_eq!(with_revoked, 1, "tried once, then set aside");
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("tollgate_upstream_keys_set_aside_total 1"), "reported");
+}
