@@ -37,6 +37,7 @@ pub use scenario::{ErrorStyle, Fault, Scenario, UsageStyle};
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
     pub method: http::Method,
+    pub version: http::Version,
     /// Path and query, e.g. `/v1/chat/completions`.
     pub path: String,
     pub headers: HeaderMap,
@@ -208,6 +209,7 @@ async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response
     if shared.recording {
         lock(&shared.requests).push(RecordedRequest {
             method: parts.method.clone(),
+            version: parts.version,
             path: path.clone(),
             headers: parts.headers.clone(),
             body: body.clone(),

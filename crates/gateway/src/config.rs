@@ -41,6 +41,15 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+/// The HTTP versions spoken to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    Auto,
+    Http1,
+    Http2,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
@@ -409,6 +418,10 @@ pub struct UpstreamConfig {
     pub max_event_bytes: usize,
     /// Upper bound on a non-streamed upstream response body.
     pub max_response_bytes: usize,
+    /// `auto` (HTTP/2 when an https upstream offers it by ALPN, else
+    /// HTTP/1.1), `http1`, or `http2` (also on plain http, by prior
+    /// knowledge: one connection carries many requests).
+    pub protocol: UpstreamProtocol,
     /// Client request headers forwarded besides the built-in allow-list
     /// (`content-type`, `accept`, `user-agent`, `openai-beta`,
     /// `idempotency-key`, `traceparent`, `tracestate`, `x-stainless-*`):
@@ -431,6 +444,7 @@ impl Default for UpstreamConfig {
             max_event_bytes: 16 * 1024 * 1024,
             max_response_bytes: 256 * 1024 * 1024,
             forward_request_headers: Vec::new(),
+            protocol: UpstreamProtocol::Auto,
         }
     }
 }

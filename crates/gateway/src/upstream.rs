@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use secrecy::ExposeSecret;
 
-use crate::config::{ConfigError, UpstreamConfig};
+use crate::config::{ConfigError, UpstreamConfig, UpstreamProtocol};
 use crate::error::GatewayError;
 use crate::proxy::headers::ForwardedHeaders;
 use crate::request_id::{RequestId, X_REQUEST_ID};
@@ -147,16 +147,20 @@ impl Upstream {
         http.set_keepalive(Some(Duration::from_secs(30)));
         // The TLS layer decides between http and https.
         http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .try_with_platform_verifier()?
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().try_with_platform_verifier()?.https_or_http();
+        // https: ALPN offers what the protocol allows; plain http: HTTP/2 only
+        // by prior knowledge (`http2`), else HTTP/1.1.
+        let connector = match config.protocol {
+            UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
+            UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
+            UpstreamProtocol::Auto => builder.enable_all_versions().wrap_connector(http),
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            .http2_only(config.protocol == UpstreamProtocol::Http2)
             .build(connector);
         Ok(Self {
             client,

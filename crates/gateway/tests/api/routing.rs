@@ -473,3 +473,31 @@ async fn a_key_the_upstream_refuses_is_set_aside_and_the_request_retried_with_an
     let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("tollgate_upstream_keys_set_aside_total 1"), "reported");
 }
+
+#[tokio::test]
+async fn an_upstream_can_be_spoken_to_in_http2_over_plain_http() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let backup_url = backup.base_url();
+    let gw = TestGateway::start_with(move |c: &mut Config| {
+        let mut extra = c.upstream.clone();
+        extra.name = "backup".to_owned();
+        extra.base_url = backup_url;
+        extra.protocol = tollgate_gateway::config::UpstreamProtocol::Http2;
+        c.upstreams = vec![extra];
+        c.routes = vec![route("h2", vec![vec![target("backup", "gpt-4.1", 1)]])];
+    })
+    .await;
+    for body in [json!({"model": "h2", "messages": []}), json!({"model": "h2", "stream": true, "messages": []})] {
+        let r = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    assert!(backup.requests().iter().all(|r| r.version == http::Version::HTTP_2), "prior-knowledge HTTP/2");
+    gw.http
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "gpt-4.1", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gw.fake.requests()[0].version, http::Version::HTTP_11, "the default upstream stays on HTTP/1.1");
+}
