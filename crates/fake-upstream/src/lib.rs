@@ -248,6 +248,12 @@ async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             json_response(status, &responses::error_body(status.as_u16(), style))
         }
+        Some(Fault::ContextLength) => json_response(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": {
+                "message": "This model's maximum context length is 1048576 tokens. However, your messages resulted in 2000000 tokens.",
+                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}),
+        ),
         Some(Fault::Html301) => Response::builder()
             .status(StatusCode::MOVED_PERMANENTLY)
             .header(header::LOCATION, "https://example.invalid/")

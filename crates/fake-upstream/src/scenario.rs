@@ -31,6 +31,9 @@ pub enum Fault {
     DropMidStream { after_chunks: usize },
     /// Stream this many chunks, then stop sending without closing.
     StallMidStream { after_chunks: usize },
+    /// Answer 400 as OpenAI does for a prompt longer than the model's
+    /// context window (`context_length_exceeded`).
+    ContextLength,
     /// Stream this many chunks, then end the response cleanly, without
     /// `finish_reason` or the end marker (`[DONE]`, `response.completed`).
     EndMidStream { after_chunks: usize },
@@ -125,7 +128,7 @@ impl Scenario {
 }
 
 /// `status:503`, `status:429:comet`, `html301`, `html200`, `reset`, `stall`,
-/// `drop-after:2`, `stall-after:2`, `end-after:2`.
+/// `drop-after:2`, `stall-after:2`, `end-after:2`, `context-length`.
 pub fn parse_fault(text: &str) -> Option<Fault> {
     let mut parts = text.split(':');
     let fault = match parts.next()? {
@@ -145,6 +148,7 @@ pub fn parse_fault(text: &str) -> Option<Fault> {
         "drop-after" => Fault::DropMidStream { after_chunks: parts.next()?.parse().ok()? },
         "stall-after" => Fault::StallMidStream { after_chunks: parts.next()?.parse().ok()? },
         "end-after" => Fault::EndMidStream { after_chunks: parts.next()?.parse().ok()? },
+        "context-length" => Fault::ContextLength,
         _ => return None,
     };
     parts.next().is_none().then_some(fault)

@@ -273,6 +273,34 @@ impl Upstream {
     }
 }
 
+/// An upstream answer's body as the relay reads it: straight from the
+/// connection, or with its first piece (or all of it) already read by the
+/// forward stage, which looks before it commits to an answer.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    Live(Incoming),
+    /// A first piece read ahead, then the rest.
+    Started {
+        first: Option<Bytes>,
+        rest: Incoming,
+    },
+    /// Read whole.
+    Read(Option<Bytes>),
+}
+
+impl UpstreamBody {
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, hyper::Error> {
+        match self {
+            Self::Live(body) => next_chunk(body).await,
+            Self::Started { first, rest } => match first.take() {
+                Some(chunk) => Ok(Some(chunk)),
+                None => next_chunk(rest).await,
+            },
+            Self::Read(whole) => Ok(whole.take()),
+        }
+    }
+}
+
 /// The next piece of an upstream body, skipping trailers; `None` at its end.
 pub async fn next_chunk(body: &mut Incoming) -> Result<Option<Bytes>, hyper::Error> {
     while let Some(frame) = body.frame().await {

@@ -32,12 +32,12 @@ use crate::routing::breaker::Admission as BreakerAdmission;
 use crate::routing::choice;
 use crate::routing::config::{RetryOn, Sticky};
 use crate::routing::table::{Route, Target};
-use crate::upstream::{FailureKind, Phase, Upstream, UpstreamFailure, UpstreamResponse};
+use crate::upstream::{FailureKind, Phase, Upstream, UpstreamBody, UpstreamFailure, UpstreamResponse};
 
 /// What served a request.
 #[derive(Debug)]
 pub struct Served<'a> {
-    pub response: UpstreamResponse,
+    pub response: http::Response<UpstreamBody>,
     pub upstream: &'a Upstream,
     pub upstream_name: &'a str,
     pub model: String,
@@ -86,7 +86,7 @@ pub fn monotonic_ms() -> u64 {
 pub async fn direct<'a>(upstream: &'a Upstream, call: &Call<'_>, body: Bytes) -> Result<Served<'a>, GatewayError> {
     let result = upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body)).await;
     call.metrics.upstream_attempts.with_label_values(&["default", "-", outcome(&result)]).inc();
-    let response = result?;
+    let response = result?.map(UpstreamBody::Live);
     Ok(Served {
         response,
         upstream,
@@ -97,36 +97,113 @@ pub async fn direct<'a>(upstream: &'a Upstream, call: &Call<'_>, body: Bytes) ->
     })
 }
 
+/// An answer as the relay takes it.
+type Answer = http::Response<UpstreamBody>;
+
 /// How one attempt ended, for the route.
 enum Verdict {
     /// An answer to relay (a success, or an error no retry can help).
     Final,
-    /// A failure the route may try again.
-    Retry { class: RetryOn, after: Option<Duration> },
+    /// A failure the route may try again; `next_group`: not on this group
+    /// (the prompt is too long for its models).
+    Retry { class: RetryOn, after: Option<Duration>, next_group: bool },
 }
 
-fn judge(result: &Result<UpstreamResponse, UpstreamFailure>) -> (Verdict, bool) {
-    match result {
-        Ok(response) => {
-            let status = response.status();
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                (Verdict::Retry { class: RetryOn::RateLimited, after: retry_after(response.headers()) }, false)
-            } else if status.is_server_error() {
-                (Verdict::Retry { class: RetryOn::ServerError, after: retry_after(response.headers()) }, false)
-            } else {
-                (Verdict::Final, true)
+fn retry(class: RetryOn, after: Option<Duration>) -> Verdict {
+    Verdict::Retry { class, after, next_group: false }
+}
+
+/// The largest error body read to look for a context-length refusal.
+const MAX_ERROR_BODY: usize = 1024 * 1024;
+
+/// Whether an upstream's 400 says the prompt is too long for the model.
+fn is_context_length(body: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+    ["context_length_exceeded", "context length", "context window", "maximum context", "prompt is too long"]
+        .iter()
+        .any(|needle| text.contains(needle))
+}
+
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// Looks at an attempt's answer before committing to it: the status, the
+/// body of a 400 when the route falls back on context length, and the
+/// first piece of a stream (a stream that fails before it can still fall
+/// back; one that has sent it is relayed, whatever happens next). Returns
+/// the answer, the verdict, and whether the target looked healthy.
+async fn look(
+    route: &Route,
+    upstream: &Upstream,
+    result: Result<UpstreamResponse, UpstreamFailure>,
+) -> (Result<Answer, UpstreamFailure>, Verdict, bool) {
+    let response = match result {
+        Ok(response) => response,
+        Err(failure) => {
+            let class = match failure {
+                UpstreamFailure { phase: Phase::BeforeSend, .. } => RetryOn::Connect,
+                UpstreamFailure { kind: FailureKind::Timeout, .. } => RetryOn::Timeout,
+                UpstreamFailure { kind: FailureKind::Unreachable, .. } => RetryOn::ServerError,
+            };
+            return (Err(failure), retry(class, None), false);
+        }
+    };
+    let status = response.status();
+    let after = retry_after(response.headers());
+    let (head, body) = response.into_parts();
+    let live = |head, body| Ok(http::Response::from_parts(head, UpstreamBody::Live(body)));
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return (live(head, body), retry(RetryOn::RateLimited, after), false);
+    }
+    if status.is_server_error() {
+        return (live(head, body), retry(RetryOn::ServerError, after), false);
+    }
+    if status == StatusCode::BAD_REQUEST && route.retries(RetryOn::ContextLength) {
+        let mut body = UpstreamBody::Live(body);
+        let mut read = Vec::new();
+        while read.len() <= MAX_ERROR_BODY {
+            match tokio::time::timeout(upstream.idle_timeout(), body.next_chunk()).await {
+                Ok(Ok(Some(chunk))) => read.extend_from_slice(&chunk),
+                Ok(Ok(None)) => break,
+                _ => {
+                    return (
+                        Err(UpstreamFailure { phase: Phase::AfterHeaders, kind: FailureKind::Unreachable }),
+                        retry(RetryOn::ServerError, None),
+                        false,
+                    );
+                }
             }
         }
-        Err(UpstreamFailure { phase: Phase::BeforeSend, .. }) => {
-            (Verdict::Retry { class: RetryOn::Connect, after: None }, false)
+        let too_long = is_context_length(&read);
+        let answer = Ok(http::Response::from_parts(head, UpstreamBody::Read(Some(Bytes::from(read)))));
+        if too_long {
+            return (answer, Verdict::Retry { class: RetryOn::ContextLength, after: None, next_group: true }, true);
         }
-        Err(UpstreamFailure { kind: FailureKind::Timeout, .. }) => {
-            (Verdict::Retry { class: RetryOn::Timeout, after: None }, false)
-        }
-        Err(UpstreamFailure { kind: FailureKind::Unreachable, .. }) => {
-            (Verdict::Retry { class: RetryOn::ServerError, after: None }, false)
-        }
+        return (answer, Verdict::Final, true);
     }
+    if status.is_success() && is_event_stream(&head.headers) {
+        let mut rest = body;
+        return match tokio::time::timeout(upstream.idle_timeout(), crate::upstream::next_chunk(&mut rest)).await {
+            Ok(Ok(first)) => {
+                (Ok(http::Response::from_parts(head, UpstreamBody::Started { first, rest })), Verdict::Final, true)
+            }
+            Ok(Err(_)) => (
+                Err(UpstreamFailure { phase: Phase::AfterHeaders, kind: FailureKind::Unreachable }),
+                retry(RetryOn::ServerError, None),
+                false,
+            ),
+            Err(_) => (
+                Err(UpstreamFailure { phase: Phase::AfterHeaders, kind: FailureKind::Timeout }),
+                retry(RetryOn::Timeout, None),
+                false,
+            ),
+        };
+    }
+    (live(head, body), Verdict::Final, true)
 }
 
 /// The caller identity a sticky route hashes.
@@ -143,8 +220,8 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
     let deadline = Instant::now() + route.deadline;
     let sticky = sticky_identity(route, call);
     let mut attempts = 0u32;
-    let mut last: Option<(Result<UpstreamResponse, UpstreamFailure>, &'a Target)> = None;
-    for group in &route.groups {
+    let mut last: Option<(Result<Answer, UpstreamFailure>, &'a Target)> = None;
+    'groups: for group in &route.groups {
         let mut tried = vec![false; group.targets.len()];
         loop {
             let now = monotonic_ms();
@@ -167,15 +244,19 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
                 }
                 attempts += 1;
                 let result = try_target(target, call).await?;
-                let (verdict, healthy) = judge(&result);
+                let (answer, verdict, healthy) = look(route, &target.upstream, result).await;
                 target.breaker.record(admission, healthy, monotonic_ms());
                 match verdict {
-                    Verdict::Final => return served(result, target, call, attempts),
+                    Verdict::Final => return served(answer, target, call, attempts),
                     Verdict::Retry { class, .. } if !route.retries(class) => {
-                        return served(result, target, call, attempts);
+                        return served(answer, target, call, attempts);
+                    }
+                    Verdict::Retry { next_group: true, .. } => {
+                        last = Some((answer, target));
+                        continue 'groups;
                     }
                     Verdict::Retry { after, .. } => {
-                        last = Some((result, target));
+                        last = Some((answer, target));
                         if attempt < route.attempts_per_target {
                             let wait = route.backoff.delay(attempt, rand::random::<f64>(), after);
                             tokio::time::sleep_until((Instant::now() + wait).min(deadline)).await;
@@ -190,9 +271,9 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
         // first group's heaviest target.
         if let Some(target) = route.groups.first().and_then(|g| g.targets.iter().max_by_key(|t| t.weight)) {
             let result = try_target(target, call).await?;
-            let (_, healthy) = judge(&result);
+            let (answer, _, healthy) = look(route, &target.upstream, result).await;
             target.breaker.record(BreakerAdmission::Allowed, healthy, monotonic_ms());
-            return served(result, target, call, 1);
+            return served(answer, target, call, 1);
         }
     }
     finish_failed(last, attempts)
@@ -209,13 +290,13 @@ async fn try_target(
 }
 
 fn served<'a>(
-    result: Result<UpstreamResponse, UpstreamFailure>,
+    answer: Result<Answer, UpstreamFailure>,
     target: &'a Target,
     call: &Call<'_>,
     attempts: u32,
 ) -> Result<Served<'a>, GatewayError> {
     Ok(Served {
-        response: result?,
+        response: answer?,
         upstream: &target.upstream,
         upstream_name: &target.upstream_name,
         model: target.model_for(call.requested_model).to_owned(),
@@ -227,7 +308,7 @@ fn served<'a>(
 /// Every attempt failed: the last upstream answer is relayed as it was (a
 /// 503 stays a 503), or the last transport failure becomes the error.
 fn finish_failed<'a>(
-    last: Option<(Result<UpstreamResponse, UpstreamFailure>, &'a Target)>,
+    last: Option<(Result<Answer, UpstreamFailure>, &'a Target)>,
     attempts: u32,
 ) -> Result<Served<'a>, GatewayError> {
     match last {

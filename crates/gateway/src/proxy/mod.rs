@@ -256,6 +256,7 @@ async fn forward_get_inner(
         exchange.mark_sent();
     }
     let upstream_response = proxy.upstream.send(Method::GET, &path, &parts.headers, request_id, None).await?;
+    let upstream_response = upstream_response.map(crate::upstream::UpstreamBody::Live);
     let response = relay::respond(proxy, &proxy.upstream, upstream_response, slot, false, None).await?;
     if rules.is_unrestricted() || parts.uri.path() != "/v1/models" || !response.status().is_success() {
         return Ok(response);

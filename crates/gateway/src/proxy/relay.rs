@@ -17,7 +17,7 @@ use super::{Proxy, headers, stream};
 use crate::accounting::tap::StreamTap;
 use crate::accounting::{Exchange, Outcome, estimate, format_usd};
 use crate::error::GatewayError;
-use crate::upstream::{self, Phase, UpstreamResponse, classify};
+use crate::upstream::{self, Phase, classify};
 
 /// `x-tollgate-upstream`, `x-tollgate-model`, `x-tollgate-attempts`: what
 /// served the request, on every answer relayed from an upstream.
@@ -53,7 +53,7 @@ impl ServedHeaders {
 pub async fn respond(
     proxy: &Proxy,
     client: &upstream::Upstream,
-    upstream: UpstreamResponse,
+    upstream: http::Response<upstream::UpstreamBody>,
     slot: &mut Option<Exchange>,
     strip_usage: bool,
     end: Option<EndMarker>,
@@ -149,14 +149,14 @@ fn upstream_error_class(status: StatusCode) -> String {
 pub const COST_HEADER: &str = "x-tollgate-cost-usd";
 /// Reads a whole upstream body, allowing at most `idle` between chunks.
 async fn read_upstream_body(
-    mut body: hyper::body::Incoming,
+    mut body: upstream::UpstreamBody,
     idle: Duration,
     limit: usize,
 ) -> Result<Bytes, GatewayError> {
     let mut first: Option<Bytes> = None;
     let mut rest = BytesMut::new();
     loop {
-        let chunk = match tokio::time::timeout(idle, upstream::next_chunk(&mut body)).await {
+        let chunk = match tokio::time::timeout(idle, body.next_chunk()).await {
             Err(_elapsed) => return Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => return Err(classify(&e, Phase::AfterHeaders).into()),
             Ok(Ok(None)) => break,

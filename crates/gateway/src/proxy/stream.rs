@@ -28,9 +28,9 @@ pub trait ChunkSource: Send + 'static {
     fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
 }
 
-impl ChunkSource for hyper::body::Incoming {
+impl ChunkSource for crate::upstream::UpstreamBody {
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
-        crate::upstream::next_chunk(self).await.map_err(|e| e.to_string())
+        crate::upstream::UpstreamBody::next_chunk(self).await.map_err(|e| e.to_string())
     }
 }
 

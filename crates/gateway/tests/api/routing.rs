@@ -501,3 +501,56 @@ async fn an_upstream_can_be_spoken_to_in_http2_over_plain_http() {
         .unwrap();
     assert_eq!(gw.fake.requests()[0].version, http::Version::HTTP_11, "the default upstream stays on HTTP/1.1");
 }
+
+#[tokio::test]
+async fn a_prompt_too_long_for_the_model_goes_to_the_larger_context_target_and_other_400s_stay_final() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let mut routed = route(
+        "long-context",
+        vec![vec![target("default", "gemini-2.5-flash-lite", 1)], vec![target("backup", "gemini-2.5-pro", 1)]],
+    );
+    routed.retry_on.push(RetryOn::ContextLength);
+    routed.attempts_per_target = 3;
+    let gw = routed_gateway(&backup, vec![routed]).await;
+    gw.fake.set_defaults(Scenario { fault: Some(Fault::ContextLength), ..Scenario::default() });
+    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "long-context", "messages": []})).send();
+    let r = r.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-model"], "gemini-2.5-pro");
+    assert_eq!(r.headers()["x-tollgate-attempts"], "2", "not retried on the same small-context target");
+    assert_eq!(gw.fake.requests().len(), 1);
+
+    // Any other 400 is the client's: relayed whole, with no fallback.
+    gw.fake.set_defaults(always_failing(400));
+    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "long-context", "messages": []})).send();
+    let r = r.await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["x-tollgate-attempts"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body,
+        tollgate_fake_upstream::responses::error_body(400, ErrorStyle::OpenAi),
+        "the body read to decide is relayed"
+    );
+    assert_eq!(backup.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_stream_falls_back_if_it_breaks_before_its_first_event_and_never_after() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let routes =
+        vec![route("chat-default", vec![vec![target("default", "gpt-4.1", 1)], vec![target("backup", "gpt-4.1", 1)]])];
+    let gw = routed_gateway(&backup, routes).await;
+    let stream = json!({"model": "chat-default", "stream": true, "messages": []});
+    gw.fake.set_defaults(Scenario { fault: Some(Fault::DropMidStream { after_chunks: 0 }), ..Scenario::default() });
+    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&stream).send().await.unwrap();
+    assert_eq!(r.headers()["x-tollgate-upstream"], "backup", "nothing had reached the client: fallback");
+    assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+
+    gw.fake.set_defaults(Scenario { fault: Some(Fault::DropMidStream { after_chunks: 2 }), ..Scenario::default() });
+    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&stream).send().await.unwrap();
+    assert_eq!(r.headers()["x-tollgate-upstream"], "default", "the first event was relayed: no fallback");
+    let text = r.text().await.unwrap();
+    assert!(text.contains("upstream_disconnected") && !text.contains("[DONE]"), "it ends with the error event: {text}");
+    assert_eq!(backup.streams_started(), 1, "only the first request fell back");
+}
