@@ -418,6 +418,10 @@ pub struct UpstreamConfig {
     pub max_event_bytes: usize,
     /// Upper bound on a non-streamed upstream response body.
     pub max_response_bytes: usize,
+    /// Requests in flight to this upstream at most (unset: no cap); past it
+    /// a request is not sent: a route tries its next target, else the
+    /// client gets 503 `upstream_busy`.
+    pub max_in_flight: Option<usize>,
     /// `auto` (HTTP/2 when an https upstream offers it by ALPN, else
     /// HTTP/1.1), `http1`, or `http2` (also on plain http, by prior
     /// knowledge: one connection carries many requests).
@@ -445,6 +449,7 @@ impl Default for UpstreamConfig {
             max_response_bytes: 256 * 1024 * 1024,
             forward_request_headers: Vec::new(),
             protocol: UpstreamProtocol::Auto,
+            max_in_flight: None,
         }
     }
 }

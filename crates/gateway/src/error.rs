@@ -92,6 +92,8 @@ pub enum GatewayError {
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    #[error("the upstream is at its limit of requests in flight; retry shortly")]
+    UpstreamBusy,
     /// The detail names what the upstream sent (and which setting to check)
     /// for the log line; the client gets the generic message.
     #[error("the upstream answered with something that is not an API response")]
@@ -152,7 +154,9 @@ impl GatewayError {
             | Self::RequestTimeout
             | Self::UnknownRoute(_)
             | Self::MethodNotAllowed { .. } => Fault::Client,
-            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamBadResponse(_) => Fault::Upstream,
+            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamBusy | Self::UpstreamBadResponse(_) => {
+                Fault::Upstream
+            }
             Self::ShuttingDown
             | Self::Internal
             | Self::AccountingUnavailable
@@ -185,7 +189,7 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::ShuttingDown | Self::AccountingUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ShuttingDown | Self::AccountingUnavailable | Self::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -215,6 +219,7 @@ impl GatewayError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamBusy => "upstream_busy",
             Self::UpstreamBadResponse(_) => "upstream_bad_response",
             Self::UpstreamRejectedCredentials { .. } => "upstream_auth_failed",
             Self::ShuttingDown => "shutting_down",

@@ -4,6 +4,7 @@
 //! the gateway. Redirects are not followed: an OpenAI-compatible API does not
 //! redirect, so a redirect means a wrong base URL and becomes a 502.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -53,6 +54,8 @@ pub enum Phase {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
+    /// Its `max_in_flight` requests are out: this one was not sent.
+    AtCapacity,
     /// Refused, reset or closed.
     Unreachable,
     /// No headers (or no next chunk) in time.
@@ -81,6 +84,7 @@ impl From<UpstreamFailure> for GatewayError {
         match failure.kind {
             FailureKind::Timeout => GatewayError::UpstreamTimeout,
             FailureKind::Unreachable => GatewayError::UpstreamUnavailable,
+            FailureKind::AtCapacity => GatewayError::UpstreamBusy,
         }
     }
 }
@@ -99,6 +103,8 @@ pub struct Upstream {
     /// this followed by its path and query.
     base: String,
     keys: UpstreamKeys,
+    /// Caps requests in flight to this upstream (`max_in_flight`).
+    in_flight: Option<Arc<tokio::sync::Semaphore>>,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     max_event_bytes: usize,
@@ -166,6 +172,7 @@ impl Upstream {
             client,
             base,
             keys,
+            in_flight: config.max_in_flight.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
             first_byte_timeout: config.first_byte_timeout,
             idle_timeout: config.idle_timeout,
             max_event_bytes: config.max_event_bytes,
@@ -205,6 +212,31 @@ impl Upstream {
         let uri = Uri::try_from(uri)
             .map_err(|_| UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::Unreachable })?;
 
+        let slot = match &self.in_flight {
+            None => None,
+            Some(cap) => Some(InFlightSlot {
+                _permit: Arc::new(
+                    cap.clone()
+                        .try_acquire_owned()
+                        .map_err(|_| UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::AtCapacity })?,
+                ),
+            }),
+        };
+        let mut response = self.send_with_keys(method, uri, client_headers, request_id, body).await?;
+        if let Some(slot) = slot {
+            response.extensions_mut().insert(slot);
+        }
+        Ok(response)
+    }
+
+    async fn send_with_keys(
+        &self,
+        method: Method,
+        uri: Uri,
+        client_headers: &HeaderMap,
+        request_id: &RequestId,
+        body: Option<Bytes>,
+    ) -> Result<UpstreamResponse, UpstreamFailure> {
         let body = body.unwrap_or_default();
         let now = crate::proxy::forward::monotonic_ms();
         let key = self.keys.take(now);
@@ -258,7 +290,7 @@ impl Upstream {
     }
 
     /// Rereads the key file whenever it changes, until cancelled.
-    pub async fn watch_keys(self: std::sync::Arc<Self>, every: Duration, cancel: tokio_util::sync::CancellationToken) {
+    pub async fn watch_keys(self: Arc<Self>, every: Duration, cancel: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -271,6 +303,14 @@ impl Upstream {
             }
         }
     }
+}
+
+/// One of an upstream's `max_in_flight` slots, held by a request from
+/// sending until its answer is relayed to the end (it rides in the
+/// response's extensions until the relay takes it).
+#[derive(Debug, Clone)]
+pub struct InFlightSlot {
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// An upstream answer's body as the relay reads it: straight from the

@@ -70,6 +70,7 @@ fn outcome(result: &Result<UpstreamResponse, UpstreamFailure>) -> &'static str {
         Ok(r) if r.status().is_server_error() => "server_error",
         Ok(r) if r.status().is_client_error() => "client_error",
         Ok(_) => "ok",
+        Err(UpstreamFailure { kind: FailureKind::AtCapacity, .. }) => "at_capacity",
         Err(UpstreamFailure { phase: Phase::BeforeSend, .. }) => "connect",
         Err(UpstreamFailure { kind: FailureKind::Timeout, .. }) => "timeout",
         Err(UpstreamFailure { kind: FailureKind::Unreachable, .. }) => "server_error",
@@ -145,7 +146,8 @@ async fn look(
         Ok(response) => response,
         Err(failure) => {
             let class = match failure {
-                UpstreamFailure { phase: Phase::BeforeSend, .. } => RetryOn::Connect,
+                UpstreamFailure { phase: Phase::BeforeSend, .. }
+                | UpstreamFailure { kind: FailureKind::AtCapacity, .. } => RetryOn::Connect,
                 UpstreamFailure { kind: FailureKind::Timeout, .. } => RetryOn::Timeout,
                 UpstreamFailure { kind: FailureKind::Unreachable, .. } => RetryOn::ServerError,
             };

@@ -58,6 +58,9 @@ pub async fn respond(
     strip_usage: bool,
     end: Option<EndMarker>,
 ) -> Result<Response, GatewayError> {
+    let mut upstream = upstream;
+    // The upstream's in-flight slot is held until the answer is relayed.
+    let in_flight = upstream.extensions_mut().remove::<upstream::InFlightSlot>();
     let status = upstream.status();
     if status.is_redirection() || status.is_informational() {
         return Err(GatewayError::UpstreamBadResponse(format!(
@@ -83,7 +86,8 @@ pub async fn respond(
 
     if is_event_stream && status.is_success() {
         let tap = slot.take().map(|exchange| StreamTap::new(exchange, strip_usage, status.as_u16()));
-        let body = stream::relay(upstream.into_body(), client.idle_timeout(), client.max_event_bytes(), end, tap);
+        let body =
+            stream::relay(upstream.into_body(), client.idle_timeout(), client.max_event_bytes(), end, tap, in_flight);
         if let Some(headers) = response.headers_mut() {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Tells nginx-style proxies in front of the gateway not to buffer.

@@ -45,6 +45,9 @@ struct Relay<S> {
     /// Whether the end marker arrived.
     complete: bool,
     tap: Option<StreamTap>,
+    /// The upstream's in-flight slot, given back when the stream ends or is
+    /// dropped.
+    _in_flight: Option<crate::upstream::InFlightSlot>,
 }
 
 fn error_event(message: &str, code: &str) -> Bytes {
@@ -117,6 +120,7 @@ pub fn relay<S: ChunkSource>(
     max_event_bytes: usize,
     end: Option<EndMarker>,
     tap: Option<StreamTap>,
+    slot: Option<crate::upstream::InFlightSlot>,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
     let relay = Relay {
         source,
@@ -127,6 +131,7 @@ pub fn relay<S: ChunkSource>(
         end,
         complete: false,
         tap,
+        _in_flight: slot,
     };
     futures_util::stream::unfold(relay, |mut relay| async move {
         relay.fill().await;
@@ -159,7 +164,7 @@ mod tests {
     async fn run_with(end: Option<EndMarker>, steps: Vec<Result<Option<&'static [u8]>, &'static str>>) -> Vec<Bytes> {
         let script =
             Script(steps.into_iter().map(|s| s.map(|o| o.map(Bytes::from_static)).map_err(str::to_owned)).collect());
-        relay(script, Duration::from_millis(50), 1024, end, None).map(|r| r.unwrap()).collect().await
+        relay(script, Duration::from_millis(50), 1024, end, None, None).map(|r| r.unwrap()).collect().await
     }
 
     #[tokio::test]

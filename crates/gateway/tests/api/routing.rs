@@ -554,3 +554,44 @@ async fn a_stream_falls_back_if_it_breaks_before_its_first_event_and_never_after
     assert!(text.contains("upstream_disconnected") && !text.contains("[DONE]"), "it ends with the error event: {text}");
     assert_eq!(backup.streams_started(), 1, "only the first request fell back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_at_its_in_flight_cap_sends_requests_to_the_next_target_and_streams_hold_their_slot() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let backup_url = backup.base_url();
+    let gw = TestGateway::start_with(move |c: &mut Config| {
+        c.upstream.max_in_flight = Some(1);
+        let mut extra = c.upstream.clone();
+        extra.name = "backup".to_owned();
+        extra.base_url = backup_url;
+        extra.max_in_flight = None;
+        c.upstreams = vec![extra];
+        c.routes =
+            vec![route("capped", vec![vec![target("default", "gpt-4.1", 1)], vec![target("backup", "gpt-4.1", 1)]])];
+    })
+    .await;
+    // A slow stream holds the default upstream's only slot...
+    let held = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-fake-chunks", "5")
+        .header("x-fake-chunk-interval-ms", "200")
+        .json(&json!({"model": "gpt-4.1", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    // ...so a direct request is refused without being sent, and a routed
+    // one goes to the next target.
+    let direct = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "gpt-4.1", "messages": []})).send();
+    let direct = direct.await.unwrap();
+    assert_eq!(direct.status(), 503);
+    assert_eq!(crate::helpers::envelope(direct).await["error"]["code"], "upstream_busy");
+    let routed = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "capped", "messages": []})).send();
+    let routed = routed.await.unwrap();
+    assert_eq!(routed.headers()["x-tollgate-upstream"], "backup");
+    // Once the stream is relayed to its end, the slot is free again.
+    held.text().await.unwrap();
+    let again = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "gpt-4.1", "messages": []})).send();
+    assert_eq!(again.await.unwrap().status(), 200);
+}
