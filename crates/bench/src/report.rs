@@ -105,6 +105,25 @@ pub fn checks(results: &Results) -> Vec<Check> {
     if let Some(rate) = results.ledger_records_per_s {
         check("ledger ≥ 50,000 records/s", format!("{rate:.0} records/s"), rate >= 50_000.0);
     }
+    if let Some(r) = &results.routed {
+        let find = |list: &[Median], name: &str| list.iter().find(|m| m.target == name).map(|m| m.figures);
+        let direct = find(&r.latency, "direct").map_or(0.0, |f| f.p50_us);
+        if let (Some(plain), Some(routed)) = (find(&r.latency, "gateway"), find(&r.latency, "gateway, routed")) {
+            let (a, b) = (plain.p50_us - direct, routed.p50_us - direct);
+            check(
+                "routed overhead within 5 % of the single-upstream path's (added p50)",
+                format!("{} vs {}", ms(b), ms(a)),
+                b <= a * 1.05 || b - a <= 5.0,
+            );
+        }
+        if let (Some(plain), Some(routed)) = (find(&r.throughput, "gateway"), find(&r.throughput, "gateway, routed")) {
+            check(
+                "routed CPU per request within 5 % of the single-upstream path's",
+                format!("{:.1} µs vs {:.1} µs", routed.cpu_us_per_request, plain.cpu_us_per_request),
+                routed.cpu_us_per_request <= plain.cpu_us_per_request * 1.05,
+            );
+        }
+    }
     if let Some(k) = &results.keys {
         let direct = k.direct.figures.p50_us;
         let (a, b) = (k.ten.figures.p50_us - direct, k.many.figures.p50_us - direct);
@@ -231,6 +250,16 @@ pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
             "\n## (e) Ledger\n\n{} usage records through the gateway's ledger (channel, batches of 1,000, Postgres with daily partitions and rollups): **{rate:.0} records/s**.",
             plan.ledger_records
         );
+    }
+    if let Some(r) = &results.routed {
+        let _ = writeln!(
+            out,
+            "\n## (g) A two-target weighted route\n\nThe same non-streamed chat completions through the gateway with no route and through one whose model is routed 90/10 to two targets (each with its own breaker and model rewrite) with a fallback group, at {} requests/s and at full throughput.\n",
+            r.rate
+        );
+        latency_table(&mut out, &r.latency);
+        out.push('\n');
+        latency_table(&mut out, &r.throughput);
     }
     let Some(k) = &results.keys else { return out };
     let _ = writeln!(

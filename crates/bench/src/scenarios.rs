@@ -31,7 +31,7 @@ pub struct Plan {
     pub ledger_records: usize,
     pub many_keys: usize,
     pub keys_rate: u32,
-    /// Scenario letters to run (`a`–`f`); empty runs them all.
+    /// Scenario letters to run (`a`–`g`); empty runs them all.
     pub only: String,
 }
 
@@ -140,8 +140,33 @@ pub struct Results {
     pub memory: Vec<Memory>,
     pub ledger_records_per_s: Option<f64>,
     pub keys: Option<ManyKeys>,
+    /// (g): the direct path, the gateway, and the gateway through a route.
+    pub routed: Option<Routed>,
     pub machine: String,
 }
+
+#[derive(Debug)]
+pub struct Routed {
+    pub rate: u32,
+    pub latency: Vec<Median>,
+    pub throughput: Vec<Median>,
+}
+
+/// The route of scenario (g): the benchmark's model split 90/10 over two
+/// priced targets of the same upstream (each with its own breaker; the 10 %
+/// have their model rewritten), with a fallback group, so every request
+/// takes the routed path and the budget reserves the dearest target.
+const BENCH_ROUTE: &str = r#"
+[[routes]]
+model = "gpt-4.1-mini"
+[[routes.groups]]
+targets = [
+  { upstream = "default", model = "gpt-4.1-mini", weight = 90 },
+  { upstream = "default", model = "gpt-4.1-nano", weight = 10 },
+]
+[[routes.groups]]
+targets = [{ upstream = "default", model = "gpt-4.1" }]
+"#;
 
 /// Every target in turn, `repeats` times, so drift hits all alike.
 async fn interleaved(
@@ -255,6 +280,7 @@ async fn run_with(
     }
 
     let keys = if plan.wants('f') { Some(many_keys(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
+    let routed = if plan.wants('g') { Some(routed(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
     drop(gateway);
     let mut ledger_records_per_s = None;
     if plan.wants('e') {
@@ -262,7 +288,7 @@ async fn run_with(
         ledger_records_per_s = Some(ledger::throughput(postgres, plan.ledger_records).await?);
     }
 
-    Ok(Results { latency, throughput, streaming, memory, ledger_records_per_s, keys, machine })
+    Ok(Results { latency, throughput, streaming, memory, ledger_records_per_s, keys, routed, machine })
 }
 
 async fn many_keys(
@@ -298,4 +324,31 @@ async fn many_keys(
     let ten = key_medians.pop().ok_or_else(missing)?;
     let direct = key_medians.pop().ok_or_else(missing)?;
     Ok(ManyKeys { direct, ten, many, count: plan.many_keys, cached })
+}
+
+/// (g): the same load through the gateway with a two-target weighted route
+/// (and a fallback group) against the gateway without routes, in turn.
+async fn routed(
+    plan: &Plan,
+    cpus: &Cpus,
+    postgres: &str,
+    upstream: &Upstream,
+    gateway: &Gateway,
+) -> anyhow::Result<Routed> {
+    let rate = if plan.smoke { plan.rates.first().copied().unwrap_or(100) } else { 1000 };
+    println!("(g) a two-target weighted route at {rate} requests/s and at full throughput");
+    let db = BenchDb::create(postgres, "routed").await?;
+    let result = async {
+        let with_route = Gateway::start_with_routes(cpus, upstream.addr, &db, None, Some(BENCH_ROUTE)).await?;
+        let mut routed_target = with_route.target();
+        routed_target.name = "gateway, routed";
+        let targets = [upstream.target(), gateway.target(), routed_target];
+        load::run(cpus, &targets[2], plan.warmup, Some(500), plan.rate_connections).await?;
+        let latency = interleaved(plan, cpus, &targets, Some(rate), plan.rate_connections).await?;
+        let throughput = interleaved(plan, cpus, &targets, None, plan.throughput_connections).await?;
+        anyhow::Ok(Routed { rate, latency, throughput })
+    }
+    .await;
+    db.drop_now().await;
+    result
 }

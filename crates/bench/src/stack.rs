@@ -177,6 +177,17 @@ impl Gateway {
         db: &BenchDb,
         existing_key: Option<String>,
     ) -> anyhow::Result<Self> {
+        Self::start_with_routes(cpus, upstream, db, existing_key, None).await
+    }
+
+    /// Like `start`, with `routes` (a routes file's text) in force.
+    pub async fn start_with_routes(
+        cpus: &Cpus,
+        upstream: SocketAddr,
+        db: &BenchDb,
+        existing_key: Option<String>,
+        routes: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         let (public, admin) = (free_addr()?, free_addr()?);
         // TOLLGATE_BENCH_WRAP (e.g. `heaptrack` or `valgrind --tool=callgrind`)
@@ -214,6 +225,11 @@ impl Gateway {
         // TOLLGATE_LOG__LEVEL=warn to price the logs. Other TOLLGATE_*
         // variables (the test suite's, the benchmark's own) are not settings.
         cmd.envs(std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_") && k.contains("__")));
+        if let Some(routes) = routes {
+            let file = data.path().join("routes.toml");
+            std::fs::write(&file, routes)?;
+            cmd.env("TOLLGATE_ROUTING__ROUTES_FILE", file);
+        }
         let mut proc = Proc::spawn("gateway", cmd)?;
         wait_listening(&mut proc, public).await?;
         wait_listening(&mut proc, admin).await?;
