@@ -187,7 +187,7 @@ async fn a_weighted_split_lands_within_two_percent_and_sticky_users_stay_on_one_
     let routes =
         vec![route("split", vec![vec![target("default", "variant-a", 90), target("backup", "variant-b", 10)]])];
     let gw = routed_gateway(&backup, routes).await;
-    let total = 4_000;
+    let total = 10_000;
     let mut tasks = tokio::task::JoinSet::new();
     let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
     for _ in 0..total {
