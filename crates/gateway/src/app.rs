@@ -118,14 +118,10 @@ impl Application {
         }
         let upstreams = Upstreams::new(by_name);
         let routes = Arc::new(
-            Routes::new(&config.routes, config.routing.routes_file.clone(), upstreams)
+            Routes::new(&config.routes, config.routing.routes_file.clone(), upstreams, metrics.clone())
                 .map_err(|e| anyhow::anyhow!("routes: {e}"))?,
         );
-        background.spawn(routes.clone().watch(
-            config.routing.reload_interval,
-            metrics.clone(),
-            stop_background.clone(),
-        ));
+        background.spawn(routes.clone().watch(config.routing.reload_interval, stop_background.clone()));
         let admin_router = admin::router(AdminState {
             store: store.clone(),
             sync,

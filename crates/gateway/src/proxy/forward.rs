@@ -38,6 +38,8 @@ use crate::upstream::{FailureKind, Phase, Upstream, UpstreamBody, UpstreamFailur
 #[derive(Debug)]
 pub struct Served<'a> {
     pub response: http::Response<UpstreamBody>,
+    /// The target that served, when a route chose it.
+    pub by: Option<&'a Target>,
     pub upstream: &'a Upstream,
     pub upstream_name: &'a str,
     pub model: String,
@@ -95,6 +97,7 @@ pub async fn direct<'a>(upstream: &'a Upstream, call: &Call<'_>, body: Bytes) ->
         model: call.requested_model.to_owned(),
         attempts: 1,
         target: None,
+        by: None,
     })
 }
 
@@ -287,7 +290,10 @@ async fn try_target(
 ) -> Result<Result<UpstreamResponse, UpstreamFailure>, GatewayError> {
     let body = body_for(target, call)?;
     let result = target.upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body)).await;
-    call.metrics.upstream_attempts.with_label_values(&[&target.upstream_name, &target.label, outcome(&result)]).inc();
+    match outcome(&result) {
+        "ok" => target.ok_attempts.inc(),
+        other => call.metrics.upstream_attempts.with_label_values(&[&target.upstream_name, &target.label, other]).inc(),
+    }
     Ok(result)
 }
 
@@ -304,6 +310,7 @@ fn served<'a>(
         model: target.model_for(call.requested_model).to_owned(),
         attempts,
         target: Some(&target.label),
+        by: Some(target),
     })
 }
 
@@ -321,6 +328,7 @@ fn finish_failed<'a>(
             model: target.model.clone().unwrap_or_default(),
             attempts,
             target: Some(&target.label),
+            by: Some(target),
         }),
         Some((Err(failure), _)) => Err(failure.into()),
         None => Err(GatewayError::UpstreamTimeout),

@@ -29,11 +29,15 @@ pub struct ServedHeaders {
 
 impl ServedHeaders {
     pub fn new(served: &super::forward::Served<'_>) -> Self {
-        Self {
-            upstream: HeaderValue::from_str(served.upstream_name).unwrap_or(HeaderValue::from_static("default")),
-            model: HeaderValue::from_str(&served.model).ok(),
-            attempts: HeaderValue::from(served.attempts),
-        }
+        // A target's headers are built once, with the routes.
+        let (upstream, model) = match served.by {
+            Some(target) => (
+                target.upstream_header.clone(),
+                target.model_header.clone().or_else(|| HeaderValue::from_str(&served.model).ok()),
+            ),
+            None => (HeaderValue::from_static("default"), HeaderValue::from_str(&served.model).ok()),
+        };
+        Self { upstream, model, attempts: HeaderValue::from(served.attempts) }
     }
 
     pub fn write(self, headers: &mut http::HeaderMap) {

@@ -86,6 +86,9 @@ struct Inner {
 pub struct Breaker {
     settings: BreakerSettings,
     inner: Mutex<Inner>,
+    /// Closed with no ramp under way: the common case answers without the
+    /// lock (the request path asks twice per attempt).
+    steady: std::sync::atomic::AtomicBool,
 }
 
 /// What the breaker says about sending one request now.
@@ -111,7 +114,19 @@ impl Breaker {
                 probes_in_flight: 0,
                 probes_passed: 0,
             }),
+            steady: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    fn is_steady(&self) -> bool {
+        self.steady.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Keeps `steady` in step with the state, under the lock.
+    fn update_steady(&self, inner: &Inner, now_ms: u64) {
+        let ramping = inner.closed_at_ms.is_some_and(|at| now_ms.saturating_sub(at) < self.settings.ramp_ms);
+        let steady = inner.state == BreakerState::Closed && !ramping;
+        self.steady.store(steady, std::sync::atomic::Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -139,6 +154,9 @@ impl Breaker {
 
     /// Whether a request may go to this target now.
     pub fn admit(&self, now_ms: u64) -> Admission {
+        if self.is_steady() {
+            return Admission::Allowed;
+        }
         let mut inner = self.lock();
         self.advance(&mut inner, now_ms);
         match inner.state {
@@ -171,6 +189,7 @@ impl Breaker {
                     inner.state = BreakerState::Closed;
                     inner.closed_at_ms = Some(now_ms);
                     inner.buckets = [Bucket::default(); BUCKETS];
+                    self.update_steady(&inner, now_ms);
                 }
             } else {
                 self.open(&mut inner, now_ms);
@@ -209,6 +228,7 @@ impl Breaker {
         inner.opened_until_ms = now_ms + self.settings.cooldown_ms;
         inner.probes_in_flight = 0;
         inner.probes_passed = 0;
+        self.steady.store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// The share of its weight a target gets now, per thousand: 0 while
@@ -216,8 +236,12 @@ impl Breaker {
     /// probes) and 0 while a probe is out, rising from 100 to 1000 over the
     /// ramp after it closed.
     pub fn weight_factor(&self, now_ms: u64) -> u64 {
+        if self.is_steady() {
+            return 1000;
+        }
         let mut inner = self.lock();
         self.advance(&mut inner, now_ms);
+        self.update_steady(&inner, now_ms);
         match inner.state {
             BreakerState::Open => 0,
             BreakerState::HalfOpen => {

@@ -57,11 +57,17 @@ pub struct Routes {
     upstreams: Upstreams,
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     file: Option<PathBuf>,
+    metrics: Arc<Metrics>,
 }
 
 impl Routes {
     /// Builds the routes from `routes`, or from `file` when it is set.
-    pub fn new(routes: &[RouteConfig], file: Option<PathBuf>, upstreams: Upstreams) -> Result<Self, RoutesError> {
+    pub fn new(
+        routes: &[RouteConfig],
+        file: Option<PathBuf>,
+        upstreams: Upstreams,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, RoutesError> {
         let loaded;
         let routes = match &file {
             Some(path) => {
@@ -71,9 +77,9 @@ impl Routes {
             None => routes,
         };
         let mut breakers = HashMap::new();
-        let table = RouteTable::build(routes, &upstreams, &mut breakers)
+        let table = RouteTable::build(routes, &upstreams, &mut breakers, &metrics)
             .map_err(|problem| RoutesError::Invalid { key: "routes".to_owned(), problem })?;
-        Ok(Self { table: ArcSwap::from_pointee(table), upstreams, breakers: Mutex::new(breakers), file })
+        Ok(Self { table: ArcSwap::from_pointee(table), upstreams, breakers: Mutex::new(breakers), file, metrics })
     }
 
     /// The upstreams routes can send to, by name.
@@ -91,14 +97,15 @@ impl Routes {
         let Some(path) = &self.file else { return Ok(0) };
         let routes = read_routes(path, &self.upstreams)?;
         let mut breakers = self.breakers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let table = RouteTable::build(&routes, &self.upstreams, &mut breakers)
+        let table = RouteTable::build(&routes, &self.upstreams, &mut breakers, &self.metrics)
             .map_err(|problem| RoutesError::Invalid { key: "routes".to_owned(), problem })?;
         self.table.store(Arc::new(table));
         Ok(routes.len())
     }
 
     /// Reloads the routes file whenever it changes, until cancelled.
-    pub async fn watch(self: Arc<Self>, every: Duration, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    pub async fn watch(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
+        let metrics = self.metrics.clone();
         let Some(path) = self.file.clone() else { return };
         let modified = |p: &Path| -> Option<(SystemTime, u64)> {
             let meta = std::fs::metadata(p).ok()?;

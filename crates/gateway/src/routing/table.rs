@@ -24,6 +24,12 @@ pub struct Target {
     /// `route/group/index`, for metrics and the ledger.
     pub label: String,
     pub breaker: Arc<Breaker>,
+    /// This target's `ok` attempts counter, resolved once (a label lookup
+    /// per request costs more than the rest of the routing decision).
+    pub ok_attempts: prometheus::IntCounter,
+    /// `x-tollgate-upstream` and `x-tollgate-model` for its answers.
+    pub upstream_header: http::HeaderValue,
+    pub model_header: Option<http::HeaderValue>,
 }
 
 impl Target {
@@ -98,6 +104,7 @@ impl RouteTable {
         routes: &[RouteConfig],
         upstreams: &Upstreams,
         breakers: &mut HashMap<String, Arc<Breaker>>,
+        metrics: &crate::metrics::Metrics,
     ) -> Result<Self, String> {
         let mut table = Self::default();
         for config in routes {
@@ -117,13 +124,18 @@ impl RouteTable {
                         .entry(breaker_key)
                         .or_insert_with(|| Arc::new(Breaker::new(config.breaker.settings())))
                         .clone();
+                    let label = format!("{}/{g}/{t}", config.model);
                     targets.push(Target {
+                        ok_attempts: metrics.upstream_attempts.with_label_values(&[&target.upstream, &label, "ok"]),
+                        upstream_header: http::HeaderValue::from_str(&target.upstream)
+                            .map_err(|_| format!("{:?} cannot be a header value", target.upstream))?,
+                        model_header: target.model.as_deref().and_then(|m| http::HeaderValue::from_str(m).ok()),
                         upstream_name: target.upstream.clone(),
                         upstream,
                         model: target.model.clone(),
                         weight: u64::from(target.weight),
                         overrides: target.overrides.clone(),
-                        label: format!("{}/{g}/{t}", config.model),
+                        label,
                         breaker,
                     });
                 }
