@@ -1,8 +1,9 @@
 //! Admission: rate limits and budgets in one step, held by one guard.
 //!
 //! [`admit`] takes the request's in-flight slot and token estimate from the
-//! rate limits, then reserves its worst-case cost on its budgets; if the
-//! budgets refuse, the limits it took are given back at once. The
+//! rate limits and reserves its worst-case cost on its budgets, both at
+//! once (one round trip to Redis when it holds them); if either refuses,
+//! what the other took is given back at once. The
 //! [`Admission`] it returns is settled exactly once with the real usage and
 //! cost ([`Admission::settle`]); dropped unsettled (a failure before
 //! anything was billed), it gives back everything it holds.
@@ -92,8 +93,13 @@ impl Drop for Admission {
 }
 
 /// Admits a request against its tenant's and key's limits and budgets.
+///
+/// The two checks run together: with Redis, both scripts go out on the
+/// shared multiplexed connection back to back, so admission costs one round
+/// trip, not two. Whatever one of them took is given back (by dropping the
+/// `Admission`) when the other refuses; a refusal by the rate limits is the
+/// one reported when both refuse.
 pub async fn admit(proxy: &Proxy, principal: &Principal, demand: Demand<'_>) -> Result<Admission, GatewayError> {
-    let mut admission = Admission::default();
     let checks = limits::checks_for(
         principal.tenant_id(),
         &principal.tenant.policy.limits,
@@ -101,20 +107,46 @@ pub async fn admit(proxy: &Proxy, principal: &Principal, demand: Demand<'_>) -> 
         &principal.key.id,
         &principal.key.limits,
     );
-    if !checks.is_empty() {
+    let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);
+    let limits = async {
+        if checks.is_empty() {
+            return Ok(None);
+        }
         let estimate = (demand.forwarded_bytes as u64 / 4).saturating_add(demand.max_output);
         let now = u64::try_from(proxy.clock.now_ms()).unwrap_or(0);
-        let permit = proxy.limiter.admit(&checks, estimate, now).await.map_err(GatewayError::RateLimited)?;
-        admission.grants.allowance = Some(permit.allowance);
-        admission.permit = Some(permit);
+        proxy.limiter.admit(&checks, estimate, now).await.map(Some).map_err(GatewayError::RateLimited)
+    };
+    let reserved = async {
+        if budgets.is_empty() {
+            return Ok(Vec::new());
+        }
+        reserve(proxy, &budgets, demand).await
+    };
+    let (permit, reserved) = tokio::join!(limits, reserved);
+    let mut admission = Admission::default();
+    let limits_refusal = match permit {
+        Ok(permit) => {
+            if let Some(permit) = permit {
+                admission.grants.allowance = Some(permit.allowance);
+                admission.permit = Some(permit);
+            }
+            None
+        }
+        Err(refusal) => Some(refusal),
+    };
+    let budget_refusal = match reserved {
+        Ok(reservations) => {
+            admission.grants.remaining_budget = Reservation::remaining(&reservations);
+            admission.reservations = reservations;
+            None
+        }
+        Err(refusal) => Some(refusal),
+    };
+    // On refusal `admission` is dropped here, giving back what was taken.
+    match limits_refusal.or(budget_refusal) {
+        Some(refusal) => Err(refusal),
+        None => Ok(admission),
     }
-    let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);
-    if !budgets.is_empty() {
-        // On refusal `admission` is dropped here, giving the limits back.
-        admission.reservations = reserve(proxy, &budgets, demand).await?;
-        admission.grants.remaining_budget = Reservation::remaining(&admission.reservations);
-    }
-    Ok(admission)
 }
 
 /// Reserves the request's worst case on its budgets: the prompt at the

@@ -227,3 +227,29 @@ async fn a_daily_budget_spent_today_is_available_again_tomorrow() {
     gw.clock.advance(std::time::Duration::from_secs(24 * 3600));
     assert_eq!(send().await.status(), 200, "a new day, a new budget");
 }
+
+#[tokio::test]
+async fn a_request_the_rate_limits_refuse_leaves_nothing_reserved_on_its_budget() {
+    let gw = TestGateway::start().await;
+    let (status, _) =
+        gw.admin(Method::PATCH, "/admin/v1/tenants/test", Some(json!({"policy": {"limits": {"rpm": 1}}}))).await;
+    assert_eq!(status, 200);
+    let (status, _) = gw
+        .admin(Method::POST, "/admin/v1/tenants/test/budgets", Some(json!({"period": "monthly", "amount_usd": "1"})))
+        .await;
+    assert_eq!(status, 201);
+    let body = json!({"model": "gemini-2.5-pro", "max_tokens": 1000, "messages": []});
+    let first = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let throttled = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(throttled.status(), 429);
+    let throttled: Value = throttled.json().await.unwrap();
+    assert_eq!(throttled["error"]["code"], "rate_limit_exceeded");
+    let spent = settled_spend(&gw, "test", 2).await;
+    let (_, list) = gw.admin(Method::GET, "/admin/v1/tenants/test/budgets", None).await;
+    assert_eq!(
+        list["data"][0]["remaining_micros"],
+        1_000_000 - spent,
+        "the refused request's worst case was given back"
+    );
+}
