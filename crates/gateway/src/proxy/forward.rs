@@ -211,6 +211,15 @@ async fn look(
     (live(head, body), Verdict::Final, true)
 }
 
+/// A failed answer kept only in case it is the last: its in-flight slot is
+/// given back at once, so the retry it leads to can take one.
+fn without_slot(answer: Result<Answer, UpstreamFailure>) -> Result<Answer, UpstreamFailure> {
+    answer.map(|mut a| {
+        a.extensions_mut().remove::<crate::upstream::InFlightSlot>();
+        a
+    })
+}
+
 /// The caller identity a sticky route hashes.
 fn sticky_identity<'a>(route: &Route, call: &'a Call<'a>) -> Option<&'a str> {
     match route.sticky? {
@@ -257,11 +266,11 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
                         return served(answer, target, call, attempts);
                     }
                     Verdict::Retry { next_group: true, .. } => {
-                        last = Some((answer, target));
+                        last = Some((without_slot(answer), target));
                         continue 'groups;
                     }
                     Verdict::Retry { after, .. } => {
-                        last = Some((answer, target));
+                        last = Some((without_slot(answer), target));
                         if attempt < route.attempts_per_target {
                             let wait = route.backoff.delay(attempt, rand::random::<f64>(), after);
                             tokio::time::sleep_until((Instant::now() + wait).min(deadline)).await;

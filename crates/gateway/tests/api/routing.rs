@@ -595,3 +595,27 @@ async fn an_upstream_at_its_in_flight_cap_sends_requests_to_the_next_target_and_
     let again = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "gpt-4.1", "messages": []})).send();
     assert_eq!(again.await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_retry_on_a_capped_upstream_is_not_blocked_by_its_own_failed_attempt() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let mut routed =
+        route("capped-retry", vec![vec![target("default", "gpt-4.1", 1)], vec![target("backup", "gpt-4.1", 1)]]);
+    routed.attempts_per_target = 2;
+    let backup_url = backup.base_url();
+    let gw = TestGateway::start_with(move |c: &mut Config| {
+        c.upstream.max_in_flight = Some(1);
+        let mut extra = c.upstream.clone();
+        extra.name = "backup".to_owned();
+        extra.base_url = backup_url;
+        c.upstreams = vec![extra];
+        c.routes = vec![routed];
+    })
+    .await;
+    gw.fake.set_defaults(always_failing(503));
+    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "capped-retry", "messages": []})).send();
+    let r = r.await.unwrap();
+    assert_eq!(r.headers()["x-tollgate-attempts"], "3");
+    assert_eq!(gw.fake.requests().len(), 2, "the retry reached the capped upstream");
+    assert_eq!(r.status(), 200);
+}
