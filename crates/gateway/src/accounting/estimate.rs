@@ -9,7 +9,22 @@ fn count(text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    tiktoken_rs::o200k_base_singleton().encode_with_special_tokens(text).len() as u64
+    off_the_workers(|| tiktoken_rs::o200k_base_singleton().encode_with_special_tokens(text).len() as u64)
+}
+
+/// Runs CPU-heavy work (tokenizing up to megabytes of text, building the
+/// tokenizer the first time) so it does not hold up other requests: on the
+/// multi-threaded runtime the worker hands its other tasks to the rest
+/// first (`block_in_place`). Estimates run where a record closes, which can
+/// be a `Drop` and so cannot await a blocking task. On a current-thread
+/// runtime (some tests) there is no other worker, and the work runs as is.
+fn off_the_workers<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
 }
 
 /// Builds the tokenizer ahead of the first estimate (it takes a moment).

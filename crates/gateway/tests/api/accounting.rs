@@ -387,3 +387,33 @@ async fn prices_reload_without_a_restart_and_unpriced_models_are_flagged_or_refu
     );
     assert!(strict.fake.requests().is_empty(), "refused before anything reached the upstream");
 }
+
+/// Estimates tokenize on the worker without holding up its other tasks
+/// (`block_in_place` on the multi-threaded runtime, which production runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estimates_run_on_the_multi_threaded_runtime_for_bodies_and_streams() {
+    let gw = TestGateway::start().await;
+    let mut ids = Vec::new();
+    for body in [
+        r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"estimate me, please"}]}"#,
+        r#"{"model":"gpt-4.1","stream":true,"messages":[{"role":"user","content":"estimate me, please"}]}"#,
+    ] {
+        let r = gw
+            .http
+            .post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("x-fake-usage", "omit")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        ids.push(r.headers()["x-request-id"].to_str().unwrap().to_owned());
+        r.bytes().await.unwrap();
+    }
+    for id in ids {
+        let record = ledger_record(&gw, &id).await;
+        assert_eq!(record["estimated"], true, "{record}");
+        assert!(record["prompt_tokens"].as_i64().unwrap() > 0 && record["completion_tokens"].as_i64().unwrap() > 0);
+    }
+}
