@@ -11,6 +11,7 @@ pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod file_watch;
 pub mod health;
 pub mod limits;
 pub mod metrics;

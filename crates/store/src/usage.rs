@@ -544,43 +544,38 @@ impl Store {
         let groups: Vec<&str> = group_by.iter().map(|g| g.column()).collect();
         let group_clause = if groups.is_empty() { String::new() } else { format!("GROUP BY {}", groups.join(", ")) };
         let order_clause = if groups.is_empty() { String::new() } else { format!("ORDER BY {}", groups.join(", ")) };
-        // CAST keeps SUM's type an integer on both backends.
-        let sql = if group_by.iter().all(|g| g.in_rollups()) {
-            let select_groups = if groups.is_empty() { String::new() } else { format!("{}, ", groups.join(", ")) };
-            format!(
-                "SELECT {select_groups}CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS requests, \
-                 CAST(COALESCE(SUM(errors), 0) AS BIGINT) AS errors, \
-                 CAST(COALESCE(SUM(estimated_requests), 0) AS BIGINT) AS estimated_requests, \
-                 CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
-                 CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
-                 CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning_tokens, \
-                 CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
-                 CAST(COALESCE(SUM(billed_output_tokens), 0) AS BIGINT) AS billed_output_tokens, \
-                 CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost_micros \
-                 FROM usage_daily WHERE day >= $1 AND day <= $2 \
-                 AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR model = $5) \
-                 {group_clause} {order_clause}"
-            )
-        } else {
-            // Routing dimensions are not in the rollups: the records of the
-            // range are summed (their day column is the rollups' day).
-            let select_groups: String = group_by.iter().map(|g| format!("{}, ", g.record_expression())).collect();
-            format!(
-                "SELECT {select_groups}CAST(COUNT(*) AS BIGINT) AS requests, \
-                 CAST(COALESCE(SUM(CASE WHEN status >= 400 OR error_class IS NOT NULL THEN 1 ELSE 0 END), 0) AS BIGINT) \
-                 AS errors, \
-                 CAST(COALESCE(SUM(estimated), 0) AS BIGINT) AS estimated_requests, \
-                 CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
-                 CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
-                 CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning_tokens, \
-                 CAST(COALESCE(SUM(cached_tokens), 0) AS BIGINT) AS cached_tokens, \
-                 CAST(COALESCE(SUM(billed_output_tokens), 0) AS BIGINT) AS billed_output_tokens, \
-                 CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost_micros \
-                 FROM usage_events WHERE day >= $1 AND day <= $2 \
-                 AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR requested_model = $5) \
-                 {group_clause} {order_clause}"
-            )
+        // CAST keeps SUM's type an integer on both backends. The rollups hold
+        // the sums already; the records are summed as they are.
+        let rollups = group_by.iter().all(|g| g.in_rollups());
+        let sum = |rollup_column: &str, record_expression: &str, name: &str| {
+            let summed = if rollups { rollup_column } else { record_expression };
+            format!("CAST(COALESCE(SUM({summed}), 0) AS BIGINT) AS {name}")
         };
+        let totals = [
+            sum("requests", "1", "requests"),
+            sum("errors", "CASE WHEN status >= 400 OR error_class IS NOT NULL THEN 1 ELSE 0 END", "errors"),
+            sum("estimated_requests", "estimated", "estimated_requests"),
+            sum("prompt_tokens", "prompt_tokens", "prompt_tokens"),
+            sum("completion_tokens", "completion_tokens", "completion_tokens"),
+            sum("reasoning_tokens", "reasoning_tokens", "reasoning_tokens"),
+            sum("cached_tokens", "cached_tokens", "cached_tokens"),
+            sum("billed_output_tokens", "billed_output_tokens", "billed_output_tokens"),
+            sum("cost_micros", "cost_micros", "cost_micros"),
+        ]
+        .join(", ");
+        let select_groups: String = group_by
+            .iter()
+            .map(|g| format!("{}, ", if rollups { g.column() } else { g.record_expression() }))
+            .collect();
+        // Routing dimensions are not in the rollups: the records of the range
+        // are summed then (their day column is the rollups' day).
+        let (table, model_column) =
+            if rollups { ("usage_daily", "model") } else { ("usage_events", "requested_model") };
+        let sql = format!(
+            "SELECT {select_groups}{totals} FROM {table} WHERE day >= $1 AND day <= $2 \
+             AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR {model_column} = $5) \
+             {group_clause} {order_clause}"
+        );
         let rows = sqlx::query(&sql)
             .bind(from_day)
             .bind(to_day)

@@ -119,29 +119,8 @@ impl Accounting {
     /// Reloads the pricing file whenever it changes, until cancelled.
     pub async fn watch_prices(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
         let Some(path) = self.pricing_file.clone() else { return };
-        let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let mut seen = modified(&path);
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
-            }
-            let now = modified(&path);
-            if now != seen {
-                seen = now;
-                let result = match self.reload_prices() {
-                    Ok(n) => {
-                        tracing::info!(models = n, "pricing reloaded");
-                        "applied"
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "pricing file rejected; keeping the previous prices");
-                        "rejected"
-                    }
-                };
-                self.metrics.pricing_reloads.with_label_values(&[result]).inc();
-            }
-        }
+        let results = self.metrics.pricing_reloads.clone();
+        crate::file_watch::watch(&path, "pricing", every, &results, cancel, || self.reload_prices()).await;
     }
 }
 

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Deserialize;
@@ -105,34 +105,8 @@ impl Routes {
 
     /// Reloads the routes file whenever it changes, until cancelled.
     pub async fn watch(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
-        let metrics = self.metrics.clone();
         let Some(path) = self.file.clone() else { return };
-        let modified = |p: &Path| -> Option<(SystemTime, u64)> {
-            let meta = std::fs::metadata(p).ok()?;
-            Some((meta.modified().ok()?, meta.len()))
-        };
-        let mut seen = modified(&path);
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
-            }
-            let now = modified(&path);
-            if now == seen {
-                continue;
-            }
-            seen = now;
-            let result = match self.reload() {
-                Ok(n) => {
-                    tracing::info!(routes = n, "routes reloaded");
-                    "applied"
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "routes file refused; the routes in force stay");
-                    "rejected"
-                }
-            };
-            metrics.routes_reloads.with_label_values(&[result]).inc();
-        }
+        let results = self.metrics.routes_reloads.clone();
+        crate::file_watch::watch(&path, "routes", every, &results, cancel, || self.reload()).await;
     }
 }
