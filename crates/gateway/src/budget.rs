@@ -103,6 +103,10 @@ pub struct Reservation {
     shared: Option<(Arc<Shared>, String)>,
     /// What the shared counter held after this reservation.
     shared_committed: Option<i64>,
+    /// Settled or cancelled already; else `Drop` cancels it, so a
+    /// reservation dropped on any path (a request cancelled while admission
+    /// was under way) never holds its budget.
+    released: bool,
 }
 
 /// Why a reservation was refused.
@@ -317,6 +321,7 @@ async fn attempt(
                     amount: worst_case,
                     shared: Some((shared.clone(), counter.key)),
                     shared_committed: Some(committed),
+                    released: false,
                 })
                 .collect(),
         ),
@@ -365,6 +370,7 @@ fn reserve(states: &[Arc<BudgetState>], worst_case: i64, today: NaiveDate) -> At
             amount: worst_case,
             shared: None,
             shared_committed: None,
+            released: false,
         });
     }
     Attempt::Reserved(held)
@@ -373,9 +379,10 @@ fn reserve(states: &[Arc<BudgetState>], worst_case: i64, today: NaiveDate) -> At
 impl Reservation {
     /// Replaces the reservation with the real cost. Returns the budget's
     /// settled spend before and after, for threshold alerts.
-    pub fn settle(self, cost: i64) -> (Arc<BudgetState>, i64, i64) {
-        let state = self.state;
-        match self.shared {
+    pub fn settle(mut self, cost: i64) -> (Arc<BudgetState>, i64, i64) {
+        self.released = true;
+        let state = self.state.clone();
+        match self.shared.take() {
             // The shared counter is per period: the reservation is always
             // replaced on the counter it was made on.
             Some((shared, key)) => {
@@ -393,8 +400,14 @@ impl Reservation {
         (state, before, before + cost)
     }
 
-    fn cancel(self) {
-        if let Some((shared, key)) = self.shared {
+    /// Gives the reservation back unused.
+    fn cancel(mut self) {
+        self.release_unused();
+    }
+
+    fn release_unused(&mut self) {
+        self.released = true;
+        if let Some((shared, key)) = self.shared.take() {
             shared.adjust(key, -self.amount);
         } else if self.state.period_start.load(Ordering::Acquire) == self.period_start {
             self.state.committed.fetch_sub(self.amount, Ordering::AcqRel);
@@ -412,6 +425,14 @@ impl Reservation {
                 None => r.state.remaining(),
             })
             .min()
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.released {
+            self.release_unused();
+        }
     }
 }
 
@@ -476,6 +497,20 @@ mod tests {
         }
         assert_eq!((s.spent(), s.remaining()), (100, 900));
         assert!(reserve(std::slice::from_ref(&s), 600, today()).is_ok());
+    }
+
+    #[test]
+    fn a_reservation_dropped_unsettled_gives_its_amount_back() {
+        let s = state(1000, true);
+        let held = reserve(std::slice::from_ref(&s), 900, today()).unwrap();
+        assert_eq!(s.remaining(), 100);
+        drop(held);
+        assert_eq!(s.remaining(), 1000, "a request cancelled mid-admission holds nothing");
+        let settled = reserve(std::slice::from_ref(&s), 900, today()).unwrap();
+        for r in settled {
+            r.settle(10);
+        }
+        assert_eq!((s.spent(), s.remaining()), (10, 990), "settled once, not also given back on drop");
     }
 
     #[test]
@@ -602,11 +637,13 @@ mod tests {
         let s = state(1000, true);
         let held = reserve(std::slice::from_ref(&s), 900, today()).unwrap();
         let next_month = NaiveDate::from_ymd_opt(2026, 12, 2).unwrap();
-        assert!(reserve(std::slice::from_ref(&s), 900, next_month).is_ok(), "December starts at zero");
+        let december = reserve(std::slice::from_ref(&s), 900, next_month);
+        assert!(december.is_ok(), "December starts at zero");
         for r in held {
             r.settle(50);
         }
         // December holds its own 900 reservation plus the 50 settled now.
         assert_eq!(s.remaining(), 1000 - 900 - 50);
+        drop(december);
     }
 }

@@ -82,12 +82,10 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         // Unsettled: nothing was used or billed. The permit gives its
-        // in-flight slot back by itself when dropped.
+        // in-flight slot back and each reservation its amount by itself when
+        // dropped; the token estimate is corrected to nothing here.
         if let Some(permit) = self.permit.as_mut() {
             permit.settle(0);
-        }
-        for reservation in self.reservations.drain(..) {
-            reservation.settle(0);
         }
     }
 }
