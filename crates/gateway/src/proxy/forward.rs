@@ -41,11 +41,15 @@ pub struct Served<'a> {
     /// The target that served, when a route chose it.
     pub by: Option<&'a Target>,
     pub upstream: &'a Upstream,
-    pub upstream_name: &'a str,
     pub model: String,
     pub attempts: u32,
-    /// The target's label, when a route chose it.
-    pub target: Option<&'a str>,
+}
+
+impl Served<'_> {
+    /// The upstream's name (`default` without a route).
+    pub fn upstream_name(&self) -> &str {
+        self.by.map_or("default", |t| t.upstream_name.as_str())
+    }
 }
 
 /// What one request carries into the forward stage.
@@ -90,15 +94,7 @@ pub async fn direct<'a>(upstream: &'a Upstream, call: &Call<'_>, body: Bytes) ->
     let result = upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body)).await;
     call.metrics.upstream_attempts.with_label_values(&["default", "-", outcome(&result)]).inc();
     let response = result?.map(UpstreamBody::Live);
-    Ok(Served {
-        response,
-        upstream,
-        upstream_name: "default",
-        model: call.requested_model.to_owned(),
-        attempts: 1,
-        target: None,
-        by: None,
-    })
+    Ok(Served { response, upstream, model: call.requested_model.to_owned(), attempts: 1, by: None })
 }
 
 /// An answer as the relay takes it.
@@ -158,14 +154,12 @@ async fn look(
         }
     };
     let status = response.status();
-    let after = retry_after(response.headers());
     let (head, body) = response.into_parts();
     let live = |head, body| Ok(http::Response::from_parts(head, UpstreamBody::Live(body)));
-    if status == StatusCode::TOO_MANY_REQUESTS {
-        return (live(head, body), retry(RetryOn::RateLimited, after), false);
-    }
-    if status.is_server_error() {
-        return (live(head, body), retry(RetryOn::ServerError, after), false);
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        let class = if status.is_server_error() { RetryOn::ServerError } else { RetryOn::RateLimited };
+        let after = retry_after(&head.headers);
+        return (live(head, body), retry(class, after), false);
     }
     if status == StatusCode::BAD_REQUEST && route.retries(RetryOn::ContextLength) {
         let mut body = UpstreamBody::Live(body);
@@ -250,7 +244,7 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
             let target = &group.targets[index];
             for attempt in 1..=route.attempts_per_target {
                 if Instant::now() >= deadline {
-                    return finish_failed(last, attempts);
+                    return finish_failed(last, call, attempts);
                 }
                 let admission = target.breaker.admit(monotonic_ms());
                 if admission == BreakerAdmission::Refused {
@@ -290,7 +284,7 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
             return served(answer, target, call, 1);
         }
     }
-    finish_failed(last, attempts)
+    finish_failed(last, call, attempts)
 }
 
 async fn try_target(
@@ -315,10 +309,8 @@ fn served<'a>(
     Ok(Served {
         response: answer?,
         upstream: &target.upstream,
-        upstream_name: &target.upstream_name,
         model: target.model_for(call.requested_model).to_owned(),
         attempts,
-        target: Some(&target.label),
         by: Some(target),
     })
 }
@@ -327,19 +319,11 @@ fn served<'a>(
 /// 503 stays a 503), or the last transport failure becomes the error.
 fn finish_failed<'a>(
     last: Option<(Result<Answer, UpstreamFailure>, &'a Target)>,
+    call: &Call<'_>,
     attempts: u32,
 ) -> Result<Served<'a>, GatewayError> {
     match last {
-        Some((Ok(response), target)) => Ok(Served {
-            response,
-            upstream: &target.upstream,
-            upstream_name: &target.upstream_name,
-            model: target.model.clone().unwrap_or_default(),
-            attempts,
-            target: Some(&target.label),
-            by: Some(target),
-        }),
-        Some((Err(failure), _)) => Err(failure.into()),
+        Some((answer, target)) => served(answer, target, call, attempts),
         None => Err(GatewayError::UpstreamTimeout),
     }
 }

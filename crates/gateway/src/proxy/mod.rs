@@ -141,8 +141,8 @@ async fn post_stages(
     if let Some(exchange) = slot.as_mut() {
         let by = crate::accounting::ServedBy {
             route: route.as_ref().map(|r| r.name.clone()),
-            target: served.target.map(str::to_owned),
-            upstream: served.upstream_name.to_owned(),
+            target: served.by.map(|t| t.label.clone()),
+            upstream: served.upstream_name().to_owned(),
             attempts: served.attempts,
         };
         exchange.served_by(&served.model, by);

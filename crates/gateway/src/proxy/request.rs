@@ -50,7 +50,9 @@ pub fn model<'p>(peek: &'p RequestPeek<'_>) -> Result<&'p str, GatewayError> {
 /// The key's model allow-list, for the model asked for and every model its
 /// route may send, and the pricing gate for each of those.
 pub fn authorize(proxy: &Proxy, principal: &Principal, model: &str, candidates: &[&str]) -> Result<(), GatewayError> {
-    for name in std::iter::once(model).chain(candidates.iter().copied()) {
+    // Without a route the only candidate is the model itself.
+    let routed_to = candidates.iter().copied().filter(|c| *c != model);
+    for name in std::iter::once(model).chain(routed_to) {
         if !principal.key.models.allows(name) {
             return Err(GatewayError::ModelNotAllowed(name.to_owned()));
         }

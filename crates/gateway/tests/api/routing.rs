@@ -53,6 +53,11 @@ fn always_failing(status: u16) -> Scenario {
     Scenario { fault: Some(Fault::Status { status, style: ErrorStyle::OpenAi }), ..Scenario::default() }
 }
 
+/// A chat completion through the gateway with its test key.
+async fn chat(gw: &TestGateway, body: &Value) -> reqwest::Response {
+    gw.http.post(gw.url("/v1/chat/completions")).json(body).send().await.unwrap()
+}
+
 async fn record(gw: &TestGateway, request_id: &str) -> Value {
     crate::accounting::ledger_record(gw, request_id).await
 }
@@ -66,13 +71,7 @@ async fn a_failing_primary_falls_back_and_the_served_model_is_billed_once() {
     )];
     let gw = routed_gateway(&backup, routes).await;
     gw.fake.set_defaults(always_failing(503));
-    let response = gw
-        .http
-        .post(gw.url("/v1/chat/completions"))
-        .json(&json!({"model": "chat-default", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
+    let response = chat(&gw, &json!({"model": "chat-default", "messages": [{"role": "user", "content": "hi"}]})).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-tollgate-upstream"], "backup");
     assert_eq!(response.headers()["x-tollgate-model"], "gemini-2.5-pro");
@@ -127,13 +126,7 @@ async fn an_error_no_retry_can_fix_is_never_retried_or_fallen_back_from() {
     routed.attempts_per_target = 3;
     let gw = routed_gateway(&backup, vec![routed]).await;
     gw.fake.set_defaults(always_failing(400));
-    let response = gw
-        .http
-        .post(gw.url("/v1/chat/completions"))
-        .json(&json!({"model": "chat-default", "messages": []}))
-        .send()
-        .await
-        .unwrap();
+    let response = chat(&gw, &json!({"model": "chat-default", "messages": []})).await;
     assert_eq!(response.status(), 400, "the upstream's own answer");
     assert_eq!(response.headers()["x-tollgate-attempts"], "1");
     assert_eq!(gw.fake.requests().len(), 1);
@@ -149,13 +142,7 @@ async fn retries_stay_on_a_target_before_falling_back_and_an_exhausted_route_rel
     let gw = routed_gateway(&backup, vec![routed]).await;
     gw.fake.set_defaults(always_failing(503));
     backup.set_defaults(always_failing(429));
-    let response = gw
-        .http
-        .post(gw.url("/v1/chat/completions"))
-        .json(&json!({"model": "chat-default", "messages": []}))
-        .send()
-        .await
-        .unwrap();
+    let response = chat(&gw, &json!({"model": "chat-default", "messages": []})).await;
     assert_eq!(response.status(), 429, "the last target's answer");
     assert_eq!(response.headers()["x-tollgate-attempts"], "4");
     assert_eq!((gw.fake.requests().len(), backup.requests().len()), (2, 2));
@@ -168,13 +155,7 @@ async fn a_streamed_request_falls_back_before_its_first_event() {
         vec![route("chat-default", vec![vec![target("default", "gpt-4.1", 1)], vec![target("backup", "gpt-4.1", 1)]])];
     let gw = routed_gateway(&backup, routes).await;
     gw.fake.set_defaults(always_failing(502));
-    let response = gw
-        .http
-        .post(gw.url("/v1/chat/completions"))
-        .json(&json!({"model": "chat-default", "stream": true, "messages": []}))
-        .send()
-        .await
-        .unwrap();
+    let response = chat(&gw, &json!({"model": "chat-default", "stream": true, "messages": []})).await;
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
@@ -488,17 +469,12 @@ async fn an_upstream_can_be_spoken_to_in_http2_over_plain_http() {
     })
     .await;
     for body in [json!({"model": "h2", "messages": []}), json!({"model": "h2", "stream": true, "messages": []})] {
-        let r = gw.http.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+        let r = chat(&gw, &body).await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
     }
     assert!(backup.requests().iter().all(|r| r.version == http::Version::HTTP_2), "prior-knowledge HTTP/2");
-    gw.http
-        .post(gw.url("/v1/chat/completions"))
-        .json(&json!({"model": "gpt-4.1", "messages": []}))
-        .send()
-        .await
-        .unwrap();
+    chat(&gw, &json!({"model": "gpt-4.1", "messages": []})).await;
     assert_eq!(gw.fake.requests()[0].version, http::Version::HTTP_11, "the default upstream stays on HTTP/1.1");
 }
 
@@ -513,8 +489,7 @@ async fn a_prompt_too_long_for_the_model_goes_to_the_larger_context_target_and_o
     routed.attempts_per_target = 3;
     let gw = routed_gateway(&backup, vec![routed]).await;
     gw.fake.set_defaults(Scenario { fault: Some(Fault::ContextLength), ..Scenario::default() });
-    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "long-context", "messages": []})).send();
-    let r = r.await.unwrap();
+    let r = chat(&gw, &json!({"model": "long-context", "messages": []})).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-tollgate-model"], "gemini-2.5-pro");
     assert_eq!(r.headers()["x-tollgate-attempts"], "2", "not retried on the same small-context target");
@@ -522,8 +497,7 @@ async fn a_prompt_too_long_for_the_model_goes_to_the_larger_context_target_and_o
 
     // Any other 400 is the client's: relayed whole, with no fallback.
     gw.fake.set_defaults(always_failing(400));
-    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "long-context", "messages": []})).send();
-    let r = r.await.unwrap();
+    let r = chat(&gw, &json!({"model": "long-context", "messages": []})).await;
     assert_eq!(r.status(), 400);
     assert_eq!(r.headers()["x-tollgate-attempts"], "1");
     let body: Value = r.json().await.unwrap();
@@ -543,12 +517,12 @@ async fn a_stream_falls_back_if_it_breaks_before_its_first_event_and_never_after
     let gw = routed_gateway(&backup, routes).await;
     let stream = json!({"model": "chat-default", "stream": true, "messages": []});
     gw.fake.set_defaults(Scenario { fault: Some(Fault::DropMidStream { after_chunks: 0 }), ..Scenario::default() });
-    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&stream).send().await.unwrap();
+    let r = chat(&gw, &stream).await;
     assert_eq!(r.headers()["x-tollgate-upstream"], "backup", "nothing had reached the client: fallback");
     assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
 
     gw.fake.set_defaults(Scenario { fault: Some(Fault::DropMidStream { after_chunks: 2 }), ..Scenario::default() });
-    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&stream).send().await.unwrap();
+    let r = chat(&gw, &stream).await;
     assert_eq!(r.headers()["x-tollgate-upstream"], "default", "the first event was relayed: no fallback");
     let text = r.text().await.unwrap();
     assert!(text.contains("upstream_disconnected") && !text.contains("[DONE]"), "it ends with the error event: {text}");
@@ -583,12 +557,10 @@ async fn an_upstream_at_its_in_flight_cap_sends_requests_to_the_next_target_and_
     assert_eq!(held.status(), 200);
     // ...so a direct request is refused without being sent, and a routed
     // one goes to the next target.
-    let direct = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "gpt-4.1", "messages": []})).send();
-    let direct = direct.await.unwrap();
+    let direct = chat(&gw, &json!({"model": "gpt-4.1", "messages": []})).await;
     assert_eq!(direct.status(), 503);
     assert_eq!(crate::helpers::envelope(direct).await["error"]["code"], "upstream_busy");
-    let routed = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "capped", "messages": []})).send();
-    let routed = routed.await.unwrap();
+    let routed = chat(&gw, &json!({"model": "capped", "messages": []})).await;
     assert_eq!(routed.headers()["x-tollgate-upstream"], "backup");
     // Once the stream is relayed to its end, the slot is free again.
     held.text().await.unwrap();
@@ -613,9 +585,24 @@ async fn a_retry_on_a_capped_upstream_is_not_blocked_by_its_own_failed_attempt()
     })
     .await;
     gw.fake.set_defaults(always_failing(503));
-    let r = gw.http.post(gw.url("/v1/chat/completions")).json(&json!({"model": "capped-retry", "messages": []})).send();
-    let r = r.await.unwrap();
+    let r = chat(&gw, &json!({"model": "capped-retry", "messages": []})).await;
     assert_eq!(r.headers()["x-tollgate-attempts"], "3");
     assert_eq!(gw.fake.requests().len(), 2, "the retry reached the capped upstream");
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn a_route_that_fails_everywhere_relays_the_last_answer_naming_the_model_asked() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let keep_model = |upstream: &str| TargetConfig { model: None, ..target(upstream, "unused", 1) };
+    let gw =
+        routed_gateway(&backup, vec![route("gpt-4.1", vec![vec![keep_model("default")], vec![keep_model("backup")]])])
+            .await;
+    gw.fake.set_defaults(always_failing(503));
+    backup.set_defaults(always_failing(503));
+    let r = chat(&gw, &json!({"model": "gpt-4.1", "messages": []})).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-tollgate-model"], "gpt-4.1", "the client's model, which both targets kept");
+    assert_eq!(r.headers()["x-tollgate-upstream"], "backup");
+    assert_eq!(backup.requests()[0].json()["model"], "gpt-4.1");
 }
