@@ -75,11 +75,6 @@ pub enum KeyError {
     File { path: PathBuf, source: std::io::Error },
 }
 
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
 impl UpstreamKeys {
     /// Keys from `file` (one per line), else the single `key` given.
     pub fn new(file: Option<&Path>, key: Option<&str>) -> Result<Self, KeyError> {
@@ -94,7 +89,7 @@ impl UpstreamKeys {
         Ok(Self {
             set: ArcSwap::from_pointee(KeySet { keys, next: AtomicUsize::new(0) }),
             file: file.map(Path::to_owned),
-            seen: std::sync::Mutex::new(file.and_then(stamp)),
+            seen: std::sync::Mutex::new(file.and_then(crate::file_watch::stamp)),
             set_aside: AtomicU64::new(0),
         })
     }
@@ -158,7 +153,7 @@ impl UpstreamKeys {
     /// keys in force.
     pub fn reload_if_changed(&self) -> Result<Option<usize>, KeyError> {
         let Some(path) = &self.file else { return Ok(None) };
-        let now = stamp(path);
+        let now = crate::file_watch::stamp(path);
         let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if now == *seen {
             return Ok(None);
