@@ -35,6 +35,7 @@ use crate::routing::reload::Routes;
 use crate::routing::table::Upstreams;
 use crate::server::{self, ConnectionLimits, body::BodyLimits};
 use crate::shared::Shared;
+use crate::telemetry::traces::Tracing;
 use crate::tenant_usage::TenantUsageState;
 use crate::upstream::Upstream;
 
@@ -133,6 +134,10 @@ impl Application {
             clock: clock.clone(),
         });
 
+        let traces = match &config.telemetry.otlp {
+            Some(otlp) => Some(Tracing::start(otlp, &metrics, &background, stop_background.clone())?),
+            None => None,
+        };
         let accounting = start_accounting(&config, &store, metrics.clone(), &background, &stop_background)?;
         let webhooks = Arc::new(config.alerts.webhooks()?);
         let budget_readings = alerts::BudgetReadings::default();
@@ -203,7 +208,7 @@ impl Application {
             }
         };
         let usage = Arc::new(TenantUsageState { store: store.clone() });
-        let public_router = router::build(proxy, readiness.clone(), auth, usage, merged_admin);
+        let public_router = router::build(proxy, readiness.clone(), auth, usage, merged_admin, traces);
         let discards = TaskTracker::new();
         let stop_accepting = CancellationToken::new();
         let bodies = Arc::new(BodyLimits::new(&config.server, discards.clone(), stop_accepting.clone()));

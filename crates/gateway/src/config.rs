@@ -39,6 +39,14 @@ pub struct Config {
     pub redis: RedisConfig,
     pub alerts: AlertsConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: trace export, off unless `[telemetry.otlp]` is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub otlp: Option<crate::telemetry::traces::config::OtlpConfig>,
 }
 
 /// The HTTP versions spoken to an upstream.
@@ -550,6 +558,9 @@ impl Config {
         }
         crate::routing::config::validate(&self.routes, &names)
             .map_err(|(key, problem)| ConfigError::InvalidRoute { key, problem })?;
+        if let Some(otlp) = &self.telemetry.otlp {
+            otlp.validate().map_err(|(key, problem)| invalid(key, problem))?;
+        }
         if self.routing.routes_file.is_some() && !self.routes.is_empty() {
             return Err(invalid("routing.routes_file", "replaces [[routes]] here: keep the routes in one place"));
         }

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub upstream_keys_set_aside: IntCounter,
     pub ledger_write_failures: IntCounter,
     pub ledger_dead_letters: IntCounter,
+    pub trace_spans_dropped: IntCounter,
+    pub trace_exports: IntCounterVec,
     pub budget_utilisation: IntGaugeVec,
     pub budget_forecast: IntGaugeVec,
     pub upstream_duration: HistogramVec,
@@ -116,7 +118,21 @@ impl Metrics {
         for result in ["applied", "rejected"] {
             routes_reloads.with_label_values(&[result]);
         }
+        let trace_exports = r.counter(
+            "trace_exports_total",
+            "Batches of spans sent to the OTLP collector, by result: ok, or error (the batch is dropped).",
+            &["result"],
+        )?;
+        for result in ["ok", "error"] {
+            trace_exports.with_label_values(&[result]);
+        }
+        let trace_spans_dropped = r.plain_counter(
+            "trace_spans_dropped_total",
+            "Spans dropped before export because the export queue was full (the collector is slow or down).",
+        )?;
         Ok(Self {
+            trace_exports,
+            trace_spans_dropped,
             requests: r.counter(
                 "requests_total",
                 "Requests by tenant, model, endpoint, status class and stream flag.",

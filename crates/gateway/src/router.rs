@@ -16,7 +16,11 @@
 //! On the `/v1` routes only (as a route layer, so unknown paths are 404
 //! before any key check):
 //!
-//! 5. `AuthLayer` — resolves the tenant key from the in-memory cache and
+//! 5. `trace_request` — only when trace export is on: the request's
+//!    server span (continuing the caller's `traceparent`), its ids on the
+//!    log span, its status when the answer leaves. Above the key check, so
+//!    refused keys are traced too.
+//! 6. `AuthLayer` — resolves the tenant key from the in-memory cache and
 //!    inserts the `Principal` extension that the `/v1` handlers read. Policy,
 //!    rate limits and budgets go after it, in that order.
 
@@ -26,8 +30,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
+use axum::extract::{MatchedPath, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use opentelemetry::KeyValue;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -38,6 +45,7 @@ use crate::error::{ErrorLog, Fault, GatewayError};
 use crate::health::{self, Readiness};
 use crate::proxy::{self, Proxy};
 use crate::request_id::{RequestId, RequestIdLayer};
+use crate::telemetry::traces::{self, Tracing};
 use crate::tenant_usage::{self, TenantUsageState};
 
 /// The public router. `admin` is merged in when the admin API has no
@@ -48,8 +56,9 @@ pub fn build(
     auth: Arc<Authenticator>,
     usage: Arc<TenantUsageState>,
     admin: Option<Router>,
+    traces: Option<Arc<Tracing>>,
 ) -> Router {
-    let v1 = Router::new()
+    let mut v1 = Router::new()
         .route("/v1/chat/completions", post(proxy::forward_post))
         .route("/v1/completions", post(proxy::forward_post))
         .route("/v1/embeddings", post(proxy::forward_post))
@@ -59,11 +68,15 @@ pub fn build(
         .route("/v1/models/{*id}", get(proxy::forward_get))
         .route_layer(AuthLayer::new(auth.clone()))
         .with_state(proxy);
-    let v1_usage = Router::new()
+    let mut v1_usage = Router::new()
         .route("/v1/usage", get(tenant_usage::summary))
         .route("/v1/usage/records", get(tenant_usage::records))
         .route_layer(AuthLayer::new(auth))
         .with_state(usage);
+    if let Some(traces) = traces {
+        v1 = v1.route_layer(axum::middleware::from_fn_with_state(traces.clone(), trace_request));
+        v1_usage = v1_usage.route_layer(axum::middleware::from_fn_with_state(traces, trace_request));
+    }
 
     let mut router = Router::new().merge(v1).merge(v1_usage).merge(ops_routes(readiness));
     if let Some(admin) = admin {
@@ -103,7 +116,44 @@ fn make_span(request: &Request) -> Span {
         request_id = %request_id,
         method = %request.method(),
         path = %request.uri().path(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     )
+}
+
+/// Opens the request's server span; see `telemetry::traces`. Only the path
+/// is recorded, never the query string.
+async fn trace_request(
+    State(traces): State<Arc<Tracing>>,
+    route: Option<MatchedPath>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().as_str().to_owned();
+    let route = route.as_ref().map_or_else(|| request.uri().path().to_owned(), |r| r.as_str().to_owned());
+    let request_id = request.extensions().get::<RequestId>().map_or_else(String::new, |r| r.as_str().to_owned());
+    let attributes = vec![
+        KeyValue::new("http.request.method", method.clone()),
+        KeyValue::new("url.path", request.uri().path().to_owned()),
+        KeyValue::new("http.route", route.clone()),
+        KeyValue::new("tollgate.request_id", request_id),
+    ];
+    let trace = traces.request(request.headers(), format!("{method} {route}"), attributes);
+    let (trace_id, span_id) = trace.ids();
+    let log_span = Span::current();
+    log_span.record("trace_id", trace_id);
+    log_span.record("span_id", span_id);
+    request.extensions_mut().insert(trace.clone());
+    let response = next.run(request).await;
+    let status = response.status();
+    trace.set(KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
+    if let Some(error) = response.extensions().get::<ErrorLog>() {
+        trace.set(traces::error_attributes(error.code));
+    }
+    if status.is_server_error() {
+        trace.fail(status.canonical_reason().unwrap_or("server error"));
+    }
+    response
 }
 
 /// One line per response. Failures the gateway's operators must act on

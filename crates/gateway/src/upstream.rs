@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -102,6 +102,7 @@ pub struct Upstream {
     /// e.g. `https://api.cometapi.com/v1`, checked once; a request's URI is
     /// this followed by its path and query.
     base: String,
+    authority: (String, u16),
     keys: UpstreamKeys,
     /// Caps requests in flight to this upstream (`max_in_flight`).
     in_flight: Option<Arc<tokio::sync::Semaphore>>,
@@ -177,7 +178,16 @@ impl Upstream {
             idle_timeout: config.idle_timeout,
             max_event_bytes: config.max_event_bytes,
             forwarded: ForwardedHeaders::new(&config.forward_request_headers),
+            authority: (
+                parsed.host().unwrap_or_default().to_owned(),
+                parsed.port_u16().unwrap_or(if parsed.scheme_str() == Some("https") { 443 } else { 80 }),
+            ),
         })
+    }
+
+    /// The upstream's host and port (`server.address`, `server.port` on spans).
+    pub fn authority(&self) -> (&str, u16) {
+        (&self.authority.0, self.authority.1)
     }
 
     /// The API root requests go to.
@@ -203,6 +213,7 @@ impl Upstream {
         client_headers: &HeaderMap,
         request_id: &RequestId,
         body: Option<Bytes>,
+        traceparent: Option<HeaderValue>,
     ) -> Result<UpstreamResponse, UpstreamFailure> {
         let mut uri = String::with_capacity(self.base.len() + path_and_query.len());
         uri.push_str(&self.base);
@@ -222,7 +233,8 @@ impl Upstream {
                 ),
             }),
         };
-        let mut response = self.send_with_keys(method, uri, client_headers, request_id, body).await?;
+        let outgoing = Outgoing { client_headers, request_id, traceparent };
+        let mut response = self.send_with_keys(method, uri, &outgoing, body).await?;
         if let Some(slot) = slot {
             response.extensions_mut().insert(slot);
         }
@@ -233,14 +245,13 @@ impl Upstream {
         &self,
         method: Method,
         uri: Uri,
-        client_headers: &HeaderMap,
-        request_id: &RequestId,
+        outgoing: &Outgoing<'_>,
         body: Option<Bytes>,
     ) -> Result<UpstreamResponse, UpstreamFailure> {
         let body = body.unwrap_or_default();
         let now = crate::proxy::forward::monotonic_ms();
         let key = self.keys.take(now);
-        let response = self.attempt(&method, &uri, client_headers, request_id, body.clone(), key.as_ref()).await?;
+        let response = self.attempt(&method, &uri, outgoing, body.clone(), key.as_ref()).await?;
         // The upstream refused this key: set it aside and, if there is
         // another, send the same request again with it (nothing was done).
         if let Some(key) = key
@@ -248,7 +259,7 @@ impl Upstream {
         {
             self.keys.set_aside(&key, now);
             if let Some(other) = self.keys.take_other(now, Some(&key)).filter(|_| self.keys.has_other(&key, now)) {
-                return self.attempt(&method, &uri, client_headers, request_id, body, Some(&other)).await;
+                return self.attempt(&method, &uri, outgoing, body, Some(&other)).await;
             }
         }
         Ok(response)
@@ -259,8 +270,7 @@ impl Upstream {
         &self,
         method: &Method,
         uri: &Uri,
-        client_headers: &HeaderMap,
-        request_id: &RequestId,
+        outgoing: &Outgoing<'_>,
         body: Bytes,
         key: Option<&TakenKey>,
     ) -> Result<UpstreamResponse, UpstreamFailure> {
@@ -268,9 +278,13 @@ impl Upstream {
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri.clone();
         let headers = request.headers_mut();
-        headers.reserve(client_headers.len() + 2);
-        self.forwarded.copy_request_headers(client_headers, headers);
-        headers.insert(X_REQUEST_ID.clone(), request_id.header_value().clone());
+        headers.reserve(outgoing.client_headers.len() + 2);
+        self.forwarded.copy_request_headers(outgoing.client_headers, headers);
+        headers.insert(X_REQUEST_ID.clone(), outgoing.request_id.header_value().clone());
+        // The attempt's own span becomes the upstream's parent.
+        if let Some(traceparent) = &outgoing.traceparent {
+            headers.insert(TRACEPARENT, traceparent.clone());
+        }
         if let Some(key) = key {
             headers.insert(header::AUTHORIZATION, key.header.clone());
         }
@@ -304,6 +318,15 @@ impl Upstream {
         }
     }
 }
+
+/// What goes with every request to an upstream besides its body.
+struct Outgoing<'a> {
+    client_headers: &'a HeaderMap,
+    request_id: &'a RequestId,
+    traceparent: Option<HeaderValue>,
+}
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// One of an upstream's `max_in_flight` slots, held by a request from
 /// sending until its answer is relayed to the end (it rides in the

@@ -23,6 +23,8 @@ use tollgate_openai::Usage;
 use tollgate_store::{Store, UsageEvent};
 
 use crate::metrics::Metrics;
+use crate::telemetry::traces::{RequestTrace, Stage};
+use opentelemetry::KeyValue;
 
 pub use ledger::Ledger;
 use pricing::PriceTable;
@@ -202,6 +204,11 @@ pub struct Exchange {
     pub sent_at: Option<Instant>,
     /// Time spent waiting on the upstream (non-streamed answers).
     pub upstream_elapsed: Option<Duration>,
+    /// The request's server span, when traces are exported: the record
+    /// gives it the usage and cost, and holds it open to the stream's end.
+    trace: Option<RequestTrace>,
+    /// The relay's span, ended with the record.
+    relay: Stage,
 }
 
 impl Exchange {
@@ -226,7 +233,24 @@ impl Exchange {
             modified: false,
             request_body: Bytes::new(),
             admission: None,
+            trace: None,
+            relay: Stage::default(),
         }
+    }
+
+    /// Attaches the request's server span (see `trace`).
+    pub fn traced(&mut self, trace: RequestTrace) {
+        self.trace = Some(trace);
+    }
+
+    /// The request's server span, if traces are exported.
+    pub fn trace(&self) -> Option<&RequestTrace> {
+        self.trace.as_ref()
+    }
+
+    /// The relay has begun: its span ends when the record closes.
+    pub fn relaying(&mut self, stage: Stage) {
+        self.relay = stage;
     }
 
     pub fn set_request(&mut self, body: Bytes, model: Option<&str>, stream: bool) {
@@ -345,6 +369,9 @@ impl Exchange {
         let total = self.started.elapsed();
         // Streams and failures end here: the upstream's part lasted until now.
         let upstream = self.upstream_elapsed.or_else(|| self.sent_at.map(|t| t.elapsed()));
+        if let Some(trace) = self.trace.take() {
+            annotate(&trace, &std::mem::take(&mut self.relay), &event, usage.billed_output());
+        }
         let priced = self.accounting.is_priced(&event.requested_model);
         self.accounting.metrics.observe(&event, priced, total, upstream);
         self.accounting.metrics.in_flight.dec();
@@ -368,6 +395,46 @@ impl Drop for Exchange {
             });
         }
     }
+}
+
+/// Puts what the record knows on the request's spans: the models, the
+/// usage, the cost, how the request ended. Counts and ids only, never text.
+fn annotate(trace: &RequestTrace, relay: &Stage, event: &UsageEvent, billed_output: u64) {
+    let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut attributes = vec![
+        KeyValue::new("gen_ai.usage.input_tokens", event.prompt_tokens),
+        KeyValue::new("gen_ai.usage.output_tokens", to_i64(billed_output)),
+        KeyValue::new("tollgate.usage.reasoning_tokens", event.reasoning_tokens),
+        KeyValue::new("tollgate.usage.cached_tokens", event.cached_tokens),
+        KeyValue::new("tollgate.cost_micros", event.cost_micros),
+        KeyValue::new("tollgate.usage.estimated", event.estimated),
+        KeyValue::new("tollgate.usage.unpriced", event.unpriced),
+        KeyValue::new("tollgate.request.modified", event.modified),
+        KeyValue::new("tollgate.stream", event.stream),
+        KeyValue::new("tollgate.attempts", i64::from(event.attempts)),
+        KeyValue::new("tollgate.status", i64::from(event.status)),
+    ];
+    if !event.requested_model.is_empty() {
+        attributes.push(KeyValue::new("gen_ai.request.model", event.requested_model.clone()));
+    }
+    if let Some(model) = &event.upstream_model {
+        attributes.push(KeyValue::new("gen_ai.response.model", model.clone()));
+    }
+    if let Some(class) = &event.error_class {
+        attributes.push(KeyValue::new("tollgate.error_class", class.clone()));
+    }
+    for (key, value) in
+        [("tollgate.route", &event.route), ("tollgate.target", &event.target), ("tollgate.upstream", &event.upstream)]
+    {
+        if let Some(value) = value {
+            attributes.push(KeyValue::new(key, value.clone()));
+        }
+    }
+    relay.set_all(attributes.iter().cloned());
+    if event.status >= 500 {
+        relay.fail("the answer failed");
+    }
+    trace.set_all(attributes);
 }
 
 /// Micro-dollars as a decimal USD string, e.g. `0.000123`.

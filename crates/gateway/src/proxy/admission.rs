@@ -18,6 +18,9 @@ use crate::auth::Principal;
 use crate::budget::{self, Reservation};
 use crate::error::GatewayError;
 use crate::limits::{self, Allowance, Permit};
+use crate::telemetry::traces::Stage;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 /// What a request asks of the limits and budgets.
 #[derive(Debug, Clone, Copy)]
@@ -97,7 +100,12 @@ impl Drop for Admission {
 /// trip, not two. Whatever one of them took is given back (by dropping the
 /// `Admission`) when the other refuses; a refusal by the rate limits is the
 /// one reported when both refuse.
-pub async fn admit(proxy: &Proxy, principal: &Principal, demand: Demand<'_>) -> Result<Admission, GatewayError> {
+pub async fn admit(
+    proxy: &Proxy,
+    principal: &Principal,
+    demand: Demand<'_>,
+    stage: &Stage,
+) -> Result<Admission, GatewayError> {
     let checks = limits::checks_for(
         principal.tenant_id(),
         &principal.tenant.policy.limits,
@@ -110,15 +118,26 @@ pub async fn admit(proxy: &Proxy, principal: &Principal, demand: Demand<'_>) -> 
         if checks.is_empty() {
             return Ok(None);
         }
+        let span = stage.child("rate_limits", SpanKind::Internal);
         let estimate = (demand.forwarded_bytes as u64 / 4).saturating_add(demand.max_output);
         let now = u64::try_from(proxy.clock.now_ms()).unwrap_or(0);
-        proxy.limiter.admit(&checks, estimate, now).await.map(Some).map_err(GatewayError::RateLimited)
+        let result = proxy.limiter.admit(&checks, estimate, now).await.map(Some).map_err(GatewayError::RateLimited);
+        span.set_all([
+            KeyValue::new("tollgate.limits.checks", i64::try_from(checks.len()).unwrap_or(i64::MAX)),
+            KeyValue::new("tollgate.limits.estimated_tokens", i64::try_from(estimate).unwrap_or(i64::MAX)),
+        ]);
+        refused_on(&span, result.as_ref().err());
+        result
     };
     let reserved = async {
         if budgets.is_empty() {
             return Ok(Vec::new());
         }
-        reserve(proxy, &budgets, demand).await
+        let span = stage.child("budgets", SpanKind::Internal);
+        span.set(KeyValue::new("tollgate.budgets", i64::try_from(budgets.len()).unwrap_or(i64::MAX)));
+        let result = reserve(proxy, &budgets, demand, &span).await;
+        refused_on(&span, result.as_ref().err());
+        result
     };
     let (permit, reserved) = tokio::join!(limits, reserved);
     let mut admission = Admission::default();
@@ -142,8 +161,22 @@ pub async fn admit(proxy: &Proxy, principal: &Principal, demand: Demand<'_>) -> 
     };
     // On refusal `admission` is dropped here, giving back what was taken.
     match limits_refusal.or(budget_refusal) {
-        Some(refusal) => Err(refusal),
-        None => Ok(admission),
+        Some(refusal) => {
+            stage.set(KeyValue::new("tollgate.admission.result", refusal.code()));
+            Err(refusal)
+        }
+        None => {
+            stage.set(KeyValue::new("tollgate.admission.result", "admitted"));
+            Ok(admission)
+        }
+    }
+}
+
+/// Marks a check's span with the refusal it made, if any.
+fn refused_on(span: &Stage, refusal: Option<&GatewayError>) {
+    if let Some(refusal) = refusal {
+        span.set(KeyValue::new("error.type", refusal.code()));
+        span.fail(refusal.code());
     }
 }
 
@@ -157,6 +190,7 @@ async fn reserve(
     proxy: &Proxy,
     budgets: &[Arc<budget::BudgetState>],
     demand: Demand<'_>,
+    span: &Stage,
 ) -> Result<Vec<Reservation>, GatewayError> {
     let mut worst = 0i64;
     for model in demand.models {
@@ -169,6 +203,7 @@ async fn reserve(
             None => {}
         }
     }
+    span.set(KeyValue::new("tollgate.budgets.worst_case_micros", worst));
     let waiting = budget::Waiting { max_wait: proxy.limits.budget_wait, ..budget::Waiting::default() };
     budget::admit(proxy.shared.as_ref(), budgets, worst, proxy.clock.today(), waiting).await.map_err(|refusal| {
         match refusal {

@@ -32,7 +32,10 @@ use crate::routing::breaker::Admission as BreakerAdmission;
 use crate::routing::choice;
 use crate::routing::config::{RetryOn, Sticky};
 use crate::routing::table::{Route, Target};
+use crate::telemetry::traces::{RequestTrace, Stage};
 use crate::upstream::{FailureKind, Phase, Upstream, UpstreamBody, UpstreamFailure, UpstreamResponse};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 /// What served a request.
 #[derive(Debug)]
@@ -67,6 +70,104 @@ pub struct Call<'a> {
     pub key_id: &'a str,
     pub tenant_id: &'a str,
     pub metrics: &'a Metrics,
+    /// The request's server span, when traces are exported.
+    pub trace: Option<&'a RequestTrace>,
+}
+
+/// Why an attempt is made, on its span: `first`, `retry:<failure>` (the
+/// same target again) or `fallback:<failure>` (another target or group).
+#[derive(Debug, Clone, Copy)]
+enum Reason {
+    First,
+    Retry(RetryOn),
+    Fallback(RetryOn),
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::First => "first",
+            Reason::Retry(class) => match class {
+                RetryOn::Connect => "retry:connect",
+                RetryOn::Timeout => "retry:timeout",
+                RetryOn::RateLimited => "retry:rate_limited",
+                RetryOn::ServerError => "retry:server_error",
+                RetryOn::ContextLength => "retry:context_length",
+            },
+            Reason::Fallback(class) => match class {
+                RetryOn::Connect => "fallback:connect",
+                RetryOn::Timeout => "fallback:timeout",
+                RetryOn::RateLimited => "fallback:rate_limited",
+                RetryOn::ServerError => "fallback:server_error",
+                RetryOn::ContextLength => "fallback:context_length",
+            },
+        }
+    }
+}
+
+/// The GenAI operation an endpoint performs (`gen_ai.operation.name`).
+fn operation(path: &str) -> &'static str {
+    match path {
+        "/chat/completions" => "chat",
+        "/completions" => "text_completion",
+        "/embeddings" => "embeddings",
+        _ => "generate_content",
+    }
+}
+
+/// The span of one attempt: a client span named as the GenAI conventions
+/// name a model call (`chat gpt-4.1`).
+fn attempt_stage(
+    call: &Call<'_>,
+    upstream: &Upstream,
+    labels: (&str, &str),
+    model: &str,
+    n: u32,
+    reason: Reason,
+) -> Stage {
+    let Some(trace) = call.trace else { return Stage::default() };
+    let op = operation(call.path);
+    let stage = trace.child_named(format!("{op} {model}"), SpanKind::Client);
+    let (upstream_name, target) = labels;
+    let mut attributes = vec![
+        KeyValue::new("gen_ai.operation.name", op),
+        KeyValue::new("gen_ai.request.model", model.to_owned()),
+        KeyValue::new("tollgate.upstream", upstream_name.to_owned()),
+        KeyValue::new("tollgate.attempt", i64::from(n)),
+        KeyValue::new("tollgate.attempt.reason", reason.as_str()),
+    ];
+    if target != "-" {
+        attributes.push(KeyValue::new("tollgate.target", target.to_owned()));
+    }
+    let (host, port) = upstream.authority();
+    attributes.push(KeyValue::new("server.address", host.to_owned()));
+    attributes.push(KeyValue::new("server.port", i64::from(port)));
+    stage.set_all(attributes);
+    stage
+}
+
+/// What an attempt's answer was, on its span.
+fn record_attempt(stage: &Stage, result: &Result<UpstreamResponse, UpstreamFailure>) {
+    if !stage.is_on() {
+        return;
+    }
+    let label = outcome(result);
+    stage.set(KeyValue::new("tollgate.attempt.outcome", label));
+    match result {
+        Ok(response) => {
+            stage.set(KeyValue::new("http.response.status_code", i64::from(response.status().as_u16())));
+            if !response.status().is_success() {
+                stage.set(KeyValue::new("error.type", response.status().as_u16().to_string()));
+            }
+            if response.status().is_server_error() || response.status() == StatusCode::TOO_MANY_REQUESTS {
+                stage.fail(label);
+            }
+        }
+        Err(_) => {
+            stage.set(KeyValue::new("error.type", label));
+            stage.fail(label);
+        }
+    }
 }
 
 /// The `outcome` label of one attempt.
@@ -91,7 +192,11 @@ pub fn monotonic_ms() -> u64 {
 
 /// Sends the request once to `upstream`, with no route.
 pub async fn direct<'a>(upstream: &'a Upstream, call: &Call<'_>, body: Bytes) -> Result<Served<'a>, GatewayError> {
-    let result = upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body)).await;
+    let stage = attempt_stage(call, upstream, ("default", "-"), call.requested_model, 1, Reason::First);
+    let result =
+        upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body), stage.traceparent()).await;
+    record_attempt(&stage, &result);
+    drop(stage);
     call.metrics.upstream_attempts.with_label_values(&["default", "-", outcome(&result)]).inc();
     let response = result?.map(UpstreamBody::Live);
     Ok(Served { response, upstream, model: call.requested_model.to_owned(), attempts: 1, by: None })
@@ -229,6 +334,8 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
     let sticky = sticky_identity(route, call);
     let mut attempts = 0u32;
     let mut last: Option<(Result<Answer, UpstreamFailure>, &'a Target)> = None;
+    // Why the next attempt is made, for its span.
+    let mut reason = Reason::First;
     'groups: for group in &route.groups {
         let mut tried = vec![false; group.targets.len()];
         loop {
@@ -251,9 +358,29 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
                     break;
                 }
                 attempts += 1;
-                let result = try_target(target, call).await?;
+                let stage = attempt_stage(
+                    call,
+                    &target.upstream,
+                    (&target.upstream_name, &target.label),
+                    target.model_for(call.requested_model),
+                    attempts,
+                    reason,
+                );
+                let result = try_target(target, call, &stage).await?;
                 let (answer, verdict, healthy) = look(route, &target.upstream, result).await;
                 target.breaker.record(admission, healthy, monotonic_ms());
+                if let Verdict::Retry { class, .. } = &verdict {
+                    stage.set(KeyValue::new("tollgate.attempt.retryable", route.retries(*class)));
+                    reason = if attempt < route.attempts_per_target {
+                        Reason::Retry(*class)
+                    } else {
+                        Reason::Fallback(*class)
+                    };
+                    if matches!(verdict, Verdict::Retry { next_group: true, .. }) {
+                        reason = Reason::Fallback(*class);
+                    }
+                }
+                drop(stage);
                 match verdict {
                     Verdict::Final => return served(answer, target, call, attempts),
                     Verdict::Retry { class, .. } if !route.retries(class) => {
@@ -278,7 +405,16 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
         // Every breaker is open: the route still answers, through its
         // first group's heaviest target.
         if let Some(target) = route.groups.first().and_then(|g| g.targets.iter().max_by_key(|t| t.weight)) {
-            let result = try_target(target, call).await?;
+            let stage = attempt_stage(
+                call,
+                &target.upstream,
+                (&target.upstream_name, &target.label),
+                target.model_for(call.requested_model),
+                1,
+                reason,
+            );
+            stage.set(KeyValue::new("tollgate.attempt.breakers_open", true));
+            let result = try_target(target, call, &stage).await?;
             let (answer, _, healthy) = look(route, &target.upstream, result).await;
             target.breaker.record(BreakerAdmission::Allowed, healthy, monotonic_ms());
             return served(answer, target, call, 1);
@@ -290,9 +426,14 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
 async fn try_target(
     target: &Target,
     call: &Call<'_>,
+    stage: &Stage,
 ) -> Result<Result<UpstreamResponse, UpstreamFailure>, GatewayError> {
     let body = body_for(target, call)?;
-    let result = target.upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body)).await;
+    let result = target
+        .upstream
+        .send(Method::POST, call.path, call.headers, call.request_id, Some(body), stage.traceparent())
+        .await;
+    record_attempt(stage, &result);
     match outcome(&result) {
         "ok" => target.ok_attempts.inc(),
         other => call.metrics.upstream_attempts.with_label_values(&[&target.upstream_name, &target.label, other]).inc(),

@@ -48,7 +48,10 @@ use crate::policy;
 use crate::request_id::RequestId;
 use crate::routing::reload::Routes;
 use crate::shared::Shared;
+use crate::telemetry::traces::{RequestTrace, Stage};
 use crate::upstream::Upstream;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 pub use admission::BUDGET_HEADER;
 pub use relay::COST_HEADER;
@@ -114,7 +117,11 @@ async fn post_stages(
     let max_output =
         applied.max_output.unwrap_or(proxy.limits.default_output_tokens).saturating_mul(peek.n.unwrap_or(1).max(1));
     let demand = admission::Demand { models: &candidates, forwarded_bytes: forwarded.body.len(), max_output };
-    let admission = admission::admit(proxy, principal, demand).await?;
+    let trace = parts.extensions.get::<RequestTrace>();
+    let admission = {
+        let stage = Stage::under(trace, "admission", SpanKind::Internal);
+        admission::admit(proxy, principal, demand, &stage).await?
+    };
     let grants = admission.grants();
     if let Some(exchange) = slot.as_mut() {
         exchange.modified = !applied.edits.is_empty();
@@ -133,6 +140,7 @@ async fn post_stages(
         key_id: &principal.key.id,
         tenant_id: principal.tenant_id(),
         metrics: &proxy.accounting.metrics,
+        trace,
     };
     let served = match &route {
         Some(route) => forward::routed(route, &call).await?,
@@ -169,13 +177,20 @@ fn begin(
 ) -> Result<(RequestId, Principal, Option<Exchange>), GatewayError> {
     let request_id = request_id(&parts.extensions);
     let principal = principal(&parts.extensions)?;
-    let exchange = Exchange::open(
+    let mut exchange = Exchange::open(
         proxy.accounting.clone(),
         request_id.as_str(),
         principal.tenant_id(),
         &principal.key.id,
         request::endpoint_name(parts.uri.path()),
     );
+    if let Some(trace) = parts.extensions.get::<RequestTrace>() {
+        trace.set_all([
+            KeyValue::new("tollgate.tenant.id", principal.tenant_id().to_owned()),
+            KeyValue::new("tollgate.key.id", principal.key.id.clone()),
+        ]);
+        exchange.traced(trace.clone());
+    }
     Ok((request_id, principal, Some(exchange)))
 }
 
@@ -255,7 +270,15 @@ async fn forward_get_inner(
     if let Some(exchange) = slot.as_mut() {
         exchange.mark_sent();
     }
-    let upstream_response = proxy.upstream.send(Method::GET, &path, &parts.headers, request_id, None).await?;
+    let stage = Stage::under(parts.extensions.get::<RequestTrace>(), "list models", SpanKind::Client);
+    stage.set(KeyValue::new("tollgate.upstream", "default"));
+    let upstream_response =
+        proxy.upstream.send(Method::GET, &path, &parts.headers, request_id, None, stage.traceparent()).await;
+    if let Ok(response) = &upstream_response {
+        stage.set(KeyValue::new("http.response.status_code", i64::from(response.status().as_u16())));
+    }
+    drop(stage);
+    let upstream_response = upstream_response?;
     let upstream_response = upstream_response.map(crate::upstream::UpstreamBody::Live);
     let response = relay::respond(proxy, &proxy.upstream, upstream_response, slot, false, None).await?;
     if rules.is_unrestricted() || parts.uri.path() != "/v1/models" || !response.status().is_success() {

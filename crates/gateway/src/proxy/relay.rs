@@ -17,7 +17,9 @@ use super::{Proxy, headers, stream};
 use crate::accounting::tap::StreamTap;
 use crate::accounting::{Exchange, Outcome, estimate, format_usd};
 use crate::error::GatewayError;
+use crate::telemetry::traces::Stage;
 use crate::upstream::{self, Phase, classify};
+use opentelemetry::trace::SpanKind;
 
 /// `x-tollgate-upstream`, `x-tollgate-model`, `x-tollgate-attempts`: what
 /// served the request, on every answer relayed from an upstream.
@@ -63,6 +65,10 @@ pub async fn respond(
     end: Option<EndMarker>,
 ) -> Result<Response, GatewayError> {
     let mut upstream = upstream;
+    if let Some(exchange) = slot.as_mut() {
+        let stage = Stage::under(exchange.trace(), "relay", SpanKind::Internal);
+        exchange.relaying(stage);
+    }
     // The upstream's in-flight slot is held until the answer is relayed.
     let in_flight = upstream.extensions_mut().remove::<upstream::InFlightSlot>();
     let status = upstream.status();

@@ -1,9 +1,11 @@
-//! Structured logs: JSON for machines, pretty for people.
+//! Structured logs (JSON for machines, pretty for people) and, opt-in,
+//! OpenTelemetry traces ([`traces`]).
 //!
 //! Span fields (the request id above all) are part of every event logged
 //! inside a request, in both formats.
 
 mod json;
+pub mod traces;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;

@@ -21,4 +21,5 @@ mod routing;
 mod sdk;
 mod security;
 mod streaming;
+mod traces;
 mod upstream_failures;

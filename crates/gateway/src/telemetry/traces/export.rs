@@ -1,0 +1,134 @@
+//! The span queue: finished spans go into a bounded channel and a
+//! background task sends them to the collector in batches.
+//!
+//! Written here rather than using the SDK's `BatchSpanProcessor` because a
+//! full queue must be visible as a metric (`tollgate_trace_spans_dropped_total`)
+//! and export must run on the gateway's own background tasks, stopped and
+//! drained with them at shutdown. Ending a span costs one `try_send`; it
+//! never waits for the collector, whatever the collector does.
+
+use std::time::Duration;
+
+use opentelemetry::Context;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
+use prometheus::{IntCounter, IntCounterVec};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Hands finished, sampled spans to the export task.
+#[derive(Debug)]
+pub struct QueueProcessor {
+    queue: mpsc::Sender<SpanData>,
+    dropped: IntCounter,
+}
+
+impl QueueProcessor {
+    pub fn new(capacity: usize, dropped: IntCounter) -> (Self, mpsc::Receiver<SpanData>) {
+        let (queue, spans) = mpsc::channel(capacity);
+        (Self { queue, dropped }, spans)
+    }
+}
+
+impl SpanProcessor for QueueProcessor {
+    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.queue.try_send(span).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// How the export task batches.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub batch_size: usize,
+    /// The longest a span waits for its batch to fill.
+    pub interval: Duration,
+    /// The longest one export may take (the exporter has its own timeout
+    /// too; this one also bounds the drain at shutdown).
+    pub timeout: Duration,
+}
+
+/// Sends spans to `exporter` until cancelled, then sends what is queued.
+pub async fn run<E: SpanExporter>(
+    exporter: E,
+    mut spans: mpsc::Receiver<SpanData>,
+    batching: Batching,
+    results: IntCounterVec,
+    cancel: CancellationToken,
+) {
+    let ok = results.with_label_values(&["ok"]);
+    let failed = results.with_label_values(&["error"]);
+    let send = |batch: Vec<SpanData>| {
+        let export = exporter.export(batch);
+        let ok = ok.clone();
+        let failed = failed.clone();
+        async move {
+            match tokio::time::timeout(batching.timeout, export).await {
+                Ok(Ok(())) => ok.inc(),
+                Ok(Err(e)) => {
+                    failed.inc();
+                    tracing::debug!(error = %e, "trace export failed; the batch is dropped");
+                }
+                Err(_) => {
+                    failed.inc();
+                    tracing::debug!(timeout = ?batching.timeout, "trace export timed out; the batch is dropped");
+                }
+            }
+        }
+    };
+    let mut batch = Vec::with_capacity(batching.batch_size);
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            received = spans.recv_many(&mut batch, batching.batch_size) => {
+                if received == 0 {
+                    break;
+                }
+            }
+        }
+        // Let the batch fill for up to the interval, unless stopping.
+        let deadline = tokio::time::Instant::now() + batching.interval;
+        while batch.len() < batching.batch_size {
+            let room = batching.batch_size - batch.len();
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep_until(deadline) => break,
+                received = spans.recv_many(&mut batch, room) => {
+                    if received == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        send(std::mem::replace(&mut batch, Vec::with_capacity(batching.batch_size))).await;
+    }
+    // Stopping: what is queued goes out, within one export timeout.
+    spans.close();
+    while let Ok(span) = spans.try_recv() {
+        batch.push(span);
+    }
+    let drain = async {
+        for chunk in batch.chunks(batching.batch_size.max(1)) {
+            send(chunk.to_vec()).await;
+        }
+    };
+    if tokio::time::timeout(batching.timeout, drain).await.is_err() {
+        tracing::warn!("trace export did not finish at shutdown; the remaining spans are dropped");
+    }
+}

@@ -1,0 +1,291 @@
+//! OpenTelemetry traces: one server span per `/v1` request, with child
+//! spans for admission (rate limits, budgets), each upstream attempt and
+//! the relay; W3C trace context read from the caller and sent upstream.
+//!
+//! Opt-in (`[telemetry.otlp]`). Off, no span is made and no layer is
+//! installed: a request pays nothing. On, the spans go through the
+//! OpenTelemetry SDK (sampling, ids, the span model) to [`export`]'s bounded
+//! queue, so a slow or absent collector costs dropped spans, never a slower
+//! request.
+//!
+//! The tracer is the application's own (not the process-wide global), so
+//! several gateways in one process (the tests) each export where their own
+//! configuration says.
+//!
+//! Attribute names follow the OpenTelemetry semantic conventions for HTTP
+//! and GenAI where they exist (`http.request.method`, `gen_ai.request.model`,
+//! `gen_ai.usage.input_tokens`, …); the gateway's own are under
+//! `tollgate.*`. No prompt or completion text is ever an attribute, and a
+//! key appears only as its id.
+
+pub mod config;
+pub mod export;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use config::{OtlpConfig, OtlpProtocol};
+
+/// The application's tracer: present when `[telemetry.otlp]` is set.
+#[derive(Debug)]
+pub struct Tracing {
+    tracer: SdkTracer,
+    propagator: TraceContextPropagator,
+    /// Kept so the SDK's processor lives as long as the gateway.
+    _provider: SdkTracerProvider,
+}
+
+impl Tracing {
+    /// Builds the exporter and starts the export task on `background`.
+    pub fn start(
+        config: &OtlpConfig,
+        metrics: &Metrics,
+        background: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let resource = Resource::builder()
+            .with_service_name(config.service_name.clone())
+            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+            .with_attributes(config.resource_attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
+            .build();
+        let mut exporter = build_exporter(config)?;
+        opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
+        let (processor, spans) = export::QueueProcessor::new(config.queue_size, metrics.trace_spans_dropped.clone());
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sampling_ratio))))
+            .with_resource(resource)
+            .build();
+        let batching = export::Batching {
+            batch_size: config.batch_size,
+            interval: config.export_interval,
+            timeout: config.timeout,
+        };
+        background.spawn(export::run(exporter, spans, batching, metrics.trace_exports.clone(), cancel));
+        tracing::info!(
+            endpoint = %config.export_url(),
+            protocol = ?config.protocol,
+            sampling_ratio = config.sampling_ratio,
+            "exporting traces over OTLP"
+        );
+        Ok(Arc::new(Self {
+            tracer: provider.tracer("tollgate"),
+            propagator: TraceContextPropagator::new(),
+            _provider: provider,
+        }))
+    }
+
+    /// The server span of one request: a child of the caller's trace when
+    /// it sent a valid `traceparent`, else the root of a new trace.
+    pub fn request(&self, headers: &HeaderMap, name: String, attributes: Vec<KeyValue>) -> RequestTrace {
+        let parent = self.propagator.extract(&Headers(headers));
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &parent);
+        RequestTrace { cx: parent.with_span(span), tracer: self.tracer.clone() }
+    }
+}
+
+fn build_exporter(config: &OtlpConfig) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    let mut headers = std::collections::HashMap::new();
+    for header in &config.headers {
+        headers.insert(header.name.to_ascii_lowercase(), header.resolve()?);
+    }
+    let url = config.export_url();
+    let exporter = match config.protocol {
+        OtlpProtocol::Grpc => {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            for (name, value) in &headers {
+                let name = tonic::metadata::MetadataKey::from_bytes(name.as_bytes())
+                    .map_err(|_| anyhow::anyhow!("telemetry.otlp.headers: {name:?} is not a gRPC metadata key"))?;
+                let value = value
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("telemetry.otlp.headers: the value of {name:?} is not valid"))?;
+                metadata.insert(name, value);
+            }
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(url.clone())
+                .with_timeout(config.timeout)
+                .with_metadata(metadata);
+            if url.starts_with("https://") {
+                builder = builder.with_tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots());
+            }
+            builder.build()?
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let client = reqwest::Client::builder()
+                .timeout(config.timeout)
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot build the OTLP HTTP client: {e}"))?;
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_http_client(client)
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(url)
+                .with_timeout(config.timeout)
+                .with_headers(headers)
+                .build()?
+        }
+    };
+    Ok(exporter)
+}
+
+/// Reads trace context from request headers.
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// A request's server span, shared by the stages that add to it. The span
+/// ends when the last holder lets go: the handler for a plain answer, the
+/// accounting record at the end of a stream.
+#[derive(Clone, Debug)]
+pub struct RequestTrace {
+    cx: Context,
+    tracer: SdkTracer,
+}
+
+impl RequestTrace {
+    pub fn set(&self, attribute: KeyValue) {
+        self.cx.span().set_attribute(attribute);
+    }
+
+    pub fn set_all(&self, attributes: impl IntoIterator<Item = KeyValue>) {
+        let span = self.cx.span();
+        for attribute in attributes {
+            span.set_attribute(attribute);
+        }
+    }
+
+    /// Marks the request failed (a server error, in HTTP's terms).
+    pub fn fail(&self, description: impl Into<Cow<'static, str>>) {
+        self.cx.span().set_status(Status::error(description));
+    }
+
+    /// A child span of the request.
+    pub fn child(&self, name: &'static str, kind: SpanKind) -> Stage {
+        self.child_of(&self.cx, name.into(), kind)
+    }
+
+    /// A child span whose name is made per request (`chat gpt-4.1`).
+    pub fn child_named(&self, name: String, kind: SpanKind) -> Stage {
+        self.child_of(&self.cx, name.into(), kind)
+    }
+
+    fn child_of(&self, parent: &Context, name: Cow<'static, str>, kind: SpanKind) -> Stage {
+        let span = self.tracer.span_builder(name).with_kind(kind).start_with_context(&self.tracer, parent);
+        Stage { inner: Some((parent.with_span(span), self.tracer.clone())) }
+    }
+
+    /// The trace and span ids, as log lines carry them.
+    pub fn ids(&self) -> (String, String) {
+        let span = self.cx.span();
+        let context = span.span_context();
+        (context.trace_id().to_string(), context.span_id().to_string())
+    }
+}
+
+/// A child span: an admission check, an upstream attempt, the relay. Ends
+/// when dropped (or at [`Stage::end`]). The empty stage (no tracing) does
+/// nothing, so stages can be written without asking whether tracing is on.
+#[derive(Debug, Default)]
+pub struct Stage {
+    inner: Option<(Context, SdkTracer)>,
+}
+
+impl Stage {
+    /// A stage under `trace`, or the empty stage when there is none.
+    pub fn under(trace: Option<&RequestTrace>, name: &'static str, kind: SpanKind) -> Self {
+        trace.map(|t| t.child(name, kind)).unwrap_or_default()
+    }
+
+    /// A child of this stage, named when it starts.
+    pub fn child(&self, name: impl Into<Cow<'static, str>>, kind: SpanKind) -> Stage {
+        let Some((cx, tracer)) = &self.inner else { return Stage::default() };
+        let span = tracer.span_builder(name).with_kind(kind).start_with_context(tracer, cx);
+        Stage { inner: Some((cx.with_span(span), tracer.clone())) }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    pub fn set(&self, attribute: KeyValue) {
+        if let Some((cx, _)) = &self.inner {
+            cx.span().set_attribute(attribute);
+        }
+    }
+
+    pub fn set_all(&self, attributes: impl IntoIterator<Item = KeyValue>) {
+        if let Some((cx, _)) = &self.inner {
+            let span = cx.span();
+            for attribute in attributes {
+                span.set_attribute(attribute);
+            }
+        }
+    }
+
+    pub fn fail(&self, description: impl Into<Cow<'static, str>>) {
+        if let Some((cx, _)) = &self.inner {
+            cx.span().set_status(Status::error(description));
+        }
+    }
+
+    pub fn end(self) {
+        if let Some((cx, _)) = &self.inner {
+            cx.span().end();
+        }
+    }
+
+    /// `traceparent` naming this stage as the parent: sent upstream with an
+    /// attempt, so the upstream's spans join the caller's trace.
+    pub fn traceparent(&self) -> Option<HeaderValue> {
+        let (cx, _) = self.inner.as_ref()?;
+        let span = cx.span();
+        let context = span.span_context();
+        let value = format!("00-{}-{}-{:02x}", context.trace_id(), context.span_id(), context.trace_flags().to_u8());
+        HeaderValue::from_str(&value).ok()
+    }
+}
+
+/// `error.type` and the status of a span that ended in a gateway error.
+pub fn error_attributes(code: &'static str) -> KeyValue {
+    KeyValue::new("error.type", code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_empty_stage_does_nothing() {
+        let stage = Stage::under(None, "admission", SpanKind::Internal);
+        assert!(!stage.is_on());
+        stage.set(KeyValue::new("a", 1));
+        assert!(stage.traceparent().is_none());
+        assert!(!stage.child("x", SpanKind::Client).is_on());
+    }
+}

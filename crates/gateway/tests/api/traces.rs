@@ -1,0 +1,395 @@
+//! OpenTelemetry traces, exported to a real OTLP receiver over gRPC and
+//! HTTP/protobuf: the spans of a streamed request, of one that retried and
+//! fell back, and of refused ones; the caller's trace continued and sent
+//! upstream; sampling; and a collector that is down or slow changing
+//! nothing for clients.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tollgate_fake_upstream::{ErrorStyle, FakeUpstream, Fault, Scenario};
+use tollgate_gateway::Config;
+use tollgate_gateway::routing::config::{BreakerConfig, GroupConfig, Overrides, RetryOn, RouteConfig, TargetConfig};
+use tollgate_gateway::telemetry::traces::config::{OtlpConfig, OtlpProtocol};
+use tollgate_otlp_sink::{Sink, Span, Transport};
+
+use crate::helpers::{PATIENCE, TestGateway, scraped_value, wait_until};
+
+const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+const STATUS_ERROR: i32 = 2;
+
+fn export_to(sink: &Sink) -> OtlpConfig {
+    let protocol = match sink.transport() {
+        Transport::Grpc => OtlpProtocol::Grpc,
+        Transport::HttpProtobuf => OtlpProtocol::HttpProtobuf,
+    };
+    let mut otlp = OtlpConfig::new(sink.endpoint(), protocol);
+    otlp.export_interval = Duration::from_millis(20);
+    otlp.resource_attributes.insert("deployment.environment".to_owned(), "test".to_owned());
+    otlp
+}
+
+async fn traced_gateway(sink: &Sink) -> TestGateway {
+    let otlp = export_to(sink);
+    TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await
+}
+
+/// The spans of the trace `trace_id`, once its server span and `more`
+/// other spans have arrived.
+async fn trace_of(sink: &Sink, trace_id: &str, more: usize) -> Vec<Span> {
+    let spans = sink
+        .wait_for(PATIENCE, |spans| {
+            let of_trace: Vec<_> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+            of_trace.iter().any(|s| s.kind == SERVER) && of_trace.len() > more
+        })
+        .await;
+    spans.into_iter().filter(|s| s.trace_id == trace_id).collect()
+}
+
+fn named<'a>(spans: &'a [Span], name: &str) -> &'a Span {
+    spans.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no span {name:?} in {spans:#?}"))
+}
+
+fn server_span(spans: &[Span]) -> &Span {
+    spans.iter().find(|s| s.kind == SERVER).unwrap_or_else(|| panic!("no server span in {spans:#?}"))
+}
+
+fn caller_traceparent() -> String {
+    format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01")
+}
+
+#[tokio::test]
+async fn a_streamed_request_continues_the_callers_trace_with_a_span_per_stage() {
+    let sink = Sink::start(Transport::Grpc).await.unwrap();
+    let gw = traced_gateway(&sink).await;
+    // A budget, so admission has its budget check to show.
+    let (status, _) = gw
+        .admin(Method::POST, "/admin/v1/tenants/test/budgets", Some(json!({"period": "monthly", "amount_usd": "5"})))
+        .await;
+    assert_eq!(status, 201);
+    let body = json!({"model": "gemini-2.5-flash", "stream": true, "messages": [{"role": "user", "content": "secret prompt"}]});
+    let response = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .header("traceparent", caller_traceparent())
+        .header("tracestate", "vendor=opaque")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let text = response.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "{text}");
+
+    let spans = trace_of(&sink, CALLER_TRACE, 4).await;
+    let server = server_span(&spans);
+    assert_eq!(server.name, "POST /v1/chat/completions");
+    assert_eq!(server.parent_span_id, CALLER_SPAN, "the caller's span is the parent");
+    assert_eq!(server.str_attr("http.route"), Some("/v1/chat/completions"));
+    assert_eq!(server.int_attr("http.response.status_code"), Some(200));
+    assert_eq!(server.str_attr("tollgate.tenant.id"), Some("test"));
+    assert_eq!(server.str_attr("tollgate.request_id"), Some(request_id.as_str()));
+    assert_eq!(server.str_attr("gen_ai.request.model"), Some("gemini-2.5-flash"));
+    assert!(server.str_attr("tollgate.key.id").is_some_and(|id| !id.is_empty() && id != gw.key));
+    assert_eq!(server.resource.get("service.name").and_then(|v| v.as_str()), Some("tollgate"));
+    assert_eq!(server.resource.get("deployment.environment").and_then(|v| v.as_str()), Some("test"));
+
+    // The usage on the span is the ledger's, to the token and micro-dollar.
+    let record = crate::accounting::ledger_record(&gw, &request_id).await;
+    assert_eq!(server.int_attr("gen_ai.usage.input_tokens"), record["prompt_tokens"].as_i64());
+    assert_eq!(server.int_attr("gen_ai.usage.output_tokens"), record["billed_output_tokens"].as_i64());
+    assert_eq!(server.int_attr("tollgate.cost_micros"), record["cost_micros"].as_i64());
+    assert!(server.int_attr("tollgate.cost_micros").unwrap() > 0);
+    assert_eq!(server.attr("tollgate.stream").and_then(|v| v.as_bool()), Some(true));
+    assert_eq!(server.attr("tollgate.usage.estimated").and_then(|v| v.as_bool()), Some(false));
+
+    let admission = named(&spans, "admission");
+    assert_eq!(admission.parent_span_id, server.span_id);
+    assert_eq!(admission.str_attr("tollgate.admission.result"), Some("admitted"));
+    let budgets = named(&spans, "budgets");
+    assert_eq!(budgets.parent_span_id, admission.span_id);
+    assert!(budgets.int_attr("tollgate.budgets.worst_case_micros").unwrap() > 0);
+
+    let attempt = named(&spans, "chat gemini-2.5-flash");
+    assert_eq!(attempt.kind, CLIENT);
+    assert_eq!(attempt.parent_span_id, server.span_id);
+    assert_eq!(attempt.str_attr("gen_ai.operation.name"), Some("chat"));
+    assert_eq!(attempt.str_attr("tollgate.upstream"), Some("default"));
+    assert_eq!(attempt.str_attr("tollgate.attempt.reason"), Some("first"));
+    assert_eq!(attempt.int_attr("http.response.status_code"), Some(200));
+    assert_eq!(attempt.str_attr("server.address"), Some("127.0.0.1"));
+
+    let relay = named(&spans, "relay");
+    assert_eq!(relay.parent_span_id, server.span_id);
+    assert_eq!(relay.int_attr("gen_ai.usage.output_tokens"), server.int_attr("gen_ai.usage.output_tokens"));
+    assert!(relay.end_unix_nano <= server.end_unix_nano, "the request's span ends with the stream");
+
+    // The upstream joined the trace under the attempt's span; the caller's
+    // trace state went with it.
+    let sent = gw.fake.requests().into_iter().last().unwrap();
+    assert_eq!(sent.headers["traceparent"], format!("00-{CALLER_TRACE}-{}-01", attempt.span_id).as_str());
+    assert_eq!(sent.headers["tracestate"], "vendor=opaque");
+
+    // Counts and ids only: no prompt text, no key, anywhere in any span.
+    for span in &spans {
+        for (key, value) in &span.attributes {
+            let text = format!("{value:?}");
+            assert!(!text.contains("secret prompt"), "{key} carries the prompt");
+            assert!(!text.contains(&gw.key), "{key} carries the key");
+        }
+    }
+}
+
+fn target(upstream: &str, model: &str) -> TargetConfig {
+    TargetConfig {
+        upstream: upstream.to_owned(),
+        model: Some(model.to_owned()),
+        weight: 1,
+        overrides: Overrides::default(),
+    }
+}
+
+#[tokio::test]
+async fn a_retry_and_a_fallback_are_attempt_spans_with_their_reasons() {
+    let sink = Sink::start(Transport::HttpProtobuf).await.unwrap();
+    let backup = FakeUpstream::start().await.unwrap();
+    let backup_url = backup.base_url();
+    let otlp = export_to(&sink);
+    let gw = TestGateway::start_with(move |c: &mut Config| {
+        let mut extra = c.upstream.clone();
+        extra.name = "backup".to_owned();
+        extra.base_url = backup_url;
+        c.upstreams = vec![extra];
+        c.routes = vec![RouteConfig {
+            model: "chat-default".to_owned(),
+            groups: vec![
+                GroupConfig { targets: vec![target("default", "gemini-2.5-flash-lite")] },
+                GroupConfig { targets: vec![target("backup", "gemini-2.5-pro")] },
+            ],
+            sticky: None,
+            retry_on: vec![RetryOn::ServerError],
+            attempts_per_target: 2,
+            deadline: Duration::from_secs(30),
+            breaker: BreakerConfig::default(),
+        }];
+        c.telemetry.otlp = Some(otlp);
+    })
+    .await;
+    gw.fake.set_defaults(Scenario {
+        fault: Some(Fault::Status { status: 503, style: ErrorStyle::OpenAi }),
+        ..Scenario::default()
+    });
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let response = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&json!({"model": "chat-default", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-attempts"], "3");
+
+    let spans = trace_of(&sink, trace_id, 4).await;
+    let server = server_span(&spans);
+    assert_eq!(server.int_attr("tollgate.attempts"), Some(3));
+    assert_eq!(server.str_attr("tollgate.route"), Some("chat-default"));
+    assert_eq!(server.str_attr("tollgate.upstream"), Some("backup"));
+    let mut attempts: Vec<&Span> = spans.iter().filter(|s| s.kind == CLIENT).collect();
+    attempts.sort_by_key(|s| s.int_attr("tollgate.attempt"));
+    let seen: Vec<[Option<&str>; 4]> = attempts
+        .iter()
+        .map(|s| {
+            ["tollgate.upstream", "gen_ai.request.model", "tollgate.attempt.reason", "tollgate.attempt.outcome"]
+                .map(|key| s.str_attr(key))
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            [Some("default"), Some("gemini-2.5-flash-lite"), Some("first"), Some("server_error")],
+            [Some("default"), Some("gemini-2.5-flash-lite"), Some("retry:server_error"), Some("server_error")],
+            [Some("backup"), Some("gemini-2.5-pro"), Some("fallback:server_error"), Some("ok")],
+        ]
+    );
+    assert_eq!(attempts[0].name, "chat gemini-2.5-flash-lite");
+    assert_eq!(attempts[0].status_code, STATUS_ERROR);
+    assert_eq!(attempts[0].int_attr("http.response.status_code"), Some(503));
+    assert!(attempts.iter().all(|a| a.parent_span_id == server.span_id));
+    // Each upstream saw the span of the attempt that reached it.
+    let to_backup = backup.requests().into_iter().last().unwrap();
+    assert_eq!(to_backup.headers["traceparent"], format!("00-{trace_id}-{}-01", attempts[2].span_id).as_str());
+}
+
+#[tokio::test]
+async fn refused_requests_are_traced_with_their_refusal() {
+    let sink = Sink::start(Transport::Grpc).await.unwrap();
+    let gw = traced_gateway(&sink).await;
+    let (status, _) = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/tenants/test/budgets",
+            Some(json!({"period": "monthly", "amount_usd": "0.000001"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let trace_id = "11111111111111111111111111111111";
+    let response = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .header("traceparent", format!("00-{trace_id}-2222222222222222-01"))
+        .json(
+            &json!({"model": "gemini-2.5-pro", "max_tokens": 100000, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    let code = body["error"]["code"].as_str().unwrap().to_owned();
+    assert!(status == 402 || status == 429, "{status} {body}");
+    let spans = trace_of(&sink, trace_id, 2).await;
+    let server = server_span(&spans);
+    assert_eq!(server.int_attr("http.response.status_code"), Some(i64::from(status)));
+    assert_eq!(server.str_attr("error.type"), Some(code.as_str()));
+    assert_eq!(server.str_attr("tollgate.tenant.id"), Some("test"));
+    let admission = named(&spans, "admission");
+    assert_eq!(admission.str_attr("tollgate.admission.result"), Some(code.as_str()));
+    let budgets = named(&spans, "budgets");
+    assert_eq!(budgets.status_code, STATUS_ERROR);
+    assert!(spans.iter().all(|s| s.kind != CLIENT), "nothing was sent upstream");
+    assert!(gw.fake.requests().is_empty());
+
+    // A key the gateway does not know: traced too, with no tenant.
+    let trace_id = "33333333333333333333333333333333";
+    let response = gw
+        .anonymous
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth("tg-not-a-real-key")
+        .header("traceparent", format!("00-{trace_id}-4444444444444444-01"))
+        .json(&json!({"model": "gemini-2.5-pro", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let spans = trace_of(&sink, trace_id, 0).await;
+    let server = server_span(&spans);
+    assert_eq!(server.int_attr("http.response.status_code"), Some(401));
+    assert_eq!(server.str_attr("error.type"), Some("invalid_api_key"));
+    assert!(server.str_attr("tollgate.tenant.id").is_none());
+}
+
+#[tokio::test]
+async fn sampling_keeps_the_ratio_asked_but_follows_a_sampled_caller() {
+    let sink = Sink::start(Transport::HttpProtobuf).await.unwrap();
+    let mut otlp = export_to(&sink);
+    otlp.sampling_ratio = 0.0;
+    let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
+    let chat = json!({"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}]});
+    // Started here: not sampled, yet the upstream still gets a traceparent
+    // (unsampled), so its own sampling can follow.
+    let response = gw.http.post(gw.url("/v1/chat/completions")).json(&chat).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let sent = gw.fake.requests().into_iter().last().unwrap();
+    let traceparent = sent.headers["traceparent"].to_str().unwrap().to_owned();
+    assert!(traceparent.starts_with("00-") && traceparent.ends_with("-00"), "{traceparent}");
+    // A sampled caller: its trace is kept whatever the ratio.
+    let response = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .header("traceparent", caller_traceparent())
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let spans = trace_of(&sink, CALLER_TRACE, 2).await;
+    assert!(spans.iter().any(|s| s.kind == CLIENT));
+    let unsampled_trace = &traceparent[3..35];
+    assert!(sink.spans().iter().all(|s| s.trace_id != unsampled_trace), "the unsampled trace was not exported");
+}
+
+#[tokio::test]
+async fn without_telemetry_the_callers_trace_context_passes_untouched() {
+    let gw = TestGateway::start().await;
+    let response = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .header("traceparent", caller_traceparent())
+        .json(&json!({"model": "gemini-2.5-flash", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let sent = gw.fake.requests().into_iter().last().unwrap();
+    assert_eq!(sent.headers["traceparent"], caller_traceparent().as_str());
+}
+
+async fn scrape(gw: &TestGateway, series: &str) -> f64 {
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    scraped_value(&metrics, series).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_collector_that_is_down_changes_nothing_for_clients() {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let gw = TestGateway::start_with(move |c: &mut Config| {
+        let mut otlp = OtlpConfig::new(endpoint, OtlpProtocol::Grpc);
+        otlp.export_interval = Duration::from_millis(10);
+        otlp.timeout = Duration::from_millis(500);
+        c.telemetry.otlp = Some(otlp);
+    })
+    .await;
+    for _ in 0..20 {
+        let response = gw
+            .http
+            .post(gw.url("/v1/chat/completions"))
+            .json(&json!({"model": "gemini-2.5-flash", "stream": true, "messages": []}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.text().await.unwrap().contains("[DONE]"));
+    }
+    wait_until("a failed export is counted", PATIENCE, async || {
+        scrape(&gw, "tollgate_trace_exports_total{result=\"error\"}").await >= 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_slow_collector_costs_dropped_spans_not_slower_requests() {
+    let sink = Sink::start(Transport::HttpProtobuf).await.unwrap();
+    sink.set_delay(Duration::from_secs(30));
+    let mut otlp = export_to(&sink);
+    otlp.queue_size = 8;
+    otlp.batch_size = 4;
+    otlp.timeout = Duration::from_secs(5);
+    let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
+    let requests = (0..40).map(|_| {
+        gw.http
+            .post(gw.url("/v1/chat/completions"))
+            .json(&json!({"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    });
+    // Every request is answered while the collector still holds the first
+    // batch (for 30 s): none waited for it.
+    let answered = tokio::time::timeout(PATIENCE, futures_util::future::join_all(requests))
+        .await
+        .expect("answered before the collector's first answer");
+    assert!(answered.into_iter().all(|r| r.unwrap().status() == 200));
+    assert_eq!(sink.spans().len(), 0, "the collector has not answered yet");
+    wait_until("dropped spans are counted", PATIENCE, async || {
+        scrape(&gw, "tollgate_trace_spans_dropped_total").await > 0.0
+    })
+    .await;
+}

@@ -1,0 +1,303 @@
+//! An OTLP trace receiver that keeps every span it receives, so tests can
+//! check what the gateway exported and benchmarks can give it somewhere to
+//! export to. It speaks both OTLP transports: gRPC (`TraceService/Export`)
+//! and HTTP/protobuf (`POST /v1/traces`). It can be made slow or failing to
+//! show that the gateway's clients never notice.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// The OTLP transport a sink listens with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// An attribute value as received.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+    Double(f64),
+    Bool(bool),
+    /// Arrays, maps and bytes: not used by the gateway.
+    Other,
+}
+
+impl Value {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+}
+
+/// One span as received, ids in lowercase hex.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    pub name: String,
+    /// OTLP's `SpanKind`: 1 internal, 2 server, 3 client.
+    pub kind: i32,
+    pub attributes: BTreeMap<String, Value>,
+    /// OTLP's status code: 0 unset, 1 ok, 2 error.
+    pub status_code: i32,
+    pub start_unix_nano: u64,
+    pub end_unix_nano: u64,
+    /// The resource the span was exported with (`service.name`, …).
+    pub resource: BTreeMap<String, Value>,
+}
+
+impl Span {
+    pub fn attr(&self, key: &str) -> Option<&Value> {
+        self.attributes.get(key)
+    }
+
+    pub fn str_attr(&self, key: &str) -> Option<&str> {
+        self.attr(key).and_then(Value::as_str)
+    }
+
+    pub fn int_attr(&self, key: &str) -> Option<i64> {
+        self.attr(key).and_then(Value::as_i64)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    spans: Mutex<Vec<Span>>,
+    arrived: Notify,
+    /// Export calls answered, whatever their outcome.
+    exports: AtomicU64,
+    /// Each export waits this long (milliseconds) before it is answered.
+    delay_ms: AtomicU64,
+    /// Exports are refused (gRPC `UNAVAILABLE`, HTTP 503).
+    failing: AtomicBool,
+    /// Spans received, including those of refused exports.
+    seen: AtomicUsize,
+}
+
+impl Shared {
+    async fn take(&self, request: ExportTraceServiceRequest) -> bool {
+        self.exports.fetch_add(1, Ordering::Relaxed);
+        let delay = self.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let spans = flatten(request);
+        self.seen.fetch_add(spans.len(), Ordering::Relaxed);
+        if self.failing.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.spans.lock().unwrap_or_else(PoisonError::into_inner).extend(spans);
+        self.arrived.notify_waiters();
+        true
+    }
+}
+
+/// A running receiver; stops when dropped.
+#[derive(Debug)]
+pub struct Sink {
+    addr: SocketAddr,
+    transport: Transport,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl Sink {
+    /// Listens on `127.0.0.1`, on a free port.
+    pub async fn start(transport: Transport) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1:0".parse()?, transport).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, transport: Transport) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::default());
+        let stop = CancellationToken::new();
+        match transport {
+            Transport::HttpProtobuf => {
+                let app =
+                    Router::new().route("/v1/traces", axum::routing::post(http_export)).with_state(shared.clone());
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+                });
+            }
+            Transport::Grpc => {
+                let service = TraceServiceServer::new(GrpcExport { shared: shared.clone() });
+                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let _ = tonic::transport::Server::builder()
+                        .add_service(service)
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await;
+                });
+            }
+        }
+        Ok(Self { addr, transport, shared, stop })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL an exporter is pointed at.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Every span kept so far.
+    pub fn spans(&self) -> Vec<Span> {
+        self.shared.spans.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Spans received, kept or refused.
+    pub fn spans_seen(&self) -> usize {
+        self.shared.seen.load(Ordering::Relaxed)
+    }
+
+    /// Export calls answered so far.
+    pub fn exports(&self) -> u64 {
+        self.shared.exports.load(Ordering::Relaxed)
+    }
+
+    /// Makes every export wait `delay` before it is answered.
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared.delay_ms.store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Refuses every export from now on (or accepts them again).
+    pub fn set_failing(&self, failing: bool) {
+        self.shared.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// Waits until the spans kept satisfy `done`, for at most `patience`;
+    /// returns the spans either way.
+    pub async fn wait_for(&self, patience: Duration, done: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let arrived = self.shared.arrived.notified();
+            let spans = self.spans();
+            if done(&spans) || tokio::time::Instant::now() >= deadline {
+                return spans;
+            }
+            // Woken by an arrival, or checks again shortly.
+            let _ =
+                tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(50)), arrived)
+                    .await;
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn http_export(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+        return (StatusCode::BAD_REQUEST, "not an ExportTraceServiceRequest").into_response();
+    };
+    if !shared.take(request).await {
+        return (StatusCode::SERVICE_UNAVAILABLE, "refusing exports").into_response();
+    }
+    let answer = ExportTraceServiceResponse::default().encode_to_vec();
+    ([(header::CONTENT_TYPE, "application/x-protobuf")], answer).into_response()
+}
+
+struct GrpcExport {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl TraceService for GrpcExport {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.shared.take(request.into_inner()).await {
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        } else {
+            Err(tonic::Status::unavailable("refusing exports"))
+        }
+    }
+}
+
+fn flatten(request: ExportTraceServiceRequest) -> Vec<Span> {
+    let mut spans = Vec::new();
+    for resource_spans in request.resource_spans {
+        let resource = resource_spans.resource.map(|r| attributes(r.attributes)).unwrap_or_default();
+        for scope in resource_spans.scope_spans {
+            for span in scope.spans {
+                spans.push(Span {
+                    trace_id: hex::encode(&span.trace_id),
+                    span_id: hex::encode(&span.span_id),
+                    parent_span_id: hex::encode(&span.parent_span_id),
+                    name: span.name,
+                    kind: span.kind,
+                    attributes: attributes(span.attributes),
+                    status_code: span.status.map_or(0, |s| s.code),
+                    start_unix_nano: span.start_time_unix_nano,
+                    end_unix_nano: span.end_time_unix_nano,
+                    resource: resource.clone(),
+                });
+            }
+        }
+    }
+    spans
+}
+
+fn attributes(list: Vec<KeyValue>) -> BTreeMap<String, Value> {
+    list.into_iter().map(|kv| (kv.key, value(kv.value))).collect()
+}
+
+fn value(value: Option<AnyValue>) -> Value {
+    match value.and_then(|v| v.value) {
+        Some(any_value::Value::StringValue(s)) => Value::Str(s),
+        Some(any_value::Value::IntValue(n)) => Value::Int(n),
+        Some(any_value::Value::DoubleValue(d)) => Value::Double(d),
+        Some(any_value::Value::BoolValue(b)) => Value::Bool(b),
+        _ => Value::Other,
+    }
+}
