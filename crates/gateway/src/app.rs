@@ -134,7 +134,7 @@ impl Application {
             clock: clock.clone(),
         });
 
-        let traces = match &config.telemetry.otlp {
+        let traces = match config.telemetry.otlp() {
             Some(otlp) => Some(Tracing::start(otlp, &metrics, &background, stop_background.clone())?),
             None => None,
         };

@@ -49,6 +49,14 @@ pub struct TelemetryConfig {
     pub otlp: Option<crate::telemetry::traces::config::OtlpConfig>,
 }
 
+impl TelemetryConfig {
+    /// The export settings, when export is on. An empty `endpoint` leaves it
+    /// off, for templates (compose, Helm) that always set the variable.
+    pub fn otlp(&self) -> Option<&crate::telemetry::traces::config::OtlpConfig> {
+        self.otlp.as_ref().filter(|o| !o.endpoint.trim().is_empty())
+    }
+}
+
 /// The HTTP versions spoken to an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -558,7 +566,7 @@ impl Config {
         }
         crate::routing::config::validate(&self.routes, &names)
             .map_err(|(key, problem)| ConfigError::InvalidRoute { key, problem })?;
-        if let Some(otlp) = &self.telemetry.otlp {
+        if let Some(otlp) = self.telemetry.otlp() {
             otlp.validate().map_err(|(key, problem)| invalid(key, problem))?;
         }
         if self.routing.routes_file.is_some() && !self.routes.is_empty() {

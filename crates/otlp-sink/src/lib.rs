@@ -109,10 +109,13 @@ struct Shared {
     failing: AtomicBool,
     /// Spans received, including those of refused exports.
     seen: AtomicUsize,
+    /// The headers (gRPC metadata) of the last export.
+    last_headers: Mutex<BTreeMap<String, String>>,
 }
 
 impl Shared {
-    async fn take(&self, request: ExportTraceServiceRequest) -> bool {
+    async fn take(&self, request: ExportTraceServiceRequest, headers: BTreeMap<String, String>) -> bool {
+        *self.last_headers.lock().unwrap_or_else(PoisonError::into_inner) = headers;
         self.exports.fetch_add(1, Ordering::Relaxed);
         let delay = self.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
@@ -201,6 +204,11 @@ impl Sink {
         self.shared.exports.load(Ordering::Relaxed)
     }
 
+    /// The headers (gRPC metadata) the last export came with.
+    pub fn last_headers(&self) -> BTreeMap<String, String> {
+        self.shared.last_headers.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     /// Makes every export wait `delay` before it is answered.
     pub fn set_delay(&self, delay: Duration) {
         self.shared.delay_ms.store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
@@ -235,11 +243,15 @@ impl Drop for Sink {
     }
 }
 
-async fn http_export(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+async fn http_export(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
     let Ok(request) = ExportTraceServiceRequest::decode(body) else {
         return (StatusCode::BAD_REQUEST, "not an ExportTraceServiceRequest").into_response();
     };
-    if !shared.take(request).await {
+    let headers = headers
+        .iter()
+        .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+        .collect();
+    if !shared.take(request, headers).await {
         return (StatusCode::SERVICE_UNAVAILABLE, "refusing exports").into_response();
     }
     let answer = ExportTraceServiceResponse::default().encode_to_vec();
@@ -256,7 +268,17 @@ impl TraceService for GrpcExport {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        if self.shared.take(request.into_inner()).await {
+        let headers = request
+            .metadata()
+            .iter()
+            .filter_map(|entry| match entry {
+                tonic::metadata::KeyAndValueRef::Ascii(key, value) => {
+                    Some((key.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+                }
+                tonic::metadata::KeyAndValueRef::Binary(..) => None,
+            })
+            .collect();
+        if self.shared.take(request.into_inner(), headers).await {
             Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
         } else {
             Err(tonic::Status::unavailable("refusing exports"))

@@ -569,3 +569,57 @@ async fn routes_from_a_file_serve_an_alias_and_the_cli_lists_them() {
     assert!(out.contains("default") && !out.contains("sk-upstream-very-secret"), "{out}");
     served.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_configured_from_the_environment_join_the_log_lines_and_are_flushed_at_shutdown() {
+    use tollgate_otlp_sink::{Sink, Transport};
+    let fake = FakeUpstream::start().await.unwrap();
+    let sink = Sink::start(Transport::HttpProtobuf).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("collector.token");
+    std::fs::write(&token_file, "collector-token-very-secret\n").unwrap();
+    let headers = format!("[{{name = \"x-collector-token\", value_file = \"{}\"}}]", token_file.display());
+    let served = Served::start(
+        &fake.base_url(),
+        &[
+            ("TOLLGATE_TELEMETRY__OTLP__ENDPOINT", &sink.endpoint()),
+            ("TOLLGATE_TELEMETRY__OTLP__PROTOCOL", "http/protobuf"),
+            ("TOLLGATE_TELEMETRY__OTLP__HEADERS", &headers),
+            ("TOLLGATE_TELEMETRY__OTLP__SERVICE_NAME", "gateway-under-test"),
+            // Long enough that only the shutdown drain sends the spans.
+            ("TOLLGATE_TELEMETRY__OTLP__EXPORT_INTERVAL", "10m"),
+        ],
+    );
+    let key = served.acme_key();
+    let trace_id = "5b8aa5a2d2c872e8321cf37308d69df2";
+    let response = http_client()
+        .post(format!("{}/v1/chat/completions", served.public))
+        .bearer_auth(&key)
+        .header("traceparent", format!("00-{trace_id}-051581bf3cb55c13-01"))
+        .body(r#"{"model":"gpt-4.1","messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(sink.spans().is_empty(), "nothing is exported before the batch interval");
+
+    let all = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
+    let spans = sink.spans();
+    let server = spans
+        .iter()
+        .find(|s| s.trace_id == trace_id && s.kind == 2)
+        .unwrap_or_else(|| panic!("the server span was flushed at shutdown: {spans:#?}"));
+    assert_eq!(server.resource.get("service.name").and_then(|v| v.as_str()), Some("gateway-under-test"));
+    assert_eq!(sink.last_headers().get("x-collector-token").map(String::as_str), Some("collector-token-very-secret"));
+
+    let lines: Vec<Value> = all.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
+    let joined: Vec<&Value> = lines
+        .iter()
+        .filter(|e| e["span"]["trace_id"] == trace_id && e["span"]["span_id"] == server.span_id.as_str())
+        .collect();
+    assert!(
+        joined.iter().any(|e| e["fields"]["message"] == "response" && e["fields"]["status"] == 200),
+        "the access line carries the trace and span ids: {all}"
+    );
+    assert!(!all.contains("collector-token-very-secret"), "the collector's token reached the logs: {all}");
+}
