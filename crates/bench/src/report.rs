@@ -124,6 +124,19 @@ pub fn checks(results: &Results) -> Vec<Check> {
             );
         }
     }
+    if let Some(t) = &results.traced {
+        let find = |list: &[Median], name: &str| list.iter().find(|m| m.target == name).map(|m| m.figures);
+        if let (Some(plain), Some(traced)) = (find(&t.throughput, "gateway"), find(&t.throughput, "gateway, traced")) {
+            check(
+                "trace export at 100 % costs ≤ 15 % more CPU per request",
+                format!(
+                    "{:.1} µs vs {:.1} µs; {} spans received, {:.0} dropped",
+                    traced.cpu_us_per_request, plain.cpu_us_per_request, t.spans_received, t.spans_dropped
+                ),
+                traced.cpu_us_per_request <= plain.cpu_us_per_request * 1.15,
+            );
+        }
+    }
     if let Some(k) = &results.keys {
         let direct = k.direct.figures.p50_us;
         let (a, b) = (k.ten.figures.p50_us - direct, k.many.figures.p50_us - direct);
@@ -260,6 +273,16 @@ pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
         latency_table(&mut out, &r.latency);
         out.push('\n');
         latency_table(&mut out, &r.throughput);
+    }
+    if let Some(t) = &results.traced {
+        let _ = writeln!(
+            out,
+            "\n## (h) Trace export\n\nThe same non-streamed chat completions through the gateway without trace export and through one exporting every request's spans (server, admission, attempt, relay; 100 % sampling, OTLP/gRPC to a receiver in the benchmark process), at {} requests/s and at full throughput. The receiver got {} spans; the gateway dropped {:.0}.\n",
+            t.rate, t.spans_received, t.spans_dropped
+        );
+        latency_table(&mut out, &t.latency);
+        out.push('\n');
+        latency_table(&mut out, &t.throughput);
     }
     let Some(k) = &results.keys else { return out };
     let _ = writeln!(

@@ -31,7 +31,7 @@ pub struct Plan {
     pub ledger_records: usize,
     pub many_keys: usize,
     pub keys_rate: u32,
-    /// Scenario letters to run (`a`–`g`); empty runs them all.
+    /// Scenario letters to run (`a`–`h`); empty runs them all.
     pub only: String,
 }
 
@@ -142,6 +142,7 @@ pub struct Results {
     pub keys: Option<ManyKeys>,
     /// (g): the direct path, the gateway, and the gateway through a route.
     pub routed: Option<Routed>,
+    pub traced: Option<Traced>,
     pub machine: String,
 }
 
@@ -150,6 +151,17 @@ pub struct Routed {
     pub rate: u32,
     pub latency: Vec<Median>,
     pub throughput: Vec<Median>,
+}
+
+/// (h): trace export at 100 % sampling against none.
+#[derive(Debug, Clone)]
+pub struct Traced {
+    pub rate: u32,
+    pub latency: Vec<Median>,
+    pub throughput: Vec<Median>,
+    /// Spans the collector received, and the gateway's count of dropped ones.
+    pub spans_received: usize,
+    pub spans_dropped: f64,
 }
 
 /// The route of scenario (g): the benchmark's model split 90/10 over two
@@ -281,6 +293,7 @@ async fn run_with(
 
     let keys = if plan.wants('f') { Some(many_keys(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
     let routed = if plan.wants('g') { Some(routed(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
+    let traced = if plan.wants('h') { Some(traced(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
     drop(gateway);
     let mut ledger_records_per_s = None;
     if plan.wants('e') {
@@ -288,7 +301,7 @@ async fn run_with(
         ledger_records_per_s = Some(ledger::throughput(postgres, plan.ledger_records).await?);
     }
 
-    Ok(Results { latency, throughput, streaming, memory, ledger_records_per_s, keys, routed, machine })
+    Ok(Results { latency, throughput, streaming, memory, ledger_records_per_s, keys, routed, traced, machine })
 }
 
 async fn many_keys(
@@ -347,6 +360,42 @@ async fn routed(
         let latency = interleaved(plan, cpus, &targets, Some(rate), plan.rate_connections).await?;
         let throughput = interleaved(plan, cpus, &targets, None, plan.throughput_connections).await?;
         anyhow::Ok(Routed { rate, latency, throughput })
+    }
+    .await;
+    db.drop_now().await;
+    result
+}
+
+/// (h): the same load through a gateway exporting every request's spans
+/// (100 % sampling, OTLP/gRPC to a receiver in this process) against the
+/// gateway without trace export, in turn.
+async fn traced(
+    plan: &Plan,
+    cpus: &Cpus,
+    postgres: &str,
+    upstream: &Upstream,
+    gateway: &Gateway,
+) -> anyhow::Result<Traced> {
+    let rate = if plan.smoke { plan.rates.first().copied().unwrap_or(100) } else { 1000 };
+    println!("(h) trace export at 100 % sampling, at {rate} requests/s and at full throughput");
+    let sink = tollgate_otlp_sink::Sink::start(tollgate_otlp_sink::Transport::Grpc).await?;
+    // The receiver shares the load generator's CPU: it counts, nothing more.
+    sink.set_counting_only(true);
+    let db = BenchDb::create(postgres, "traced").await?;
+    let result = async {
+        let settings = [
+            ("TOLLGATE_TELEMETRY__OTLP__ENDPOINT", sink.endpoint()),
+            ("TOLLGATE_TELEMETRY__OTLP__SAMPLING_RATIO", "1.0".to_owned()),
+        ];
+        let with_traces = Gateway::start_with_settings(cpus, upstream.addr, &db, None, None, &settings).await?;
+        let mut traced_target = with_traces.target();
+        traced_target.name = "gateway, traced";
+        let targets = [upstream.target(), gateway.target(), traced_target];
+        load::run(cpus, &targets[2], plan.warmup, Some(500), plan.rate_connections).await?;
+        let latency = interleaved(plan, cpus, &targets, Some(rate), plan.rate_connections).await?;
+        let throughput = interleaved(plan, cpus, &targets, None, plan.throughput_connections).await?;
+        let spans_dropped = with_traces.metric("tollgate_trace_spans_dropped_total").await?;
+        anyhow::Ok(Traced { rate, latency, throughput, spans_received: sink.spans_seen(), spans_dropped })
     }
     .await;
     db.drop_now().await;

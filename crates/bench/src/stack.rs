@@ -188,6 +188,18 @@ impl Gateway {
         existing_key: Option<String>,
         routes: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::start_with_settings(cpus, upstream, db, existing_key, routes, &[]).await
+    }
+
+    /// Like `start_with_routes`, with further settings (`TOLLGATE_*` variables).
+    pub async fn start_with_settings(
+        cpus: &Cpus,
+        upstream: SocketAddr,
+        db: &BenchDb,
+        existing_key: Option<String>,
+        routes: Option<&str>,
+        settings: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         let (public, admin) = (free_addr()?, free_addr()?);
         // TOLLGATE_BENCH_WRAP (e.g. `heaptrack` or `valgrind --tool=callgrind`)
@@ -225,6 +237,7 @@ impl Gateway {
         // TOLLGATE_LOG__LEVEL=warn to price the logs. Other TOLLGATE_*
         // variables (the test suite's, the benchmark's own) are not settings.
         cmd.envs(std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_") && k.contains("__")));
+        cmd.envs(settings.iter().map(|(k, v)| (*k, v.as_str())));
         if let Some(routes) = routes {
             let file = data.path().join("routes.toml");
             std::fs::write(&file, routes)?;

@@ -107,6 +107,9 @@ struct Shared {
     delay_ms: AtomicU64,
     /// Exports are refused (gRPC `UNAVAILABLE`, HTTP 503).
     failing: AtomicBool,
+    /// Spans are only counted, not kept (a benchmark's receiver must not
+    /// grow or spend its CPU on copies).
+    counting_only: AtomicBool,
     /// Spans received, including those of refused exports.
     seen: AtomicUsize,
     /// The headers (gRPC metadata) of the last export.
@@ -120,6 +123,11 @@ impl Shared {
         let delay = self.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if self.counting_only.load(Ordering::Relaxed) {
+            let count = request.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+            self.seen.fetch_add(count, Ordering::Relaxed);
+            return !self.failing.load(Ordering::Relaxed);
         }
         let spans = flatten(request);
         self.seen.fetch_add(spans.len(), Ordering::Relaxed);
@@ -217,6 +225,12 @@ impl Sink {
     /// Refuses every export from now on (or accepts them again).
     pub fn set_failing(&self, failing: bool) {
         self.shared.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// Counts the spans of every export from now on without keeping them
+    /// (`spans_seen` still counts; `spans` and `wait_for` see no new ones).
+    pub fn set_counting_only(&self, counting_only: bool) {
+        self.shared.counting_only.store(counting_only, Ordering::Relaxed);
     }
 
     /// Waits until the spans kept satisfy `done`, for at most `patience`;
