@@ -32,6 +32,12 @@ def _env(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def gateway_root(base_url: str) -> str:
+    """The gateway's root, where the Gemini and Anthropic SDKs are pointed."""
+    return base_url.removesuffix("/v1")
+
+
+@pytest.fixture(scope="session")
 def api_key() -> str:
     return _env("SDK_TEST_API_KEY")
 

@@ -96,5 +96,7 @@ fn event(i: usize) -> UsageEvent {
         target: None,
         upstream: None,
         attempts: 1,
+        cache_write_tokens: 0,
+        api: "openai".into(),
     }
 }

@@ -378,7 +378,7 @@ pub enum UsageCommand {
     Summary {
         #[command(flatten)]
         filter: UsageFilter,
-        /// Comma-separated: tenant, key, model, day, route, target, upstream, served_model.
+        /// Comma-separated: tenant, key, model, day, route, target, upstream, served_model, api.
         #[arg(long)]
         group_by: Option<String>,
     },

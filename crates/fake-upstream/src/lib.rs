@@ -7,7 +7,12 @@
 //! `stream_options.include_usage`) with reasoning and cached token details or
 //! omits it; and injects faults (see [`Fault`]). It records every request it
 //! received so tests can assert what the gateway sent.
+//!
+//! It also speaks the Gemini API (`/v1beta/models/{model}:{method}`) and the
+//! Anthropic Messages API (`/v1/messages`) in their own shapes: see
+//! [`native`].
 
+pub mod native;
 pub mod responses;
 pub mod scenario;
 
@@ -195,6 +200,9 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/responses", post(answer))
         .route("/v1/models", get(answer))
         .route("/v1/models/{*id}", get(answer))
+        .route("/v1/messages", post(answer))
+        .route("/v1/messages/count_tokens", post(answer))
+        .route("/v1beta/models/{*call}", post(answer))
         .fallback(answer)
         .with_state(shared)
 }
@@ -216,25 +224,24 @@ async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response
         });
     }
 
-    // Like a real upstream, refuse a key it does not know (when told which).
+    let api = Api::of(parts.uri.path());
+    // Like a real upstream, refuse a key it does not know (when told which),
+    // read from the header its API uses.
     {
         let accepted = lock(&shared.accepted_keys);
-        let presented = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let header_value = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let presented = match api {
+            Api::OpenAi => header_value("authorization"),
+            Api::Gemini => format!("Bearer {}", header_value("x-goog-api-key")),
+            Api::Anthropic => format!("Bearer {}", header_value("x-api-key")),
+        };
         if !accepted.is_empty() && !accepted.iter().any(|k| presented == format!("Bearer {k}")) {
-            return json_response(
-                StatusCode::UNAUTHORIZED,
-                &serde_json::json!({"error": {"message": "Incorrect API key provided: sk-...xyz",
-                "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}}),
-            );
+            return error_response(api, StatusCode::UNAUTHORIZED, "Incorrect API key provided: sk-...xyz", None);
         }
     }
     let mut scenario = lock(&shared.defaults).clone();
     if let Err(e) = scenario.apply_headers(&parts.headers) {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            &serde_json::json!({"error": {"message": e.0,
-            "type": "invalid_request_error", "param": null, "code": "fake_bad_directive"}}),
-        );
+        return error_response(api, StatusCode::BAD_REQUEST, &e.0, None);
     }
     if let Some(fault) = lock(&shared.queued).pop_front() {
         scenario.fault = Some(fault);
@@ -246,7 +253,8 @@ async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response
     match scenario.fault {
         Some(Fault::Status { status, style }) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            json_response(status, &responses::error_body(status.as_u16(), style))
+            let message = format!("fake upstream failure with status {}", status.as_u16());
+            error_response(api, status, &message, Some(style))
         }
         Some(Fault::ContextLength) => json_response(
             StatusCode::BAD_REQUEST,
@@ -278,6 +286,41 @@ async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response
     }
 }
 
+/// Which API a path belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    OpenAi,
+    Gemini,
+    Anthropic,
+}
+
+impl Api {
+    fn of(path: &str) -> Self {
+        if path.starts_with("/v1beta/") {
+            Self::Gemini
+        } else if path.starts_with("/v1/messages") {
+            Self::Anthropic
+        } else {
+            Self::OpenAi
+        }
+    }
+}
+
+/// An error in `api`'s own envelope (`style` chooses among OpenAI-shaped ones).
+fn error_response(api: Api, status: StatusCode, message: &str, style: Option<ErrorStyle>) -> Response {
+    let code = status.as_u16();
+    let body = match api {
+        Api::Gemini => native::gemini_error(code, message),
+        Api::Anthropic => native::anthropic_error(code, message),
+        Api::OpenAi => match style {
+            Some(style) => responses::error_body(code, style),
+            None => serde_json::json!({"error": {"message": message,
+                "type": "invalid_request_error", "param": null, "code": format!("fake_{code}")}}),
+        },
+    };
+    json_response(status, &body)
+}
+
 fn unreachable_response() -> Response {
     StatusCode::INTERNAL_SERVER_ERROR.into_response()
 }
@@ -300,6 +343,9 @@ fn respond(
         lock(&shared.reported).push(Reported { path: path.to_owned(), request_id: request_id.clone(), usage })
     };
 
+    if let Some(response) = respond_native(shared, route, body, &ask, scenario, &record) {
+        return response;
+    }
     if parts.method == http::Method::GET {
         if route == "/v1/models" {
             return json_response(StatusCode::OK, &responses::model_list());
@@ -346,6 +392,65 @@ fn respond(
     record(usage);
     let with_done = route != "/v1/responses";
     sse_response(shared.clone(), events, with_done, scenario)
+}
+
+/// The Gemini and Anthropic routes; `None` for the others.
+fn respond_native(
+    shared: &Arc<Shared>,
+    route: &str,
+    body: &Bytes,
+    ask: &responses::Ask,
+    scenario: &Scenario,
+    record: &dyn Fn(Option<Value>),
+) -> Option<Response> {
+    let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    if route.starts_with("/v1beta/") {
+        let Some((model, method)) = native::gemini_call(route) else {
+            return Some(error_response(Api::Gemini, StatusCode::NOT_FOUND, &format!("unknown path {route}"), None));
+        };
+        let ask = responses::Ask { model: model.clone(), ..ask.clone() };
+        return Some(match method {
+            native::GeminiMethod::Generate => {
+                let (answer, usage) = native::gemini_generate(&model, &ask, &request, scenario);
+                record(usage);
+                json_response(StatusCode::OK, &answer)
+            }
+            native::GeminiMethod::StreamGenerate => {
+                let (events, usage) = native::gemini_stream(&model, &ask, &request, scenario);
+                record(usage);
+                sse_response(shared.clone(), events, false, scenario)
+            }
+            native::GeminiMethod::CountTokens => {
+                record(None);
+                json_response(StatusCode::OK, &native::gemini_count(&ask))
+            }
+            native::GeminiMethod::Embed => {
+                record(None);
+                json_response(StatusCode::OK, &native::gemini_embed())
+            }
+            native::GeminiMethod::BatchEmbed => {
+                record(None);
+                json_response(StatusCode::OK, &native::gemini_batch_embed(&request))
+            }
+        });
+    }
+    match route {
+        "/v1/messages/count_tokens" => {
+            record(None);
+            Some(json_response(StatusCode::OK, &native::anthropic_count(ask)))
+        }
+        "/v1/messages" if request["stream"].as_bool() == Some(true) => {
+            let (events, usage) = native::anthropic_stream(ask, &request, scenario);
+            record(usage);
+            Some(sse_response(shared.clone(), events, false, scenario))
+        }
+        "/v1/messages" => {
+            let (answer, usage) = native::anthropic_message(ask, &request, scenario);
+            record(usage);
+            Some(json_response(StatusCode::OK, &answer))
+        }
+        _ => None,
+    }
 }
 
 fn json_with_usage((body, usage): (Value, Option<Value>), record: impl FnOnce(Option<Value>)) -> Response {

@@ -60,6 +60,10 @@ pub struct Scenario {
     pub usage_style: UsageStyle,
     pub reasoning_tokens: u64,
     pub cached_tokens: u64,
+    /// Prompt tokens written to the cache (Anthropic's `cache_creation_input_tokens`).
+    pub cache_write_tokens: u64,
+    /// Gemini's `toolUsePromptTokenCount`.
+    pub tool_prompt_tokens: u64,
     pub fault: Option<Fault>,
 }
 
@@ -73,6 +77,8 @@ impl Default for Scenario {
             usage_style: UsageStyle::OpenAi,
             reasoning_tokens: 0,
             cached_tokens: 0,
+            cache_write_tokens: 0,
+            tool_prompt_tokens: 0,
             fault: None,
         }
     }
@@ -119,6 +125,8 @@ impl Scenario {
                 }
                 "reasoning-tokens" => self.reasoning_tokens = number(value)?,
                 "cached-tokens" => self.cached_tokens = number(value)?,
+                "cache-write-tokens" => self.cache_write_tokens = number(value)?,
+                "tool-prompt-tokens" => self.tool_prompt_tokens = number(value)?,
                 "fault" => self.fault = Some(parse_fault(value).ok_or_else(bad)?),
                 _ => return Err(BadDirective(format!("unknown directive {name}"))),
             }

@@ -447,6 +447,29 @@ pub struct UpstreamConfig {
     /// `idempotency-key`, `traceparent`, `tracestate`, `x-stainless-*`):
     /// exact names, or prefixes ending in `*`, e.g. `["x-my-trace-*"]`.
     pub forward_request_headers: Vec<String>,
+    /// The APIs this upstream serves: `openai` (at `base_url`), `anthropic`
+    /// (`/messages` under `base_url`) and `gemini` (at `gemini_base_url`).
+    /// CometAPI serves all three; a plain OpenAI-compatible upstream only
+    /// `openai`, and requests in another API's shape are then refused
+    /// instead of forwarded.
+    pub apis: Vec<tollgate_openai::Api>,
+    /// Where the Gemini API is served (`…/v1beta`); unset: `base_url` with
+    /// its trailing `/v1` replaced by `/v1beta`.
+    pub gemini_base_url: Option<String>,
+}
+
+impl UpstreamConfig {
+    /// The Gemini API root: `gemini_base_url`, else derived from `base_url`.
+    pub fn gemini_base(&self) -> String {
+        if let Some(url) = &self.gemini_base_url {
+            return url.trim_end_matches('/').to_owned();
+        }
+        let base = self.base_url.trim_end_matches('/');
+        match base.strip_suffix("/v1") {
+            Some(root) => format!("{root}/v1beta"),
+            None => format!("{base}/v1beta"),
+        }
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -466,6 +489,8 @@ impl Default for UpstreamConfig {
             forward_request_headers: Vec::new(),
             protocol: UpstreamProtocol::Auto,
             max_in_flight: None,
+            apis: tollgate_openai::Api::ALL.to_vec(),
+            gemini_base_url: None,
         }
     }
 }
@@ -552,6 +577,11 @@ impl Config {
             ));
         }
         check_base_url(&self.upstream.base_url, "upstream.base_url")?;
+        for upstream in std::iter::once(&self.upstream).chain(&self.upstreams) {
+            if let Some(url) = &upstream.gemini_base_url {
+                check_base_url(url, "upstreams.gemini_base_url")?;
+            }
+        }
         let mut names = vec!["default"];
         for upstream in &self.upstreams {
             let name = upstream.name.as_str();
@@ -564,7 +594,11 @@ impl Config {
             check_base_url(&upstream.base_url, "upstreams.base_url")?;
             names.push(name);
         }
-        crate::routing::config::validate(&self.routes, &names)
+        let speaking: Vec<(&str, &[tollgate_openai::Api])> =
+            std::iter::once(("default", self.upstream.apis.as_slice()))
+                .chain(self.upstreams.iter().map(|u| (u.name.as_str(), u.apis.as_slice())))
+                .collect();
+        crate::routing::config::validate(&self.routes, &speaking)
             .map_err(|(key, problem)| ConfigError::InvalidRoute { key, problem })?;
         if let Some(otlp) = self.telemetry.otlp() {
             otlp.validate().map_err(|(key, problem)| invalid(key, problem))?;

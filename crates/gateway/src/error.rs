@@ -104,6 +104,8 @@ pub enum GatewayError {
     UpstreamRejectedCredentials { status: u16 },
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    #[error("this gateway's upstream does not serve the {0} API")]
+    ApiNotServed(tollgate_openai::Api),
     #[error("internal error")]
     Internal,
 }
@@ -153,6 +155,7 @@ impl GatewayError {
             | Self::BodyRead
             | Self::RequestTimeout
             | Self::UnknownRoute(_)
+            | Self::ApiNotServed(_)
             | Self::MethodNotAllowed { .. } => Fault::Client,
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamBusy | Self::UpstreamBadResponse(_) => {
                 Fault::Upstream
@@ -183,7 +186,7 @@ impl GatewayError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedContentEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::UnknownRoute(_) => StatusCode::NOT_FOUND,
+            Self::UnknownRoute(_) | Self::ApiNotServed(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpstreamUnavailable | Self::UpstreamBadResponse(_) | Self::UpstreamRejectedCredentials { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -223,6 +226,7 @@ impl GatewayError {
             Self::UpstreamBadResponse(_) => "upstream_bad_response",
             Self::UpstreamRejectedCredentials { .. } => "upstream_auth_failed",
             Self::ShuttingDown => "shutting_down",
+            Self::ApiNotServed(_) => "api_not_served",
             Self::Internal => "internal_error",
         }
     }
@@ -309,7 +313,11 @@ impl IntoResponse for GatewayError {
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response.extensions_mut().insert(self.fault());
-        response.extensions_mut().insert(ErrorLog { code: self.code(), detail: self.log_detail() });
+        response.extensions_mut().insert(ErrorLog {
+            code: self.code(),
+            detail: self.log_detail(),
+            message: self.to_string(),
+        });
         response
     }
 }
@@ -320,6 +328,8 @@ impl IntoResponse for GatewayError {
 pub struct ErrorLog {
     pub code: &'static str,
     pub detail: Option<String>,
+    /// What the client was told (for re-rendering in another API's shape).
+    pub message: String,
 }
 
 /// `retry-after-ms` and `retry-after`, which the SDKs wait for before retrying.

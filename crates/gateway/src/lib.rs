@@ -15,6 +15,7 @@ pub mod file_watch;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod native;
 pub mod policy;
 pub mod proxy;
 pub mod request_id;

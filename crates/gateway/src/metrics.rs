@@ -135,8 +135,8 @@ impl Metrics {
             trace_spans_dropped,
             requests: r.counter(
                 "requests_total",
-                "Requests by tenant, model, endpoint, status class and stream flag.",
-                &["tenant", "model", "endpoint", "status", "stream"],
+                "Requests by tenant, model, endpoint, status class, stream flag and API (openai, gemini, anthropic).",
+                &["tenant", "model", "endpoint", "status", "stream", "api"],
             )?,
             request_duration: r.histogram(
                 "request_duration_seconds",
@@ -157,13 +157,13 @@ impl Metrics {
                 .plain_histogram("gateway_overhead_seconds", "Time spent in the gateway: total minus upstream time.")?,
             tokens: r.counter(
                 "tokens_total",
-                "Tokens by tenant, model and kind (prompt, completion, reasoning, cached, billed_output).",
+                "Tokens by tenant, model and kind (prompt, completion, reasoning, cached, cache_write, billed_output).",
                 &["tenant", "model", "kind"],
             )?,
             cost_micros: r.counter(
                 "cost_micros_total",
-                "Cost in micro-dollars by tenant and model.",
-                &["tenant", "model"],
+                "Cost in micro-dollars by tenant, model and API.",
+                &["tenant", "model", "api"],
             )?,
             rejections: r.counter(
                 "rejections_total",
@@ -238,7 +238,9 @@ impl Metrics {
         let model = if priced { e.requested_model.as_str() } else { "other" };
         let stream = if e.stream { "true" } else { "false" };
         let status = u16::try_from(e.status).unwrap_or(500);
-        self.requests.with_label_values(&[&e.tenant_id, model, &e.endpoint, status_class(status), stream]).inc();
+        self.requests
+            .with_label_values(&[&e.tenant_id, model, &e.endpoint, status_class(status), stream, &e.api])
+            .inc();
         self.request_duration.with_label_values(&[&e.endpoint, stream]).observe(total.as_secs_f64());
         if let Some(ttft) = e.ttft_ms {
             self.time_to_first_token.with_label_values(&[model]).observe(ttft as f64 / 1000.0);
@@ -252,6 +254,7 @@ impl Metrics {
             ("completion", e.completion_tokens),
             ("reasoning", e.reasoning_tokens),
             ("cached", e.cached_tokens),
+            ("cache_write", e.cache_write_tokens),
             ("billed_output", e.billed_output_tokens),
         ] {
             if n > 0 {
@@ -259,7 +262,7 @@ impl Metrics {
             }
         }
         if e.cost_micros > 0 {
-            self.cost_micros.with_label_values(&[&e.tenant_id, model]).inc_by(e.cost_micros.unsigned_abs());
+            self.cost_micros.with_label_values(&[&e.tenant_id, model, &e.api]).inc_by(e.cost_micros.unsigned_abs());
         }
         if e.unpriced {
             self.unpriced.with_label_values(&["other"]).inc();

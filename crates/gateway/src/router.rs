@@ -16,6 +16,10 @@
 //! On the `/v1` routes only (as a route layer, so unknown paths are 404
 //! before any key check):
 //!
+//! On the Gemini (`/v1beta/models/…`) and Anthropic (`/v1/messages`)
+//! routes, `native::errors::in_api_shape` sits above both and rewrites the
+//! gateway's own errors into that API's envelope.
+//!
 //! 5. `trace_request` — only when trace export is on: the request's
 //!    server span (continuing the caller's `traceparent`), its ids on the
 //!    log span, its status when the answer leaves. Above the key check, so
@@ -35,6 +39,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use opentelemetry::KeyValue;
+use tollgate_openai::Api;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -43,6 +48,7 @@ use tracing::Span;
 use crate::auth::{AuthLayer, Authenticator};
 use crate::error::{ErrorLog, Fault, GatewayError};
 use crate::health::{self, Readiness};
+use crate::native;
 use crate::proxy::{self, Proxy};
 use crate::request_id::{RequestId, RequestIdLayer};
 use crate::telemetry::traces::{self, Tracing};
@@ -67,6 +73,21 @@ pub fn build(
         // Model ids may contain '/', e.g. `google/gemini-2.5-flash`.
         .route("/v1/models/{*id}", get(proxy::forward_get))
         .route_layer(AuthLayer::new(auth.clone()))
+        .with_state(proxy.clone());
+    // The Gemini and Anthropic APIs in their own shapes: the same stages,
+    // with the gateway's errors rewritten into each API's envelope (the
+    // outermost of their layers, so refused keys get it too).
+    let mut gemini = Router::new()
+        .route("/v1beta/models/{*call}", post(native::gemini))
+        // google-genai's default API version; `GET /v1/models/{id}` stays
+        // OpenAI's model retrieval.
+        .route("/v1/models/{*id}", post(native::gemini))
+        .route_layer(AuthLayer::with_query_key(auth.clone()))
+        .with_state(proxy.clone());
+    let mut anthropic = Router::new()
+        .route("/v1/messages", post(native::anthropic))
+        .route("/v1/messages/count_tokens", post(native::anthropic))
+        .route_layer(AuthLayer::new(auth.clone()))
         .with_state(proxy);
     let mut v1_usage = Router::new()
         .route("/v1/usage", get(tenant_usage::summary))
@@ -75,10 +96,16 @@ pub fn build(
         .with_state(usage);
     if let Some(traces) = traces {
         v1 = v1.route_layer(axum::middleware::from_fn_with_state(traces.clone(), trace_request));
-        v1_usage = v1_usage.route_layer(axum::middleware::from_fn_with_state(traces, trace_request));
+        v1_usage = v1_usage.route_layer(axum::middleware::from_fn_with_state(traces.clone(), trace_request));
+        gemini = gemini.route_layer(axum::middleware::from_fn_with_state(traces.clone(), trace_request));
+        anthropic = anthropic.route_layer(axum::middleware::from_fn_with_state(traces, trace_request));
     }
+    let gemini = gemini.route_layer(axum::middleware::from_fn_with_state(Api::Gemini, native::errors::in_api_shape));
+    let anthropic =
+        anthropic.route_layer(axum::middleware::from_fn_with_state(Api::Anthropic, native::errors::in_api_shape));
 
-    let mut router = Router::new().merge(v1).merge(v1_usage).merge(ops_routes(readiness));
+    let mut router =
+        Router::new().merge(v1).merge(gemini).merge(anthropic).merge(v1_usage).merge(ops_routes(readiness));
     if let Some(admin) = admin {
         router = router.merge(admin);
     }

@@ -17,6 +17,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use secrecy::ExposeSecret;
 
+use tollgate_openai::Api;
+
 use crate::config::{ConfigError, UpstreamConfig, UpstreamProtocol};
 use crate::error::GatewayError;
 use crate::proxy::headers::ForwardedHeaders;
@@ -102,6 +104,9 @@ pub struct Upstream {
     /// e.g. `https://api.cometapi.com/v1`, checked once; a request's URI is
     /// this followed by its path and query.
     base: String,
+    /// The Gemini API root (`…/v1beta`).
+    gemini_base: String,
+    apis: Vec<Api>,
     authority: (String, u16),
     keys: UpstreamKeys,
     /// Caps requests in flight to this upstream (`max_in_flight`).
@@ -178,11 +183,22 @@ impl Upstream {
             idle_timeout: config.idle_timeout,
             max_event_bytes: config.max_event_bytes,
             forwarded: ForwardedHeaders::new(&config.forward_request_headers),
+            gemini_base: config.gemini_base(),
+            apis: config.apis.clone(),
             authority: (
                 parsed.host().unwrap_or_default().to_owned(),
                 parsed.port_u16().unwrap_or(if parsed.scheme_str() == Some("https") { 443 } else { 80 }),
             ),
         })
+    }
+
+    /// The APIs this upstream serves.
+    pub fn apis(&self) -> &[Api] {
+        &self.apis
+    }
+
+    pub fn speaks(&self, api: Api) -> bool {
+        self.apis.contains(&api)
     }
 
     /// The upstream's host and port (`server.address`, `server.port` on spans).
@@ -206,18 +222,11 @@ impl Upstream {
     /// Sends one request and waits for the response headers, at most
     /// `first_byte_timeout`. `path_and_query` is what follows `/v1`, still
     /// percent-encoded as the client sent it.
-    pub async fn send(
-        &self,
-        method: Method,
-        path_and_query: &str,
-        client_headers: &HeaderMap,
-        request_id: &RequestId,
-        body: Option<Bytes>,
-        traceparent: Option<HeaderValue>,
-    ) -> Result<UpstreamResponse, UpstreamFailure> {
-        let mut uri = String::with_capacity(self.base.len() + path_and_query.len());
-        uri.push_str(&self.base);
-        uri.push_str(path_and_query);
+    pub async fn send(&self, outbound: Outbound<'_>, body: Option<Bytes>) -> Result<UpstreamResponse, UpstreamFailure> {
+        let base = if outbound.api == Api::Gemini { &self.gemini_base } else { &self.base };
+        let mut uri = String::with_capacity(base.len() + outbound.path.len());
+        uri.push_str(base);
+        uri.push_str(outbound.path);
         // Paths are the gateway's own routes and checked identifiers, so
         // they are valid here; were one not, the request never leaves.
         let uri = Uri::try_from(uri)
@@ -233,8 +242,8 @@ impl Upstream {
                 ),
             }),
         };
-        let outgoing = Outgoing { client_headers, request_id, traceparent };
-        let mut response = self.send_with_keys(method, uri, &outgoing, body).await?;
+        let method = outbound.method.clone();
+        let mut response = self.send_with_keys(method, uri, &outbound, body).await?;
         if let Some(slot) = slot {
             response.extensions_mut().insert(slot);
         }
@@ -245,7 +254,7 @@ impl Upstream {
         &self,
         method: Method,
         uri: Uri,
-        outgoing: &Outgoing<'_>,
+        outgoing: &Outbound<'_>,
         body: Option<Bytes>,
     ) -> Result<UpstreamResponse, UpstreamFailure> {
         let body = body.unwrap_or_default();
@@ -270,7 +279,7 @@ impl Upstream {
         &self,
         method: &Method,
         uri: &Uri,
-        outgoing: &Outgoing<'_>,
+        outgoing: &Outbound<'_>,
         body: Bytes,
         key: Option<&TakenKey>,
     ) -> Result<UpstreamResponse, UpstreamFailure> {
@@ -285,8 +294,18 @@ impl Upstream {
         if let Some(traceparent) = &outgoing.traceparent {
             headers.insert(TRACEPARENT, traceparent.clone());
         }
+        // The Messages API requires its version header; the SDKs send it,
+        // a bare HTTP client may not.
+        if outgoing.api == Api::Anthropic && !headers.contains_key(ANTHROPIC_VERSION) {
+            headers.insert(ANTHROPIC_VERSION, HeaderValue::from_static("2023-06-01"));
+        }
+        // Each API's own key header, as its SDKs send it.
         if let Some(key) = key {
-            headers.insert(header::AUTHORIZATION, key.header.clone());
+            match outgoing.api {
+                Api::OpenAi => headers.insert(header::AUTHORIZATION, key.header.clone()),
+                Api::Gemini => headers.insert(X_GOOG_API_KEY, key.bare.clone()),
+                Api::Anthropic => headers.insert(X_API_KEY, key.bare.clone()),
+            };
         }
 
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(request)).await {
@@ -319,12 +338,26 @@ impl Upstream {
     }
 }
 
-/// What goes with every request to an upstream besides its body.
-struct Outgoing<'a> {
-    client_headers: &'a HeaderMap,
-    request_id: &'a RequestId,
-    traceparent: Option<HeaderValue>,
+/// One request to an upstream, besides its body.
+pub struct Outbound<'a> {
+    pub method: Method,
+    /// Decides the API root (`base_url`, or the Gemini root) and how the
+    /// upstream key is sent.
+    pub api: Api,
+    /// What follows the API root, e.g. `/chat/completions` or
+    /// `/models/gemini-2.5-flash:streamGenerateContent?alt=sse`: the
+    /// gateway's own routes and checked identifiers, never the client's
+    /// query string.
+    pub path: &'a str,
+    pub client_headers: &'a HeaderMap,
+    pub request_id: &'a RequestId,
+    /// The attempt's span, when traces are exported.
+    pub traceparent: Option<HeaderValue>,
 }
+
+const X_GOOG_API_KEY: http::HeaderName = http::HeaderName::from_static("x-goog-api-key");
+const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+const ANTHROPIC_VERSION: http::HeaderName = http::HeaderName::from_static("anthropic-version");
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 

@@ -24,6 +24,9 @@ pub const SET_ASIDE_FOR: Duration = Duration::from_secs(600);
 #[derive(Debug)]
 struct Key {
     header: HeaderValue,
+    /// The key alone, for APIs that take it in their own header
+    /// (`x-goog-api-key`, `x-api-key`).
+    bare: HeaderValue,
     /// Monotonic milliseconds until which the key is set aside (0: in use).
     aside_until_ms: AtomicU64,
 }
@@ -37,7 +40,10 @@ struct KeySet {
 /// One key taken for one attempt.
 #[derive(Debug, Clone)]
 pub struct TakenKey {
+    /// `Bearer <key>`.
     pub header: HeaderValue,
+    /// `<key>`.
+    pub bare: HeaderValue,
     index: usize,
     set: Arc<KeySet>,
 }
@@ -63,7 +69,16 @@ fn parse(text: &str) -> Result<Vec<Key>, KeyError> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|k| header(k).map(|header| Key { header, aside_until_ms: AtomicU64::new(0) }).ok_or(KeyError::NotAHeader))
+        .map(|k| {
+            let bare = HeaderValue::from_str(k).ok().map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
+            match (header(k), bare) {
+                (Some(header), Some(bare)) => Ok(Key { header, bare, aside_until_ms: AtomicU64::new(0) }),
+                _ => Err(KeyError::NotAHeader),
+            }
+        })
         .collect()
 }
 
@@ -123,7 +138,7 @@ impl UpstreamKeys {
             // Every other key is set aside: one not excluded, else any.
             (0..n).map(|o| (start + o) % n).find(|i| Some(*i) != excluded).or(Some(start % n))
         })?;
-        Some(TakenKey { header: set.keys[index].header.clone(), index, set })
+        Some(TakenKey { header: set.keys[index].header.clone(), bare: set.keys[index].bare.clone(), index, set })
     }
 
     /// Whether there is a key other than `key` that is not set aside.

@@ -17,6 +17,10 @@ pub enum EndMarker {
     /// or `response.incomplete` (the last two are complete answers that say
     /// why they stopped).
     ResponseTerminal,
+    /// Gemini: a chunk with a candidate's `finishReason`.
+    GeminiFinish,
+    /// Anthropic: `message_stop`.
+    MessageStop,
 }
 
 const RESPONSE_TERMINAL: [&str; 3] = ["response.completed", "response.failed", "response.incomplete"];
@@ -42,6 +46,8 @@ impl EndMarker {
     pub fn is_end(self, event: &SseEvent) -> bool {
         match self {
             Self::Done => event.is_done(),
+            Self::GeminiFinish => crate::gemini::is_end(event),
+            Self::MessageStop => crate::anthropic::is_end(event),
             Self::ResponseTerminal => {
                 if let Some(name) = event.event_name() {
                     return RESPONSE_TERMINAL.contains(&name);

@@ -18,6 +18,9 @@ pub struct Usage {
     pub reasoning: u64,
     /// Prompt tokens served from the upstream's cache.
     pub cached: u64,
+    /// Prompt tokens written to the upstream's cache (Anthropic's
+    /// `cache_creation_input_tokens`), priced apart.
+    pub cache_write: u64,
 }
 
 impl Usage {
@@ -34,6 +37,7 @@ impl Usage {
         self.total = self.total.saturating_add(other.total);
         self.reasoning = self.reasoning.saturating_add(other.reasoning);
         self.cached = self.cached.saturating_add(other.cached);
+        self.cache_write = self.cache_write.saturating_add(other.cache_write);
     }
 }
 
@@ -81,6 +85,7 @@ impl From<RawUsage> for Usage {
             total: raw.total_tokens.unwrap_or(prompt.saturating_add(completion)),
             reasoning: output_details.reasoning_tokens.unwrap_or(0),
             cached: input_details.cached_tokens.unwrap_or(0),
+            cache_write: 0,
         }
     }
 }
@@ -187,7 +192,7 @@ mod tests {
             "usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,
             "prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":2}}}"#;
         let UsageField::Present(u, start, end) = find_usage(body) else { panic!("usage not found") };
-        assert_eq!(u, Usage { prompt: 10, completion: 5, total: 15, reasoning: 2, cached: 4 });
+        assert_eq!(u, Usage { prompt: 10, completion: 5, total: 15, reasoning: 2, cached: 4, cache_write: 0 });
         assert!(body[start..end].starts_with(b"\"usage\""));
         assert!(body[start..end].ends_with(b"}}"));
     }
@@ -198,14 +203,14 @@ mod tests {
             "input_tokens_details":{"cached_tokens":1},"output_tokens":9,
             "output_tokens_details":{"reasoning_tokens":3},"total_tokens":16}}}"#;
         let UsageField::Present(u, ..) = find_usage(body) else { panic!() };
-        assert_eq!(u, Usage { prompt: 7, completion: 9, total: 16, reasoning: 3, cached: 1 });
+        assert_eq!(u, Usage { prompt: 7, completion: 9, total: 16, reasoning: 3, cached: 1, cache_write: 0 });
     }
 
     #[test]
     fn gemini_thinking_tokens_are_billed_from_the_total() {
-        let u = Usage { prompt: 100, completion: 20, total: 620, reasoning: 0, cached: 0 };
+        let u = Usage { prompt: 100, completion: 20, total: 620, reasoning: 0, cached: 0, cache_write: 0 };
         assert_eq!(u.billed_output(), 520);
-        let openai = Usage { prompt: 100, completion: 520, total: 620, reasoning: 500, cached: 0 };
+        let openai = Usage { prompt: 100, completion: 520, total: 620, reasoning: 500, cached: 0, cache_write: 0 };
         assert_eq!(openai.billed_output(), 520);
     }
 

@@ -31,6 +31,9 @@ pub struct UsageEvent {
     pub completion_tokens: i64,
     pub reasoning_tokens: i64,
     pub cached_tokens: i64,
+    /// Prompt tokens written to the provider's cache (Anthropic).
+    #[serde(default)]
+    pub cache_write_tokens: i64,
     pub total_tokens: i64,
     /// max(completion, total − prompt): what output is billed on.
     pub billed_output_tokens: i64,
@@ -60,6 +63,13 @@ pub struct UsageEvent {
     /// Attempts sent upstream for this request (retries and fallbacks).
     #[serde(default = "one_attempt")]
     pub attempts: i32,
+    /// The API the request used: `openai`, `gemini` or `anthropic`.
+    #[serde(default = "openai")]
+    pub api: String,
+}
+
+fn openai() -> String {
+    "openai".to_owned()
 }
 
 fn one_attempt() -> i32 {
@@ -84,8 +94,8 @@ pub fn day_of(at_ms: i64) -> String {
 const COLUMNS: &str = "id, at, day, request_id, tenant_id, key_id, endpoint, requested_model, upstream_model, stream, \
     prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, total_tokens, billed_output_tokens, \
     cost_micros, estimated, unpriced, modified, status, error_class, latency_ms, ttft_ms, route, target, upstream, \
-    attempts";
-const NCOLS: usize = 28;
+    attempts, api, cache_write_tokens";
+const NCOLS: usize = 30;
 
 const ROLLUP_UPDATE: &str = "ON CONFLICT (day, tenant_id, key_id, model) DO UPDATE SET \
     requests = usage_daily.requests + excluded.requests, errors = usage_daily.errors + excluded.errors, \
@@ -94,6 +104,7 @@ const ROLLUP_UPDATE: &str = "ON CONFLICT (day, tenant_id, key_id, model) DO UPDA
     completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens, \
     reasoning_tokens = usage_daily.reasoning_tokens + excluded.reasoning_tokens, \
     cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens, \
+    cache_write_tokens = usage_daily.cache_write_tokens + excluded.cache_write_tokens, \
     billed_output_tokens = usage_daily.billed_output_tokens + excluded.billed_output_tokens, \
     cost_micros = usage_daily.cost_micros + excluded.cost_micros";
 
@@ -129,6 +140,8 @@ struct JsonRow<'a> {
     target: Option<&'a str>,
     upstream: Option<&'a str>,
     attempts: i32,
+    api: &'a str,
+    cache_write_tokens: i64,
 }
 
 impl<'a> From<&'a UsageEvent> for JsonRow<'a> {
@@ -162,6 +175,8 @@ impl<'a> From<&'a UsageEvent> for JsonRow<'a> {
             target: e.target.as_deref(),
             upstream: e.upstream.as_deref(),
             attempts: e.attempts,
+            api: &e.api,
+            cache_write_tokens: e.cache_write_tokens,
         }
     }
 }
@@ -173,7 +188,7 @@ const RECORD_TYPES: &str = "id TEXT, at BIGINT, day TEXT, request_id TEXT, tenan
     completion_tokens BIGINT, reasoning_tokens BIGINT, cached_tokens BIGINT, total_tokens BIGINT, \
     billed_output_tokens BIGINT, cost_micros BIGINT, estimated INTEGER, unpriced INTEGER, modified INTEGER, \
     status INTEGER, error_class TEXT, latency_ms BIGINT, ttft_ms BIGINT, route TEXT, target TEXT, upstream TEXT, \
-    attempts INTEGER";
+    attempts INTEGER, api TEXT, cache_write_tokens BIGINT";
 
 /// Inserts the records of `$1` (a JSON array of [`JsonRow`]), skipping ids
 /// already stored, and adds exactly the inserted ones to the daily rollups.
@@ -182,13 +197,15 @@ fn insert_usage_from_json() -> String {
         "WITH ins AS (INSERT INTO usage_events ({COLUMNS}) \
          SELECT {COLUMNS} FROM json_to_recordset($1::json) AS r({RECORD_TYPES}) ON CONFLICT DO NOTHING \
          RETURNING day, tenant_id, key_id, requested_model, status, error_class, estimated, prompt_tokens, \
-         completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros), \
+         completion_tokens, reasoning_tokens, cached_tokens, cache_write_tokens, billed_output_tokens, cost_micros), \
          up AS (INSERT INTO usage_daily (day, tenant_id, key_id, model, requests, errors, estimated_requests, \
-         prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros) \
+         prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, cache_write_tokens, billed_output_tokens, \
+         cost_micros) \
          SELECT day, tenant_id, key_id, requested_model, COUNT(*), \
          SUM(CASE WHEN status >= 400 OR error_class IS NOT NULL THEN 1 ELSE 0 END), SUM(estimated), \
          SUM(prompt_tokens), SUM(completion_tokens), SUM(reasoning_tokens), SUM(cached_tokens), \
-         SUM(billed_output_tokens), SUM(cost_micros) FROM ins GROUP BY day, tenant_id, key_id, requested_model \
+         SUM(cache_write_tokens), SUM(billed_output_tokens), SUM(cost_micros) FROM ins \
+         GROUP BY day, tenant_id, key_id, requested_model \
          {ROLLUP_UPDATE}) SELECT COUNT(*) AS n FROM ins"
     )
 }
@@ -233,6 +250,8 @@ fn bind_event<'q>(
         .bind(e.target.as_deref())
         .bind(e.upstream.as_deref())
         .bind(e.attempts)
+        .bind(&e.api)
+        .bind(e.cache_write_tokens)
 }
 
 fn event(row: &AnyRow) -> StoreResult<UsageEvent> {
@@ -250,6 +269,7 @@ fn event(row: &AnyRow) -> StoreResult<UsageEvent> {
         completion_tokens: row.try_get("completion_tokens")?,
         reasoning_tokens: row.try_get("reasoning_tokens")?,
         cached_tokens: row.try_get("cached_tokens")?,
+        cache_write_tokens: row.try_get("cache_write_tokens")?,
         total_tokens: row.try_get("total_tokens")?,
         billed_output_tokens: row.try_get("billed_output_tokens")?,
         cost_micros: row.try_get("cost_micros")?,
@@ -264,6 +284,7 @@ fn event(row: &AnyRow) -> StoreResult<UsageEvent> {
         target: row.try_get("target")?,
         upstream: row.try_get("upstream")?,
         attempts: row.try_get("attempts")?,
+        api: row.try_get("api")?,
     })
 }
 
@@ -302,6 +323,8 @@ pub enum GroupBy {
     Upstream,
     /// The model that served it (the upstream's answer, else the one asked).
     ServedModel,
+    /// The API the request used (`openai`, `gemini`, `anthropic`).
+    Api,
 }
 
 impl GroupBy {
@@ -316,6 +339,7 @@ impl GroupBy {
             Self::Target => "target",
             Self::Upstream => "upstream",
             Self::ServedModel => "served_model",
+            Self::Api => "api",
         }
     }
 
@@ -330,6 +354,7 @@ impl GroupBy {
             Self::Target => "COALESCE(target, '') AS target",
             Self::Upstream => "COALESCE(upstream, '') AS upstream",
             Self::ServedModel => "COALESCE(upstream_model, requested_model) AS served_model",
+            Self::Api => "api",
         }
     }
 
@@ -355,6 +380,8 @@ pub struct UsageTotals {
     pub upstream: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
     pub requests: i64,
     pub errors: i64,
     pub estimated_requests: i64,
@@ -362,6 +389,8 @@ pub struct UsageTotals {
     pub completion_tokens: i64,
     pub reasoning_tokens: i64,
     pub cached_tokens: i64,
+    #[serde(default)]
+    pub cache_write_tokens: i64,
     pub billed_output_tokens: i64,
     pub cost_micros: i64,
 }
@@ -411,8 +440,8 @@ impl Store {
             format!("INSERT INTO usage_events ({COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING", placeholders(1, 0));
         let rollup = format!(
             "INSERT INTO usage_daily (day, tenant_id, key_id, model, requests, errors, estimated_requests, prompt_tokens, \
-             completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros) \
-             VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11, $12) {ROLLUP_UPDATE}"
+             completion_tokens, reasoning_tokens, cached_tokens, billed_output_tokens, cost_micros, cache_write_tokens) \
+             VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10, $11, $12, $13) {ROLLUP_UPDATE}"
         );
         for e in events {
             let done = bind_event(sqlx::query(&insert), e).execute(&mut *tx).await?;
@@ -433,6 +462,7 @@ impl Store {
                 .bind(e.cached_tokens)
                 .bind(e.billed_output_tokens)
                 .bind(e.cost_micros)
+                .bind(e.cache_write_tokens)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -559,6 +589,7 @@ impl Store {
             sum("completion_tokens", "completion_tokens", "completion_tokens"),
             sum("reasoning_tokens", "reasoning_tokens", "reasoning_tokens"),
             sum("cached_tokens", "cached_tokens", "cached_tokens"),
+            sum("cache_write_tokens", "cache_write_tokens", "cache_write_tokens"),
             sum("billed_output_tokens", "billed_output_tokens", "billed_output_tokens"),
             sum("cost_micros", "cost_micros", "cost_micros"),
         ]
@@ -598,6 +629,7 @@ impl Store {
                     target: text(GroupBy::Target)?,
                     upstream: text(GroupBy::Upstream)?,
                     served_model: text(GroupBy::ServedModel)?,
+                    api: text(GroupBy::Api)?,
                     requests: row.try_get("requests")?,
                     errors: row.try_get("errors")?,
                     estimated_requests: row.try_get("estimated_requests")?,
@@ -605,6 +637,7 @@ impl Store {
                     completion_tokens: row.try_get("completion_tokens")?,
                     reasoning_tokens: row.try_get("reasoning_tokens")?,
                     cached_tokens: row.try_get("cached_tokens")?,
+                    cache_write_tokens: row.try_get("cache_write_tokens")?,
                     billed_output_tokens: row.try_get("billed_output_tokens")?,
                     cost_micros: row.try_get("cost_micros")?,
                 })

@@ -96,6 +96,8 @@ fn usage_event(id: &str, at: i64, tenant: &str, model: &str, cost: i64) -> tollg
         target: None,
         upstream: None,
         attempts: 1,
+        cache_write_tokens: 0,
+        api: "openai".into(),
     }
 }
 

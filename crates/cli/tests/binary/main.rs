@@ -623,3 +623,48 @@ async fn traces_configured_from_the_environment_join_the_log_lines_and_are_flush
     );
     assert!(!all.contains("collector-token-very-secret"), "the collector's token reached the logs: {all}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_the_gemini_query_string_reaches_neither_the_logs_nor_the_upstream() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let served = Served::start(&fake.base_url(), &[]);
+    let key = served.acme_key();
+    let http = http_client();
+    for (path, status) in [
+        (format!("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key={key}"), 200),
+        (format!("/v1/models/gemini-2.5-flash:generateContent?key={key}"), 200),
+        // A wrong key in the query is refused, and not logged either.
+        (format!("/v1beta/models/gemini-2.5-flash:generateContent?key={}", wrong_secret(&key)), 401),
+    ] {
+        let response = http
+            .post(format!("{}{path}", served.public))
+            .body(r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{path}");
+        response.text().await.unwrap();
+    }
+    let sent = fake.requests();
+    assert_eq!(sent.len(), 2);
+    for request in &sent {
+        assert!(!request.path.contains("key="), "{}", request.path);
+        assert_eq!(request.headers["x-goog-api-key"], "sk-upstream-very-secret");
+    }
+
+    // The usage report groups by API.
+    let mut summary = Value::Null;
+    time_until("the usage summary shows the Gemini requests", Duration::from_secs(10), async || {
+        let (ok, out, err) = served.cli(&["usage", "summary", "--group-by", "api", "--output", "json"]);
+        assert!(ok, "{err}");
+        summary = serde_json::from_str(&out).unwrap();
+        summary["data"].as_array().is_some_and(|d| d.iter().any(|r| r["api"] == "gemini" && r["requests"] == 2))
+    })
+    .await;
+
+    let all = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
+    let secret_part = key.rsplit('-').next().unwrap();
+    assert!(!all.contains(secret_part), "a tenant key from the query string reached the logs: {all}");
+    assert!(!all.contains("key="), "a query string with a key reached the logs: {all}");
+    assert!(all.contains("/v1beta/models/gemini-2.5-flash:streamGenerateContent"), "the path is logged: {all}");
+}

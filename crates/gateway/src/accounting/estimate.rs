@@ -40,9 +40,26 @@ fn collect_text(value: &Value, out: &mut String) {
         }
         Value::Array(items) => items.iter().for_each(|i| collect_text(i, out)),
         Value::Object(map) => {
-            // Text-bearing fields of messages, prompts and inputs; image data
-            // and other payloads are not text tokens.
-            for key in ["content", "text", "prompt", "input", "instructions", "arguments", "name"] {
+            // Text-bearing fields of messages, prompts and inputs (OpenAI's,
+            // Gemini's `contents`/`parts`/`systemInstruction`, Anthropic's
+            // `system` and thinking blocks); image data and other payloads
+            // are not text tokens.
+            for key in [
+                "content",
+                "text",
+                "prompt",
+                "input",
+                "instructions",
+                "arguments",
+                "name",
+                "contents",
+                "parts",
+                "systemInstruction",
+                "system",
+                "thinking",
+                "partial_json",
+                "args",
+            ] {
                 if let Some(v) = map.get(key) {
                     collect_text(v, out);
                 }
@@ -78,6 +95,15 @@ pub fn response_tokens(body: &[u8]) -> u64 {
     if let Some(output) = value.get("output") {
         collect_text(output, &mut text);
     }
+    // Gemini's candidates; an Anthropic message's content blocks.
+    if let Some(candidates) = value.get("candidates") {
+        collect_text(candidates, &mut text);
+    }
+    if value.get("type").and_then(Value::as_str) == Some("message")
+        && let Some(content) = value.get("content")
+    {
+        collect_text(content, &mut text);
+    }
     count(&text)
 }
 
@@ -96,7 +122,11 @@ pub fn stream_tokens(events: &[SseEvent]) -> u64 {
                 }
             }
         }
-        if value.get("type").and_then(Value::as_str) == Some("response.output_text.delta")
+        if let Some(candidates) = value.get("candidates") {
+            collect_text(candidates, &mut text);
+        }
+        let kind = value.get("type").and_then(Value::as_str);
+        if matches!(kind, Some("response.output_text.delta" | "content_block_delta"))
             && let Some(delta) = value.get("delta")
         {
             collect_text(delta, &mut text);
@@ -116,6 +146,29 @@ mod tests {
         let n = prompt_tokens(body);
         assert!((2..=4).contains(&n), "{n}");
         assert_eq!(prompt_tokens(b"not json"), 0);
+    }
+
+    #[test]
+    fn counts_gemini_and_anthropic_text() {
+        let gemini = br#"{"contents":[{"role":"user","parts":[{"text":"hello there friend"}]}],"systemInstruction":{"parts":[{"text":"be brief"}]}}"#;
+        assert!(prompt_tokens(gemini) >= 5);
+        let anthropic = br#"{"model":"m","system":"be brief","messages":[{"role":"user","content":[{"type":"text","text":"hello there friend"}]}]}"#;
+        assert!(prompt_tokens(anthropic) >= 5);
+        let answer = br#"{"candidates":[{"content":{"parts":[{"text":"one two three"}]}}]}"#;
+        assert!(response_tokens(answer) >= 3);
+        let message = br#"{"type":"message","content":[{"type":"text","text":"one two three"}]}"#;
+        assert!(response_tokens(message) >= 3);
+        let mut scanner = tollgate_openai::SseScanner::new(1 << 20);
+        let mut events = Vec::new();
+        scanner
+            .push(
+                Bytes::from_static(
+                    b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"one two\"}]}}]}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"three four\"}}\n\n",
+                ),
+                &mut events,
+            )
+            .unwrap();
+        assert!(stream_tokens(&events) >= 4);
     }
 
     #[test]

@@ -165,6 +165,9 @@ pub struct Outcome {
     pub error_class: Option<String>,
     /// What the upstream reported, if anything.
     pub usage: Option<Usage>,
+    /// `usage` is partly estimated (a stream cut short after the upstream
+    /// counted its input): the record is flagged.
+    pub usage_estimated: bool,
     pub upstream_model: Option<String>,
     /// Whether the request was sent upstream (else nothing is billed).
     pub reached_upstream: bool,
@@ -196,6 +199,10 @@ pub struct Exchange {
     served: Option<ServedBy>,
     pub stream: bool,
     pub modified: bool,
+    /// The API the request was in.
+    pub api: tollgate_openai::Api,
+    /// Free upstream (token counting): recorded with no usage or cost.
+    pub free: bool,
     request_body: Bytes,
     /// The request's hold on the rate limits and budgets, settled with the
     /// real usage and cost when the record closes.
@@ -231,11 +238,19 @@ impl Exchange {
             served: None,
             stream: false,
             modified: false,
+            api: tollgate_openai::Api::OpenAi,
+            free: false,
             request_body: Bytes::new(),
             admission: None,
             trace: None,
             relay: Stage::default(),
         }
+    }
+
+    /// Records the endpoint under a fixed name (a native API's path holds
+    /// the model, which is no label).
+    pub fn endpoint_label(&mut self, endpoint: &str) {
+        endpoint.clone_into(&mut self.endpoint);
     }
 
     /// Attaches the request's server span (see `trace`).
@@ -300,15 +315,17 @@ impl Exchange {
     fn record(&mut self, outcome: Outcome) -> i64 {
         self.closed = true;
         // Requests without a model (the model list) cost nothing to estimate.
-        let billable = outcome.reached_upstream && (outcome.usage.is_some() || !self.requested_model.is_empty());
+        let billable =
+            !self.free && outcome.reached_upstream && (outcome.usage.is_some() || !self.requested_model.is_empty());
         let (usage, estimated) = match (outcome.usage, billable) {
-            (Some(u), _) => (u, false),
+            (_, false) if self.free => (Usage::default(), false),
+            (Some(u), _) => (u, outcome.usage_estimated),
             (None, false) => (Usage::default(), false),
             (None, true) => {
                 let prompt = estimate::prompt_tokens(&self.request_body);
                 let completion = outcome.estimated_output;
                 let total = prompt.saturating_add(completion);
-                (Usage { prompt, completion, total, reasoning: 0, cached: 0 }, true)
+                (Usage { prompt, completion, total, reasoning: 0, cached: 0, cache_write: 0 }, true)
             }
         };
         let prices = self.accounting.prices.load();
@@ -346,6 +363,8 @@ impl Exchange {
             completion_tokens: to_i64(usage.completion),
             reasoning_tokens: to_i64(usage.reasoning),
             cached_tokens: to_i64(usage.cached),
+            cache_write_tokens: to_i64(usage.cache_write),
+            api: self.api.as_str().to_owned(),
             total_tokens: to_i64(usage.total),
             billed_output_tokens: to_i64(usage.billed_output()),
             cost_micros: cost,

@@ -5,7 +5,8 @@
 //! per million tokens, so cost arithmetic never touches a float:
 //!
 //! ```text
-//! cost_micros = round_half_up((uncached·input + cached·cached_input + output·output) / 1_000_000)
+//! cost_micros = round_half_up((uncached·input + cached·cached_input
+//!                               + cache_write·cache_write_input + output·output) / 1_000_000)
 //!             + per_request_micros
 //! ```
 //!
@@ -25,6 +26,9 @@ pub const DEFAULT_PRICING: &str = include_str!("../../../../config/pricing.toml"
 struct Tier {
     input: i64,
     cached_input: i64,
+    /// Prompt tokens written to the provider's cache (Anthropic's cache
+    /// writes); the input price unless the file gives one.
+    cache_write_input: i64,
     output: i64,
 }
 
@@ -69,6 +73,7 @@ struct FileFamily {
 struct FileTier {
     input: f64,
     cached_input: Option<f64>,
+    cache_write_input: Option<f64>,
     output: f64,
 }
 
@@ -77,6 +82,7 @@ struct FileTier {
 struct FileModel {
     input: f64,
     cached_input: Option<f64>,
+    cache_write_input: Option<f64>,
     output: f64,
     #[serde(default)]
     per_request: f64,
@@ -121,25 +127,47 @@ fn to_micros(model: &str, field: &str, usd: f64) -> Result<i64, PricingError> {
     Ok(micros as i64)
 }
 
-fn tier(model: &str, prefix: &str, input: f64, cached: Option<f64>, output: f64) -> Result<Tier, PricingError> {
-    let input = to_micros(model, &format!("{prefix}input"), input)?;
+/// A tier's prices as the file gives them (USD per million tokens).
+struct TierPrices {
+    input: f64,
+    cached: Option<f64>,
+    cache_write: Option<f64>,
+    output: f64,
+}
+
+fn tier(model: &str, prefix: &str, prices: TierPrices) -> Result<Tier, PricingError> {
+    let input = to_micros(model, &format!("{prefix}input"), prices.input)?;
+    let optional = |field: &str, usd: Option<f64>| -> Result<i64, PricingError> {
+        Ok(usd.map(|c| to_micros(model, &format!("{prefix}{field}"), c)).transpose()?.unwrap_or(input))
+    };
     Ok(Tier {
         input,
-        cached_input: cached
-            .map(|c| to_micros(model, &format!("{prefix}cached_input"), c))
-            .transpose()?
-            .unwrap_or(input),
-        output: to_micros(model, &format!("{prefix}output"), output)?,
+        cached_input: optional("cached_input", prices.cached)?,
+        cache_write_input: optional("cache_write_input", prices.cache_write)?,
+        output: to_micros(model, &format!("{prefix}output"), prices.output)?,
     })
 }
 
 fn model_price(name: &str, m: FileModel) -> Result<ModelPrice, PricingError> {
-    let base = tier(name, "", m.input, m.cached_input, m.output)?;
+    let base = tier(
+        name,
+        "",
+        TierPrices { input: m.input, cached: m.cached_input, cache_write: m.cache_write_input, output: m.output },
+    )?;
     let long_context = match m.long_context {
         None => None,
         Some(lc) => Some((
             lc.threshold_tokens,
-            tier(name, "long_context.", lc.tier.input, lc.tier.cached_input, lc.tier.output)?,
+            tier(
+                name,
+                "long_context.",
+                TierPrices {
+                    input: lc.tier.input,
+                    cached: lc.tier.cached_input,
+                    cache_write: lc.tier.cache_write_input,
+                    output: lc.tier.output,
+                },
+            )?,
         )),
     };
     let per_request = to_micros(name, "per_request", m.per_request)?;
@@ -213,9 +241,11 @@ impl ModelPrice {
             _ => self.base,
         };
         let cached = usage.cached.min(usage.prompt);
-        let uncached = usage.prompt - cached;
+        let written = usage.cache_write.min(usage.prompt - cached);
+        let uncached = usage.prompt - cached - written;
         let scaled = i128::from(uncached) * i128::from(tier.input)
             + i128::from(cached) * i128::from(tier.cached_input)
+            + i128::from(written) * i128::from(tier.cache_write_input)
             + i128::from(usage.billed_output()) * i128::from(tier.output);
         let micros = (scaled + 500_000) / 1_000_000;
         i64::try_from(micros).unwrap_or(i64::MAX).saturating_add(self.per_request)
@@ -223,9 +253,12 @@ impl ModelPrice {
 
     /// The most a request can cost with `prompt` tokens in and at most
     /// `max_output` out (for budget reservations).
+    /// (Every prompt token at the dearer of the input and cache-write prices.)
     pub fn worst_case_micros(&self, prompt: u64, max_output: u64) -> i64 {
         let total = prompt.saturating_add(max_output);
-        self.cost_micros(&Usage { prompt, completion: max_output, total, reasoning: 0, cached: 0 })
+        let all_input = Usage { prompt, completion: max_output, total, ..Usage::default() };
+        let all_written = Usage { cache_write: prompt, ..all_input };
+        self.cost_micros(&all_input).max(self.cost_micros(&all_written))
     }
 }
 
@@ -234,7 +267,7 @@ mod tests {
     use super::*;
 
     fn usage(prompt: u64, completion: u64, cached: u64) -> Usage {
-        Usage { prompt, completion, total: prompt + completion, reasoning: 0, cached }
+        Usage { prompt, completion, total: prompt + completion, reasoning: 0, cached, cache_write: 0 }
     }
 
     #[test]
@@ -284,6 +317,30 @@ mod tests {
     }
 
     #[test]
+    fn cache_writes_have_their_own_price_and_bound_the_worst_case() {
+        let table = PriceTable::parse(
+            "[models.claude]\ninput = 3.0\ncached_input = 0.3\ncache_write_input = 3.75\noutput = 15.0\n\
+             [models.plain]\ninput = 3.0\noutput = 15.0\n",
+        )
+        .unwrap();
+        let claude = table.price("claude").unwrap();
+        // 1M prompt: 500k read at $0.30, 250k written at $3.75, 250k plain at $3.00.
+        let mixed = Usage { prompt: 1_000_000, cached: 500_000, cache_write: 250_000, ..Usage::default() };
+        assert_eq!(claude.cost_micros(&mixed), 150_000 + 937_500 + 750_000);
+        // Without a cache-write price, writes cost the input price.
+        assert_eq!(
+            table.price("plain").unwrap().cost_micros(&Usage {
+                prompt: 1_000_000,
+                cache_write: 1_000_000,
+                ..Usage::default()
+            }),
+            3_000_000
+        );
+        // The worst case prices every prompt token as a write.
+        assert_eq!(claude.worst_case_micros(1_000_000, 0), 3_750_000);
+    }
+
+    #[test]
     fn long_context_prices_apply_above_the_threshold() {
         let table = PriceTable::parse(DEFAULT_PRICING).unwrap();
         let pro = table.price("gemini-2.5-pro").unwrap();
@@ -295,7 +352,7 @@ mod tests {
     fn thinking_tokens_hidden_in_the_total_are_billed() {
         let table = PriceTable::parse(DEFAULT_PRICING).unwrap();
         let flash = table.price("gemini-2.5-flash").unwrap();
-        let hidden = Usage { prompt: 0, completion: 100, total: 1_100, reasoning: 0, cached: 0 };
+        let hidden = Usage { prompt: 0, completion: 100, total: 1_100, reasoning: 0, cached: 0, cache_write: 0 };
         assert_eq!(flash.cost_micros(&hidden), 2_750, "1,100 output tokens at $2.50/M");
     }
 

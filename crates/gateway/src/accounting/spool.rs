@@ -179,6 +179,8 @@ mod tests {
             target: None,
             upstream: None,
             attempts: 1,
+            cache_write_tokens: 0,
+            api: "openai".into(),
         }
     }
 

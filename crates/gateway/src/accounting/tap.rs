@@ -7,6 +7,12 @@
 //! removed, so the client sees the stream it asked for. Until usage arrives,
 //! events are kept (up to a bound) for a token estimate should it never come.
 //!
+//! Gemini and Anthropic streams are read in their own vocabulary: Gemini's
+//! `usageMetadata` (final on the chunk with `finishReason`), Anthropic's
+//! usage spread over `message_start` (input) and `message_delta` (output).
+//! When such a stream stops before its final usage, the input side it did
+//! report is kept and the output is estimated (the record is flagged).
+//!
 //! The tap records its exchange exactly once: at the end of the stream, on
 //! an upstream failure, or, if the client goes away, when it is dropped.
 
@@ -14,9 +20,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tollgate_openai::usage::{has_empty_choices, null_usage_member, remove_member};
-use tollgate_openai::{SseEvent, SseScanner, Usage, UsageField, find_model, find_usage};
+use tollgate_openai::{Api, SseEvent, SseScanner, Usage, UsageField, anthropic, find_model, find_usage, gemini};
 
 use super::{Exchange, Outcome, estimate};
+use crate::proxy::relay::Shape;
 
 /// Event bytes kept for estimating output when usage never comes.
 const MAX_KEPT_BYTES: usize = 4 * 1024 * 1024;
@@ -24,9 +31,15 @@ const MAX_KEPT_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug)]
 pub struct StreamTap {
     exchange: Option<Exchange>,
+    api: Api,
     /// The gateway injected `include_usage`: hide its effects.
     strip_usage: bool,
+    /// The final usage of the stream.
     usage: Option<Usage>,
+    /// Usage reported before the final count (Gemini's early chunks,
+    /// Anthropic's `message_start`): the input side of a stream cut short.
+    partial: Option<Usage>,
+    anthropic: anthropic::StreamUsage,
     upstream_model: Option<String>,
     first_event: Option<Duration>,
     /// Events kept for an estimate, copied end to end into one buffer: an
@@ -38,11 +51,14 @@ pub struct StreamTap {
 }
 
 impl StreamTap {
-    pub fn new(exchange: Exchange, strip_usage: bool, status: u16) -> Self {
+    pub fn new(exchange: Exchange, shape: Shape, status: u16) -> Self {
         Self {
             exchange: Some(exchange),
-            strip_usage,
+            api: shape.api,
+            strip_usage: shape.strip_usage,
             usage: None,
+            partial: None,
+            anthropic: anthropic::StreamUsage::default(),
             upstream_model: None,
             first_event: None,
             kept: BytesMut::new(),
@@ -57,6 +73,44 @@ impl StreamTap {
         {
             self.first_event = Some(exchange.started().elapsed());
         }
+        match self.api {
+            Api::OpenAi => self.on_openai_event(event),
+            Api::Gemini => {
+                let bytes = event.as_bytes();
+                if self.upstream_model.is_none() {
+                    self.upstream_model = gemini::find_model(bytes);
+                }
+                if let Some(usage) = gemini::find_usage(bytes) {
+                    if gemini::is_end(&event) {
+                        self.usage = Some(usage);
+                        self.kept.clear();
+                    } else {
+                        self.partial = Some(usage);
+                    }
+                }
+                self.keep(&event);
+                Some(event.into_bytes())
+            }
+            Api::Anthropic => {
+                let bytes = event.as_bytes();
+                if self.upstream_model.is_none() {
+                    self.upstream_model = find_model(bytes);
+                }
+                if self.anthropic.observe(bytes) {
+                    if anthropic::is_message_delta(&event) {
+                        self.usage = self.anthropic.usage();
+                        self.kept.clear();
+                    } else {
+                        self.partial = self.anthropic.usage();
+                    }
+                }
+                self.keep(&event);
+                Some(event.into_bytes())
+            }
+        }
+    }
+
+    fn on_openai_event(&mut self, event: SseEvent) -> Option<Bytes> {
         let bytes = event.as_bytes();
         if self.upstream_model.is_none() && !event.is_done() {
             self.upstream_model = find_model(bytes);
@@ -119,10 +173,22 @@ impl StreamTap {
     fn close(&mut self, error_class: Option<String>) {
         let Some(exchange) = self.exchange.take() else { return };
         let estimated_output = if self.usage.is_none() { self.estimate_output() } else { 0 };
+        // Cut short after the input was counted: that count, and the output
+        // estimated from what was relayed.
+        let (usage, usage_estimated) = match (self.usage, self.partial) {
+            (Some(usage), _) => (Some(usage), false),
+            (None, Some(partial)) => {
+                let completion = estimated_output;
+                let total = partial.prompt.saturating_add(completion);
+                (Some(Usage { completion, total, reasoning: 0, ..partial }), true)
+            }
+            (None, None) => (None, false),
+        };
         exchange.close(Outcome {
             status: self.status,
             error_class,
-            usage: self.usage,
+            usage,
+            usage_estimated,
             upstream_model: self.upstream_model.take(),
             reached_upstream: true,
             estimated_output,

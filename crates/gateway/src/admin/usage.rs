@@ -41,9 +41,10 @@ pub struct SummaryQuery {
     pub model: Option<String>,
     /// Comma-separated: any of `tenant`, `key`, `model`, `day`, and what
     /// served the requests: `route`, `target` (or `variant`), `upstream`,
-    /// `served_model` (empty: no grouping).
+    /// `served_model`, and the API the requests used: `api` (empty: no
+    /// grouping).
     #[param(
-        pattern = "^\\s*((tenant|key|model|day|route|target|variant|upstream|served_model)\\s*(,\\s*(tenant|key|model|day|route|target|variant|upstream|served_model)\\s*)*)?$"
+        pattern = "^\\s*((tenant|key|model|day|route|target|variant|upstream|served_model|api)\\s*(,\\s*(tenant|key|model|day|route|target|variant|upstream|served_model|api)\\s*)*)?$"
     )]
     pub group_by: Option<String>,
 }
@@ -148,10 +149,13 @@ fn parse_group_by(text: Option<&str>) -> Result<Vec<GroupBy>, AdminError> {
             "target" | "variant" => GroupBy::Target,
             "upstream" => GroupBy::Upstream,
             "served_model" => GroupBy::ServedModel,
+            "api" => GroupBy::Api,
             other => {
                 return Err(AdminError::invalid(
                     "group_by",
-                    format!("{other:?} is not one of tenant, key, model, day, route, target, upstream, served_model"),
+                    format!(
+                        "{other:?} is not one of tenant, key, model, day, route, target, upstream, served_model, api"
+                    ),
                 ));
             }
         };

@@ -81,9 +81,9 @@ impl Authenticator {
         &self.hasher
     }
 
-    pub fn authenticate(&self, headers: &http::HeaderMap, now_ms: i64) -> Result<Principal, GatewayError> {
-        let presented =
-            credentials::presented_key(headers).ok_or(GatewayError::Unauthenticated(AuthFailure::Missing))?;
+    /// Checks the key presented (`None`: none was).
+    pub fn authenticate(&self, presented: Option<&str>, now_ms: i64) -> Result<Principal, GatewayError> {
+        let presented = presented.ok_or(GatewayError::Unauthenticated(AuthFailure::Missing))?;
         let parsed = token::parse(token::TENANT_KEY_PREFIX, presented)
             .ok_or(GatewayError::Unauthenticated(AuthFailure::Invalid))?;
         let key = self.cache.key(parsed.id).ok_or(GatewayError::Unauthenticated(AuthFailure::Invalid))?;
@@ -113,11 +113,19 @@ impl Authenticator {
 #[derive(Clone)]
 pub struct AuthLayer {
     auth: Arc<Authenticator>,
+    query_key: bool,
 }
 
 impl AuthLayer {
     pub fn new(auth: Arc<Authenticator>) -> Self {
-        Self { auth }
+        Self { auth, query_key: false }
+    }
+
+    /// Also takes the key from the `key` query parameter (Google's API
+    /// does), and removes the parameter from the request before anything
+    /// below sees its URI.
+    pub fn with_query_key(auth: Arc<Authenticator>) -> Self {
+        Self { auth, query_key: true }
     }
 }
 
@@ -125,7 +133,7 @@ impl<S> Layer<S> for AuthLayer {
     type Service = AuthService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AuthService { inner, auth: self.auth.clone() }
+        AuthService { inner, auth: self.auth.clone(), query_key: self.query_key }
     }
 }
 
@@ -133,6 +141,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     auth: Arc<Authenticator>,
+    query_key: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -158,7 +167,17 @@ where
             self.auth.metrics.auth_failures.with_label_values(&["throttled"]).inc();
             return Box::pin(async move { Ok(GatewayError::AuthThrottled { retry_after }.into_response()) });
         }
-        match self.auth.authenticate(request.headers(), now_ms) {
+        let mut presented = credentials::presented_key(request.headers());
+        if presented.is_none() && self.query_key {
+            presented = credentials::query_key(request.uri());
+        }
+        let authenticated = self.auth.authenticate(presented, now_ms);
+        if self.query_key
+            && let Some(uri) = credentials::without_query_key(request.uri())
+        {
+            *request.uri_mut() = uri;
+        }
+        match authenticated {
             Ok(principal) => {
                 request.extensions_mut().insert(principal);
                 Box::pin(self.inner.call(request))

@@ -33,9 +33,10 @@ use crate::routing::choice;
 use crate::routing::config::{RetryOn, Sticky};
 use crate::routing::table::{Route, Target};
 use crate::telemetry::traces::{RequestTrace, Stage};
-use crate::upstream::{FailureKind, Phase, Upstream, UpstreamBody, UpstreamFailure, UpstreamResponse};
+use crate::upstream::{FailureKind, Outbound, Phase, Upstream, UpstreamBody, UpstreamFailure, UpstreamResponse};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
+use tollgate_openai::Api;
 
 /// What served a request.
 #[derive(Debug)]
@@ -72,6 +73,31 @@ pub struct Call<'a> {
     pub metrics: &'a Metrics,
     /// The request's server span, when traces are exported.
     pub trace: Option<&'a RequestTrace>,
+    /// The API the request is in.
+    pub api: Api,
+}
+
+impl Call<'_> {
+    /// The upstream path for `model`: a Gemini call names its model in the
+    /// path (`path` is then `:method` and any query); the others carry it
+    /// in the body.
+    fn path_for(&self, model: &str) -> std::borrow::Cow<'_, str> {
+        match self.api {
+            Api::Gemini => std::borrow::Cow::Owned(format!("/models/{model}{}", self.path)),
+            _ => std::borrow::Cow::Borrowed(self.path),
+        }
+    }
+
+    fn outbound<'b>(&'b self, path: &'b str, stage: &Stage) -> Outbound<'b> {
+        Outbound {
+            method: Method::POST,
+            api: self.api,
+            path,
+            client_headers: self.headers,
+            request_id: self.request_id,
+            traceparent: stage.traceparent(),
+        }
+    }
 }
 
 /// Why an attempt is made, on its span: `first`, `retry:<failure>` (the
@@ -193,8 +219,8 @@ pub fn monotonic_ms() -> u64 {
 /// Sends the request once to `upstream`, with no route.
 pub async fn direct<'a>(upstream: &'a Upstream, call: &Call<'_>, body: Bytes) -> Result<Served<'a>, GatewayError> {
     let stage = attempt_stage(call, upstream, ("default", "-"), call.requested_model, 1, Reason::First);
-    let result =
-        upstream.send(Method::POST, call.path, call.headers, call.request_id, Some(body), stage.traceparent()).await;
+    let path = call.path_for(call.requested_model);
+    let result = upstream.send(call.outbound(&path, &stage), Some(body)).await;
     record_attempt(&stage, &result);
     drop(stage);
     call.metrics.upstream_attempts.with_label_values(&["default", "-", outcome(&result)]).inc();
@@ -429,10 +455,8 @@ async fn try_target(
     stage: &Stage,
 ) -> Result<Result<UpstreamResponse, UpstreamFailure>, GatewayError> {
     let body = body_for(target, call)?;
-    let result = target
-        .upstream
-        .send(Method::POST, call.path, call.headers, call.request_id, Some(body), stage.traceparent())
-        .await;
+    let path = call.path_for(target.model_for(call.requested_model));
+    let result = target.upstream.send(call.outbound(&path, stage), Some(body)).await;
     record_attempt(stage, &result);
     match outcome(&result) {
         "ok" => target.ok_attempts.inc(),
@@ -472,20 +496,38 @@ fn finish_failed<'a>(
 /// The body a target gets: its model, and its overrides within the
 /// tenant's caps. The client's bytes when nothing changes.
 fn body_for(target: &Target, call: &Call<'_>) -> Result<Bytes, GatewayError> {
-    let mut edits: Vec<(&str, Option<Value>)> = Vec::new();
-    if let Some(model) = &target.model
-        && model != call.requested_model
-    {
-        edits.push(("model", Some(json!(model))));
+    let edits = match call.api {
+        Api::OpenAi => openai_edits(target, call),
+        Api::Gemini => gemini_edits(target, call),
+        Api::Anthropic => anthropic_edits(target, call),
+    };
+    if edits.is_empty() {
+        return Ok(call.body.clone());
     }
+    set_members(call.body, &edits).map(Bytes::from).ok_or(GatewayError::PolicyUncheckable)
+}
+
+/// A top-level object member of the request body, or an empty object.
+fn object_member(body: &[u8], name: &str) -> Value {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get(name).cloned())
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}))
+}
+
+fn model_edit(target: &Target, call: &Call<'_>) -> Option<(&'static str, Option<Value>)> {
+    let model = target.model.as_ref()?;
+    (model != call.requested_model).then(|| ("model", Some(json!(model))))
+}
+
+fn openai_edits(target: &Target, call: &Call<'_>) -> Vec<(&'static str, Option<Value>)> {
+    let mut edits = Vec::new();
+    edits.extend(model_edit(target, call));
     let overrides = &target.overrides;
     if let Some(budget) = overrides.thinking_budget {
         let budget = call.policy.max_thinking_budget.map_or(budget, |cap| budget.min(cap));
-        let mut google: Value = serde_json::from_slice::<Value>(call.body)
-            .ok()
-            .and_then(|v| v.get("google").cloned())
-            .filter(Value::is_object)
-            .unwrap_or_else(|| json!({}));
+        let mut google = object_member(call.body, "google");
         if !google["thinking_config"].is_object() {
             google["thinking_config"] = json!({});
         }
@@ -506,8 +548,42 @@ fn body_for(target: &Target, call: &Call<'_>) -> Result<Bytes, GatewayError> {
         let member = if call.path == "/responses" { "max_output_tokens" } else { "max_tokens" };
         edits.push((member, Some(json!(limit))));
     }
-    if edits.is_empty() {
-        return Ok(call.body.clone());
+    edits
+}
+
+/// Gemini: the model is in the path; the thinking budget and output limit
+/// live in `generationConfig`. (`reasoning_effort` has no Gemini meaning.)
+fn gemini_edits(target: &Target, call: &Call<'_>) -> Vec<(&'static str, Option<Value>)> {
+    let overrides = &target.overrides;
+    let default_limit = overrides.default_max_tokens.filter(|_| !call.has_output_limit);
+    if overrides.thinking_budget.is_none() && default_limit.is_none() {
+        return Vec::new();
     }
-    set_members(call.body, &edits).map(Bytes::from).ok_or(GatewayError::PolicyUncheckable)
+    let mut config = object_member(call.body, "generationConfig");
+    if let Some(budget) = overrides.thinking_budget {
+        let budget = call.policy.max_thinking_budget.map_or(budget, |cap| budget.min(cap));
+        if !config["thinkingConfig"].is_object() {
+            config["thinkingConfig"] = json!({});
+        }
+        config["thinkingConfig"]["thinkingBudget"] = json!(budget);
+    }
+    if let Some(limit) = default_limit {
+        config["maxOutputTokens"] = json!(call.policy.max_output_tokens.map_or(limit, |cap| limit.min(cap)));
+    }
+    vec![("generationConfig", Some(config))]
+}
+
+/// Anthropic: the model in the body; a thinking budget turns extended
+/// thinking on with it (0 turns it off). `max_tokens` is required, so
+/// there is no output limit to default.
+fn anthropic_edits(target: &Target, call: &Call<'_>) -> Vec<(&'static str, Option<Value>)> {
+    let mut edits = Vec::new();
+    edits.extend(model_edit(target, call));
+    if let Some(budget) = target.overrides.thinking_budget {
+        let budget = call.policy.max_thinking_budget.map_or(budget, |cap| budget.min(cap));
+        let thinking =
+            if budget == 0 { json!({"type": "disabled"}) } else { json!({"type": "enabled", "budget_tokens": budget}) };
+        edits.push(("thinking", Some(thinking)));
+    }
+    edits
 }

@@ -17,8 +17,20 @@
 use http::{HeaderMap, HeaderName};
 
 /// Headers forwarded to the upstream, besides `x-stainless-*`.
-const REQUEST_ALLOWED: &[&str] =
-    &["content-type", "accept", "user-agent", "openai-beta", "idempotency-key", "traceparent", "tracestate"];
+/// `anthropic-version` and `anthropic-beta` choose the Messages API's
+/// version and features; `x-goog-api-client` is google-genai's telemetry.
+const REQUEST_ALLOWED: &[&str] = &[
+    "content-type",
+    "accept",
+    "user-agent",
+    "openai-beta",
+    "idempotency-key",
+    "traceparent",
+    "tracestate",
+    "anthropic-version",
+    "anthropic-beta",
+    "x-goog-api-client",
+];
 /// The SDKs' telemetry prefix; a few such headers are forwarded.
 const STAINLESS_PREFIX: &str = "x-stainless-";
 const MAX_STAINLESS_HEADERS: usize = 16;
@@ -39,6 +51,7 @@ const RESPONSE_ALLOWED: &[&str] = &[
     "x-should-retry",
     "openai-processing-ms",
     "openai-version",
+    "anthropic-version",
 ];
 
 /// The request headers an operator allows on top of the built-in list:

@@ -34,7 +34,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{Method, header};
-use tollgate_openai::EndMarker;
+use tollgate_openai::{Api, EndMarker};
 
 use crate::accounting::{Accounting, Exchange, Outcome};
 use crate::auth::Principal;
@@ -104,7 +104,7 @@ async fn post_stages(
     if let Some(exchange) = slot.as_mut() {
         exchange.set_request(body.clone(), Some(model), peek.is_stream());
     }
-    let route = proxy.routes.current().resolve(model);
+    let route = proxy.routes.current().resolve(Api::OpenAi, model);
     let candidates: Vec<&str> = match &route {
         Some(route) => route.models(model).collect(),
         None => vec![model],
@@ -141,6 +141,7 @@ async fn post_stages(
         tenant_id: principal.tenant_id(),
         metrics: &proxy.accounting.metrics,
         trace,
+        api: Api::OpenAi,
     };
     let served = match &route {
         Some(route) => forward::routed(route, &call).await?,
@@ -156,22 +157,16 @@ async fn post_stages(
         exchange.served_by(&served.model, by);
     }
     let served_headers = relay::ServedHeaders::new(&served);
-    let mut response = relay::respond(
-        proxy,
-        served.upstream,
-        served.response,
-        slot,
-        forwarded.strip_usage,
-        EndMarker::for_endpoint(endpoint),
-    )
-    .await?;
+    let shape =
+        relay::Shape { api: Api::OpenAi, strip_usage: forwarded.strip_usage, end: EndMarker::for_endpoint(endpoint) };
+    let mut response = relay::respond(proxy, served.upstream, served.response, slot, shape).await?;
     grants.write(response.headers_mut());
     served_headers.write(response.headers_mut());
     Ok(response)
 }
 
 /// The caller and the accounting exchange every `/v1` request starts with.
-fn begin(
+pub(crate) fn begin(
     proxy: &Proxy,
     parts: &http::request::Parts,
 ) -> Result<(RequestId, Principal, Option<Exchange>), GatewayError> {
@@ -197,7 +192,7 @@ fn begin(
 /// Turns the stages' result into the response, closing the exchange if no
 /// stage did (every failure before an answer was relayed) and counting
 /// refusals by limits and budgets.
-fn finish(result: Result<Response, GatewayError>, slot: Option<Exchange>) -> Response {
+pub(crate) fn finish(result: Result<Response, GatewayError>, slot: Option<Exchange>) -> Response {
     match result {
         Ok(response) => {
             if let Some(exchange) = slot {
@@ -272,15 +267,23 @@ async fn forward_get_inner(
     }
     let stage = Stage::under(parts.extensions.get::<RequestTrace>(), "list models", SpanKind::Client);
     stage.set(KeyValue::new("tollgate.upstream", "default"));
-    let upstream_response =
-        proxy.upstream.send(Method::GET, &path, &parts.headers, request_id, None, stage.traceparent()).await;
+    let outbound = crate::upstream::Outbound {
+        method: Method::GET,
+        api: tollgate_openai::Api::OpenAi,
+        path: &path,
+        client_headers: &parts.headers,
+        request_id,
+        traceparent: stage.traceparent(),
+    };
+    let upstream_response = proxy.upstream.send(outbound, None).await;
     if let Ok(response) = &upstream_response {
         stage.set(KeyValue::new("http.response.status_code", i64::from(response.status().as_u16())));
     }
     drop(stage);
     let upstream_response = upstream_response?;
     let upstream_response = upstream_response.map(crate::upstream::UpstreamBody::Live);
-    let response = relay::respond(proxy, &proxy.upstream, upstream_response, slot, false, None).await?;
+    let shape = relay::Shape { api: Api::OpenAi, strip_usage: false, end: None };
+    let response = relay::respond(proxy, &proxy.upstream, upstream_response, slot, shape).await?;
     if rules.is_unrestricted() || parts.uri.path() != "/v1/models" || !response.status().is_success() {
         return Ok(response);
     }

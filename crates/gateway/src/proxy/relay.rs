@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, StatusCode, header};
-use tollgate_openai::{EndMarker, UsageField, find_model, find_usage};
+use tollgate_openai::{Api, EndMarker, UsageField, anthropic, find_model, find_usage, gemini};
 
 use super::{Proxy, headers, stream};
 use crate::accounting::tap::StreamTap;
@@ -56,13 +56,22 @@ impl ServedHeaders {
 /// bodies after reading their usage. An upstream answer no SDK can use (a
 /// redirect, an HTML page) or a refusal of the gateway's own key becomes the
 /// gateway's error instead.
+/// How an answer is read: its API, whether the gateway asked for stream
+/// usage on the client's behalf (then hidden), and the end marker a
+/// complete stream carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub api: Api,
+    pub strip_usage: bool,
+    pub end: Option<EndMarker>,
+}
+
 pub async fn respond(
     proxy: &Proxy,
     client: &upstream::Upstream,
     upstream: http::Response<upstream::UpstreamBody>,
     slot: &mut Option<Exchange>,
-    strip_usage: bool,
-    end: Option<EndMarker>,
+    shape: Shape,
 ) -> Result<Response, GatewayError> {
     let mut upstream = upstream;
     if let Some(exchange) = slot.as_mut() {
@@ -95,9 +104,9 @@ pub async fn respond(
     }
 
     if is_event_stream && status.is_success() {
-        let tap = slot.take().map(|exchange| StreamTap::new(exchange, strip_usage, status.as_u16()));
-        let body =
-            stream::relay(upstream.into_body(), client.idle_timeout(), client.max_event_bytes(), end, tap, in_flight);
+        let tap = slot.take().map(|exchange| StreamTap::new(exchange, shape, status.as_u16()));
+        let limits = stream::Limits { idle_timeout: client.idle_timeout(), max_event_bytes: client.max_event_bytes() };
+        let body = stream::relay(upstream.into_body(), limits, shape, tap, in_flight);
         if let Some(headers) = response.headers_mut() {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Tells nginx-style proxies in front of the gateway not to buffer.
@@ -116,19 +125,27 @@ pub async fn respond(
     if let Some(mut exchange) = slot.take() {
         exchange.upstream_elapsed = exchange.sent_at.map(|t| t.elapsed());
         let succeeded = status.is_success();
-        let usage = match find_usage(&body) {
-            UsageField::Present(usage, ..) => Some(usage),
-            _ => None,
+        let (usage, upstream_model) = match shape.api {
+            Api::OpenAi => {
+                let usage = match find_usage(&body) {
+                    UsageField::Present(usage, ..) => Some(usage),
+                    _ => None,
+                };
+                (usage, find_model(&body))
+            }
+            Api::Gemini => (gemini::find_usage(&body), gemini::find_model(&body)),
+            Api::Anthropic => (anthropic::find_usage(&body), find_model(&body)),
         };
         let estimated_output = if succeeded && usage.is_none() { estimate::response_tokens(&body) } else { 0 };
         let cost = exchange.close(Outcome {
             status: status.as_u16(),
             error_class: (!succeeded).then(|| upstream_error_class(status)),
             usage,
-            upstream_model: find_model(&body),
+            upstream_model,
             reached_upstream: succeeded,
             estimated_output,
             first_event: None,
+            usage_estimated: false,
         });
         if succeeded
             && let Some(headers) = response.headers_mut()

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use tollgate_openai::{EndMarker, ErrorEnvelope, SseScanner};
+use tollgate_openai::{Api, EndMarker, ErrorEnvelope, SseScanner, anthropic, gemini};
 
 use crate::accounting::tap::StreamTap;
 
@@ -39,6 +39,8 @@ struct Relay<S> {
     scanner: SseScanner,
     ready: VecDeque<Bytes>,
     idle_timeout: Duration,
+    /// The API whose error event ends a failed stream.
+    api: Api,
     finished: bool,
     /// The marker a complete stream ends with (`None`: not checked).
     end: Option<EndMarker>,
@@ -50,8 +52,22 @@ struct Relay<S> {
     _in_flight: Option<crate::upstream::InFlightSlot>,
 }
 
-fn error_event(message: &str, code: &str) -> Bytes {
-    Bytes::from(ErrorEnvelope::new(message, "upstream_error", code).to_sse_event())
+/// One event in the stream's own API that makes its SDK raise: the status
+/// says what kind of failure it was (502 broken, 504 silent).
+fn error_event(api: Api, message: &str, code: &str) -> Bytes {
+    let status = if code == "upstream_timeout" { 504 } else { 502 };
+    match api {
+        Api::OpenAi => Bytes::from(ErrorEnvelope::new(message, "upstream_error", code).to_sse_event()),
+        Api::Gemini => Bytes::from(gemini::error_event(status, message, code)),
+        Api::Anthropic => Bytes::from(anthropic::error_event(status, message)),
+    }
+}
+
+/// Bounds on a relayed stream.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+    pub max_event_bytes: usize,
 }
 
 impl<S: ChunkSource> Relay<S> {
@@ -105,7 +121,7 @@ impl<S: ChunkSource> Relay<S> {
     }
 
     fn fail(&mut self, message: &str, code: &str) {
-        self.ready.push_back(error_event(message, code));
+        self.ready.push_back(error_event(self.api, message, code));
         if let Some(tap) = &mut self.tap {
             tap.fail(code);
         }
@@ -116,19 +132,19 @@ impl<S: ChunkSource> Relay<S> {
 /// The client-facing body stream for an upstream SSE response.
 pub fn relay<S: ChunkSource>(
     source: S,
-    idle_timeout: Duration,
-    max_event_bytes: usize,
-    end: Option<EndMarker>,
+    limits: Limits,
+    shape: super::relay::Shape,
     tap: Option<StreamTap>,
     slot: Option<crate::upstream::InFlightSlot>,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
     let relay = Relay {
         source,
-        scanner: SseScanner::new(max_event_bytes),
+        scanner: SseScanner::new(limits.max_event_bytes),
         ready: VecDeque::new(),
-        idle_timeout,
+        idle_timeout: limits.idle_timeout,
+        api: shape.api,
         finished: false,
-        end,
+        end: shape.end,
         complete: false,
         tap,
         _in_flight: slot,
@@ -164,7 +180,9 @@ mod tests {
     async fn run_with(end: Option<EndMarker>, steps: Vec<Result<Option<&'static [u8]>, &'static str>>) -> Vec<Bytes> {
         let script =
             Script(steps.into_iter().map(|s| s.map(|o| o.map(Bytes::from_static)).map_err(str::to_owned)).collect());
-        relay(script, Duration::from_millis(50), 1024, end, None, None).map(|r| r.unwrap()).collect().await
+        let limits = Limits { idle_timeout: Duration::from_millis(50), max_event_bytes: 1024 };
+        let shape = super::super::relay::Shape { api: Api::OpenAi, strip_usage: false, end };
+        relay(script, limits, shape, None, None).map(|r| r.unwrap()).collect().await
     }
 
     #[tokio::test]

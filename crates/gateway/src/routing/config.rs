@@ -20,6 +20,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tollgate_openai::Api;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +28,10 @@ pub struct RouteConfig {
     /// The model name clients send: an exact name, a glob (`gemini-*`), or
     /// an alias that exists only in the gateway.
     pub model: String,
+    /// The API whose requests the route serves (`openai`, `gemini` or
+    /// `anthropic`); every target's upstream must speak it.
+    #[serde(default)]
+    pub api: Api,
     /// Fallback groups, tried in order; each a weighted set of targets.
     pub groups: Vec<GroupConfig>,
     /// Keep one caller on one target of a weighted group.
@@ -177,15 +182,18 @@ fn default_weight() -> u32 {
 
 /// Checks routes against the upstreams there are; the error names the
 /// offending key.
-pub fn validate(routes: &[RouteConfig], upstreams: &[&str]) -> Result<(), (String, String)> {
+/// An upstream as routes see it: its name and the APIs it speaks.
+pub type UpstreamApis<'a> = (&'a str, &'a [Api]);
+
+pub fn validate(routes: &[RouteConfig], upstreams: &[UpstreamApis<'_>]) -> Result<(), (String, String)> {
     let mut seen = std::collections::HashSet::new();
     for (i, route) in routes.iter().enumerate() {
         let at = |what: &str| format!("routes[{i}].{what}");
         if route.model.is_empty() || route.model.len() > 256 || route.model.chars().any(char::is_whitespace) {
             return Err((at("model"), "must be a model name or glob without spaces".to_owned()));
         }
-        if !seen.insert(route.model.as_str()) {
-            return Err((at("model"), format!("{:?} has another route already", route.model)));
+        if !seen.insert((route.api, route.model.as_str())) {
+            return Err((at("model"), format!("{:?} has another {} route already", route.model, route.api)));
         }
         if route.groups.is_empty() {
             return Err((at("groups"), "needs at least one group of targets".to_owned()));
@@ -201,10 +209,19 @@ pub fn validate(routes: &[RouteConfig], upstreams: &[&str]) -> Result<(), (Strin
                 return Err((at(&format!("groups[{g}].targets")), "needs a target with a weight above 0".to_owned()));
             }
             for (t, target) in group.targets.iter().enumerate() {
-                if !upstreams.contains(&target.upstream.as_str()) {
+                let Some((_, apis)) = upstreams.iter().find(|(name, _)| *name == target.upstream) else {
                     return Err((
                         at(&format!("groups[{g}].targets[{t}].upstream")),
                         format!("no upstream is named {:?}", target.upstream),
+                    ));
+                };
+                if !apis.contains(&route.api) {
+                    return Err((
+                        at(&format!("groups[{g}].targets[{t}].upstream")),
+                        format!(
+                            "{:?} does not speak the {} API this route serves (its `apis` setting)",
+                            target.upstream, route.api
+                        ),
                     ));
                 }
                 if let Some(effort) = &target.overrides.reasoning_effort
@@ -256,16 +273,26 @@ targets = [{ upstream = "backup", model = "gemini-2.5-pro" }]
         assert_eq!(route.attempts_per_target, 2);
         assert_eq!(route.retry_on.len(), 4);
         assert_eq!(route.sticky, Some(Sticky::User));
-        assert!(validate(&routes, &["comet", "backup"]).is_ok());
+        assert!(validate(&routes, &[("comet", &Api::ALL), ("backup", &Api::ALL)]).is_ok());
     }
 
     #[test]
     fn mistakes_are_named() {
         let routes = parse(EXAMPLE);
-        let (key, problem) = validate(&routes, &["comet"]).unwrap_err();
+        let (key, problem) = validate(&routes, &[("comet", &Api::ALL)]).unwrap_err();
         assert_eq!(key, "routes[0].groups[1].targets[0].upstream");
         assert!(problem.contains("backup"));
         let zero = parse("[[routes]]\nmodel = \"m\"\n[[routes.groups]]\ntargets = [{ weight = 0 }]\n");
-        assert_eq!(validate(&zero, &["default"]).unwrap_err().0, "routes[0].groups[0].targets");
+        assert_eq!(validate(&zero, &[("default", &Api::ALL)]).unwrap_err().0, "routes[0].groups[0].targets");
+        let anthropic = parse(
+            "[[routes]]\nmodel = \"m\"\napi = \"anthropic\"\n[[routes.groups]]\ntargets = [{ upstream = \"openai-only\" }]\n",
+        );
+        let (key, problem) = validate(&anthropic, &[("openai-only", &[Api::OpenAi])]).unwrap_err();
+        assert_eq!(key, "routes[0].groups[0].targets[0].upstream");
+        assert!(problem.contains("anthropic"), "{problem}");
+        let twice = parse(
+            "[[routes]]\nmodel = \"m\"\n[[routes.groups]]\ntargets = [{}]\n[[routes]]\nmodel = \"m\"\napi = \"gemini\"\n[[routes.groups]]\ntargets = [{}]\n",
+        );
+        assert!(validate(&twice, &[("default", &Api::ALL)]).is_ok(), "one model name may have a route per API");
     }
 }

@@ -45,7 +45,7 @@ pub fn read_routes(path: &Path, upstreams: &Upstreams) -> Result<Vec<RouteConfig
         .map_err(|e| RoutesError::File { path: path.to_owned(), problem: e.to_string() })?;
     let file: RoutesFile =
         toml::from_str(&text).map_err(|e| RoutesError::File { path: path.to_owned(), problem: e.to_string() })?;
-    let names: Vec<&str> = upstreams.names().collect();
+    let names: Vec<(&str, &[tollgate_openai::Api])> = upstreams.iter().map(|(n, u)| (n, u.apis())).collect();
     validate(&file.routes, &names).map_err(|(key, problem)| RoutesError::Invalid { key, problem })?;
     Ok(file.routes)
 }

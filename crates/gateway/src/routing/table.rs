@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tollgate_openai::Api;
 use wildmatch::WildMatch;
 
 use super::backoff::Backoff;
@@ -48,6 +49,8 @@ pub struct Group {
 pub struct Route {
     /// The `model` the route was written for.
     pub name: String,
+    /// The API whose requests it serves.
+    pub api: Api,
     pub groups: Vec<Group>,
     pub sticky: Option<Sticky>,
     pub retry_on: Vec<RetryOn>,
@@ -91,10 +94,26 @@ impl Upstreams {
     }
 }
 
+/// The routes of one API.
 #[derive(Debug, Default)]
-pub struct RouteTable {
+struct ApiRoutes {
     exact: HashMap<String, Arc<Route>>,
     globs: Vec<(WildMatch, Arc<Route>)>,
+}
+
+/// The routes in force, per API: a model name routes only requests of the
+/// route's own API.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    by_api: [ApiRoutes; 3],
+}
+
+fn api_index(api: Api) -> usize {
+    match api {
+        Api::OpenAi => 0,
+        Api::Gemini => 1,
+        Api::Anthropic => 2,
+    }
 }
 
 impl RouteTable {
@@ -119,12 +138,18 @@ impl RouteTable {
                     // One breaker per route target: the same upstream and
                     // model in two routes are judged apart (their settings
                     // may differ), and a rebuild keeps each one's state.
-                    let breaker_key = format!("{}/{g}/{t}", config.model);
+                    // OpenAI routes keep their historical names (labels,
+                    // ledger `target`); other APIs' are prefixed by theirs.
+                    let name = match config.api {
+                        Api::OpenAi => config.model.clone(),
+                        api => format!("{api}:{}", config.model),
+                    };
+                    let breaker_key = format!("{name}/{g}/{t}");
                     let breaker = breakers
                         .entry(breaker_key)
                         .or_insert_with(|| Arc::new(Breaker::new(config.breaker.settings())))
                         .clone();
-                    let label = format!("{}/{g}/{t}", config.model);
+                    let label = format!("{name}/{g}/{t}");
                     targets.push(Target {
                         ok_attempts: metrics.upstream_attempts.with_label_values(&[&target.upstream, &label, "ok"]),
                         upstream_header: http::HeaderValue::from_str(&target.upstream)
@@ -143,6 +168,7 @@ impl RouteTable {
             }
             let route = Arc::new(Route {
                 name: config.model.clone(),
+                api: config.api,
                 groups,
                 sticky: config.sticky,
                 retry_on: config.retry_on.clone(),
@@ -150,10 +176,11 @@ impl RouteTable {
                 deadline: config.deadline,
                 backoff: Backoff::default(),
             });
+            let routes = &mut table.by_api[api_index(config.api)];
             if config.model.contains(['*', '?']) {
-                table.globs.push((WildMatch::new(&config.model), route));
+                routes.globs.push((WildMatch::new(&config.model), route));
             } else {
-                table.exact.insert(config.model.clone(), route);
+                routes.exact.insert(config.model.clone(), route);
             }
         }
         Ok(table)
@@ -161,16 +188,18 @@ impl RouteTable {
 
     /// The route for a client's model: an exact name or alias first, then
     /// the first glob (in file order) that matches.
-    pub fn resolve(&self, model: &str) -> Option<Arc<Route>> {
-        self.exact
+    pub fn resolve(&self, api: Api, model: &str) -> Option<Arc<Route>> {
+        let routes = &self.by_api[api_index(api)];
+        routes
+            .exact
             .get(model)
-            .or_else(|| self.globs.iter().find(|(glob, _)| glob.matches(model)).map(|(_, route)| route))
+            .or_else(|| routes.globs.iter().find(|(glob, _)| glob.matches(model)).map(|(_, route)| route))
             .cloned()
     }
 
-    /// Every route, exact names first.
+    /// Every route, each API's exact names first.
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
-        self.exact.values().chain(self.globs.iter().map(|(_, r)| r))
+        self.by_api.iter().flat_map(|r| r.exact.values().chain(r.globs.iter().map(|(_, r)| r)))
     }
 
     /// Targets whose breaker is not closed now.
@@ -182,6 +211,6 @@ impl RouteTable {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.globs.is_empty()
+        self.by_api.iter().all(|r| r.exact.is_empty() && r.globs.is_empty())
     }
 }

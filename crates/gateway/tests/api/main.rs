@@ -12,6 +12,7 @@ mod keys;
 mod lifecycle;
 mod limits;
 mod metrics;
+mod native;
 mod openapi;
 mod outage;
 mod passthrough;

@@ -27,16 +27,16 @@ async fn metrics_describe_traffic_with_bounded_labels_and_no_secrets() {
     let public = gw.anonymous.get(gw.url("/metrics")).send().await.unwrap();
     assert_eq!(public.status(), 404, "metrics are not on the public listener");
     let expected = [
-        r#"tollgate_requests_total{endpoint="/v1/chat/completions",model="gpt-4.1",status="2xx",stream="false",tenant="test"} 1"#,
-        r#"tollgate_requests_total{endpoint="/v1/chat/completions",model="gemini-2.5-flash",status="2xx",stream="true",tenant="test"} 1"#,
-        r#"tollgate_requests_total{endpoint="/v1/chat/completions",model="other",status="2xx",stream="false",tenant="test"} 1"#,
-        r#"tollgate_requests_total{endpoint="/v1/chat/completions",model="gpt-4.1",status="5xx",stream="false",tenant="test"} 1"#,
+        r#"tollgate_requests_total{api="openai",endpoint="/v1/chat/completions",model="gpt-4.1",status="2xx",stream="false",tenant="test"} 1"#,
+        r#"tollgate_requests_total{api="openai",endpoint="/v1/chat/completions",model="gemini-2.5-flash",status="2xx",stream="true",tenant="test"} 1"#,
+        r#"tollgate_requests_total{api="openai",endpoint="/v1/chat/completions",model="other",status="2xx",stream="false",tenant="test"} 1"#,
+        r#"tollgate_requests_total{api="openai",endpoint="/v1/chat/completions",model="gpt-4.1",status="5xx",stream="false",tenant="test"} 1"#,
         r#"tollgate_failures_total{code="status_503",fault="upstream"} 1"#,
         r#"tollgate_auth_failures_total{reason="invalid_api_key"} 1"#,
         r#"tollgate_unpriced_requests_total{model="other"} 1"#,
-        r#"tollgate_requests_total{endpoint="/v1/models",model="other",status="2xx",stream="false",tenant="test"} 1"#,
+        r#"tollgate_requests_total{api="openai",endpoint="/v1/models",model="other",status="2xx",stream="false",tenant="test"} 1"#,
         r#"tollgate_tokens_total{kind="prompt",model="gpt-4.1",tenant="test"}"#,
-        r#"tollgate_cost_micros_total{model="gpt-4.1",tenant="test"}"#,
+        r#"tollgate_cost_micros_total{api="openai",model="gpt-4.1",tenant="test"}"#,
         "tollgate_in_flight_requests 0",
         "tollgate_key_cache_keys 1",
         "tollgate_ledger_spool_bytes 0",

@@ -26,6 +26,7 @@ fn target(upstream: &str, model: &str, weight: u32) -> TargetConfig {
 fn route(model: &str, groups: Vec<Vec<TargetConfig>>) -> RouteConfig {
     RouteConfig {
         model: model.to_owned(),
+        api: Default::default(),
         groups: groups.into_iter().map(|targets| GroupConfig { targets }).collect(),
         sticky: None,
         retry_on: vec![RetryOn::Connect, RetryOn::Timeout, RetryOn::RateLimited, RetryOn::ServerError],

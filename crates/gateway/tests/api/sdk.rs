@@ -17,6 +17,7 @@ fn route(model: &str, targets: &[(&str, &str)]) -> tollgate_gateway::routing::co
     use tollgate_gateway::routing::config::{GroupConfig, Overrides, RetryOn, RouteConfig, TargetConfig};
     RouteConfig {
         model: model.to_owned(),
+        api: Default::default(),
         groups: targets
             .iter()
             .map(|(upstream, model)| GroupConfig {
@@ -133,4 +134,73 @@ async fn the_official_python_sdk_works_through_the_gateway() {
     assert!(output.status.success(), "the SDK suite failed:\n{stdout}");
     assert!(stdout.contains(" passed"), "the SDK suite ran no test:\n{stdout}");
     assert!(!gw.fake.requests().is_empty(), "the SDK traffic went through the fake upstream");
+    native_ledger_equals_the_fakes_usage(&gw).await;
+}
+
+/// Every Gemini and Anthropic call the SDKs made that the fake answered
+/// with usage is in the ledger with exactly that usage.
+async fn native_ledger_equals_the_fakes_usage(gw: &TestGateway) {
+    use std::collections::HashMap;
+    let reported: HashMap<String, serde_json::Value> = gw
+        .fake
+        .reported()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/v1beta/") || r.path.starts_with("/v1/messages"))
+        .filter_map(|r| Some((r.request_id?, r.usage?)))
+        .collect();
+    assert!(reported.len() >= 10, "the SDK suites made native calls with usage: {}", reported.len());
+    let records = crate::helpers::wait_for("the native records in the ledger", crate::helpers::PATIENCE, async || {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/admin/v1/usage/records?limit=200&cursor={c}"),
+                None => "/admin/v1/usage/records?limit=200".to_owned(),
+            };
+            let (_, page) = gw.admin(reqwest::Method::GET, &path, None).await;
+            all.extend(page["data"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        let found = reported.keys().filter(|id| all.iter().any(|r| r["request_id"] == id.as_str())).count();
+        (found == reported.len()).then_some(all)
+    })
+    .await;
+    for (request_id, usage) in &reported {
+        let record = records.iter().find(|r| r["request_id"] == request_id.as_str()).unwrap();
+        if !record["error_class"].is_null() {
+            // Cut short before the fake's usage was sent: estimated instead.
+            assert_eq!(record["estimated"], true, "{record}");
+            continue;
+        }
+        let n = |v: &serde_json::Value, k: &str| v[k].as_i64().unwrap_or(0);
+        let (prompt, completion, cached, written) = if record["api"] == "gemini" {
+            (
+                n(usage, "promptTokenCount") + n(usage, "toolUsePromptTokenCount"),
+                n(usage, "candidatesTokenCount") + n(usage, "thoughtsTokenCount"),
+                n(usage, "cachedContentTokenCount"),
+                0,
+            )
+        } else {
+            assert_eq!(record["api"], "anthropic", "{record}");
+            (
+                n(usage, "input_tokens")
+                    + n(usage, "cache_read_input_tokens")
+                    + n(usage, "cache_creation_input_tokens"),
+                n(usage, "output_tokens"),
+                n(usage, "cache_read_input_tokens"),
+                n(usage, "cache_creation_input_tokens"),
+            )
+        };
+        let got = (
+            n(record, "prompt_tokens"),
+            n(record, "completion_tokens"),
+            n(record, "cached_tokens"),
+            n(record, "cache_write_tokens"),
+        );
+        assert_eq!(got, (prompt, completion, cached, written), "{request_id}: {record} against {usage}");
+        assert_eq!(record["estimated"], false, "{record}");
+    }
 }

@@ -167,6 +167,7 @@ async fn a_retry_and_a_fallback_are_attempt_spans_with_their_reasons() {
         c.upstreams = vec![extra];
         c.routes = vec![RouteConfig {
             model: "chat-default".to_owned(),
+            api: Default::default(),
             groups: vec![
                 GroupConfig { targets: vec![target("default", "gemini-2.5-flash-lite")] },
                 GroupConfig { targets: vec![target("backup", "gemini-2.5-pro")] },
