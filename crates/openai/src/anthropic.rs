@@ -42,6 +42,10 @@ pub struct RequestPeek {
 impl RequestPeek {
     /// Reads a request body, which must be a JSON object.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
+        // serde would read a struct from an array too: only an object is a request.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err("the request body must be a JSON object".to_owned());
+        }
         let raw: RawRequest<'_> =
             serde_json::from_slice(body).map_err(|e| format!("the request body is not valid: {e}"))?;
         let thinking = raw.thinking.unwrap_or_default();

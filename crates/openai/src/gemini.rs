@@ -85,6 +85,10 @@ pub struct RequestPeek {
 impl RequestPeek {
     /// Reads a request body, which must be a JSON object.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
+        // serde would read a struct from an array too: only an object is a request.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err("the request body must be a JSON object".to_owned());
+        }
         let raw: RawRequest =
             serde_json::from_slice(body).map_err(|e| format!("the request body is not valid: {e}"))?;
         let config = raw.generation_config.unwrap_or_default();
@@ -219,6 +223,7 @@ mod tests {
         .unwrap();
         assert_eq!(peek, RequestPeek { max_output_tokens: Some(64), thinking_budget: Some(1024) });
         assert!(RequestPeek::parse(b"[1]").is_err());
+        assert!(RequestPeek::parse(b" []").is_err());
     }
 
     #[test]
