@@ -160,6 +160,10 @@ async fn gemini_calls_with_the_sdks_headers_are_relayed_and_accounted_to_the_mic
     }
     assert_eq!(record_of(&gw, "g-plain").await["reasoning_tokens"], 40);
     assert_eq!(record_of(&gw, "g-stream").await["endpoint"], "/v1beta/models:streamGenerateContent");
+    // Google reports no usage for embeddings: the input is estimated, and said to be.
+    let embed = record_of(&gw, "g-embed").await;
+    assert_eq!(embed["estimated"], true, "{embed}");
+    assert!(embed["prompt_tokens"].as_i64().unwrap() > 0, "{embed}");
     let count = record_of(&gw, "g-count").await;
     assert_eq!((count["cost_micros"].as_i64(), count["api"].as_str()), (Some(0), Some("gemini")), "{count}");
 
