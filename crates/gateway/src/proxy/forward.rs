@@ -132,11 +132,13 @@ impl Reason {
 }
 
 /// The GenAI operation an endpoint performs (`gen_ai.operation.name`).
+/// `path` is what follows the API root (for Gemini, the model's method).
 fn operation(path: &str) -> &'static str {
     match path {
-        "/chat/completions" => "chat",
+        "/chat/completions" | "/messages" => "chat",
         "/completions" => "text_completion",
-        "/embeddings" => "embeddings",
+        "/embeddings" | ":embedContent" | ":batchEmbedContents" => "embeddings",
+        ":countTokens" | "/messages/count_tokens" => "count_tokens",
         _ => "generate_content",
     }
 }
@@ -586,4 +588,20 @@ fn anthropic_edits(target: &Target, call: &Call<'_>) -> Vec<(&'static str, Optio
         edits.push(("thinking", Some(thinking)));
     }
     edits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::operation;
+
+    #[test]
+    fn each_apis_endpoints_name_their_genai_operation() {
+        assert_eq!(operation("/chat/completions"), "chat");
+        assert_eq!(operation("/messages"), "chat");
+        assert_eq!(operation(":generateContent"), "generate_content");
+        assert_eq!(operation(":streamGenerateContent?alt=sse"), "generate_content");
+        assert_eq!(operation(":batchEmbedContents"), "embeddings");
+        assert_eq!(operation("/messages/count_tokens"), "count_tokens");
+        assert_eq!(operation("/responses"), "generate_content");
+    }
 }

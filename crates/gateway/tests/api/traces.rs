@@ -394,3 +394,45 @@ async fn a_slow_collector_costs_dropped_spans_not_slower_requests() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn gemini_and_anthropic_calls_are_traced_like_openai_ones() {
+    let sink = Sink::start(Transport::HttpProtobuf).await.unwrap();
+    let gw = traced_gateway(&sink).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let response = client
+        .post(gw.url("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"))
+        .header("x-goog-api-key", &gw.key)
+        .header("traceparent", caller_traceparent())
+        .json(&json!({"contents": [{"parts": [{"text": "secret prompt"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap();
+    let spans = trace_of(&sink, CALLER_TRACE, 3).await;
+    let server = server_span(&spans);
+    assert_eq!(server.parent_span_id, CALLER_SPAN);
+    assert!(!server.str_attr("url.path").unwrap_or_default().contains("key"), "{server:?}");
+    let attempt = named(&spans, "generate_content gemini-2.5-flash");
+    assert_eq!(attempt.kind, CLIENT);
+    assert_eq!(attempt.str_attr("gen_ai.request.model"), Some("gemini-2.5-flash"));
+    named(&spans, "relay");
+    let traceparent = gw.fake.requests()[0].headers["traceparent"].to_str().unwrap().to_owned();
+    assert!(traceparent.contains(&attempt.span_id), "the attempt is the upstream's parent: {traceparent}");
+
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let response = client
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &gw.key)
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&json!({"model": "claude-sonnet-4", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let spans = trace_of(&sink, trace_id, 2).await;
+    assert_eq!(named(&spans, "chat claude-sonnet-4").kind, CLIENT);
+    let all = format!("{spans:?}");
+    assert!(!all.contains("secret prompt") && !all.contains(&gw.key), "no prompt text or key on spans");
+}
