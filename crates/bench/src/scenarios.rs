@@ -225,7 +225,23 @@ async fn run_with(
     machine: String,
 ) -> anyhow::Result<Results> {
     let gateway = Gateway::start(cpus, upstream.addr, db, None).await?;
-    let targets = [upstream.target(), nginx.target(), gateway.target()];
+    let mut targets = vec![upstream.target(), nginx.target(), gateway.target()];
+    // TOLLGATE_BENCH_BASELINE=/path/to/another/tollgate: that build too, on
+    // its own database, measured in turn with the others (scenarios a–d).
+    let baseline_binary = std::env::var_os("TOLLGATE_BENCH_BASELINE");
+    let baseline_db = match &baseline_binary {
+        Some(_) => Some(BenchDb::create(postgres, "baseline").await?),
+        None => None,
+    };
+    let baseline = match (&baseline_binary, &baseline_db) {
+        (Some(binary), Some(db)) => {
+            Some(Gateway::start_baseline(std::path::Path::new(binary), cpus, upstream.addr, db).await?)
+        }
+        _ => None,
+    };
+    if let Some(baseline) = &baseline {
+        targets.push(baseline.target());
+    }
     let idle: Vec<u64> = targets.iter().map(|t| rss_kib(t.pid)).collect();
 
     println!("warming up");
@@ -295,6 +311,10 @@ async fn run_with(
     let routed = if plan.wants('g') { Some(routed(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
     let traced = if plan.wants('h') { Some(traced(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
     drop(gateway);
+    drop(baseline);
+    if let Some(db) = &baseline_db {
+        db.drop_now().await;
+    }
     let mut ledger_records_per_s = None;
     if plan.wants('e') {
         println!("(e) ledger throughput, {} records", plan.ledger_records);

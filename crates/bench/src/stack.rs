@@ -154,6 +154,8 @@ pub struct Gateway {
     scraper: tokio::task::JoinHandle<()>,
     /// Holds the spool directory for as long as the gateway runs.
     _data: tempfile::TempDir,
+    /// The target's name in the report: `gateway`, or `baseline`.
+    name: &'static str,
 }
 
 impl Gateway {
@@ -200,6 +202,33 @@ impl Gateway {
         routes: Option<&str>,
         settings: &[(&str, String)],
     ) -> anyhow::Result<Self> {
+        Self::start_binary(&Self::binary()?, cpus, upstream, db, existing_key, routes, settings).await
+    }
+
+    /// Another build of the gateway (`TOLLGATE_BENCH_BASELINE`), measured
+    /// beside this one in the same run: a change's effect, told apart from
+    /// the machine's noise between runs.
+    pub async fn start_baseline(
+        binary: &std::path::Path,
+        cpus: &Cpus,
+        upstream: SocketAddr,
+        db: &BenchDb,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(binary.is_file(), "TOLLGATE_BENCH_BASELINE: {} is not a file", binary.display());
+        let mut gateway = Self::start_binary(binary, cpus, upstream, db, None, None, &[]).await?;
+        gateway.name = "baseline";
+        Ok(gateway)
+    }
+
+    async fn start_binary(
+        binary: &std::path::Path,
+        cpus: &Cpus,
+        upstream: SocketAddr,
+        db: &BenchDb,
+        existing_key: Option<String>,
+        routes: Option<&str>,
+        settings: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         let (public, admin) = (free_addr()?, free_addr()?);
         // TOLLGATE_BENCH_WRAP (e.g. `heaptrack` or `valgrind --tool=callgrind`)
@@ -209,10 +238,10 @@ impl Gateway {
         let mut cmd = match words.next() {
             Some(profiler) => {
                 let mut cmd = pinned(cpus.under_test.as_deref(), &which(profiler).context("the profiler")?);
-                cmd.args(words).arg(Self::binary()?);
+                cmd.args(words).arg(binary);
                 cmd
             }
-            None => pinned(cpus.under_test.as_deref(), &Self::binary()?),
+            None => pinned(cpus.under_test.as_deref(), binary),
         };
         cmd.arg("serve")
             .env_clear()
@@ -259,12 +288,12 @@ impl Gateway {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
-        Ok(Self { public, admin, key, proc, http, scraper, _data: data })
+        Ok(Self { name: "gateway", public, admin, key, proc, http, scraper, _data: data })
     }
 
     pub fn target(&self) -> Target {
         Target {
-            name: "gateway",
+            name: self.name,
             base: format!("http://{}/v1", self.public),
             key: Some(self.key.clone()),
             pid: self.proc.pid(),
