@@ -27,15 +27,13 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use opentelemetry::trace::SpanKind;
 use tollgate_openai::{Api, anthropic, gemini};
 
 use crate::accounting::Exchange;
 use crate::auth::Principal;
 use crate::error::GatewayError;
-use crate::proxy::{self, Proxy, admission, forward, identifiers, relay, request};
+use crate::proxy::{self, Proxy, identifiers, relay, request};
 use crate::request_id::RequestId;
-use crate::telemetry::traces::{RequestTrace, Stage};
 
 /// What the gateway reads of a native request.
 #[derive(Debug)]
@@ -188,56 +186,24 @@ async fn stages(
             .map(Bytes::from)
             .ok_or(GatewayError::PolicyUncheckable)?
     };
-    let demand_output = if native.generates { output_bound(proxy, &native, applied.max_output) } else { 0 };
-    // Counting tokens is free: it holds a rate-limit slot, never a reservation.
-    let forwarded_bytes = if native.free { 0 } else { forwarded.len() };
-    let demand = admission::Demand { models: &candidates, forwarded_bytes, max_output: demand_output };
-    let trace = parts.extensions.get::<RequestTrace>();
-    let admission = {
-        let stage = Stage::under(trace, "admission", SpanKind::Internal);
-        admission::admit(proxy, principal, demand, &stage).await?
-    };
-    let grants = admission.grants();
-    if let Some(exchange) = slot.as_mut() {
-        exchange.modified = !applied.edits.is_empty();
-        exchange.hold(admission);
-        exchange.mark_sent();
-    }
+    let max_output = if native.generates { output_bound(proxy, &native, applied.max_output) } else { 0 };
+    // The fields the OpenAI stages read; none applies to these APIs.
     let peek = tollgate_openai::RequestPeek::default();
-    let call = forward::Call {
-        path: native.upstream_path,
-        headers: &parts.headers,
-        request_id,
-        body: &forwarded,
-        peek: &peek,
-        requested_model: model,
-        policy,
+    let prepared = proxy::Prepared {
+        model,
+        route: route.as_deref(),
+        candidates: &candidates,
+        upstream_path: native.upstream_path,
+        forwarded,
+        // Counting tokens is free: it holds a rate-limit slot, never a reservation.
+        reserved_bytes: native.free.then_some(0),
+        max_output,
         has_output_limit: applied.max_output.is_some(),
-        key_id: &principal.key.id,
-        tenant_id: principal.tenant_id(),
-        metrics: &proxy.accounting.metrics,
-        trace,
-        api,
+        modified: !applied.edits.is_empty(),
+        peek: &peek,
+        shape: relay::Shape { api, strip_usage: false, end: end_marker(&native) },
     };
-    let served = match &route {
-        Some(route) => forward::routed(route, &call).await?,
-        None => forward::direct(&proxy.upstream, &call, forwarded.clone()).await?,
-    };
-    if let Some(exchange) = slot.as_mut() {
-        let by = crate::accounting::ServedBy {
-            route: route.as_ref().map(|r| r.name.clone()),
-            target: served.by.map(|t| t.label.clone()),
-            upstream: served.upstream_name().to_owned(),
-            attempts: served.attempts,
-        };
-        exchange.served_by(&served.model, by);
-    }
-    let served_headers = relay::ServedHeaders::new(&served);
-    let shape = relay::Shape { api, strip_usage: false, end: end_marker(&native) };
-    let mut response = relay::respond(proxy, served.upstream, served.response, slot, shape).await?;
-    grants.write(response.headers_mut());
-    served_headers.write(response.headers_mut());
-    Ok(response)
+    proxy::admit_forward_relay(proxy, parts, request_id, principal, slot, prepared).await
 }
 
 fn end_marker(native: &NativeRequest) -> Option<tollgate_openai::EndMarker> {

@@ -34,7 +34,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{Method, header};
-use tollgate_openai::{Api, EndMarker};
+use tollgate_openai::{Api, EndMarker, RequestPeek};
 
 use crate::accounting::{Accounting, Exchange, Outcome};
 use crate::auth::Principal;
@@ -116,7 +116,60 @@ async fn post_stages(
     // Saturating: a client-chosen max_tokens must not wrap to a tiny worst case.
     let max_output =
         applied.max_output.unwrap_or(proxy.limits.default_output_tokens).saturating_mul(peek.n.unwrap_or(1).max(1));
-    let demand = admission::Demand { models: &candidates, forwarded_bytes: forwarded.body.len(), max_output };
+    let shape =
+        relay::Shape { api: Api::OpenAi, strip_usage: forwarded.strip_usage, end: EndMarker::for_endpoint(endpoint) };
+    let prepared = Prepared {
+        model,
+        route: route.as_deref(),
+        candidates: &candidates,
+        upstream_path: request::upstream_path(endpoint),
+        forwarded: forwarded.body,
+        reserved_bytes: None,
+        max_output,
+        has_output_limit: applied.max_output.is_some(),
+        modified: !applied.edits.is_empty(),
+        peek: &peek,
+        shape,
+    };
+    admit_forward_relay(proxy, parts, request_id, principal, slot, prepared).await
+}
+
+/// A request read and checked in its API's terms, ready for the stages
+/// every API shares.
+pub(crate) struct Prepared<'a> {
+    /// The model the client asked for.
+    pub model: &'a str,
+    pub route: Option<&'a crate::routing::table::Route>,
+    /// Every model the request may be sent as (the route's, or the model).
+    pub candidates: &'a [&'a str],
+    /// What follows the upstream's API root.
+    pub upstream_path: &'a str,
+    pub forwarded: Bytes,
+    /// The prompt bound the budgets reserve, in bytes, when it is not the
+    /// forwarded body's size (`Some(0)`: a free call reserves nothing).
+    pub reserved_bytes: Option<usize>,
+    /// The most output the call can bill, for its reservation.
+    pub max_output: u64,
+    pub has_output_limit: bool,
+    /// The policy changed the request.
+    pub modified: bool,
+    pub peek: &'a RequestPeek<'a>,
+    pub shape: relay::Shape,
+}
+
+/// Admission, forward, relay: the stages after a request was read, the
+/// same for every API.
+pub(crate) async fn admit_forward_relay(
+    proxy: &Proxy,
+    parts: &http::request::Parts,
+    request_id: &RequestId,
+    principal: &Principal,
+    slot: &mut Option<Exchange>,
+    prepared: Prepared<'_>,
+) -> Result<Response, GatewayError> {
+    let Prepared { model, route, candidates, upstream_path, forwarded, reserved_bytes, max_output, .. } = prepared;
+    let forwarded_bytes = reserved_bytes.unwrap_or(forwarded.len());
+    let demand = admission::Demand { models: candidates, forwarded_bytes, max_output };
     let trace = parts.extensions.get::<RequestTrace>();
     let admission = {
         let stage = Stage::under(trace, "admission", SpanKind::Internal);
@@ -124,28 +177,28 @@ async fn post_stages(
     };
     let grants = admission.grants();
     if let Some(exchange) = slot.as_mut() {
-        exchange.modified = !applied.edits.is_empty();
+        exchange.modified = prepared.modified;
         exchange.hold(admission);
         exchange.mark_sent();
     }
     let call = forward::Call {
-        path: request::upstream_path(endpoint),
+        path: upstream_path,
         headers: &parts.headers,
         request_id,
-        body: &forwarded.body,
-        peek: &peek,
+        body: &forwarded,
+        peek: prepared.peek,
         requested_model: model,
         policy: &principal.tenant.policy,
-        has_output_limit: applied.max_output.is_some(),
+        has_output_limit: prepared.has_output_limit,
         key_id: &principal.key.id,
         tenant_id: principal.tenant_id(),
         metrics: &proxy.accounting.metrics,
         trace,
-        api: Api::OpenAi,
+        api: prepared.shape.api,
     };
     let served = match &route {
         Some(route) => forward::routed(route, &call).await?,
-        None => forward::direct(&proxy.upstream, &call, forwarded.body.clone()).await?,
+        None => forward::direct(&proxy.upstream, &call, forwarded.clone()).await?,
     };
     if let Some(exchange) = slot.as_mut() {
         let by = crate::accounting::ServedBy {
@@ -157,9 +210,7 @@ async fn post_stages(
         exchange.served_by(&served.model, by);
     }
     let served_headers = relay::ServedHeaders::new(&served);
-    let shape =
-        relay::Shape { api: Api::OpenAi, strip_usage: forwarded.strip_usage, end: EndMarker::for_endpoint(endpoint) };
-    let mut response = relay::respond(proxy, served.upstream, served.response, slot, shape).await?;
+    let mut response = relay::respond(proxy, served.upstream, served.response, slot, prepared.shape).await?;
     grants.write(response.headers_mut());
     served_headers.write(response.headers_mut());
     Ok(response)
