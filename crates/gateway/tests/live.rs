@@ -29,7 +29,6 @@ const CLAUDE: &str = "claude-sonnet-4-20250514";
 async fn a_tenant_key_gets_real_answers_from_cometapi_and_each_is_billed_in_the_ledger() {
     let live = Live::start().await;
     let (http, public, key) = (&live.http, live.public, live.key.clone());
-    let admin_call = async |method: Method, path: &str, body: Option<Value>| live.admin(method, path, body).await;
     let chat = format!("http://{public}/v1/chat/completions");
     let question = json!([{"role": "user", "content": "Reply with one word: the opposite of cold."}]);
 
@@ -72,14 +71,7 @@ async fn a_tenant_key_gets_real_answers_from_cometapi_and_each_is_billed_in_the_
     assert!(!text.contains("\"choices\":[]"), "usage the client did not ask for reached it: {text}");
 
     // Both are in the ledger, billed from the upstream's own counts.
-    let mut records = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while records.len() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "the ledger never held both records: {records:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let (_, page) = admin_call(Method::GET, &format!("/admin/v1/usage/records?tenant_id={TENANT}"), None).await;
-        records = page["data"].as_array().cloned().unwrap_or_default();
-    }
+    let records = live.records(&["live-whole", "live-stream"]).await;
     for id in ["live-whole", "live-stream"] {
         let record = records.iter().find(|r| r["request_id"] == id).unwrap_or_else(|| panic!("{id}: {records:?}"));
         assert_eq!(record["status"], 200, "{record}");
@@ -247,7 +239,8 @@ impl Live {
         (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
     }
 
-    /// The ledger records of these requests, once all are written.
+    /// The ledger records of these requests, once all are written (asked
+    /// again every 50 ms, for at most 30 s).
     async fn records(&self, ids: &[&str]) -> Vec<Value> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
