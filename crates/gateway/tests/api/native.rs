@@ -585,3 +585,36 @@ async fn hundreds_of_parallel_native_requests_never_spend_past_a_hard_budget() {
         assert!(spent >= 8_000, "{api}: the budget was used up to about one worst case, not refused early: {spent} µ$");
     }
 }
+
+#[tokio::test]
+async fn a_client_leaving_a_native_stream_cancels_it_and_the_input_reported_is_kept() {
+    use futures_util::StreamExt;
+    let gw = TestGateway::start().await;
+    let mut body = claude_body("a long story");
+    body["stream"] = json!(true);
+    let response = plain_client()
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &gw.key)
+        .header("x-request-id", "a-left")
+        .header("x-fake-chunks", "50")
+        .header("x-fake-chunk-interval-ms", "100")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"event: message_start"), "{first:?}");
+    drop(stream);
+
+    crate::helpers::wait_until("the upstream sees the stream cancelled", PATIENCE, async || {
+        gw.fake.streams_cancelled() == 1
+    })
+    .await;
+    let reported = gw.fake.reported();
+    let usage = reported.iter().find(|r| r.request_id.as_deref() == Some("a-left")).unwrap().usage.clone().unwrap();
+    let record = record_of(&gw, "a-left").await;
+    assert_eq!(record["prompt_tokens"], usage["input_tokens"], "message_start's input count: {record}");
+    assert_eq!(record["estimated"], true, "{record}");
+    assert_eq!(record["api"], "anthropic");
+}
