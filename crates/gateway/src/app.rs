@@ -123,7 +123,7 @@ impl Application {
                 .map_err(|e| anyhow::anyhow!("routes: {e}"))?,
         );
         background.spawn(routes.clone().watch(config.routing.reload_interval, stop_background.clone()));
-        let admin_router = admin::router(AdminState {
+        let admin_state = AdminState {
             store: store.clone(),
             sync,
             hasher,
@@ -132,7 +132,12 @@ impl Application {
             routes: routes.clone(),
             failures: Arc::new(crate::auth::throttle::FailedAttempts::new(config.auth.failed_attempts_per_minute)),
             clock: clock.clone(),
-        });
+            console: config.admin.console.clone(),
+        };
+        let mut admin_router = admin::router(admin_state.clone());
+        if config.admin.console.enabled {
+            admin_router = admin_router.merge(crate::console::router(admin_state));
+        }
 
         let traces = match config.telemetry.otlp() {
             Some(otlp) => Some(Tracing::start(otlp, &metrics, &background, stop_background.clone())?),

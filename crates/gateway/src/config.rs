@@ -333,6 +333,8 @@ pub struct AdminConfig {
     /// Environment variable holding the bootstrap admin token.
     pub bootstrap_token_env: String,
     pub bootstrap_token_file: Option<PathBuf>,
+    /// The admin console in the browser, served where the admin API is.
+    pub console: ConsoleConfig,
 }
 
 impl Default for AdminConfig {
@@ -342,7 +344,28 @@ impl Default for AdminConfig {
             share_public_listener: false,
             bootstrap_token_env: "TOLLGATE_ADMIN_TOKEN".to_owned(),
             bootstrap_token_file: None,
+            console: ConsoleConfig::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Serve the console (`/` and `/console/` on the admin listener).
+    pub enabled: bool,
+    /// How long a sign-in lasts; the console asks for the token again after.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Mark the session cookie `Secure` on every answer. Without it the
+    /// cookie is `Secure` when the request came over https through a proxy
+    /// that says so (`X-Forwarded-Proto: https`).
+    pub secure_cookies: bool,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self { enabled: true, session_ttl: Duration::from_secs(12 * 3600), secure_cookies: false }
     }
 }
 
@@ -605,6 +628,10 @@ impl Config {
         }
         if self.routing.routes_file.is_some() && !self.routes.is_empty() {
             return Err(invalid("routing.routes_file", "replaces [[routes]] here: keep the routes in one place"));
+        }
+        let ttl = self.admin.console.session_ttl;
+        if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(30 * 86_400) {
+            return Err(invalid("admin.console.session_ttl", "must be between 1 minute and 30 days"));
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));

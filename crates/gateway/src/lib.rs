@@ -10,6 +10,7 @@ pub mod auth;
 pub mod budget;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod file_watch;
 pub mod health;

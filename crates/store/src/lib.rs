@@ -12,10 +12,11 @@ mod admin_tokens;
 pub mod alerts;
 mod audit;
 pub mod budgets;
+mod console_sessions;
 mod keys;
 pub mod model;
 mod settings;
-mod tenants;
+pub mod tenants;
 mod time;
 pub mod usage;
 
@@ -27,7 +28,9 @@ use sqlx::{AnyPool, Executor};
 
 pub use alerts::BudgetAlert;
 pub use budgets::{Budget, Period};
+pub use console_sessions::ConsoleSession;
 pub use model::*;
+pub use tenants::TenantSearch;
 pub use time::{from_millis, now_millis, to_millis};
 pub use usage::{GroupBy, UsageEvent, UsageFilter, UsageTotals};
 

@@ -25,6 +25,28 @@ fn tenant(row: &AnyRow) -> StoreResult<Tenant> {
     })
 }
 
+/// What narrows a tenant listing; every field is optional.
+#[derive(Debug, Clone, Default)]
+pub struct TenantSearch {
+    /// Part of the id or display name, any case.
+    pub text: Option<String>,
+    pub status: Option<TenantStatus>,
+}
+
+/// `text` anywhere in a lowercased column: LIKE's wildcards in it are
+/// matched literally.
+fn like_pattern(text: &str) -> String {
+    let mut pattern = String::from("%");
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
 fn policy_json(policy: &crate::TenantPolicy) -> String {
     serde_json::to_string(policy).unwrap_or_else(|_| "{}".to_owned())
 }
@@ -84,12 +106,24 @@ impl Store {
     }
 
     /// Tenants by id, after `after`, deleted ones excluded.
-    pub async fn list_tenants(&self, after: Option<&str>, limit: u32) -> StoreResult<Vec<Tenant>> {
+    /// One page of tenants by id, deleted ones excluded, narrowed by
+    /// `search`.
+    pub async fn list_tenants(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+        search: &TenantSearch,
+    ) -> StoreResult<Vec<Tenant>> {
+        let pattern = search.text.as_deref().map(like_pattern).unwrap_or_default();
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM tenants WHERE id > $1 AND status <> 'deleted' ORDER BY id LIMIT $2"
+            "SELECT {COLUMNS} FROM tenants WHERE id > $1 AND status <> 'deleted' \
+             AND ($3 = '' OR LOWER(id) LIKE $3 ESCAPE '\\' OR LOWER(display_name) LIKE $3 ESCAPE '\\') \
+             AND ($4 = '' OR status = $4) ORDER BY id LIMIT $2"
         ))
         .bind(after.unwrap_or(""))
         .bind(i64::from(limit))
+        .bind(pattern)
+        .bind(search.status.map(TenantStatus::as_str).unwrap_or(""))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(tenant).collect()

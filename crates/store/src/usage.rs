@@ -325,6 +325,8 @@ pub enum GroupBy {
     ServedModel,
     /// The API the request used (`openai`, `gemini`, `anthropic`).
     Api,
+    /// The UTC hour the request was recorded in, `YYYY-MM-DDTHH:00`.
+    Hour,
 }
 
 impl GroupBy {
@@ -340,11 +342,12 @@ impl GroupBy {
             Self::Upstream => "upstream",
             Self::ServedModel => "served_model",
             Self::Api => "api",
+            Self::Hour => "hour",
         }
     }
 
     /// The expression over per-request records, named as [`Self::column`].
-    fn record_expression(self) -> &'static str {
+    fn record_expression(self, backend: Backend) -> &'static str {
         match self {
             Self::Tenant => "tenant_id",
             Self::Key => "key_id",
@@ -355,6 +358,12 @@ impl GroupBy {
             Self::Upstream => "COALESCE(upstream, '') AS upstream",
             Self::ServedModel => "COALESCE(upstream_model, requested_model) AS served_model",
             Self::Api => "api",
+            Self::Hour => match backend {
+                Backend::Postgres => {
+                    "to_char(to_timestamp(at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00') AS hour"
+                }
+                Backend::Sqlite => "strftime('%Y-%m-%dT%H:00', at / 1000, 'unixepoch') AS hour",
+            },
         }
     }
 
@@ -382,6 +391,8 @@ pub struct UsageTotals {
     pub served_model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hour: Option<String>,
     pub requests: i64,
     pub errors: i64,
     pub estimated_requests: i64,
@@ -596,25 +607,38 @@ impl Store {
         .join(", ");
         let select_groups: String = group_by
             .iter()
-            .map(|g| format!("{}, ", if rollups { g.column() } else { g.record_expression() }))
+            .map(|g| format!("{}, ", if rollups { g.column() } else { g.record_expression(self.backend) }))
             .collect();
         // Routing dimensions are not in the rollups: the records of the range
         // are summed then (their day column is the rollups' day).
         let (table, model_column) =
             if rollups { ("usage_daily", "model") } else { ("usage_events", "requested_model") };
+        // On the records, the range is also given in milliseconds: Postgres
+        // prunes the daily partitions by `at`, not by `day`.
+        let at_range = if rollups { "" } else { "AND at >= $6 AND at < $7" };
         let sql = format!(
-            "SELECT {select_groups}{totals} FROM {table} WHERE day >= $1 AND day <= $2 \
+            "SELECT {select_groups}{totals} FROM {table} WHERE day >= $1 AND day <= $2 {at_range} \
              AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR {model_column} = $5) \
              {group_clause} {order_clause}"
         );
-        let rows = sqlx::query(&sql)
+        let mut query = sqlx::query(&sql)
             .bind(from_day)
             .bind(to_day)
             .bind(filter.tenant_id.clone().unwrap_or_default())
             .bind(filter.key_id.clone().unwrap_or_default())
-            .bind(filter.model.clone().unwrap_or_default())
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(filter.model.clone().unwrap_or_default());
+        if !rollups {
+            let day_ms = |day: &str| {
+                chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d")
+                    .ok()
+                    .and_then(|d| d.and_hms_opt(0, 0, 0))
+                    .map(|t| t.and_utc().timestamp_millis())
+            };
+            query = query
+                .bind(day_ms(from_day).unwrap_or(i64::MIN))
+                .bind(day_ms(to_day).map_or(i64::MAX, |start| start + 86_400_000));
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 let text = |g: GroupBy| -> StoreResult<Option<String>> {
@@ -630,6 +654,7 @@ impl Store {
                     upstream: text(GroupBy::Upstream)?,
                     served_model: text(GroupBy::ServedModel)?,
                     api: text(GroupBy::Api)?,
+                    hour: text(GroupBy::Hour)?,
                     requests: row.try_get("requests")?,
                     errors: row.try_get("errors")?,
                     estimated_requests: row.try_get("estimated_requests")?,

@@ -183,9 +183,9 @@ async fn tenants_are_created_listed_updated_and_paginated(store: &Store) {
     assert_eq!(t.status, TenantStatus::Active);
     assert_eq!(t.metadata, json!({"team": "x"}));
 
-    let first = store.list_tenants(None, 2).await.unwrap();
+    let first = store.list_tenants(None, 2, &Default::default()).await.unwrap();
     assert_eq!(first.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["acme", "beta"]);
-    let second = store.list_tenants(Some("beta"), 2).await.unwrap();
+    let second = store.list_tenants(Some("beta"), 2, &Default::default()).await.unwrap();
     assert_eq!(second.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["gamma"]);
 
     assert_eq!(t.policy.max_output_tokens, Some(4096));
@@ -219,7 +219,7 @@ async fn suspending_and_deleting_tenants(store: &Store) {
     let d = store.delete_tenant("acme", "bootstrap").await.unwrap();
     assert_eq!(d.status, TenantStatus::Deleted);
     assert!(matches!(store.get_tenant("acme").await, Err(StoreError::NotFound)));
-    assert!(store.list_tenants(None, 10).await.unwrap().is_empty());
+    assert!(store.list_tenants(None, 10, &Default::default()).await.unwrap().is_empty());
     for k in ["k1", "k2"] {
         assert!(store.get_key(k).await.unwrap().revoked_at.is_some(), "{k} revoked with its tenant");
     }

@@ -2,6 +2,7 @@
 //! admin token issued through the API (`tga-<id>-<secret>`, stored hashed).
 //! Admin calls are rare, so tokens are checked against the database each
 //! time: a revoked admin token stops working at once on every replica.
+//! The console's requests carry a session cookie instead (`console::session`).
 
 use axum::extract::FromRequestParts;
 use http::request::Parts;
@@ -13,6 +14,7 @@ use super::error::AdminError;
 use crate::auth::credentials::presented_key;
 use crate::auth::hasher::digest_from_hex;
 use crate::auth::token::{self, ADMIN_TOKEN_PREFIX};
+use crate::console::session::{self, SignedIn};
 
 /// Who is making an admin call; recorded as the audit log's actor.
 pub struct Admin {
@@ -23,28 +25,48 @@ impl FromRequestParts<AdminState> for Admin {
     type Rejection = AdminError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, Self::Rejection> {
-        // Past its failures for the minute, an address is refused before
-        // any token is checked (see `auth::throttle`).
-        let ip = crate::auth::peer_ip(&parts.extensions);
-        let now_ms = state.clock.now_ms();
-        if state.failures.refused(ip, now_ms).is_some() {
-            return Err(AdminError::throttled());
-        }
-        let verified = verify(parts, state).await;
-        if verified.as_ref().is_err_and(|e| e.status == http::StatusCode::UNAUTHORIZED) {
-            state.failures.record(ip, now_ms);
-        }
-        verified
+        guarded(parts, state, async |parts, state| match presented_key(&parts.headers) {
+            Some(token) => verify_token(token, state).await.map(|signed_in| Admin { actor: signed_in.actor }),
+            // The console's requests: a session cookie instead of a token.
+            None => match session::presented(&parts.headers) {
+                Some(secret) => session::authenticate(parts, state, secret).await.map(|a| a.admin),
+                None => Err(AdminError::unauthorized("an admin token is required")),
+            },
+        })
+        .await
     }
 }
 
-async fn verify(parts: &Parts, state: &AdminState) -> Result<Admin, AdminError> {
-    let presented =
-        presented_key(&parts.headers).ok_or_else(|| AdminError::unauthorized("an admin token is required"))?;
+/// Runs an authentication under the per-address throttle: past its failures
+/// for the minute, an address is refused before any credential is checked
+/// (see `auth::throttle`), and each 401 counts as a failure.
+pub async fn guarded<T>(
+    parts: &Parts,
+    state: &AdminState,
+    check: impl AsyncFnOnce(&Parts, &AdminState) -> Result<T, AdminError>,
+) -> Result<T, AdminError> {
+    let ip = crate::auth::peer_ip(&parts.extensions);
+    let now_ms = state.clock.now_ms();
+    if state.failures.refused(ip, now_ms).is_some() {
+        return Err(AdminError::throttled());
+    }
+    let verified = check(parts, state).await;
+    if verified.as_ref().is_err_and(|e| e.status == http::StatusCode::UNAUTHORIZED) {
+        state.failures.record(ip, now_ms);
+    }
+    verified
+}
+
+/// Checks an admin token: the bootstrap token or an issued, unrevoked one.
+pub async fn verify_token(presented: &str, state: &AdminState) -> Result<SignedIn, AdminError> {
     if let Some(bootstrap) = &state.bootstrap_digest {
         let digest = state.hasher.digest(presented);
         if bool::from(digest.ct_eq(bootstrap)) {
-            return Ok(Admin { actor: "bootstrap".to_owned() });
+            return Ok(SignedIn {
+                actor: "bootstrap".to_owned(),
+                admin_token_id: None,
+                credential: hex::encode(digest),
+            });
         }
     }
     let invalid = || AdminError::unauthorized("invalid admin token");
@@ -61,5 +83,9 @@ async fn verify(parts: &Parts, state: &AdminState) -> Result<Admin, AdminError> 
     if stored.revoked_at.is_some() {
         return Err(AdminError::unauthorized("this admin token has been revoked"));
     }
-    Ok(Admin { actor: format!("admin_token:{}", stored.id) })
+    Ok(SignedIn {
+        actor: format!("admin_token:{}", stored.id),
+        admin_token_id: Some(stored.id),
+        credential: stored.secret_hash,
+    })
 }

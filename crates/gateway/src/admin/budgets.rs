@@ -71,6 +71,9 @@ pub struct BudgetView {
     pub spent_micros: i64,
     /// Amount minus spend and in-flight reservations.
     pub remaining_micros: i64,
+    /// The spend at the end of this period if it goes on at the rate seen
+    /// so far (absent for lifetime budgets and too early in a period).
+    pub forecast_micros: Option<i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -107,7 +110,10 @@ fn validate_thresholds(thresholds: &[u32]) -> Result<(), AdminError> {
 fn view(state: &AdminState, budget: Budget) -> BudgetView {
     let live = state.budgets.for_tenant(&budget.tenant_id).into_iter().find(|s| s.budget.id == budget.id);
     let (spent, remaining) = live.map_or((0, budget.amount_micros), |s| (s.spent(), s.remaining()));
+    let now = state.clock.now();
+    let fraction_of_day = f64::from(chrono::Timelike::num_seconds_from_midnight(&now)) / 86_400.0;
     BudgetView {
+        forecast_micros: crate::alerts::forecast_micros(budget.period, spent, now.date_naive(), fraction_of_day),
         amount_usd: crate::accounting::format_usd(budget.amount_micros),
         spent_micros: spent,
         remaining_micros: remaining,

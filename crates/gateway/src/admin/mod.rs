@@ -49,6 +49,8 @@ pub struct AdminState {
     /// Decides key expiry in views, validation and rotation grace, as
     /// authentication does.
     pub clock: Clock,
+    /// Console sign-in settings (sessions authenticate admin calls too).
+    pub console: crate::config::ConsoleConfig,
 }
 
 impl AdminState {

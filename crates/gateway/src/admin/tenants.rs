@@ -74,6 +74,30 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct TenantListQuery {
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<u32>,
+    /// `next_cursor` from the previous page.
+    pub cursor: Option<String>,
+    /// Only tenants whose id or display name contains this text, any case
+    /// (at most 200 characters).
+    pub q: Option<String>,
+    /// Only tenants with this status.
+    pub status: Option<ListedStatus>,
+}
+
+/// The statuses a listing can be narrowed to (deleted tenants are never listed).
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ListedStatus {
+    Active,
+    Suspended,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TenantList {
     pub data: Vec<Tenant>,
@@ -112,15 +136,24 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(tenant)))
 }
 
-#[utoipa::path(get, path = "/admin/v1/tenants", tag = "tenants", operation_id = "listTenants", params(PageQuery),
+#[utoipa::path(get, path = "/admin/v1/tenants", tag = "tenants", operation_id = "listTenants", params(TenantListQuery),
     responses((status = 200, description = "One page of tenants by id, deleted ones excluded", body = TenantList)))]
 pub async fn list(
     State(state): State<AdminState>,
     _admin: Admin,
-    AdminQuery(query): AdminQuery<PageQuery>,
+    AdminQuery(query): AdminQuery<TenantListQuery>,
 ) -> Result<Json<TenantList>, AdminError> {
     let limit = validate::page_limit(query.limit)?;
-    let rows = state.store.list_tenants(query.cursor.as_deref(), limit + 1).await?;
+    let text = query.q.map(|q| q.trim().to_owned()).filter(|q| !q.is_empty());
+    if text.as_ref().is_some_and(|q| q.chars().count() > 200 || q.chars().any(char::is_control)) {
+        return Err(AdminError::invalid("q", "at most 200 characters, no control characters"));
+    }
+    let status = query.status.map(|s| match s {
+        ListedStatus::Active => TenantStatus::Active,
+        ListedStatus::Suspended => TenantStatus::Suspended,
+    });
+    let search = tollgate_store::TenantSearch { text, status };
+    let rows = state.store.list_tenants(query.cursor.as_deref(), limit + 1, &search).await?;
     let (data, next_cursor) = validate::paginate(rows, limit, |t| t.id.clone());
     Ok(Json(TenantList { data, next_cursor }))
 }

@@ -39,12 +39,13 @@ pub struct SummaryQuery {
     pub key_id: Option<String>,
     /// Only this requested model.
     pub model: Option<String>,
-    /// Comma-separated: any of `tenant`, `key`, `model`, `day`, and what
-    /// served the requests: `route`, `target` (or `variant`), `upstream`,
+    /// Comma-separated: any of `tenant`, `key`, `model`, `day`, `hour`
+    /// (UTC, read from the per-request records), and what served the
+    /// requests: `route`, `target` (or `variant`), `upstream`,
     /// `served_model`, and the API the requests used: `api` (empty: no
     /// grouping).
     #[param(
-        pattern = "^\\s*((tenant|key|model|day|route|target|variant|upstream|served_model|api)\\s*(,\\s*(tenant|key|model|day|route|target|variant|upstream|served_model|api)\\s*)*)?$"
+        pattern = "^\\s*((tenant|key|model|day|hour|route|target|variant|upstream|served_model|api)\\s*(,\\s*(tenant|key|model|day|hour|route|target|variant|upstream|served_model|api)\\s*)*)?$"
     )]
     pub group_by: Option<String>,
 }
@@ -150,11 +151,12 @@ fn parse_group_by(text: Option<&str>) -> Result<Vec<GroupBy>, AdminError> {
             "upstream" => GroupBy::Upstream,
             "served_model" => GroupBy::ServedModel,
             "api" => GroupBy::Api,
+            "hour" => GroupBy::Hour,
             other => {
                 return Err(AdminError::invalid(
                     "group_by",
                     format!(
-                        "{other:?} is not one of tenant, key, model, day, route, target, upstream, served_model, api"
+                        "{other:?} is not one of tenant, key, model, day, hour, route, target, upstream, served_model, api"
                     ),
                 ));
             }

@@ -6,6 +6,7 @@ mod accounting;
 mod admin;
 mod alerts;
 mod budgets;
+mod console;
 mod errors;
 mod helpers;
 mod keys;
