@@ -19,6 +19,13 @@ function niceMax(max) {
   return 10 * power;
 }
 
+/** `2026-12-04` → `12-04`; `2026-12-04T13:00` → `12-04 13h`; anything else as it is. */
+function shortLabel(category) {
+  if (/^\d{4}-\d\d-\d\dT\d\d/.test(category)) return `${category.slice(5, 10)} ${category.slice(11, 13)}h`;
+  if (/^\d{4}-\d\d-\d\d$/.test(category)) return category.slice(5);
+  return category.length > 14 ? `${category.slice(0, 13)}…` : category;
+}
+
 /**
  * categories: x labels in order; series: [{name, values: [number per category]}];
  * format: number → axis/tooltip text. Series past the ninth are summed as "other".
@@ -60,7 +67,7 @@ export function stackedBars({ title, categories, series, format }) {
     });
     if (i % labelEvery === 0) {
       chart.append(svg("text", { x: x + barW / 2, y: height - bottom + 16, class: "axis", "text-anchor": "middle" },
-        category.length > 10 ? category.slice(5) : category));
+        shortLabel(category)));
     }
   });
   const legend = document.createElement("ul");

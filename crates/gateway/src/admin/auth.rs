@@ -25,7 +25,8 @@ impl FromRequestParts<AdminState> for Admin {
     type Rejection = AdminError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, Self::Rejection> {
-        guarded(parts, state, async |parts, state| match presented_key(&parts.headers) {
+        let presented = presented_key(&parts.headers).is_some() || session::presented(&parts.headers).is_some();
+        guarded(parts, state, presented, async |parts, state| match presented_key(&parts.headers) {
             Some(token) => verify_token(token, state).await.map(|signed_in| Admin { actor: signed_in.actor }),
             // The console's requests: a session cookie instead of a token.
             None => match session::presented(&parts.headers) {
@@ -39,10 +40,13 @@ impl FromRequestParts<AdminState> for Admin {
 
 /// Runs an authentication under the per-address throttle: past its failures
 /// for the minute, an address is refused before any credential is checked
-/// (see `auth::throttle`), and each 401 counts as a failure.
+/// (see `auth::throttle`), and each 401 for a credential that was
+/// `presented` counts as a failure (a request with none, such as the
+/// console's first look for a session, guesses nothing).
 pub async fn guarded<T>(
     parts: &Parts,
     state: &AdminState,
+    presented: bool,
     check: impl AsyncFnOnce(&Parts, &AdminState) -> Result<T, AdminError>,
 ) -> Result<T, AdminError> {
     let ip = crate::auth::peer_ip(&parts.extensions);
@@ -51,7 +55,7 @@ pub async fn guarded<T>(
         return Err(AdminError::throttled());
     }
     let verified = check(parts, state).await;
-    if verified.as_ref().is_err_and(|e| e.status == http::StatusCode::UNAUTHORIZED) {
+    if presented && verified.as_ref().is_err_and(|e| e.status == http::StatusCode::UNAUTHORIZED) {
         state.failures.record(ip, now_ms);
     }
     verified

@@ -64,7 +64,7 @@ async fn sign_in(
         });
     }
     let token = body.token.trim();
-    let signed_in = guarded(&parts, &state, async |_, state| {
+    let signed_in = guarded(&parts, &state, true, async |_, state| {
         if token.is_empty() || token.contains(char::is_whitespace) {
             return Err(AdminError::unauthorized("invalid admin token"));
         }
@@ -97,7 +97,8 @@ async fn sign_out(State(state): State<AdminState>, parts: Parts) -> Result<Respo
 }
 
 async fn authenticated(parts: &Parts, state: &AdminState) -> Result<session::Authenticated, AdminError> {
-    guarded(parts, state, async |parts, state| match session::presented(&parts.headers) {
+    let presented = session::presented(&parts.headers).is_some();
+    guarded(parts, state, presented, async |parts, state| match session::presented(&parts.headers) {
         Some(secret) => session::authenticate(parts, state, secret).await,
         None => Err(AdminError { code: "session_expired", ..AdminError::unauthorized("not signed in") }),
     })

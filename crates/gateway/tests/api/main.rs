@@ -7,6 +7,7 @@ mod admin;
 mod alerts;
 mod budgets;
 mod console;
+mod console_browser;
 mod errors;
 mod helpers;
 mod keys;
