@@ -5,6 +5,7 @@
 //! about a second (the test suite does, so the harness cannot rot).
 #![allow(clippy::print_stdout, reason = "a benchmark prints its figures")]
 
+mod console;
 mod keys;
 mod ledger;
 mod load;

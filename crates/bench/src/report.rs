@@ -137,6 +137,14 @@ pub fn checks(results: &Results) -> Vec<Check> {
             );
         }
     }
+    if let Some(c) = &results.console {
+        let slowest = c.pages.iter().map(|p| p.full.percentile(95.0)).max().unwrap_or(0);
+        check(
+            &format!("every console page on {} records loads within 500 ms (p95)", c.records),
+            ms(slowest as f64),
+            slowest <= 500_000,
+        );
+    }
     if let Some(k) = &results.keys {
         let direct = k.direct.figures.p50_us;
         let (a, b) = (k.ten.figures.p50_us - direct, k.many.figures.p50_us - direct);
@@ -283,6 +291,29 @@ pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
         latency_table(&mut out, &t.latency);
         out.push('\n');
         latency_table(&mut out, &t.throughput);
+    }
+    if let Some(c) = &results.console {
+        let _ = writeln!(
+            out,
+            "\n## (i) Console pages\n\nEach page of the admin console as the requests its script makes (sent together, as the browser does), timed until every answer has arrived, {} loads each, on a gateway with an empty ledger and on one with {} usage records (30 days, 50 tenants, 500 keys, 8 models; seeded at {:.0} records/s). Daily figures read the rollups; hourly ones read the records of the week.\n",
+            c.pages.first().map_or(0, |p| p.empty.count()),
+            c.records,
+            c.seed_records_per_s
+        );
+        out.push_str("| page | requests | empty p50 | empty p95 | full p50 | full p95 | full max |\n|---|---|---|---|---|---|---|\n");
+        for p in &c.pages {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                p.page,
+                p.requests,
+                ms(p.empty.percentile(50.0) as f64),
+                ms(p.empty.percentile(95.0) as f64),
+                ms(p.full.percentile(50.0) as f64),
+                ms(p.full.percentile(95.0) as f64),
+                ms(p.full.max() as f64)
+            );
+        }
     }
     let Some(k) = &results.keys else { return out };
     let _ = writeln!(

@@ -31,7 +31,11 @@ pub struct Plan {
     pub ledger_records: usize,
     pub many_keys: usize,
     pub keys_rate: u32,
-    /// Scenario letters to run (`a`–`h`); empty runs them all.
+    /// (i): usage records in the ledger the console's pages read.
+    pub console_records: usize,
+    /// (i): loads of each page on each ledger.
+    pub console_repeats: usize,
+    /// Scenario letters to run (`a`–`i`); empty runs them all.
     pub only: String,
 }
 
@@ -59,6 +63,8 @@ impl Plan {
             ledger_records: 200_000,
             many_keys: 100_000,
             keys_rate: 1000,
+            console_records: 1_000_000,
+            console_repeats: 20,
             only: String::new(),
         }
     }
@@ -80,6 +86,8 @@ impl Plan {
             ledger_records: 2_000,
             many_keys: 1_000,
             keys_rate: 100,
+            console_records: 5_000,
+            console_repeats: 2,
             only: String::new(),
         }
     }
@@ -143,6 +151,8 @@ pub struct Results {
     /// (g): the direct path, the gateway, and the gateway through a route.
     pub routed: Option<Routed>,
     pub traced: Option<Traced>,
+    /// (i): the console's pages on an empty ledger and on a large one.
+    pub console: Option<crate::console::ConsoleFigures>,
     pub machine: String,
 }
 
@@ -311,6 +321,8 @@ async fn run_with(
     let routed = if plan.wants('g') { Some(routed(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
     let traced = if plan.wants('h') { Some(traced(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
     drop(gateway);
+    let console =
+        if plan.wants('i') { Some(crate::console::page_loads(plan, cpus, postgres, upstream).await?) } else { None };
     drop(baseline);
     if let Some(db) = &baseline_db {
         db.drop_now().await;
@@ -321,7 +333,7 @@ async fn run_with(
         ledger_records_per_s = Some(ledger::throughput(postgres, plan.ledger_records).await?);
     }
 
-    Ok(Results { latency, throughput, streaming, memory, ledger_records_per_s, keys, routed, traced, machine })
+    Ok(Results { latency, throughput, streaming, memory, ledger_records_per_s, keys, routed, traced, console, machine })
 }
 
 async fn many_keys(

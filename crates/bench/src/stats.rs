@@ -28,6 +28,10 @@ impl Samples {
         sorted[rank.clamp(1, sorted.len()) - 1]
     }
 
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+
     pub fn max(&self) -> u64 {
         self.0.iter().copied().max().unwrap_or(0)
     }

@@ -378,7 +378,7 @@ pub enum UsageCommand {
     Summary {
         #[command(flatten)]
         filter: UsageFilter,
-        /// Comma-separated: tenant, key, model, day, route, target, upstream, served_model, api.
+        /// Comma-separated: tenant, key, model, day, hour, route, target, upstream, served_model, api.
         #[arg(long)]
         group_by: Option<String>,
     },
@@ -419,6 +419,12 @@ const SUMMARY_COLUMNS: &[&str] = &[
     "key_id",
     "model",
     "day",
+    "hour",
+    "route",
+    "target",
+    "upstream",
+    "served_model",
+    "api",
     "requests",
     "errors",
     "prompt_tokens",
@@ -457,7 +463,8 @@ pub async fn usage(args: AdminArgs, command: UsageCommand) -> anyhow::Result<()>
                             "tenant_id" => groups.contains(&"tenant"),
                             "key_id" => groups.contains(&"key"),
                             "model" => groups.contains(&"model"),
-                            "day" => groups.contains(&"day"),
+                            "target" => groups.contains(&"target") || groups.contains(&"variant"),
+                            "day" | "hour" | "route" | "upstream" | "served_model" | "api" => groups.contains(c),
                             _ => true,
                         })
                         .collect();

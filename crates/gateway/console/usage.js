@@ -39,9 +39,13 @@ export async function usagePage(params) {
   const group = GROUPS.some(([g]) => g === params.get("group")) ? params.get("group") : "tenant";
   const filters = { tenant_id: params.get("tenant_id") || "", key_id: params.get("key_id") || "", model: params.get("model") || "" };
   const summary = (groupBy) => api.get(`/admin/v1/usage/summary${api.query({ from, to, group_by: groupBy, ...filters })}`);
-  const [overTime, byGroup, byModel] = await Promise.all([
-    summary(`${granularity},${group}`), summary(group), summary("model"),
+  // One query over time; the totals per group are its sums (and, grouped
+  // by model, the per-model table too): fewer reads of a large ledger.
+  const [overTime, perModel] = await Promise.all([
+    summary(`${granularity},${group}`), group === "model" ? null : summary("model"),
   ]);
+  const byGroup = totalsBy(overTime.data, groupField(group));
+  const byModel = perModel ? perModel : byGroup;
 
   const categories = granularity === "hour" ? hoursBetween(from, to) : daysBetween(from, to);
   const index = new Map(categories.map((c, i) => [c, i]));
@@ -91,6 +95,21 @@ export async function usagePage(params) {
         byModel.data.slice().sort((a, b) => b.average_cost_micros - a.average_cost_micros).map((r) => [
           r.model, int(r.requests), usd(r.average_cost_micros), usd(r.cost_micros),
         ]), "No requests in this range.")));
+}
+
+/** Sums summary rows per value of `key`, as the API's own totals are. */
+function totalsBy(rows, key) {
+  const sums = new Map();
+  for (const r of rows) {
+    const name = r[key] ?? "";
+    const t = sums.get(name) || { [key]: name, requests: 0, errors: 0, prompt_tokens: 0, completion_tokens: 0, cost_micros: 0 };
+    for (const k of ["requests", "errors", "prompt_tokens", "completion_tokens", "cost_micros"]) t[k] += Number(r[k]);
+    sums.set(name, t);
+  }
+  const data = [...sums.values()];
+  // Rounded half up, as the API rounds its averages.
+  for (const t of data) t.average_cost_micros = t.requests ? Math.floor((t.cost_micros + Math.floor(t.requests / 2)) / t.requests) : 0;
+  return { data };
 }
 
 function groupField(group) {

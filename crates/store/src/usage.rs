@@ -347,7 +347,7 @@ impl GroupBy {
     }
 
     /// The expression over per-request records, named as [`Self::column`].
-    fn record_expression(self, backend: Backend) -> &'static str {
+    fn record_expression(self) -> &'static str {
         match self {
             Self::Tenant => "tenant_id",
             Self::Key => "key_id",
@@ -358,12 +358,10 @@ impl GroupBy {
             Self::Upstream => "COALESCE(upstream, '') AS upstream",
             Self::ServedModel => "COALESCE(upstream_model, requested_model) AS served_model",
             Self::Api => "api",
-            Self::Hour => match backend {
-                Backend::Postgres => {
-                    "to_char(to_timestamp(at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00') AS hour"
-                }
-                Backend::Sqlite => "strftime('%Y-%m-%dT%H:00', at / 1000, 'unixepoch') AS hour",
-            },
+            // The hour's number since the epoch: grouping on an integer is
+            // several times cheaper than formatting every record's time;
+            // only the groups are formatted (`hour_label`).
+            Self::Hour => "(at / 3600000) AS hour",
         }
     }
 
@@ -404,6 +402,20 @@ pub struct UsageTotals {
     pub cache_write_tokens: i64,
     pub billed_output_tokens: i64,
     pub cost_micros: i64,
+}
+
+/// The first millisecond of a `YYYY-MM-DD` day (UTC); `None` for anything
+/// else, so that only such a day is ever written into a statement.
+fn day_start(day: &str) -> Option<i64> {
+    let shaped = day.len() == 10
+        && day.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    let date = NaiveDate::parse_from_str(day, "%Y-%m-%d").ok().filter(|_| shaped)?;
+    Some(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
+}
+
+/// The hour `hours` hours after the epoch, `YYYY-MM-DDTHH:00` (UTC).
+fn hour_label(hours: i64) -> String {
+    from_millis(hours.saturating_mul(3_600_000)).format("%Y-%m-%dT%H:00").to_string()
 }
 
 fn day_string(ms: i64) -> String {
@@ -607,42 +619,57 @@ impl Store {
         .join(", ");
         let select_groups: String = group_by
             .iter()
-            .map(|g| format!("{}, ", if rollups { g.column() } else { g.record_expression(self.backend) }))
+            .map(|g| format!("{}, ", if rollups { g.column() } else { g.record_expression() }))
             .collect();
         // Routing dimensions are not in the rollups: the records of the range
         // are summed then (their day column is the rollups' day).
         let (table, model_column) =
             if rollups { ("usage_daily", "model") } else { ("usage_events", "requested_model") };
+        // The range is written into the statement, and only the filters
+        // given become conditions: with parameters for a range (or a
+        // `($3 = '' OR …)` form), Postgres's generic plan, used once a
+        // statement is cached, expects a few hundred rows and sorts a month
+        // of rollups on disk (three times slower at 120,000 rollup rows).
+        let (from_ms, to_ms) = match (day_start(from_day), day_start(to_day)) {
+            (Some(from), Some(to)) => (from, to + 86_400_000),
+            _ => return Err(StoreError::Corrupt(format!("not a day range: {from_day:?} to {to_day:?}"))),
+        };
+        let mut conditions = vec![format!("day >= '{from_day}' AND day <= '{to_day}'")];
+        let mut texts: Vec<&str> = Vec::new();
+        for (column, value) in [
+            ("tenant_id", filter.tenant_id.as_deref()),
+            ("key_id", filter.key_id.as_deref()),
+            (model_column, filter.model.as_deref()),
+        ] {
+            if let Some(value) = value.filter(|v| !v.is_empty()) {
+                texts.push(value);
+                conditions.push(format!("{column} = ${}", texts.len()));
+            }
+        }
         // On the records, the range is also given in milliseconds: Postgres
         // prunes the daily partitions by `at`, not by `day`.
-        let at_range = if rollups { "" } else { "AND at >= $6 AND at < $7" };
-        let sql = format!(
-            "SELECT {select_groups}{totals} FROM {table} WHERE day >= $1 AND day <= $2 {at_range} \
-             AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR {model_column} = $5) \
-             {group_clause} {order_clause}"
-        );
-        let mut query = sqlx::query(&sql)
-            .bind(from_day)
-            .bind(to_day)
-            .bind(filter.tenant_id.clone().unwrap_or_default())
-            .bind(filter.key_id.clone().unwrap_or_default())
-            .bind(filter.model.clone().unwrap_or_default());
         if !rollups {
-            let day_ms = |day: &str| {
-                chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d")
-                    .ok()
-                    .and_then(|d| d.and_hms_opt(0, 0, 0))
-                    .map(|t| t.and_utc().timestamp_millis())
-            };
-            query = query
-                .bind(day_ms(from_day).unwrap_or(i64::MIN))
-                .bind(day_ms(to_day).map_or(i64::MAX, |start| start + 86_400_000));
+            conditions.push(format!("at >= {from_ms} AND at < {to_ms}"));
+        }
+        let sql = format!(
+            "SELECT {select_groups}{totals} FROM {table} WHERE {} {group_clause} {order_clause}",
+            conditions.join(" AND ")
+        );
+        let mut query = sqlx::query(&sql);
+        for text in texts {
+            query = query.bind(text);
         }
         let rows = query.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 let text = |g: GroupBy| -> StoreResult<Option<String>> {
-                    if group_by.contains(&g) { Ok(Some(row.try_get::<String, _>(g.column())?)) } else { Ok(None) }
+                    if !group_by.contains(&g) {
+                        Ok(None)
+                    } else if g == GroupBy::Hour {
+                        Ok(Some(hour_label(row.try_get::<i64, _>(g.column())?)))
+                    } else {
+                        Ok(Some(row.try_get::<String, _>(g.column())?))
+                    }
                 };
                 Ok(UsageTotals {
                     tenant_id: text(GroupBy::Tenant)?,

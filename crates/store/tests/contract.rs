@@ -65,6 +65,8 @@ contract!(
     the_auth_fingerprint_moves_with_every_key_or_tenant_change_only,
     client_text_with_nul_characters_cannot_block_the_ledger,
     concurrent_changes_wait_for_each_other,
+    usage_groups_by_utc_hour_within_the_days_asked,
+    tenants_are_searched_by_text_and_status,
 );
 
 fn usage_event(id: &str, at: i64, tenant: &str, model: &str, cost: i64) -> tollgate_store::UsageEvent {
@@ -383,4 +385,77 @@ async fn concurrent_changes_wait_for_each_other(store: &Store) {
         task.await.unwrap().unwrap();
     }
     assert_eq!(store.list_keys("acme", None, 100).await.unwrap().len(), 16);
+}
+
+async fn usage_groups_by_utc_hour_within_the_days_asked(store: &Store) {
+    use tollgate_store::GroupBy;
+    store.ensure_usage_partitions(T0 - DAY_MS, 4).await.unwrap();
+    const MINUTE: i64 = 60_000;
+    let events = vec![
+        usage_event("h0", T0 - 2 * 60 * MINUTE + 15 * MINUTE, "acme", "m1", 10), // 10:15
+        usage_event("h1", T0 - 2 * 60 * MINUTE + 45 * MINUTE, "acme", "m2", 20), // 10:45
+        usage_event("h2", T0 + 65 * MINUTE, "acme", "m1", 40),                   // 13:05
+        usage_event("h3", T0 + 12 * 60 * MINUTE + 30 * MINUTE, "beta", "m1", 80), // next day 00:30
+        usage_event("h4", T0 - DAY_MS, "acme", "m1", 1_000),                     // the day before
+    ];
+    store.insert_usage(&events).await.unwrap();
+    let day0 = tollgate_store::usage::day_of(T0);
+    let day1 = tollgate_store::usage::day_of(T0 + DAY_MS);
+    let hours = store.usage_totals(&day0, &day1, &Default::default(), &[GroupBy::Hour]).await.unwrap();
+    let got: Vec<(String, i64, i64)> =
+        hours.iter().map(|t| (t.hour.clone().unwrap(), t.requests, t.cost_micros)).collect();
+    assert_eq!(
+        got,
+        [
+            ("2026-03-01T10:00".to_owned(), 2, 30),
+            ("2026-03-01T13:00".to_owned(), 1, 40),
+            ("2026-03-02T00:00".to_owned(), 1, 80),
+        ],
+        "UTC hours, in order, the day before left out"
+    );
+    let by_model =
+        store.usage_totals(&day0, &day0, &Default::default(), &[GroupBy::Hour, GroupBy::Model]).await.unwrap();
+    let got: Vec<(String, String, i64)> =
+        by_model.iter().map(|t| (t.hour.clone().unwrap(), t.model.clone().unwrap(), t.requests)).collect();
+    assert_eq!(
+        got,
+        [
+            ("2026-03-01T10:00".to_owned(), "m1".to_owned(), 1),
+            ("2026-03-01T10:00".to_owned(), "m2".to_owned(), 1),
+            ("2026-03-01T13:00".to_owned(), "m1".to_owned(), 1),
+        ]
+    );
+    let filter = tollgate_store::UsageFilter { tenant_id: Some("beta".into()), ..Default::default() };
+    let beta = store.usage_totals(&day0, &day1, &filter, &[GroupBy::Hour]).await.unwrap();
+    assert_eq!(beta.len(), 1);
+    assert_eq!(beta[0].hour.as_deref(), Some("2026-03-02T00:00"));
+}
+
+async fn tenants_are_searched_by_text_and_status(store: &Store) {
+    use tollgate_store::{TenantSearch, TenantStatus};
+    for (id, name) in [("alpha", "Alpha Team"), ("beta", "Payments 50%_off"), ("gamma", "gamma TEAM")] {
+        store
+            .create_tenant(
+                &NewTenant {
+                    id: id.into(),
+                    display_name: name.into(),
+                    metadata: json!({}),
+                    policy: Default::default(),
+                },
+                "test",
+            )
+            .await
+            .unwrap();
+    }
+    store.set_tenant_status("gamma", TenantStatus::Suspended, "test").await.unwrap();
+    let ids = |tenants: Vec<tollgate_store::Tenant>| tenants.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    let search = |text: &str, status: Option<TenantStatus>| TenantSearch { text: Some(text.into()), status };
+    assert_eq!(ids(store.list_tenants(None, 10, &search("team", None)).await.unwrap()), ["alpha", "gamma"]);
+    assert_eq!(ids(store.list_tenants(None, 10, &search("ALP", None)).await.unwrap()), ["alpha"]);
+    assert_eq!(ids(store.list_tenants(None, 10, &search("%_", None)).await.unwrap()), ["beta"]);
+    assert_eq!(ids(store.list_tenants(None, 10, &search("_", None)).await.unwrap()), ["beta"], "_ matches only itself");
+    assert!(store.list_tenants(None, 10, &search("team", Some(TenantStatus::Active))).await.unwrap().len() == 1);
+    let suspended = TenantSearch { text: None, status: Some(TenantStatus::Suspended) };
+    assert_eq!(ids(store.list_tenants(None, 10, &suspended).await.unwrap()), ["gamma"]);
+    assert_eq!(ids(store.list_tenants(Some("alpha"), 10, &search("team", None)).await.unwrap()), ["gamma"], "pages on");
 }

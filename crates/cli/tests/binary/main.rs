@@ -661,6 +661,12 @@ async fn a_key_in_the_gemini_query_string_reaches_neither_the_logs_nor_the_upstr
         summary["data"].as_array().is_some_and(|d| d.iter().any(|r| r["api"] == "gemini" && r["requests"] == 2))
     })
     .await;
+    // As a table, the grouping column is shown.
+    let (ok, table, err) = served.cli(&["usage", "summary", "--group-by", "api,hour"]);
+    assert!(ok, "{err}");
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.contains("API") && header.contains("HOUR") && !header.contains("TENANT_ID"), "{table}");
+    assert!(table.contains("gemini"), "{table}");
 
     let all = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
     let secret_part = key.rsplit('-').next().unwrap();

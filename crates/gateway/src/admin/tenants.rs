@@ -87,6 +87,7 @@ pub struct TenantListQuery {
     /// (at most 200 characters).
     pub q: Option<String>,
     /// Only tenants with this status.
+    #[param(inline)]
     pub status: Option<ListedStatus>,
 }
 

@@ -298,3 +298,34 @@ async fn tenants_can_be_searched_by_id_or_name_and_filtered_by_status() {
     let (status, body) = gw.admin(Method::GET, &format!("/admin/v1/tenants?q={}", "x".repeat(201)), None).await;
     assert_eq!((status, body["error"]["param"].as_str()), (400, Some("q")));
 }
+
+#[tokio::test]
+async fn budgets_show_the_periods_forecast_at_the_rate_so_far() {
+    let gw = TestGateway::start().await;
+    // Noon UTC: half the day gone, so a daily budget's forecast is about
+    // twice its spend.
+    let noon = gw.clock.now().date_naive().and_hms_opt(12, 0, 0).unwrap().and_utc();
+    gw.clock.set(noon);
+    let (status, created) = gw
+        .admin(Method::POST, "/admin/v1/tenants/test/budgets", Some(json!({"period": "daily", "amount_usd": "5"})))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let (status, lifetime) = gw
+        .admin(Method::POST, "/admin/v1/tenants/test/budgets", Some(json!({"period": "lifetime", "amount_usd": "5"})))
+        .await;
+    assert_eq!(status, 201, "{lifetime}");
+    assert!(lifetime["forecast_micros"].is_null(), "a lifetime budget has no period end: {lifetime}");
+    let response = gw
+        .post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}]}"#)
+        .await;
+    assert_eq!(response.status(), 200);
+    let budgets = crate::helpers::wait_for("the spend in the budget", crate::helpers::PATIENCE, async || {
+        let (_, list) = gw.admin(Method::GET, "/admin/v1/tenants/test/budgets", None).await;
+        let daily = list["data"].as_array()?.iter().find(|b| b["period"] == "daily")?.clone();
+        (daily["spent_micros"].as_i64()? > 0).then_some(daily)
+    })
+    .await;
+    let spent = budgets["spent_micros"].as_i64().unwrap();
+    let forecast = budgets["forecast_micros"].as_i64().unwrap();
+    assert!(forecast > spent * 19 / 10 && forecast <= spent * 2, "spent {spent}, forecast {forecast}");
+}

@@ -277,6 +277,11 @@ impl TestClock {
         self.control.advance(by);
     }
 
+    /// Moves the clock so that it reads `at` now.
+    pub fn set(&self, at: DateTime<Utc>) {
+        self.control.set(at);
+    }
+
     /// Moves the clock to the start of the next minute: the requests that
     /// follow fall in one fresh rate-limit window (a minute of real time
     /// before the next one begins).
