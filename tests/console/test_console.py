@@ -18,9 +18,9 @@ def sign_in(page: Page, token: str) -> None:
     expect(page.get_by_role("heading", name="Tenants", exact=True)).to_be_visible()
 
 
-def shot(page: Page, shots, name: str) -> None:
+def shot(page: Page, shots, name: str, full_page: bool = True) -> None:
     if shots is not None:
-        page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(shots / f"{name}.png"), full_page=full_page)
 
 
 def chat(base_url: str, key: str) -> str:
@@ -93,7 +93,7 @@ def test_the_whole_console(page: Page, shots, base_url, admin_token):
     page.get_by_role("button", name="Copy").click()
     expect(page.get_by_role("status").filter(has_text="Copied.")).to_be_visible()
     assert page.evaluate("navigator.clipboard.readText()") == secret
-    shot(page, shots, "key-created")
+    shot(page, shots, "key-created", full_page=False)  # a modal dialog covers the viewport only
     page.get_by_role("button", name="Done").click()
     expect(page.get_by_role("cell", name=re.compile("checkout-api"))).to_be_visible()
 
