@@ -3,7 +3,7 @@
 // browser's back button works).
 
 import * as api from "./api.js";
-import { h, show, notify, errorText } from "./dom.js";
+import { h, show, notify, errorText, clearStaleNotice } from "./dom.js";
 import { tenantsPage } from "./tenants.js";
 import { tenantPage } from "./tenant.js";
 import { usagePage } from "./usage.js";
@@ -97,6 +97,7 @@ async function route() {
     return;
   }
   const mine = ++generation;
+  clearStaleNotice();
   show(main, h("p", { class: "loading" }, "Loading…"));
   try {
     const content = await page(rest, new URLSearchParams(queryText || ""));

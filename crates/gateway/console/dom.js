@@ -95,6 +95,7 @@ export function table(headers, rows, empty) {
 /** Shows a message in the page's status area. */
 export function notify(message, kind = "ok") {
   const area = document.getElementById("notice");
+  area.dataset.shownAt = String(Date.now());
   show(area, h("div", { class: `notice ${kind}` }, message, h("button", {
     type: "button", class: "link", "aria-label": "Dismiss", onclick: () => show(area),
   }, "×")));
@@ -142,6 +143,13 @@ export function optionalInt(value, name) {
   if (text === "") return null;
   if (!/^\d+$/.test(text)) throw new Error(`${name} must be a whole number`);
   return Number(text);
+}
+
+/** Clears the status area when moving to another page, unless a change
+ *  just put its outcome there (a change often moves to the page it made). */
+export function clearStaleNotice() {
+  const area = document.getElementById("notice");
+  if (Date.now() - Number(area.dataset.shownAt || 0) > 1000) show(area);
 }
 
 /** Re-renders the current page (after a change). */
