@@ -329,3 +329,27 @@ async fn budgets_show_the_periods_forecast_at_the_rate_so_far() {
     let forecast = budgets["forecast_micros"].as_i64().unwrap();
     assert!(forecast > spent * 19 / 10 && forecast <= spent * 2, "spent {spent}, forecast {forecast}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_is_told_apart_from_a_signed_out_session() {
+    use crate::helpers::{CuttableLink, Db, service_addr, through};
+    let db = tollgate_store::testing::TestDatabase::postgres().await;
+    let link = CuttableLink::start(service_addr(&db.url, 5432).await).await;
+    let fake = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
+    let gw = TestGateway::start_full(fake, Db::Url(through(&db.url, link.addr)), |_| {}).await;
+    let console = Console::open(&gw, ADMIN_TOKEN).await;
+    assert_eq!(console.get("/admin/v1/tenants").await.0, 200);
+
+    link.cut();
+    // The console must not send an admin back to sign in because the
+    // database is away: the session cannot be checked, so 503, not 401.
+    let (status, body) = console.get("/admin/v1/tenants").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "database_unavailable");
+    let signing_in = sign_in(&gw, ADMIN_TOKEN).await;
+    assert_eq!(signing_in.status(), 503, "a right token is not turned away as a wrong one");
+
+    link.restore().await;
+    let (status, body) = console.get("/admin/v1/tenants").await;
+    assert_eq!(status, 200, "the same session goes on after the outage: {body}");
+}
