@@ -211,3 +211,34 @@ def test_a_laptop_width_page_does_not_scroll_sideways(page: Page, admin_token):
         page.goto(f"/console/{hash_}")
         expect(page.locator("main h1")).to_be_visible()
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), hash_
+
+
+def test_admin_tokens_are_issued_and_revoking_one_ends_its_sessions(page: Page, browser, console_url, admin_token, shots):
+    sign_in(page, admin_token)
+    page.get_by_role("link", name="Admin tokens").click()
+    expect(page.get_by_role("heading", name="Admin tokens")).to_be_visible()
+    page.get_by_label("Name").fill("colleague laptop")
+    page.get_by_role("button", name="Create admin token").click()
+    expect(page.get_by_text("shown only once")).to_be_visible()
+    token = page.locator("#new-secret").input_value()
+    assert token.startswith("tga-"), token
+    page.get_by_role("button", name="Done").click()
+    expect(page.get_by_role("cell", name="colleague laptop")).to_be_visible()
+    shot(page, shots, "admin-tokens")
+
+    # A colleague signs in with it, in a browser of their own.
+    other = browser.new_context(base_url=console_url)
+    colleague = other.new_page()
+    try:
+        sign_in(colleague, token)
+        expect(colleague.get_by_text(re.compile(r"Signed in as admin_token:"))).to_be_visible()
+
+        # Revoked here, their session ends there at the next call.
+        page.get_by_role("button", name="Revoke").click()
+        page.get_by_role("button", name="Revoke admin token").click()
+        expect(page.get_by_text("Admin token colleague laptop revoked.")).to_be_visible()
+        colleague.get_by_role("link", name="Usage").click()
+        expect(colleague.get_by_role("alert")).to_contain_text("revoked")
+        expect(colleague.get_by_label("Admin token")).to_be_visible()
+    finally:
+        other.close()

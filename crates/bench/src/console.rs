@@ -60,6 +60,7 @@ fn pages(today: &str, month_ago: &str, week_ago: &str, tenant: &str) -> Vec<(&'s
                 .into_iter()
                 .chain(["/console/assets/dom.js", "/console/assets/charts.js", "/console/assets/tenants.js"])
                 .chain(["/console/assets/tenant.js", "/console/assets/usage.js", "/console/assets/activity.js"])
+                .chain(["/console/assets/tokens.js"])
                 .chain(["/console/api/session"])
                 .map(str::to_owned)
                 .collect(),

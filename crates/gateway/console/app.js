@@ -8,6 +8,7 @@ import { tenantsPage } from "./tenants.js";
 import { tenantPage } from "./tenant.js";
 import { usagePage } from "./usage.js";
 import { alertsPage, auditPage, upstreamsPage } from "./activity.js";
+import { tokensPage } from "./tokens.js";
 
 const main = document.getElementById("main");
 const top = document.getElementById("top");
@@ -79,6 +80,7 @@ const pages = {
   alerts: () => alertsPage(),
   audit: () => auditPage(),
   upstreams: () => upstreamsPage(),
+  tokens: () => tokensPage(),
 };
 
 let generation = 0;

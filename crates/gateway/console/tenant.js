@@ -206,7 +206,7 @@ function revokeKey(key) {
 }
 
 /** The secret, once: it cannot be shown again. */
-function showSecret(title, secret, name) {
+export function showSecret(title, secret, name) {
   const value = h("input", { type: "text", readonly: true, value: secret, class: "secret", id: "new-secret",
     "aria-label": `Secret of key ${name}` });
   const copied = h("span", { class: "muted", role: "status" });

@@ -16,6 +16,7 @@ const FILES: &[(&str, &str, &str)] = &[
     ("tenant.js", "text/javascript; charset=utf-8", include_str!("../../console/tenant.js")),
     ("usage.js", "text/javascript; charset=utf-8", include_str!("../../console/usage.js")),
     ("activity.js", "text/javascript; charset=utf-8", include_str!("../../console/activity.js")),
+    ("tokens.js", "text/javascript; charset=utf-8", include_str!("../../console/tokens.js")),
     ("favicon.svg", "image/svg+xml", include_str!("../../console/favicon.svg")),
 ];
 

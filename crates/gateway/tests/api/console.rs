@@ -61,9 +61,18 @@ async fn the_console_is_served_with_a_strict_policy_and_nothing_of_the_api_is_op
     assert_eq!(root.headers()["x-frame-options"], "DENY");
     let page = root.text().await.unwrap();
     assert!(page.contains("/console/assets/app.js"), "{page}");
-    for asset in
-        ["app.js", "api.js", "dom.js", "charts.js", "tenants.js", "tenant.js", "usage.js", "activity.js", "style.css"]
-    {
+    for asset in [
+        "app.js",
+        "api.js",
+        "dom.js",
+        "charts.js",
+        "tenants.js",
+        "tenant.js",
+        "usage.js",
+        "activity.js",
+        "tokens.js",
+        "style.css",
+    ] {
         let response = gw.anonymous.get(gw.admin_url(&format!("/console/assets/{asset}"))).send().await.unwrap();
         assert_eq!(response.status(), 200, "{asset}");
         assert!(!response.text().await.unwrap().is_empty(), "{asset}");
