@@ -4,7 +4,6 @@ usage, revoke the key, set a budget and see it refuse; and the refusals
 (wrong token, a change without the CSRF token, no session)."""
 
 import re
-import time
 
 import openai
 import pytest
@@ -27,17 +26,6 @@ def chat(base_url: str, key: str) -> str:
     client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
     answer = client.chat.completions.create(model="gpt-4.1-mini", messages=[{"role": "user", "content": "hello"}])
     return answer.choices[0].message.content
-
-
-def wait_for(what: str, probe, within: float = 30.0):
-    """Polls `probe` until it returns something truthy (a condition, not a fixed wait)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_a_wrong_token_is_refused(page: Page, shots):
@@ -100,14 +88,17 @@ def test_the_whole_console(page: Page, shots, base_url, admin_token):
     # The key works with the official SDK, and the request shows in usage.
     assert chat(base_url, secret)
 
-    def usage_shows_the_request():
-        page.goto("/console/#/usage?tenant_id=checkout")
-        page.reload()
-        stat = page.locator(".stat", has_text="Requests").locator("strong")
-        expect(stat).to_be_visible()
-        return stat.inner_text() == "1"
-
-    wait_for("the request in usage", usage_shows_the_request)
+    # The ledger writes in batches: wait (in the browser, with its session)
+    # until the record is stored, then the usage page shows it.
+    page.wait_for_function(
+        """async () => {
+            const r = await fetch('/admin/v1/usage/records?tenant_id=checkout');
+            return r.ok && (await r.json()).data.length === 1;
+        }""",
+        timeout=30_000,
+    )
+    page.goto("/console/#/usage?tenant_id=checkout")
+    expect(page.locator(".stat", has_text="Requests").locator("strong")).to_have_text("1")
     expect(page.get_by_role("cell", name="gpt-4.1-mini")).to_be_visible()
     # The CSV download carries the record.
     with page.expect_download() as download:

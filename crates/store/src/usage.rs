@@ -404,13 +404,18 @@ pub struct UsageTotals {
     pub cost_micros: i64,
 }
 
-/// The first millisecond of a `YYYY-MM-DD` day (UTC); `None` for anything
-/// else, so that only such a day is ever written into a statement.
-fn day_start(day: &str) -> Option<i64> {
+/// A day written exactly `YYYY-MM-DD` (chrono alone also reads `2026-1-5`
+/// and signed years); `None` for anything else. Reports take only such
+/// days, and only such a day is ever written into a statement.
+pub fn parse_day(day: &str) -> Option<NaiveDate> {
     let shaped = day.len() == 10
         && day.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
-    let date = NaiveDate::parse_from_str(day, "%Y-%m-%d").ok().filter(|_| shaped)?;
-    Some(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
+    NaiveDate::parse_from_str(day, "%Y-%m-%d").ok().filter(|_| shaped)
+}
+
+/// The first millisecond of a `YYYY-MM-DD` day (UTC).
+fn day_start(day: &str) -> Option<i64> {
+    Some(parse_day(day)?.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
 }
 
 /// The hour `hours` hours after the epoch, `YYYY-MM-DDTHH:00` (UTC).

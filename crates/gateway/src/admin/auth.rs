@@ -25,14 +25,14 @@ impl FromRequestParts<AdminState> for Admin {
     type Rejection = AdminError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, Self::Rejection> {
-        let presented = presented_key(&parts.headers).is_some() || session::presented(&parts.headers).is_some();
-        guarded(parts, state, presented, async |parts, state| match presented_key(&parts.headers) {
-            Some(token) => verify_token(token, state).await.map(|signed_in| Admin { actor: signed_in.actor }),
-            // The console's requests: a session cookie instead of a token.
-            None => match session::presented(&parts.headers) {
-                Some(secret) => session::authenticate(parts, state, secret).await.map(|a| a.admin),
-                None => Err(AdminError::unauthorized("an admin token is required")),
-            },
+        let token = presented_key(&parts.headers).map(str::to_owned);
+        // The console's requests: a session cookie instead of a token.
+        let cookie = if token.is_none() { session::presented(&parts.headers) } else { None };
+        let presented = token.is_some() || cookie.is_some();
+        guarded(parts, state, presented, async |parts, state| match (token, cookie) {
+            (Some(token), _) => verify_token(&token, state).await.map(|signed_in| Admin { actor: signed_in.actor }),
+            (None, Some(secret)) => session::authenticate(parts, state, secret).await.map(|a| a.admin),
+            (None, None) => Err(AdminError::unauthorized("an admin token is required")),
         })
         .await
     }

@@ -125,16 +125,9 @@ pub struct RecordList {
     pub next_cursor: Option<String>,
 }
 
+/// The document promises an RFC 3339 full date: only that shape is accepted.
 fn parse_day(field: &'static str, day: &str) -> Result<NaiveDate, AdminError> {
-    let bad = || AdminError::invalid(field, "must be a date, YYYY-MM-DD");
-    // chrono also reads `2026-1-5` and signed years; the document promises
-    // an RFC 3339 full date, so only that shape is accepted.
-    let shaped = day.len() == 10
-        && day.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
-    if !shaped {
-        return Err(bad());
-    }
-    NaiveDate::parse_from_str(day, "%Y-%m-%d").map_err(|_| bad())
+    tollgate_store::usage::parse_day(day).ok_or_else(|| AdminError::invalid(field, "must be a date, YYYY-MM-DD"))
 }
 
 fn parse_group_by(text: Option<&str>) -> Result<Vec<GroupBy>, AdminError> {

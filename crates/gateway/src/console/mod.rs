@@ -97,8 +97,8 @@ async fn sign_out(State(state): State<AdminState>, parts: Parts) -> Result<Respo
 }
 
 async fn authenticated(parts: &Parts, state: &AdminState) -> Result<session::Authenticated, AdminError> {
-    let presented = session::presented(&parts.headers).is_some();
-    guarded(parts, state, presented, async |parts, state| match session::presented(&parts.headers) {
+    let cookie = session::presented(&parts.headers);
+    guarded(parts, state, cookie.is_some(), async |parts, state| match cookie {
         Some(secret) => session::authenticate(parts, state, secret).await,
         None => Err(AdminError { code: "session_expired", ..AdminError::unauthorized("not signed in") }),
     })

@@ -362,3 +362,49 @@ async fn a_database_outage_is_told_apart_from_a_signed_out_session() {
     let (status, body) = console.get("/admin/v1/tenants").await;
     assert_eq!(status, 200, "the same session goes on after the outage: {body}");
 }
+
+#[tokio::test]
+async fn a_session_opened_on_one_replica_works_on_another_and_ends_on_both() {
+    use crate::helpers::Db;
+    let db = tollgate_store::testing::TestDatabase::postgres().await;
+    let fake = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
+    let first = TestGateway::start_full(fake, Db::Url(db.url.clone()), |_| {}).await;
+    let fake = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
+    let second = TestGateway::start_full(fake, Db::Url(db.url.clone()), |_| {}).await;
+    let opened = Console::open(&first, ADMIN_TOKEN).await;
+    // Behind a load balancer the next call may reach the other replica.
+    let elsewhere =
+        Console { gw: &second, http: opened.http.clone(), cookie: opened.cookie.clone(), csrf: opened.csrf.clone() };
+    let (status, body) =
+        elsewhere.change(Method::POST, "/admin/v1/tenants", json!({"id": "via-second", "display_name": "x"})).await;
+    assert_eq!(status, 201, "{body}");
+    let out = elsewhere
+        .request(Method::DELETE, "/console/api/session")
+        .header("x-csrf-token", &elsewhere.csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 204);
+    assert_eq!(opened.get("/admin/v1/tenants").await.0, 401, "signed out on one replica, out on both");
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_sign_ins_get_clear_errors() {
+    let gw = TestGateway::start().await;
+    let post = |body: Vec<u8>| {
+        gw.anonymous
+            .post(gw.admin_url("/console/api/session"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for body in [&b"{not json"[..], br#"{"token": 7}"#, br#"{"token": "x", "extra": 1}"#, b"[]"] {
+        let response = post(body.to_vec()).await.unwrap();
+        assert_eq!(response.status(), 400, "{}", String::from_utf8_lossy(body));
+        assert_eq!(response.json::<Value>().await.unwrap()["error"]["code"], "invalid_body");
+    }
+    let huge = format!(r#"{{"token": "{}"}}"#, "a".repeat(10_000));
+    assert_eq!(post(huge.into_bytes()).await.unwrap().status(), 413);
+    let (status, _) = gw.admin(Method::GET, "/admin/v1/audit", None).await;
+    assert_eq!(status, 200, "no refused sign-in locked the address out of the API");
+}
