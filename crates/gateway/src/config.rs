@@ -465,6 +465,10 @@ pub struct UpstreamConfig {
     /// HTTP/1.1), `http1`, or `http2` (also on plain http, by prior
     /// knowledge: one connection carries many requests).
     pub protocol: UpstreamProtocol,
+    /// Requests one HTTP/2 connection carries at once before another is
+    /// opened (keep it at or below the upstream's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`, commonly 100–250).
+    pub http2_streams_per_connection: usize,
     /// Client request headers forwarded besides the built-in allow-list
     /// (`content-type`, `accept`, `user-agent`, `openai-beta`,
     /// `idempotency-key`, `traceparent`, `tracestate`, `x-stainless-*`):
@@ -511,6 +515,7 @@ impl Default for UpstreamConfig {
             max_response_bytes: 256 * 1024 * 1024,
             forward_request_headers: Vec::new(),
             protocol: UpstreamProtocol::Auto,
+            http2_streams_per_connection: 100,
             max_in_flight: None,
             apis: tollgate_openai::Api::ALL.to_vec(),
             gemini_base_url: None,
@@ -603,6 +608,9 @@ impl Config {
         for upstream in std::iter::once(&self.upstream).chain(&self.upstreams) {
             if let Some(url) = &upstream.gemini_base_url {
                 check_base_url(url, "upstreams.gemini_base_url")?;
+            }
+            if upstream.http2_streams_per_connection == 0 {
+                return Err(invalid("upstream.http2_streams_per_connection", "must be greater than 0"));
             }
         }
         let mut names = vec!["default"];

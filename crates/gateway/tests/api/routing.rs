@@ -480,6 +480,38 @@ async fn an_upstream_can_be_spoken_to_in_http2_over_plain_http() {
 }
 
 #[tokio::test]
+async fn over_http2_requests_past_one_connections_stream_limit_go_over_further_connections() {
+    // The fake upstream allows 200 concurrent streams per HTTP/2 connection
+    // (hyper's default); 250 held streams on one connection would leave 50
+    // waiting for a stream to end.
+    const STREAMS: usize = 250;
+    let backup = FakeUpstream::start().await.unwrap();
+    backup.set_defaults(Scenario { fault: Some(Fault::StallMidStream { after_chunks: 1 }), ..Scenario::default() });
+    let backup_url = backup.base_url();
+    let gw = TestGateway::start_with(move |c: &mut Config| {
+        let mut extra = c.upstream.clone();
+        extra.name = "backup".to_owned();
+        extra.base_url = backup_url;
+        extra.protocol = tollgate_gateway::config::UpstreamProtocol::Http2;
+        c.upstreams = vec![extra];
+        c.routes = vec![route("h2", vec![vec![target("backup", "gpt-4.1", 1)]])];
+    })
+    .await;
+    let body = json!({"model": "h2", "stream": true, "messages": []});
+    let held = futures_util::future::join_all((0..STREAMS).map(|_| async {
+        let mut r = chat(&gw, &body).await;
+        assert_eq!(r.status(), 200);
+        let first = r.chunk().await.unwrap().expect("a first event");
+        assert!(String::from_utf8_lossy(&first).contains("data: "), "an event, not the end of the body");
+        r
+    }));
+    let held = tokio::time::timeout(PATIENCE, held).await.expect("every stream got its first event while all are open");
+    assert_eq!(held.len(), STREAMS);
+    assert_eq!(backup.streams_started(), STREAMS);
+    assert!(backup.requests().iter().all(|r| r.version == http::Version::HTTP_2));
+}
+
+#[tokio::test]
 async fn a_prompt_too_long_for_the_model_goes_to_the_larger_context_target_and_other_400s_stay_final() {
     let backup = FakeUpstream::start().await.unwrap();
     let mut routed = route(

@@ -4,6 +4,8 @@
 //! the gateway. Redirects are not followed: an OpenAI-compatible API does not
 //! redirect, so a redirect means a wrong base URL and becomes a 502.
 
+mod lanes;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,7 +102,8 @@ impl From<UpstreamFailure> for GatewayError {
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 pub struct Upstream {
-    client: HttpClient,
+    /// Pooled clients; more than one when connections may be HTTP/2.
+    clients: lanes::Lanes<HttpClient>,
     /// e.g. `https://api.cometapi.com/v1`, checked once; a request's URI is
     /// this followed by its path and query.
     base: String,
@@ -167,15 +170,24 @@ impl Upstream {
             UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
             UpstreamProtocol::Auto => builder.enable_all_versions().wrap_connector(http),
         };
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .http2_only(config.protocol == UpstreamProtocol::Http2)
-            .build(connector);
+            .http2_only(config.protocol == UpstreamProtocol::Http2);
+        // HTTP/2 is possible by prior knowledge, or by ALPN on https.
+        let multiplexed = match config.protocol {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::Auto => parsed.scheme_str() == Some("https"),
+        };
+        let clients = lanes::Lanes::new(multiplexed, config.http2_streams_per_connection, move || {
+            builder.build(connector.clone())
+        });
         Ok(Self {
-            client,
+            clients,
             base,
             keys,
             in_flight: config.max_in_flight.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
@@ -232,26 +244,24 @@ impl Upstream {
         let uri = Uri::try_from(uri)
             .map_err(|_| UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::Unreachable })?;
 
-        let slot = match &self.in_flight {
+        let permit = match &self.in_flight {
             None => None,
-            Some(cap) => Some(InFlightSlot {
-                _permit: Arc::new(
-                    cap.clone()
-                        .try_acquire_owned()
-                        .map_err(|_| UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::AtCapacity })?,
-                ),
-            }),
+            Some(cap) => Some(
+                cap.clone()
+                    .try_acquire_owned()
+                    .map_err(|_| UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::AtCapacity })?,
+            ),
         };
+        let (client, place) = self.clients.take();
         let method = outbound.method.clone();
-        let mut response = self.send_with_keys(method, uri, &outbound, body).await?;
-        if let Some(slot) = slot {
-            response.extensions_mut().insert(slot);
-        }
+        let mut response = self.send_with_keys(client, method, uri, &outbound, body).await?;
+        response.extensions_mut().insert(InFlightSlot { _held: Arc::new((permit, place)) });
         Ok(response)
     }
 
     async fn send_with_keys(
         &self,
+        client: &HttpClient,
         method: Method,
         uri: Uri,
         outgoing: &Outbound<'_>,
@@ -260,7 +270,7 @@ impl Upstream {
         let body = body.unwrap_or_default();
         let now = crate::proxy::forward::monotonic_ms();
         let key = self.keys.take(now);
-        let response = self.attempt(&method, &uri, outgoing, body.clone(), key.as_ref()).await?;
+        let response = self.attempt(client, &method, &uri, outgoing, body.clone(), key.as_ref()).await?;
         // The upstream refused this key: set it aside and, if there is
         // another, send the same request again with it (nothing was done).
         if let Some(key) = key
@@ -268,7 +278,7 @@ impl Upstream {
         {
             self.keys.set_aside(&key, now);
             if let Some(other) = self.keys.take_other(now, Some(&key)).filter(|_| self.keys.has_other(&key, now)) {
-                return self.attempt(&method, &uri, outgoing, body, Some(&other)).await;
+                return self.attempt(client, &method, &uri, outgoing, body, Some(&other)).await;
             }
         }
         Ok(response)
@@ -277,6 +287,7 @@ impl Upstream {
     /// One request with one key.
     async fn attempt(
         &self,
+        client: &HttpClient,
         method: &Method,
         uri: &Uri,
         outgoing: &Outbound<'_>,
@@ -308,7 +319,7 @@ impl Upstream {
             };
         }
 
-        match tokio::time::timeout(self.first_byte_timeout, self.client.request(request)).await {
+        match tokio::time::timeout(self.first_byte_timeout, client.request(request)).await {
             Err(_elapsed) => Err(UpstreamFailure { phase: Phase::AfterSend, kind: FailureKind::Timeout }),
             // A connect error means the request never left.
             Ok(Err(e)) if e.is_connect() => Err(classify(&e, Phase::BeforeSend)),
@@ -361,12 +372,13 @@ const ANTHROPIC_VERSION: http::HeaderName = http::HeaderName::from_static("anthr
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
-/// One of an upstream's `max_in_flight` slots, held by a request from
-/// sending until its answer is relayed to the end (it rides in the
-/// response's extensions until the relay takes it).
+/// What a request holds from sending until its answer is relayed to the
+/// end: one of the upstream's `max_in_flight` slots (when capped) and its
+/// place on a connection lane. It rides in the response's extensions until
+/// the relay takes it.
 #[derive(Debug, Clone)]
 pub struct InFlightSlot {
-    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    _held: Arc<(Option<tokio::sync::OwnedSemaphorePermit>, lanes::LanePlace)>,
 }
 
 /// An upstream answer's body as the relay reads it: straight from the
