@@ -64,6 +64,80 @@ async fn run(db: &BenchDb, records: usize) -> anyhow::Result<f64> {
     Ok(records as f64 / elapsed.as_secs_f64())
 }
 
+/// Rows per second Postgres itself takes for the same records, as the
+/// reference for the ledger's rate: one `COPY` of identical rows (text
+/// format, made beforehand) into `usage_events` of a fresh database, with
+/// no rollups, no conflict check and no batching.
+pub async fn copy_reference(server: &str, records: usize) -> anyhow::Result<f64> {
+    let db = BenchDb::create(server, "ledger_copy").await?;
+    let result = copy_rows(&db, records).await;
+    db.drop_now().await;
+    result
+}
+
+async fn copy_rows(db: &BenchDb, records: usize) -> anyhow::Result<f64> {
+    use sqlx::Connection;
+    let store = Store::connect(&db.url, 1).await?;
+    store.migrate().await?;
+    store.close().await;
+    let mut text = String::with_capacity(records * 300);
+    for i in 0..records {
+        copy_line(&mut text, &event(i));
+    }
+    let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+    let statement = format!("COPY usage_events ({}) FROM STDIN", tollgate_store::usage::COLUMNS);
+    let started = Instant::now();
+    let mut copy = conn.copy_in_raw(&statement).await?;
+    for chunk in text.as_bytes().chunks(1 << 20) {
+        copy.send(chunk).await?;
+    }
+    let rows = copy.finish().await?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(usize::try_from(rows)? == records, "COPY stored {rows} of {records} rows");
+    conn.close().await?;
+    Ok(records as f64 / elapsed.as_secs_f64())
+}
+
+/// One row of `COPY … FROM STDIN` (text format) in `COLUMNS` order.
+fn copy_line(out: &mut String, e: &UsageEvent) {
+    use std::fmt::Write;
+    let text = |v: Option<&str>| v.map_or_else(|| "\\N".to_owned(), str::to_owned);
+    let number = |v: Option<i64>| v.map_or_else(|| "\\N".to_owned(), |n| n.to_string());
+    let fields = [
+        e.id.clone(),
+        e.at.to_string(),
+        e.day(),
+        e.request_id.clone(),
+        e.tenant_id.clone(),
+        e.key_id.clone(),
+        e.endpoint.clone(),
+        e.requested_model.clone(),
+        text(e.upstream_model.as_deref()),
+        i32::from(e.stream).to_string(),
+        e.prompt_tokens.to_string(),
+        e.completion_tokens.to_string(),
+        e.reasoning_tokens.to_string(),
+        e.cached_tokens.to_string(),
+        e.total_tokens.to_string(),
+        e.billed_output_tokens.to_string(),
+        e.cost_micros.to_string(),
+        i32::from(e.estimated).to_string(),
+        i32::from(e.unpriced).to_string(),
+        i32::from(e.modified).to_string(),
+        e.status.to_string(),
+        text(e.error_class.as_deref()),
+        e.latency_ms.to_string(),
+        number(e.ttft_ms),
+        text(e.route.as_deref()),
+        text(e.target.as_deref()),
+        text(e.upstream.as_deref()),
+        e.attempts.to_string(),
+        e.api.to_string(),
+        e.cache_write_tokens.to_string(),
+    ];
+    let _ = writeln!(out, "{}", fields.join("\t"));
+}
+
 /// A record shaped like a real chat completion's, spread over a few
 /// tenants, keys and models so rollups see several groups.
 fn event(i: usize) -> UsageEvent {

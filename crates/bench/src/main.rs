@@ -44,6 +44,9 @@ struct Args {
     /// Postgres server the gateway's and the ledger's databases are created on.
     #[arg(long, env = "TEST_POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     postgres: String,
+    /// Redis server the Redis-shared gateway of scenario (g) uses.
+    #[arg(long, env = "TEST_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis: String,
     #[command(subcommand)]
     command: Option<Internal>,
 }
@@ -99,7 +102,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(repeats) = args.repeats {
         plan.repeats = repeats.max(1);
     }
-    let results = runtime.block_on(scenarios::run_all(&plan, &cpus, &args.postgres))?;
+    let services = scenarios::Services { postgres: args.postgres.clone(), redis: args.redis.clone() };
+    let results = runtime.block_on(scenarios::run_all(&plan, &cpus, &services))?;
     let markdown = report::render(&plan, &cpus, &results);
     match &args.out {
         Some(path) => {

@@ -55,29 +55,15 @@ pub fn checks(results: &Results) -> Vec<Check> {
         checks.push(Check { what: what.to_owned(), measured, pass });
     };
     if let Some((_, medians)) = results.latency.iter().find(|(rate, _)| *rate == 1000)
-        && let (Some(gw), Some(nx)) = (added(medians, "gateway"), added(medians, "nginx"))
+        && let Some(gw) = added(medians, "gateway")
     {
         check("added latency p50 at 1,000 req/s ≤ 0.2 ms", ms(gw.0), gw.0 <= 200.0);
         check("added latency p99 at 1,000 req/s ≤ 1 ms", ms(gw.1), gw.1 <= 1000.0);
-        check(
-            "added latency p50 ≤ 1.5 × nginx's",
-            format!("{} vs nginx {}", ms(gw.0), ms(nx.0)),
-            gw.0 <= 1.5 * nx.0.max(0.0),
-        );
-        check(
-            "added latency p99 ≤ 1.5 × nginx's",
-            format!("{} vs nginx {}", ms(gw.1), ms(nx.1)),
-            gw.1 <= 1.5 * nx.1.max(0.0),
-        );
     }
-    if let (Some(gw), Some(nx)) = (find(&results.throughput, "gateway"), find(&results.throughput, "nginx")) {
-        let share = gw.figures.rps / nx.figures.rps;
-        check(
-            "throughput ≥ 80 % of nginx's",
-            format!("{:.0} vs {:.0} req/s ({:.0} %)", gw.figures.rps, nx.figures.rps, share * 100.0),
-            share >= 0.8,
-        );
+    if let Some((_, medians)) = results.latency.iter().find(|(rate, _)| *rate == 1000) {
+        against_nginx_latency(&mut check, medians, "gateway");
     }
+    against_nginx_throughput(&mut check, &results.throughput, "gateway");
     let stream = |name: &str| results.streaming.iter().find(|s| s.target == name);
     if let (Some(gw), Some(direct)) = (stream("gateway"), stream("direct")) {
         let ttft = gw.figures.ttft_us.percentile(99.0) as f64 - direct.figures.ttft_us.percentile(99.0) as f64;
@@ -94,6 +80,16 @@ pub fn checks(results: &Results) -> Vec<Check> {
             gw.figures.coalesced_reads <= direct.figures.coalesced_reads && gap <= 1000.0,
         );
     }
+    let nginx_memory = results.memory.iter().find(|m| m.target == "nginx");
+    for m in results.memory.iter().filter(|m| m.target.starts_with("gateway")) {
+        if let Some(nx) = nginx_memory {
+            check(
+                &format!("{}: RSS with {} streams ≤ 1.5 × nginx's", m.target, m.streams_open),
+                format!("{} vs nginx {}", mib(m.with_streams_kib), mib(nx.with_streams_kib)),
+                m.with_streams_kib as f64 <= 1.5 * nx.with_streams_kib as f64,
+            );
+        }
+    }
     if let Some(m) = results.memory.iter().find(|m| m.target == "gateway") {
         check("memory idle ≤ 30 MB", mib(m.idle_after_warmup_kib), m.idle_after_warmup_kib * 1024 <= 30_000_000);
         check(
@@ -102,10 +98,19 @@ pub fn checks(results: &Results) -> Vec<Check> {
             m.with_streams_kib * 1024 <= 100_000_000,
         );
     }
-    if let Some(rate) = results.ledger_records_per_s {
-        check("ledger ≥ 50,000 records/s", format!("{rate:.0} records/s"), rate >= 50_000.0);
+    if let Some(rates) = results.ledger {
+        check("ledger ≥ 50,000 records/s", format!("{:.0} records/s", rates.ledger), rates.ledger >= 50_000.0);
+        check(
+            "ledger ≥ 50 % of Postgres's own COPY of the same rows",
+            format!("{:.0} vs {:.0} records/s ({:.0} %)", rates.ledger, rates.copy, 100.0 * rates.ledger / rates.copy),
+            rates.ledger >= 0.5 * rates.copy,
+        );
     }
     if let Some(r) = &results.routed {
+        for name in ["gateway, routed", "gateway, routed, Redis"] {
+            against_nginx_latency(&mut check, &r.latency, name);
+            against_nginx_throughput(&mut check, &r.throughput, name);
+        }
         let find = |list: &[Median], name: &str| list.iter().find(|m| m.target == name).map(|m| m.figures);
         let direct = find(&r.latency, "direct").map_or(0.0, |f| f.p50_us);
         if let (Some(plain), Some(routed)) = (find(&r.latency, "gateway"), find(&r.latency, "gateway, routed")) {
@@ -158,6 +163,37 @@ pub fn checks(results: &Results) -> Vec<Check> {
     checks
 }
 
+/// Added latency of `target` against nginx's in the same runs (p50, p99).
+fn against_nginx_latency(check: &mut impl FnMut(&str, String, bool), medians: &[Median], target: &str) {
+    let (Some(gw), Some(nx)) = (added(medians, target), added(medians, "nginx")) else { return };
+    check(
+        &format!("{target}: added latency p50 ≤ 1.5 × nginx's"),
+        format!("{} vs nginx {}", ms(gw.0), ms(nx.0)),
+        gw.0 <= 1.5 * nx.0.max(0.0),
+    );
+    check(
+        &format!("{target}: added latency p99 ≤ 1.5 × nginx's"),
+        format!("{} vs nginx {}", ms(gw.1), ms(nx.1)),
+        gw.1 <= 1.5 * nx.1.max(0.0),
+    );
+}
+
+/// Throughput and CPU per request of `target` against nginx's.
+fn against_nginx_throughput(check: &mut impl FnMut(&str, String, bool), medians: &[Median], target: &str) {
+    let (Some(gw), Some(nx)) = (find(medians, target), find(medians, "nginx")) else { return };
+    let share = gw.figures.rps / nx.figures.rps;
+    check(
+        &format!("{target}: throughput ≥ 80 % of nginx's"),
+        format!("{:.0} vs {:.0} req/s ({:.0} %)", gw.figures.rps, nx.figures.rps, share * 100.0),
+        share >= 0.8,
+    );
+    check(
+        &format!("{target}: CPU per request ≤ 1.5 × nginx's"),
+        format!("{:.1} µs vs {:.1} µs", gw.figures.cpu_us_per_request, nx.figures.cpu_us_per_request),
+        gw.figures.cpu_us_per_request <= 1.5 * nx.figures.cpu_us_per_request,
+    );
+}
+
 pub fn summary(results: &Results) -> String {
     let mut out = String::new();
     for c in checks(results) {
@@ -197,12 +233,21 @@ pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
     }
     let _ = writeln!(
         out,
-        "Generated by `bench/run` on {date}.\n\n- Machine: {}\n- Pinning: {}\n- Load generator: `oha` (open loop; fixed rates use latency correction), {} s per run, {} runs per figure (median), targets measured in turn\n- Upstream: the fake OpenAI-compatible upstream answering at once (`crates/fake-upstream`)\n- Gateway: release build, two runtime worker threads on its one CPU, every feature on: key authentication, tenant rate limits (requests, tokens, in flight), a hard monthly budget, usage accounting to Postgres, the Prometheus endpoint scraped every second, JSON logs\n- nginx: one worker, keep-alive to the upstream, proxy buffering off, access log off\n",
+        "Generated by `bench/run` on {date}.\n\n- Machine: {}\n- Pinning: {}\n- Load generator: `oha` (open loop; fixed rates use latency correction), {} s per run, {} runs per figure (median), targets measured in turn\n- Upstream: the fake OpenAI-compatible upstream answering at once (`crates/fake-upstream`)\n- Gateway: release build, two runtime worker threads on its one CPU, every feature on: key authentication, tenant rate limits (requests, tokens, in flight), a hard monthly budget, usage accounting to Postgres, the Prometheus endpoint scraped every second, JSON logs\n- nginx: one worker, keep-alive to the upstream, proxy buffering off, access log off",
         results.machine,
         cpus.describe(),
         plan.duration.as_secs_f64(),
         plan.repeats,
     );
+    match &results.peer {
+        Some(peer) => {
+            let _ = writeln!(
+                out,
+                "- Peer gateway: {peer} from crates.io, on the same CPU, one provider pointing at the fake upstream, no retries, info log off; it has no keys, limits, budgets or usage ledger, so it does less per request than the gateway here\n"
+            );
+        }
+        None => out.push_str("- Peer gateway: crabllm was not installed for this run\n\n"),
+    }
 
     out.push_str("## Targets\n\n| target | measured | |\n|---|---|---|\n");
     for c in checks(results) {
@@ -265,11 +310,14 @@ pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
         );
     }
 
-    if let Some(rate) = results.ledger_records_per_s {
+    if let Some(rates) = results.ledger {
         let _ = writeln!(
             out,
-            "\n## (e) Ledger\n\n{} usage records through the gateway's ledger (channel, batches of 1,000, Postgres with daily partitions and rollups): **{rate:.0} records/s**.",
-            plan.ledger_records
+            "\n## (e) Ledger\n\n{} usage records through the gateway's ledger (channel, batches of 1,000, Postgres with daily partitions and rollups): **{:.0} records/s**. The same rows by one `COPY` into the same table of a fresh database (no rollups, no duplicate check), as the reference: {:.0} records/s; the ledger reaches {:.0} % of it.",
+            plan.ledger_records,
+            rates.ledger,
+            rates.copy,
+            100.0 * rates.ledger / rates.copy
         );
     }
     if let Some(r) = &results.routed {

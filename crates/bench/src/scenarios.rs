@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::load::{self, LoadFigures};
 use crate::procs::{Cpus, rss_kib};
-use crate::stack::{BenchDb, Gateway, Nginx, Target, Upstream};
+use crate::stack::{BenchDb, Crabllm, Gateway, Nginx, Target, Upstream};
 use crate::stats::median;
 use crate::streams::{self, StreamFigures};
 use crate::{keys, ledger};
@@ -93,6 +93,13 @@ impl Plan {
     }
 }
 
+/// Records per second: through the gateway's ledger, and by `COPY`.
+#[derive(Debug, Clone, Copy)]
+pub struct LedgerRates {
+    pub ledger: f64,
+    pub copy: f64,
+}
+
 /// Medians over the repeats, per target.
 #[derive(Debug, Clone)]
 pub struct Median {
@@ -146,14 +153,19 @@ pub struct Results {
     pub throughput: Vec<Median>,
     pub streaming: Vec<StreamResult>,
     pub memory: Vec<Memory>,
-    pub ledger_records_per_s: Option<f64>,
+    /// (e): the ledger's records per second, and Postgres's own `COPY` of
+    /// the same rows in the same run.
+    pub ledger: Option<LedgerRates>,
     pub keys: Option<ManyKeys>,
-    /// (g): the direct path, the gateway, and the gateway through a route.
+    /// (g): the direct path, nginx, the gateway, the gateway through a
+    /// route, and through a route with limits and budgets in Redis.
     pub routed: Option<Routed>,
     pub traced: Option<Traced>,
     /// (i): the console's pages on an empty ledger and on a large one.
     pub console: Option<crate::console::ConsoleFigures>,
     pub machine: String,
+    /// The peer gateway measured beside the others (name and version).
+    pub peer: Option<String>,
 }
 
 #[derive(Debug)]
@@ -214,13 +226,22 @@ async fn interleaved(
     Ok(targets.iter().zip(runs).map(|(t, r)| median_of(t.name, &r)).collect())
 }
 
-pub async fn run_all(plan: &Plan, cpus: &Cpus, postgres: &str) -> anyhow::Result<Results> {
+/// The servers the benchmark's gateways use.
+pub struct Services {
+    /// A Postgres server the databases are created on.
+    pub postgres: String,
+    /// A Redis server the Redis-shared gateway of (g) uses.
+    pub redis: String,
+}
+
+pub async fn run_all(plan: &Plan, cpus: &Cpus, services: &Services) -> anyhow::Result<Results> {
+    let postgres = services.postgres.as_str();
     let machine = crate::report::machine();
     println!("machine: {machine}; {}", cpus.describe());
     let upstream = Upstream::start(cpus).await?;
     let nginx = Nginx::start(cpus, upstream.addr).await?;
     let db = BenchDb::create(postgres, "main").await?;
-    let outcome = run_with(plan, cpus, postgres, &upstream, &nginx, &db, machine).await;
+    let outcome = run_with(plan, cpus, services, &upstream, &nginx, &db, machine).await;
     db.drop_now().await;
     outcome
 }
@@ -228,12 +249,13 @@ pub async fn run_all(plan: &Plan, cpus: &Cpus, postgres: &str) -> anyhow::Result
 async fn run_with(
     plan: &Plan,
     cpus: &Cpus,
-    postgres: &str,
+    services: &Services,
     upstream: &Upstream,
     nginx: &Nginx,
     db: &BenchDb,
     machine: String,
 ) -> anyhow::Result<Results> {
+    let postgres = services.postgres.as_str();
     let gateway = Gateway::start(cpus, upstream.addr, db, None).await?;
     let mut targets = vec![upstream.target(), nginx.target(), gateway.target()];
     // TOLLGATE_BENCH_BASELINE=/path/to/another/tollgate: that build too, on
@@ -252,6 +274,19 @@ async fn run_with(
     if let Some(baseline) = &baseline {
         targets.push(baseline.target());
     }
+    // A peer gateway, when installed (`bench/run` installs it; the smoke
+    // run in the test suite goes without).
+    let crabllm = match Crabllm::binary() {
+        Some(binary) => Some(Crabllm::start(&binary, cpus, upstream.addr).await?),
+        None => {
+            println!("crabllm is not installed (cargo install crabllm --locked): measured without a peer gateway");
+            None
+        }
+    };
+    if let Some(crabllm) = &crabllm {
+        targets.push(crabllm.target());
+    }
+    let crabllm_version = crabllm.as_ref().map(|_| Crabllm::version());
     let idle: Vec<u64> = targets.iter().map(|t| rss_kib(t.pid)).collect();
 
     println!("warming up");
@@ -317,23 +352,70 @@ async fn run_with(
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
+    // The same build speaking HTTP/2 to the upstream (prior knowledge):
+    // thousands of streams share a few upstream connections.
+    if plan.wants('d') {
+        let h2_db = BenchDb::create(postgres, "h2").await?;
+        let settings = [("TOLLGATE_UPSTREAM__PROTOCOL", "http2".to_owned())];
+        let h2 = Gateway::start_with_settings(cpus, upstream.addr, &h2_db, None, None, &settings)
+            .await?
+            .named("gateway, HTTP/2 upstream");
+        let target = h2.target();
+        let idle_kib = rss_kib(target.pid);
+        load::run(cpus, &target, plan.warmup, Some(500), plan.rate_connections).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle_after_warmup_kib = rss_kib(target.pid);
+        println!("(d) memory with {} streams open: {}", plan.held_streams, target.name);
+        let held_http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build()?;
+        let (held, open) = streams::hold_open(&held_http, &target, plan.held_streams).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let with_streams_kib = rss_kib(target.pid);
+        drop(held);
+        memory.push(Memory {
+            target: target.name,
+            idle_kib,
+            idle_after_warmup_kib,
+            with_streams_kib,
+            streams_open: open,
+        });
+        drop(h2);
+        h2_db.drop_now().await;
+    }
+
     let keys = if plan.wants('f') { Some(many_keys(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
-    let routed = if plan.wants('g') { Some(routed(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
+    let routed =
+        if plan.wants('g') { Some(routed(plan, cpus, services, upstream, nginx, &gateway).await?) } else { None };
     let traced = if plan.wants('h') { Some(traced(plan, cpus, postgres, upstream, &gateway).await?) } else { None };
     drop(gateway);
     let console =
         if plan.wants('i') { Some(crate::console::page_loads(plan, cpus, postgres, upstream).await?) } else { None };
     drop(baseline);
+    drop(crabllm);
     if let Some(db) = &baseline_db {
         db.drop_now().await;
     }
-    let mut ledger_records_per_s = None;
+    let mut ledger_rates = None;
     if plan.wants('e') {
-        println!("(e) ledger throughput, {} records", plan.ledger_records);
-        ledger_records_per_s = Some(ledger::throughput(postgres, plan.ledger_records).await?);
+        println!("(e) ledger throughput, {} records, and COPY of the same rows", plan.ledger_records);
+        let ledger = ledger::throughput(postgres, plan.ledger_records).await?;
+        let copy = ledger::copy_reference(postgres, plan.ledger_records).await?;
+        ledger_rates = Some(LedgerRates { ledger, copy });
     }
 
-    Ok(Results { latency, throughput, streaming, memory, ledger_records_per_s, keys, routed, traced, console, machine })
+    let peer = crabllm_version;
+    Ok(Results {
+        latency,
+        throughput,
+        streaming,
+        memory,
+        ledger: ledger_rates,
+        keys,
+        routed,
+        traced,
+        console,
+        machine,
+        peer,
+    })
 }
 
 async fn many_keys(
@@ -376,26 +458,55 @@ async fn many_keys(
 async fn routed(
     plan: &Plan,
     cpus: &Cpus,
-    postgres: &str,
+    services: &Services,
     upstream: &Upstream,
+    nginx: &Nginx,
     gateway: &Gateway,
 ) -> anyhow::Result<Routed> {
+    let (postgres, redis) = (services.postgres.as_str(), services.redis.as_str());
     let rate = if plan.smoke { plan.rates.first().copied().unwrap_or(100) } else { 1000 };
     println!("(g) a two-target weighted route at {rate} requests/s and at full throughput");
     let db = BenchDb::create(postgres, "routed").await?;
+    let redis_db = BenchDb::create(postgres, "redis").await?;
     let result = async {
         let with_route = Gateway::start_with_routes(cpus, upstream.addr, &db, None, Some(BENCH_ROUTE)).await?;
         let mut routed_target = with_route.target();
         routed_target.name = "gateway, routed";
-        let targets = [upstream.target(), gateway.target(), routed_target];
-        load::run(cpus, &targets[2], plan.warmup, Some(500), plan.rate_connections).await?;
+        // The route again, with limits and budgets shared through Redis (one
+        // replica): a script per request instead of local counters.
+        let settings = [
+            ("TOLLGATE_REDIS_URL", redis.to_owned()),
+            ("TOLLGATE_REDIS__KEY_PREFIX", format!("tollgate_bench_{}", std::process::id())),
+        ];
+        let with_redis =
+            Gateway::start_with_settings(cpus, upstream.addr, &redis_db, None, Some(BENCH_ROUTE), &settings).await?;
+        let mut redis_target = with_redis.target();
+        redis_target.name = "gateway, routed, Redis";
+        let targets = [upstream.target(), nginx.target(), gateway.target(), routed_target, redis_target];
+        for target in &targets[3..] {
+            load::run(cpus, target, plan.warmup, Some(500), plan.rate_connections).await?;
+        }
+        let prefix = format!("tollgate_bench_{}", std::process::id());
+        let shared_keys = redis_keys(redis, &prefix).await?;
+        anyhow::ensure!(shared_keys > 0, "the Redis-shared gateway wrote nothing to Redis at {redis}");
         let latency = interleaved(plan, cpus, &targets, Some(rate), plan.rate_connections).await?;
         let throughput = interleaved(plan, cpus, &targets, None, plan.throughput_connections).await?;
+        let fallbacks = with_redis.metric("tollgate_redis_fallbacks_total").await?;
+        anyhow::ensure!(fallbacks == 0.0, "{fallbacks} limit checks fell back to local counters");
         anyhow::Ok(Routed { rate, latency, throughput })
     }
     .await;
     db.drop_now().await;
+    redis_db.drop_now().await;
     result
+}
+
+/// Keys under `prefix` in Redis (what a Redis-shared gateway wrote).
+async fn redis_keys(url: &str, prefix: &str) -> anyhow::Result<usize> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await?;
+    Ok(keys.len())
 }
 
 /// (h): the same load through a gateway exporting every request's spans

@@ -115,6 +115,69 @@ http {{
     }
 }
 
+/// crabllm (crates.io: `cargo install crabllm --locked`), a peer gateway in
+/// Rust, in front of the fake upstream like nginx. It has no tenant keys,
+/// limits, budgets or usage ledger to turn on; its Prometheus metrics and
+/// request ids are always on, its info log is turned off (`RUST_LOG=warn`)
+/// as nginx's access log is.
+pub struct Crabllm {
+    pub addr: SocketAddr,
+    proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Crabllm {
+    /// The installed binary, if any.
+    pub fn binary() -> Option<PathBuf> {
+        which("crabllm").or_else(|| {
+            let home = std::env::var_os("HOME")?;
+            Some(PathBuf::from(home).join(".cargo/bin/crabllm")).filter(|p| p.is_file())
+        })
+    }
+
+    /// `crabllm 0.0.25`, as cargo recorded the install (the binary has no
+    /// version flag).
+    pub fn version() -> String {
+        let listed = std::process::Command::new("cargo").args(["install", "--list"]).output();
+        let text = listed.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("crabllm v")?.split(':').next().map(|v| format!("crabllm {v}")))
+            .unwrap_or_else(|| "crabllm".to_owned())
+    }
+
+    pub async fn start(binary: &std::path::Path, cpus: &Cpus, upstream: SocketAddr) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let addr = free_addr()?;
+        // An existing file, always: without one crabllm writes a starter
+        // config with keys (client authentication) turned on.
+        let conf = format!(
+            r#"listen = "{addr}"
+openapi = false
+shutdown_timeout = 2
+
+[providers.openai]
+kind = "openai"
+base_url = "http://{upstream}/v1"
+api_key = "sk-bench"
+models = ["gpt-4.1-mini"]
+max_retries = 0
+timeout = 30
+"#
+        );
+        let file = dir.path().join("crabllm.toml");
+        std::fs::write(&file, conf)?;
+        let mut cmd = pinned(cpus.under_test.as_deref(), binary);
+        cmd.arg("serve").arg("--config").arg(&file).arg("--bind").arg(addr.to_string()).env("RUST_LOG", "warn");
+        let mut proc = Proc::spawn("crabllm", cmd)?;
+        wait_listening(&mut proc, addr).await?;
+        Ok(Self { addr, proc, _dir: dir })
+    }
+
+    pub fn target(&self) -> Target {
+        Target { name: "crabllm", base: format!("http://{}/v1", self.addr), key: None, pid: self.proc.pid() }
+    }
+}
+
 /// A database of its own for one gateway, dropped at the end.
 pub struct BenchDb {
     pub url: String,
@@ -203,6 +266,12 @@ impl Gateway {
         settings: &[(&str, String)],
     ) -> anyhow::Result<Self> {
         Self::start_binary(&Self::binary()?, cpus, upstream, db, existing_key, routes, settings).await
+    }
+
+    /// The same gateway under another name in the report.
+    pub fn named(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
     }
 
     /// Another build of the gateway (`TOLLGATE_BENCH_BASELINE`), measured

@@ -9,8 +9,15 @@ use futures_util::StreamExt;
 use crate::stack::Target;
 use crate::stats::Samples;
 
-pub const STREAM_BODY: &str =
-    r#"{"model":"gpt-4.1-mini","stream":true,"messages":[{"role":"user","content":"Tell me a story"}]}"#;
+/// A streamed chat completion of `chunks` events `interval_ms` apart. The
+/// fake upstream is steered through the body's `metadata` rather than
+/// `x-fake-*` headers: every path forwards the body as it is, while a peer
+/// gateway forwards no unknown headers.
+pub fn stream_body(chunks: usize, interval_ms: u64) -> String {
+    format!(
+        r#"{{"model":"gpt-4.1-mini","stream":true,"metadata":{{"x-fake-chunks":"{chunks}","x-fake-chunk-interval-ms":"{interval_ms}"}},"messages":[{{"role":"user","content":"Tell me a story"}}]}}"#
+    )
+}
 
 /// What the client saw of a batch of streams.
 #[derive(Debug, Default)]
@@ -27,12 +34,8 @@ pub struct StreamFigures {
 }
 
 fn request(http: &reqwest::Client, target: &Target, chunks: usize, interval_ms: u64) -> reqwest::RequestBuilder {
-    let mut request = http
-        .post(target.chat_url())
-        .header("content-type", "application/json")
-        .header("x-fake-chunks", chunks.to_string())
-        .header("x-fake-chunk-interval-ms", interval_ms.to_string())
-        .body(STREAM_BODY);
+    let mut request =
+        http.post(target.chat_url()).header("content-type", "application/json").body(stream_body(chunks, interval_ms));
     if let Some(key) = &target.key {
         request = request.bearer_auth(key);
     }

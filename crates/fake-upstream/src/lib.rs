@@ -240,7 +240,7 @@ async fn answer(State(shared): State<Arc<Shared>>, request: Request) -> Response
         }
     }
     let mut scenario = lock(&shared.defaults).clone();
-    if let Err(e) = scenario.apply_headers(&parts.headers) {
+    if let Err(e) = scenario.apply_metadata(&body).and_then(|()| scenario.apply_headers(&parts.headers)) {
         return error_response(api, StatusCode::BAD_REQUEST, &e.0, None);
     }
     if let Some(fault) = lock(&shared.queued).pop_front() {

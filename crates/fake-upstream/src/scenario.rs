@@ -102,34 +102,64 @@ impl Scenario {
                 continue;
             };
             let value = value.to_str().map_err(|_| BadDirective(format!("{name} is not ASCII")))?;
-            let bad = || BadDirective(format!("bad value {value:?} for {name}"));
-            let millis = |v: &str| v.parse::<u64>().map(Duration::from_millis).map_err(|_| bad());
-            let number = |v: &str| v.parse::<u64>().map_err(|_| bad());
-            match key {
-                "latency-ms" => self.latency = millis(value)?,
-                "chunks" => self.chunks = number(value)? as usize,
-                "chunk-interval-ms" => self.chunk_interval = millis(value)?,
-                "usage" => {
-                    self.report_usage = match value {
-                        "omit" => false,
-                        "report" => true,
-                        _ => return Err(bad()),
-                    }
+            self.apply(name.as_str(), key, value)?;
+        }
+        Ok(())
+    }
+
+    /// Applies `x-fake-*` entries of the request body's `metadata` object,
+    /// for clients behind a proxy that forwards no unknown headers but the
+    /// body as it is (a peer gateway in the benchmark).
+    pub fn apply_metadata(&mut self, body: &[u8]) -> Result<(), BadDirective> {
+        // Most bodies carry none: look before parsing.
+        if !body.windows(8).any(|w| w == b"\"x-fake-") {
+            return Ok(());
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return Ok(());
+        };
+        let Some(metadata) = value.get("metadata").and_then(|m| m.as_object()) else {
+            return Ok(());
+        };
+        for (name, value) in metadata {
+            let Some(key) = name.strip_prefix("x-fake-") else {
+                continue;
+            };
+            let value = value.as_str().ok_or_else(|| BadDirective(format!("metadata {name} is not a string")))?;
+            self.apply(name, key, value)?;
+        }
+        Ok(())
+    }
+
+    /// One directive: `key` is `name` without its `x-fake-` prefix.
+    fn apply(&mut self, name: &str, key: &str, value: &str) -> Result<(), BadDirective> {
+        let bad = || BadDirective(format!("bad value {value:?} for {name}"));
+        let millis = |v: &str| v.parse::<u64>().map(Duration::from_millis).map_err(|_| bad());
+        let number = |v: &str| v.parse::<u64>().map_err(|_| bad());
+        match key {
+            "latency-ms" => self.latency = millis(value)?,
+            "chunks" => self.chunks = number(value)? as usize,
+            "chunk-interval-ms" => self.chunk_interval = millis(value)?,
+            "usage" => {
+                self.report_usage = match value {
+                    "omit" => false,
+                    "report" => true,
+                    _ => return Err(bad()),
                 }
-                "usage-style" => {
-                    self.usage_style = match value {
-                        "openai" => UsageStyle::OpenAi,
-                        "gemini" => UsageStyle::GeminiHiddenThinking,
-                        _ => return Err(bad()),
-                    }
-                }
-                "reasoning-tokens" => self.reasoning_tokens = number(value)?,
-                "cached-tokens" => self.cached_tokens = number(value)?,
-                "cache-write-tokens" => self.cache_write_tokens = number(value)?,
-                "tool-prompt-tokens" => self.tool_prompt_tokens = number(value)?,
-                "fault" => self.fault = Some(parse_fault(value).ok_or_else(bad)?),
-                _ => return Err(BadDirective(format!("unknown directive {name}"))),
             }
+            "usage-style" => {
+                self.usage_style = match value {
+                    "openai" => UsageStyle::OpenAi,
+                    "gemini" => UsageStyle::GeminiHiddenThinking,
+                    _ => return Err(bad()),
+                }
+            }
+            "reasoning-tokens" => self.reasoning_tokens = number(value)?,
+            "cached-tokens" => self.cached_tokens = number(value)?,
+            "cache-write-tokens" => self.cache_write_tokens = number(value)?,
+            "tool-prompt-tokens" => self.tool_prompt_tokens = number(value)?,
+            "fault" => self.fault = Some(parse_fault(value).ok_or_else(bad)?),
+            _ => return Err(BadDirective(format!("unknown directive {name}"))),
         }
         Ok(())
     }
@@ -188,5 +218,17 @@ mod tests {
         assert!(!s.report_usage);
         headers.insert("x-fake-chunkz", "1".parse().unwrap());
         assert!(s.apply_headers(&headers).is_err());
+    }
+
+    #[test]
+    fn metadata_in_the_body_steers_like_headers() {
+        let mut s = Scenario::default();
+        let body = br#"{"model":"m","metadata":{"x-fake-chunks":"9","x-fake-chunk-interval-ms":"40","other":"x"}}"#;
+        s.apply_metadata(body).unwrap();
+        assert_eq!((s.chunks, s.chunk_interval), (9, Duration::from_millis(40)));
+        assert!(s.apply_metadata(br#"{"metadata":{"x-fake-chunkz":"1"}}"#).is_err());
+        let before = s.chunks;
+        s.apply_metadata(br#"{"model":"m","messages":[]}"#).unwrap();
+        assert_eq!(s.chunks, before, "a body without directives changes nothing");
     }
 }

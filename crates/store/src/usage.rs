@@ -91,7 +91,8 @@ pub fn day_of(at_ms: i64) -> String {
     from_millis(at_ms).format("%Y-%m-%d").to_string()
 }
 
-const COLUMNS: &str = "id, at, day, request_id, tenant_id, key_id, endpoint, requested_model, upstream_model, stream, \
+/// The columns of `usage_events` in the order inserts (and the benchmark's `COPY`) name them.
+pub const COLUMNS: &str = "id, at, day, request_id, tenant_id, key_id, endpoint, requested_model, upstream_model, stream, \
     prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, total_tokens, billed_output_tokens, \
     cost_micros, estimated, unpriced, modified, status, error_class, latency_ms, ttft_ms, route, target, upstream, \
     attempts, api, cache_write_tokens";
