@@ -335,21 +335,7 @@ async fn run_with(
 
     let mut memory = Vec::new();
     for (i, target) in targets.iter().enumerate().skip(1).filter(|_| plan.wants('d')) {
-        println!("(d) memory with {} streams open: {}", plan.held_streams, target.name);
-        let held_http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build()?;
-        let (held, open) = streams::hold_open(&held_http, target, plan.held_streams).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let with_streams = rss_kib(target.pid);
-        drop(held);
-        memory.push(Memory {
-            target: target.name,
-            idle_kib: idle[i],
-            idle_after_warmup_kib: idle_after_warmup[i],
-            with_streams_kib: with_streams,
-            streams_open: open,
-        });
-        // Let the cancelled streams wind down before the next target.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        memory.push(memory_with_streams(plan, target, idle[i], idle_after_warmup[i]).await?);
     }
 
     // The same build speaking HTTP/2 to the upstream (prior knowledge):
@@ -365,19 +351,7 @@ async fn run_with(
         load::run(cpus, &target, plan.warmup, Some(500), plan.rate_connections).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle_after_warmup_kib = rss_kib(target.pid);
-        println!("(d) memory with {} streams open: {}", plan.held_streams, target.name);
-        let held_http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build()?;
-        let (held, open) = streams::hold_open(&held_http, &target, plan.held_streams).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let with_streams_kib = rss_kib(target.pid);
-        drop(held);
-        memory.push(Memory {
-            target: target.name,
-            idle_kib,
-            idle_after_warmup_kib,
-            with_streams_kib,
-            streams_open: open,
-        });
+        memory.push(memory_with_streams(plan, &target, idle_kib, idle_after_warmup_kib).await?);
         drop(h2);
         h2_db.drop_now().await;
     }
@@ -416,6 +390,25 @@ async fn run_with(
         machine,
         peer,
     })
+}
+
+/// (d) for one target: its resident memory with `plan.held_streams` slow
+/// streams open, beside the idle figures taken before.
+async fn memory_with_streams(
+    plan: &Plan,
+    target: &Target,
+    idle_kib: u64,
+    idle_after_warmup_kib: u64,
+) -> anyhow::Result<Memory> {
+    println!("(d) memory with {} streams open: {}", plan.held_streams, target.name);
+    let held_http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build()?;
+    let (held, open) = streams::hold_open(&held_http, target, plan.held_streams).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with_streams_kib = rss_kib(target.pid);
+    drop(held);
+    // Let the cancelled streams wind down before the next target.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(Memory { target: target.name, idle_kib, idle_after_warmup_kib, with_streams_kib, streams_open: open })
 }
 
 async fn many_keys(

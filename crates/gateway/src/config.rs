@@ -816,6 +816,25 @@ mod tests {
     }
 
     #[test]
+    fn an_http2_connection_must_carry_at_least_one_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.toml");
+        let extra = "[[upstreams]]\nname = \"backup\"\nbase_url = \"https://backup.example/v1\"\n";
+        for text in [
+            "[upstream]\nhttp2_streams_per_connection = 0\n".to_owned(),
+            format!("{extra}http2_streams_per_connection = 0\n"),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let error = from_file(&path).unwrap_err().to_string();
+            assert!(error.contains("http2_streams_per_connection"), "{text}: {error}");
+        }
+        std::fs::write(&path, format!("{extra}http2_streams_per_connection = 250\n")).unwrap();
+        let config = from_file(&path).unwrap();
+        assert_eq!(config.upstreams[0].http2_streams_per_connection, 250);
+        assert_eq!(config.upstream.http2_streams_per_connection, 100, "the default");
+    }
+
+    #[test]
     fn the_example_config_states_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/tollgate.example.toml");
         let example = serde_json::to_value(from_file(&path).unwrap().server).unwrap();

@@ -255,7 +255,9 @@ impl Upstream {
         let (client, place) = self.clients.take();
         let method = outbound.method.clone();
         let mut response = self.send_with_keys(client, method, uri, &outbound, body).await?;
-        response.extensions_mut().insert(InFlightSlot { _held: Arc::new((permit, place)) });
+        if permit.is_some() || place.is_some() {
+            response.extensions_mut().insert(InFlightSlot { _held: Arc::new((permit, place)) });
+        }
         Ok(response)
     }
 
@@ -378,7 +380,7 @@ const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent
 /// the relay takes it.
 #[derive(Debug, Clone)]
 pub struct InFlightSlot {
-    _held: Arc<(Option<tokio::sync::OwnedSemaphorePermit>, lanes::LanePlace)>,
+    _held: Arc<(Option<tokio::sync::OwnedSemaphorePermit>, Option<lanes::LanePlace>)>,
 }
 
 /// An upstream answer's body as the relay reads it: straight from the

@@ -456,11 +456,11 @@ async fn a_key_the_upstream_refuses_is_set_aside_and_the_request_retried_with_an
     assert!(metrics.contains("tollgate_upstream_keys_set_aside_total 1"), "reported");
 }
 
-#[tokio::test]
-async fn an_upstream_can_be_spoken_to_in_http2_over_plain_http() {
-    let backup = FakeUpstream::start().await.unwrap();
+/// A gateway whose route `h2` goes to `backup`, spoken to in HTTP/2 by
+/// prior knowledge.
+async fn gateway_with_http2_backup(backup: &FakeUpstream) -> TestGateway {
     let backup_url = backup.base_url();
-    let gw = TestGateway::start_with(move |c: &mut Config| {
+    TestGateway::start_with(move |c: &mut Config| {
         let mut extra = c.upstream.clone();
         extra.name = "backup".to_owned();
         extra.base_url = backup_url;
@@ -468,7 +468,13 @@ async fn an_upstream_can_be_spoken_to_in_http2_over_plain_http() {
         c.upstreams = vec![extra];
         c.routes = vec![route("h2", vec![vec![target("backup", "gpt-4.1", 1)]])];
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn an_upstream_can_be_spoken_to_in_http2_over_plain_http() {
+    let backup = FakeUpstream::start().await.unwrap();
+    let gw = gateway_with_http2_backup(&backup).await;
     for body in [json!({"model": "h2", "messages": []}), json!({"model": "h2", "stream": true, "messages": []})] {
         let r = chat(&gw, &body).await;
         assert_eq!(r.status(), 200);
@@ -487,16 +493,7 @@ async fn over_http2_requests_past_one_connections_stream_limit_go_over_further_c
     const STREAMS: usize = 250;
     let backup = FakeUpstream::start().await.unwrap();
     backup.set_defaults(Scenario { fault: Some(Fault::StallMidStream { after_chunks: 1 }), ..Scenario::default() });
-    let backup_url = backup.base_url();
-    let gw = TestGateway::start_with(move |c: &mut Config| {
-        let mut extra = c.upstream.clone();
-        extra.name = "backup".to_owned();
-        extra.base_url = backup_url;
-        extra.protocol = tollgate_gateway::config::UpstreamProtocol::Http2;
-        c.upstreams = vec![extra];
-        c.routes = vec![route("h2", vec![vec![target("backup", "gpt-4.1", 1)]])];
-    })
-    .await;
+    let gw = gateway_with_http2_backup(&backup).await;
     let body = json!({"model": "h2", "stream": true, "messages": []});
     let held = futures_util::future::join_all((0..STREAMS).map(|_| async {
         let mut r = chat(&gw, &body).await;
