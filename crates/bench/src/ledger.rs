@@ -29,10 +29,11 @@ async fn run(db: &BenchDb, records: usize) -> anyhow::Result<f64> {
     let spool = Arc::new(Spool::open(spool_dir.path(), 1 << 30)?);
     let (ledger, rx) = Ledger::new(spool);
     // The gateway's defaults.
+    let defaults = tollgate_gateway::config::AccountingConfig::default();
     let settings = LedgerSettings {
-        batch_size: 1000,
-        flush_interval: Duration::from_millis(200),
-        write_timeout: Duration::from_secs(5),
+        batch_size: defaults.batch_size,
+        flush_interval: defaults.flush_interval,
+        write_timeout: defaults.write_timeout,
         retry_interval: Duration::from_secs(1),
     };
     let cancel = CancellationToken::new();

@@ -313,8 +313,9 @@ pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
     if let Some(rates) = results.ledger {
         let _ = writeln!(
             out,
-            "\n## (e) Ledger\n\n{} usage records through the gateway's ledger (channel, batches of 1,000, Postgres with daily partitions and rollups): **{:.0} records/s**. The same rows by one `COPY` into the same table of a fresh database (no rollups, no duplicate check), as the reference: {:.0} records/s; the ledger reaches {:.0} % of it.",
+            "\n## (e) Ledger\n\n{} usage records through the gateway's ledger (channel, batches of up to {}, the gateway's default; Postgres with daily partitions and rollups): **{:.0} records/s**. The same rows by one `COPY` into the same table of a fresh database (no rollups, no duplicate check), as the reference: {:.0} records/s; the ledger reaches {:.0} % of it.",
             plan.ledger_records,
+            tollgate_gateway::config::AccountingConfig::default().batch_size,
             rates.ledger,
             rates.copy,
             100.0 * rates.ledger / rates.copy

@@ -251,7 +251,7 @@ impl Default for AccountingConfig {
             reject_unpriced: false,
             spool_dir: PathBuf::from("data/spool"),
             max_spool_bytes: 1024 * 1024 * 1024,
-            batch_size: 1000,
+            batch_size: 5000,
             flush_interval: Duration::from_millis(200),
             write_timeout: Duration::from_secs(5),
             retention_days: 90,

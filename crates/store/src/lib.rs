@@ -19,6 +19,7 @@ mod settings;
 pub mod tenants;
 mod time;
 pub mod usage;
+mod usage_copy;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -103,6 +104,9 @@ impl Change {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Postgres only: a native pool for what the `Any` driver cannot do
+    /// (`COPY` of ledger batches). Connects on first use.
+    copy_pool: Option<sqlx::PgPool>,
     backend: Backend,
     url: String,
 }
@@ -136,7 +140,17 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        Ok(Self { pool, backend, url: url.to_owned() })
+        let copy_pool = match backend {
+            // The ledger writes one batch at a time (two while a replay runs).
+            Backend::Postgres => Some(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_lazy(url)?,
+            ),
+            Backend::Sqlite => None,
+        };
+        Ok(Self { pool, backend, copy_pool, url: url.to_owned() })
     }
 
     pub fn backend(&self) -> Backend {
@@ -181,6 +195,9 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+        if let Some(pool) = &self.copy_pool {
+            pool.close().await;
+        }
     }
 
     /// Queues a change notification inside `tx`; Postgres delivers it at

@@ -98,7 +98,7 @@ pub const COLUMNS: &str = "id, at, day, request_id, tenant_id, key_id, endpoint,
     attempts, api, cache_write_tokens";
 const NCOLS: usize = 30;
 
-const ROLLUP_UPDATE: &str = "ON CONFLICT (day, tenant_id, key_id, model) DO UPDATE SET \
+pub(crate) const ROLLUP_UPDATE: &str = "ON CONFLICT (day, tenant_id, key_id, model) DO UPDATE SET \
     requests = usage_daily.requests + excluded.requests, errors = usage_daily.errors + excluded.errors, \
     estimated_requests = usage_daily.estimated_requests + excluded.estimated_requests, \
     prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens, \
@@ -215,7 +215,7 @@ fn insert_usage_from_json() -> String {
 /// cannot contain NUL (legal in JSON as `\u0000`), and one such record
 /// would fail its whole batch again at every replay. NUL becomes U+FFFD,
 /// on both backends alike.
-fn storable(text: &str) -> Cow<'_, str> {
+pub(crate) fn storable(text: &str) -> Cow<'_, str> {
     if text.contains('\0') { Cow::Owned(text.replace('\0', "\u{fffd}")) } else { Cow::Borrowed(text) }
 }
 
@@ -445,10 +445,22 @@ impl Store {
         }
     }
 
+    /// `COPY` when every record is new (the usual case, see
+    /// `usage_copy`); the conflict-skipping insert when some are stored
+    /// already (a replay).
+    async fn insert_usage_postgres(&self, events: &[UsageEvent]) -> StoreResult<u64> {
+        if let Some(pool) = &self.copy_pool
+            && let crate::usage_copy::Copied::All(stored) = crate::usage_copy::copy_usage(pool, events).await?
+        {
+            return Ok(stored);
+        }
+        self.insert_new_usage_postgres(events).await
+    }
+
     /// One statement per batch with the rows in a single JSON parameter
     /// (unpacked by `json_to_recordset`): binding and planning 24
     /// parameters per row cost more than the insert itself.
-    async fn insert_usage_postgres(&self, events: &[UsageEvent]) -> StoreResult<u64> {
+    async fn insert_new_usage_postgres(&self, events: &[UsageEvent]) -> StoreResult<u64> {
         let mut inserted = 0;
         let sql = insert_usage_from_json();
         let mut tx = self.begin_write().await?;

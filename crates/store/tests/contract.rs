@@ -64,6 +64,8 @@ contract!(
     retention_drops_old_usage_but_keeps_rollups,
     the_auth_fingerprint_moves_with_every_key_or_tenant_change_only,
     client_text_with_nul_characters_cannot_block_the_ledger,
+    a_batch_partly_stored_already_adds_only_its_new_records,
+    client_text_reads_back_exactly_whatever_it_holds,
     concurrent_changes_wait_for_each_other,
     usage_groups_by_utc_hour_within_the_days_asked,
     tenants_are_searched_by_text_and_status,
@@ -364,6 +366,48 @@ async fn client_text_with_nul_characters_cannot_block_the_ledger(store: &Store) 
     let stored = page.iter().find(|e| e.id == "nul").unwrap();
     assert_eq!(stored.requested_model, "gpt\u{fffd}4");
     assert_eq!(stored.upstream_model.as_deref(), Some("up\u{fffd}stream"));
+}
+
+/// A replay after a write whose outcome was unknown can hold records that
+/// did reach the database and records that did not: the new ones are stored
+/// and rolled up, the known ones neither stored nor counted twice.
+async fn a_batch_partly_stored_already_adds_only_its_new_records(store: &Store) {
+    store.ensure_usage_partitions(T0, 1).await.unwrap();
+    let first: Vec<_> = (0..3).map(|i| usage_event(&format!("e{i}"), T0 + i, "acme", "m1", 100)).collect();
+    assert_eq!(store.insert_usage(&first).await.unwrap(), 3);
+    let mut replay = first.clone();
+    replay.extend((3..5).map(|i| usage_event(&format!("e{i}"), T0 + i, "acme", "m1", 10)));
+    let mut failed = usage_event("e5", T0 + 5, "acme", "m2", 0);
+    failed.status = 429;
+    replay.push(failed);
+    assert_eq!(store.insert_usage(&replay).await.unwrap(), 3, "the three new records");
+    assert_eq!(store.count_usage_events().await.unwrap(), 6);
+    let day = tollgate_store::usage::day_of(T0);
+    let by_model =
+        store.usage_totals(&day, &day, &Default::default(), &[tollgate_store::GroupBy::Model]).await.unwrap();
+    let got: Vec<(Option<String>, i64, i64, i64, i64)> =
+        by_model.iter().map(|t| (t.model.clone(), t.requests, t.errors, t.cost_micros, t.prompt_tokens)).collect();
+    assert_eq!(got, [(Some("m1".to_owned()), 5, 0, 320, 50), (Some("m2".to_owned()), 1, 1, 0, 10)]);
+}
+
+/// Ids, models and error classes pass through from clients and upstreams:
+/// tabs, newlines, backslashes, quotes and non-ASCII text are stored as they
+/// are (the bulk write path has its own escaping to get right).
+async fn client_text_reads_back_exactly_whatever_it_holds(store: &Store) {
+    store.ensure_usage_partitions(T0, 1).await.unwrap();
+    let mut odd = usage_event("odd", T0, "acme", "tab\there\\N\\", 10);
+    odd.request_id = "line\nbreak\r\n\\N \"quoted\" 'single' \u{e9}\u{1f600}".into();
+    odd.upstream_model = Some("\\N".into());
+    odd.error_class = Some("client:bad_request\\".into());
+    odd.ttft_ms = None;
+    odd.route = Some(",;|".into());
+    assert_eq!(store.insert_usage(std::slice::from_ref(&odd)).await.unwrap(), 1);
+    let page = store.list_usage_events(&Default::default(), None, 10).await.unwrap();
+    assert_eq!(page, [odd.clone()]);
+    let day = tollgate_store::usage::day_of(T0);
+    let by_model =
+        store.usage_totals(&day, &day, &Default::default(), &[tollgate_store::GroupBy::Model]).await.unwrap();
+    assert_eq!(by_model[0].model.as_deref(), Some(odd.requested_model.as_str()));
 }
 
 /// Each change reads, then writes, in one transaction. On SQLite a deferred
