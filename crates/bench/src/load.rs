@@ -25,6 +25,12 @@ pub struct LoadFigures {
     pub requests: u64,
     /// CPU time the target used per request (user and system, all threads).
     pub cpu_us_per_request: f64,
+    /// Requests that got no answer (connection errors, timeouts), apart from
+    /// those still in flight when the run's time was up.
+    pub errors: u64,
+    /// Requests still in flight when the run's time was up (oha drops them;
+    /// the target may have served them).
+    pub aborted: u64,
 }
 
 pub fn oha() -> anyhow::Result<PathBuf> {
@@ -70,6 +76,12 @@ pub async fn run(
     let statuses = report["statusCodeDistribution"].as_object().context("no status codes in oha's output")?;
     let requests: u64 = statuses.values().filter_map(Value::as_u64).sum();
     let ok = statuses.get("200").and_then(Value::as_u64).unwrap_or(0);
+    let mut errors = 0;
+    let mut aborted = 0;
+    for (error, n) in report["errorDistribution"].as_object().into_iter().flatten() {
+        let n = n.as_u64().unwrap_or(0);
+        if error.contains("deadline") { aborted += n } else { errors += n }
+    }
     Ok(LoadFigures {
         rps: report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
         p50_us: seconds(&percentiles["p50"]),
@@ -78,5 +90,7 @@ pub async fn run(
         success_rate: if requests == 0 { 0.0 } else { ok as f64 / requests as f64 },
         requests,
         cpu_us_per_request: if requests == 0 { 0.0 } else { cpu_used as f64 / requests as f64 },
+        errors,
+        aborted,
     })
 }

@@ -12,6 +12,7 @@ mod load;
 mod procs;
 mod report;
 mod scenarios;
+mod soak;
 mod stack;
 mod stats;
 mod streams;
@@ -58,6 +59,16 @@ enum Internal {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// The soak: every feature on, at half the measured throughput with
+    /// streams mixed in, for `--minutes`; its section replaces the one in
+    /// `--out` (other sections are left as they are).
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Seconds of load before the memory reference is taken.
+        #[arg(long, default_value_t = 60)]
+        warmup_seconds: u64,
+    },
 }
 
 const PINNED_ENV: &str = "TOLLGATE_BENCH_PINNED";
@@ -94,6 +105,21 @@ fn main() -> anyhow::Result<()> {
     }
     tollgate_gateway::upstream::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    if let Some(Internal::Soak { minutes, warmup_seconds }) = args.command {
+        let warmup = std::time::Duration::from_secs(warmup_seconds);
+        let figures = runtime.block_on(soak::run(&cpus, &args.postgres, minutes, warmup))?;
+        let section = soak::render(&figures);
+        match &args.out {
+            Some(path) => {
+                let previous = std::fs::read_to_string(path).unwrap_or_default();
+                std::fs::write(path, soak::merge(&previous, &previous, Some(&section)))?;
+                println!("{section}\nsoak section written to {}", path.display());
+            }
+            None => println!("{section}"),
+        }
+        anyhow::ensure!(figures.passed(), "the soak missed a check");
+        return Ok(());
+    }
     let mut plan = if args.smoke { scenarios::Plan::smoke() } else { scenarios::Plan::full() };
     plan.only.clone_from(&args.only);
     if !args.rates.is_empty() {
@@ -107,7 +133,9 @@ fn main() -> anyhow::Result<()> {
     let markdown = report::render(&plan, &cpus, &results);
     match &args.out {
         Some(path) => {
-            std::fs::write(path, &markdown)?;
+            // The soak runs on its own (half an hour); its section stays.
+            let previous = std::fs::read_to_string(path).unwrap_or_default();
+            std::fs::write(path, soak::merge(&markdown, &previous, None))?;
             println!("{}", report::summary(&results));
             println!("report written to {}", path.display());
         }

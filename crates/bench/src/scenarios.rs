@@ -119,6 +119,8 @@ fn median_of(target: &'static str, runs: &[LoadFigures]) -> Median {
             success_rate: pick(|f| f.success_rate),
             requests: runs.iter().map(|f| f.requests).sum(),
             cpu_us_per_request: pick(|f| f.cpu_us_per_request),
+            errors: runs.iter().map(|f| f.errors).sum(),
+            aborted: runs.iter().map(|f| f.aborted).sum(),
         },
     }
 }
