@@ -31,7 +31,7 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Where to write the Markdown report (default: print it).
-    #[arg(long)]
+    #[arg(long, global = true)]
     out: Option<PathBuf>,
     /// Only these scenarios, by letter, e.g. `--only ad` (default: all).
     #[arg(long, default_value = "")]
@@ -43,7 +43,12 @@ struct Args {
     #[arg(long)]
     repeats: Option<usize>,
     /// Postgres server the gateway's and the ledger's databases are created on.
-    #[arg(long, env = "TEST_POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        global = true,
+        env = "TEST_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     postgres: String,
     /// Redis server the Redis-shared gateway of scenario (g) uses.
     #[arg(long, env = "TEST_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
