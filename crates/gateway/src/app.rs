@@ -166,6 +166,7 @@ impl Application {
             Some(url) => {
                 let shared = Shared::connect(url.expose_secret(), &config.redis.key_prefix).await?;
                 background.spawn(shared.clone().apply_adjustments(stop_background.clone()));
+                background.spawn(shared.clone().send_checks(stop_background.clone()));
                 tracing::info!(replicas = config.redis.replicas, "rate limits and budgets are shared through Redis");
                 Some(shared)
             }

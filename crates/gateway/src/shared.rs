@@ -1,8 +1,14 @@
 //! Limits and budgets shared by every replica, in Redis.
 //!
-//! Each check is one Lua script: it reads every counter the request touches,
+//! Each check is a Lua function: it reads every counter the request touches,
 //! refuses if any would pass its limit, and otherwise increments them all,
-//! atomically and in one round trip. Corrections (token settlement, in-flight
+//! atomically. Checks do not go to Redis one by one: they queue, and one
+//! background task sends everything queued as one script call, with at most
+//! `MAX_BATCHES_IN_FLIGHT` calls outstanding. An idle gateway sends each
+//! request's checks (its limits and its budgets, together) at once in one
+//! call; a busy one sends whole queues, so the script calls, their encoding
+//! and the socket reads and writes are shared by many requests instead of
+//! paid twice by each. Corrections (token settlement, in-flight
 //! release, budget settlement) are added into a bounded table of pending
 //! deltas, one entry per counter, which a background task sends as one
 //! script per round trip; the request path never waits for them. Deltas for
@@ -25,50 +31,75 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio_util::sync::CancellationToken;
 
-const ADMIT: &str = r"
-for i = 1, #KEYS do
-  local limit = tonumber(ARGV[(i - 1) * 3 + 1])
-  local amount = tonumber(ARGV[(i - 1) * 3 + 2])
-  local v = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if v + amount > limit then return {0, i, v} end
+/// Runs a queue of checks. ARGV holds, for each check in order, its kind
+/// (`a` rate limits, `r` budgets), how many of KEYS and of ARGV it takes,
+/// then its own arguments; KEYS holds its keys in the same order. Returns
+/// one answer per check, as `admit` or `reserve` below give it.
+///
+/// `admit`: per counter, ARGV (limit, amount, ttl); refuses with
+/// `{0, i, value}` when a counter would pass its limit, else increments all
+/// and returns `{1, values...}`.
+///
+/// `reserve`: per budget, KEYS (committed counter: settled + in flight,
+/// settled spend) and ARGV (initial, amount, worst case, hard, ttl). Returns
+/// `{1, committed...}`, or `{0, i, c}` when settled spend plus the request's
+/// own worst case passes a hard budget (exhausted), or `{2, i, c}` when only
+/// in-flight reservations are in the way (busy).
+const CHECKS: &str = r"
+local function admit(k, n, a)
+  for i = 0, n - 1 do
+    local limit = tonumber(ARGV[a + i * 3])
+    local amount = tonumber(ARGV[a + i * 3 + 1])
+    local v = tonumber(redis.call('GET', KEYS[k + i]) or '0')
+    if v + amount > limit then return {0, i + 1, v} end
+  end
+  local out = {1}
+  for i = 0, n - 1 do
+    local v = redis.call('INCRBY', KEYS[k + i], ARGV[a + i * 3 + 1])
+    redis.call('PEXPIRE', KEYS[k + i], ARGV[a + i * 3 + 2])
+    out[#out + 1] = v
+  end
+  return out
 end
-local out = {1}
-for i = 1, #KEYS do
-  local v = redis.call('INCRBY', KEYS[i], ARGV[(i - 1) * 3 + 2])
-  redis.call('PEXPIRE', KEYS[i], ARGV[(i - 1) * 3 + 3])
-  out[#out + 1] = v
-end
-return out
-";
 
-/// Per budget: KEYS[2i-1] the committed counter (settled + in flight),
-/// KEYS[2i] the settled spend. Returns `{1, committed...}`, or `{0, i, c}`
-/// when settled spend plus the request's own worst case passes a hard
-/// budget (exhausted), or `{2, i, c}` when only in-flight reservations are
-/// in the way (busy).
-const RESERVE: &str = r"
-local n = #KEYS / 2
-for i = 1, n do
-  local init, amount, worst, hard, ttl =
-    ARGV[(i - 1) * 5 + 1], tonumber(ARGV[(i - 1) * 5 + 2]), tonumber(ARGV[(i - 1) * 5 + 3]), ARGV[(i - 1) * 5 + 4], ARGV[(i - 1) * 5 + 5]
-  local committed, spent = KEYS[2 * i - 1], KEYS[2 * i]
-  if ttl == '0' then
-    redis.call('SET', committed, init, 'NX')
-    redis.call('SET', spent, init, 'NX')
-  else
-    redis.call('SET', committed, init, 'NX', 'PX', ttl)
-    redis.call('SET', spent, init, 'NX', 'PX', ttl)
+local function reserve(k, n, a)
+  for i = 0, n - 1 do
+    local init, amount, worst, hard, ttl =
+      ARGV[a + i * 5], tonumber(ARGV[a + i * 5 + 1]), tonumber(ARGV[a + i * 5 + 2]), ARGV[a + i * 5 + 3], ARGV[a + i * 5 + 4]
+    local committed, spent = KEYS[k + 2 * i], KEYS[k + 2 * i + 1]
+    if ttl == '0' then
+      redis.call('SET', committed, init, 'NX')
+      redis.call('SET', spent, init, 'NX')
+    else
+      redis.call('SET', committed, init, 'NX', 'PX', ttl)
+      redis.call('SET', spent, init, 'NX', 'PX', ttl)
+    end
+    if hard == '1' then
+      local c = tonumber(redis.call('GET', committed))
+      local s = tonumber(redis.call('GET', spent))
+      if s >= amount or s + worst > amount then return {0, i + 1, s} end
+      if c + worst > amount then return {2, i + 1, c} end
+    end
   end
-  if hard == '1' then
-    local c = tonumber(redis.call('GET', committed))
-    local s = tonumber(redis.call('GET', spent))
-    if s >= amount or s + worst > amount then return {0, i, s} end
-    if c + worst > amount then return {2, i, c} end
+  local out = {1}
+  for i = 0, n - 1 do
+    out[#out + 1] = redis.call('INCRBY', KEYS[k + 2 * i], ARGV[a + i * 5 + 2])
   end
+  return out
 end
-local out = {1}
-for i = 1, n do
-  out[#out + 1] = redis.call('INCRBY', KEYS[2 * i - 1], ARGV[(i - 1) * 5 + 3])
+
+local out = {}
+local k, a = 1, 1
+while a <= #ARGV do
+  local kind, nkeys, nargs = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  if kind == 'a' then
+    out[#out + 1] = admit(k, nkeys, a)
+  else
+    out[#out + 1] = reserve(k, nkeys / 2, a)
+  end
+  k = k + nkeys
+  a = a + nargs
 end
 return out
 ";
@@ -86,6 +117,10 @@ return #KEYS
 const MAX_PENDING_COUNTERS: usize = 100_000;
 /// Corrections sent per script call.
 const ADJUST_BATCH: usize = 1_000;
+
+/// Script calls with checks outstanding at once. More would only queue in
+/// Redis (it runs one script at a time) and make the batches smaller.
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
 /// How long Redis may take before a call counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_millis(250);
@@ -139,13 +174,41 @@ struct Pending {
     dropped: AtomicU64,
 }
 
+/// Which function of [`CHECKS`] a queued check calls.
+#[derive(Debug, Clone, Copy)]
+enum CheckKind {
+    Admit,
+    Reserve,
+}
+
+/// A check waiting for the next script call.
+struct Queued {
+    kind: CheckKind,
+    /// Prefixed.
+    keys: Vec<String>,
+    args: Vec<String>,
+    /// The check's answer, or `None` when Redis failed.
+    answer: tokio::sync::oneshot::Sender<Option<Vec<i64>>>,
+}
+
+/// Checks waiting for [`Shared::send_checks`].
+#[derive(Default)]
+struct Checks {
+    queue: std::sync::Mutex<Vec<Queued>>,
+    wake: tokio::sync::Notify,
+    /// Set once the sender has stopped: checks are decided locally then.
+    closed: AtomicBool,
+    /// Script calls sent with checks, since start.
+    calls: AtomicU64,
+}
+
 pub struct Shared {
     conn: ConnectionManager,
     /// Prepended to every key, so deployments (and tests) can share a Redis.
     prefix: String,
-    admit: Script,
-    reserve: Script,
+    checks_script: Script,
     adjust: Script,
+    checks: Checks,
     pending: Pending,
     down: AtomicBool,
     down_since_ms: AtomicU64,
@@ -177,9 +240,9 @@ impl Shared {
         let shared = Arc::new(Self {
             conn,
             prefix: prefix.to_owned(),
-            admit: Script::new(ADMIT),
-            reserve: Script::new(RESERVE),
+            checks_script: Script::new(CHECKS),
             adjust: Script::new(ADJUST),
+            checks: Checks::default(),
             pending: Pending::default(),
             down: AtomicBool::new(false),
             down_since_ms: AtomicU64::new(0),
@@ -208,8 +271,10 @@ impl Shared {
         self.down.load(Ordering::Acquire)
     }
 
-    fn failed(&self, error: &str) {
-        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+    /// Redis failed a call on which `requests` requests waited: they are
+    /// decided locally.
+    fn failed(&self, error: &str, requests: u64) {
+        self.fallbacks.fetch_add(requests, Ordering::Relaxed);
         if !self.down.swap(true, Ordering::AcqRel) {
             tracing::warn!(error, "Redis unavailable; enforcing limits locally (divided by the replica count)");
         }
@@ -222,45 +287,113 @@ impl Shared {
         }
     }
 
-    /// Runs a script; its answer as numbers, or `None` when Redis failed.
-    async fn call(&self, script: &Script, keys: &[String], args: &[String]) -> Option<Vec<i64>> {
-        let mut invocation = script.prepare_invoke();
-        for k in keys {
-            invocation.key(format!("{}:{k}", self.prefix));
+    /// Queues a check for the next script call and waits for its answer;
+    /// `None` when Redis failed or did not answer in time.
+    async fn check(&self, kind: CheckKind, keys: &[String], args: Vec<String>) -> Option<Vec<i64>> {
+        if self.checks.closed.load(Ordering::Acquire) {
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
-        for a in args {
-            invocation.arg(a);
-        }
-        let mut conn = self.conn.clone();
-        let result: Result<Result<Value, redis::RedisError>, _> =
-            tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async(&mut conn)).await;
-        let value = match result {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                self.failed(&e.to_string());
-                return None;
+        let keys = keys.iter().map(|k| format!("{}:{k}", self.prefix)).collect();
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        lock(&self.checks.queue).push(Queued { kind, keys, args, answer });
+        self.checks.wake.notify_one();
+        match tokio::time::timeout(CALL_TIMEOUT, answered).await {
+            Ok(Ok(answer)) => answer,
+            // The sender stopped (shutting down) before sending this one.
+            Ok(Err(_)) => {
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                None
             }
             Err(_) => {
-                self.failed("timed out");
-                return None;
+                self.failed("timed out", 1);
+                None
             }
-        };
-        self.succeeded();
-        match value {
-            Value::Array(items) => Some(items.iter().filter_map(|v| redis::from_redis_value::<i64>(v).ok()).collect()),
-            Value::Int(n) => Some(vec![n]),
-            _ => None,
         }
     }
 
-    async fn run(&self, script: &Script, keys: &[String], args: &[String]) -> Option<Verdict> {
-        let numbers = self.call(script, keys, args).await?;
-        match numbers.first() {
-            Some(1) => Some(Verdict::Admitted(numbers[1..].to_vec())),
-            Some(0) if numbers.len() >= 3 => {
-                Some(Verdict::Refused { index: (numbers[1] - 1).max(0) as usize, value: numbers[2] })
+    /// Sends queued checks, each call carrying every check queued since the
+    /// last, until cancelled. Checks still queued then are decided locally.
+    pub async fn send_checks(self: Arc<Self>, cancel: CancellationToken) {
+        use futures_util::StreamExt;
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
+        loop {
+            while in_flight.len() < MAX_BATCHES_IN_FLIGHT {
+                let batch = std::mem::take(&mut *lock(&self.checks.queue));
+                if batch.is_empty() {
+                    break;
+                }
+                in_flight.push(self.send_batch(batch));
             }
-            _ => None,
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                () = self.checks.wake.notified(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT => {}
+            }
+        }
+        while in_flight.next().await.is_some() {}
+        self.checks.closed.store(true, Ordering::Release);
+        // Dropping the senders answers the waiting checks: decided locally.
+        lock(&self.checks.queue).clear();
+    }
+
+    /// One script call for `batch`; each check gets its own answer.
+    async fn send_batch(&self, batch: Vec<Queued>) {
+        self.checks.calls.fetch_add(1, Ordering::Relaxed);
+        let mut invocation = self.checks_script.prepare_invoke();
+        for queued in &batch {
+            for key in &queued.keys {
+                invocation.key(key);
+            }
+            let kind = match queued.kind {
+                CheckKind::Admit => "a",
+                CheckKind::Reserve => "r",
+            };
+            invocation.arg(kind).arg(queued.keys.len()).arg(queued.args.len());
+            for arg in &queued.args {
+                invocation.arg(arg);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let result = tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async::<Value>(&mut conn)).await;
+        let requests = batch.len() as u64;
+        let answers = match result {
+            Ok(Ok(Value::Array(answers))) if answers.len() == batch.len() => {
+                self.succeeded();
+                Some(answers)
+            }
+            Ok(Ok(other)) => {
+                self.failed(&format!("unexpected answer to the checks script: {other:?}"), requests);
+                None
+            }
+            Ok(Err(e)) => {
+                self.failed(&e.to_string(), requests);
+                None
+            }
+            Err(_) => {
+                self.failed("timed out", requests);
+                None
+            }
+        };
+        match answers {
+            Some(answers) => {
+                for (queued, answer) in batch.into_iter().zip(answers) {
+                    let numbers = match answer {
+                        Value::Array(items) => {
+                            Some(items.iter().filter_map(|v| redis::from_redis_value::<i64>(v).ok()).collect())
+                        }
+                        _ => None,
+                    };
+                    // A check whose request has gone no longer listens.
+                    let _ = queued.answer.send(numbers);
+                }
+            }
+            None => {
+                for queued in batch {
+                    let _ = queued.answer.send(None);
+                }
+            }
         }
     }
 
@@ -272,7 +405,14 @@ impl Shared {
             .iter()
             .flat_map(|(_, limit, amount, ttl)| [limit.to_string(), amount.to_string(), ttl.to_string()])
             .collect();
-        self.run(&self.admit, &keys, &args).await
+        let numbers = self.check(CheckKind::Admit, &keys, args).await?;
+        match numbers.first() {
+            Some(1) => Some(Verdict::Admitted(numbers[1..].to_vec())),
+            Some(0) if numbers.len() >= 3 => {
+                Some(Verdict::Refused { index: (numbers[1] - 1).max(0) as usize, value: numbers[2] })
+            }
+            _ => None,
+        }
     }
 
     /// Reserves on budget counters, all or none. `None`: Redis is
@@ -291,7 +431,7 @@ impl Shared {
                 ]
             })
             .collect();
-        let numbers = self.call(&self.reserve, &keys, &args).await?;
+        let numbers = self.check(CheckKind::Reserve, &keys, args).await?;
         let index = || numbers.get(1).map_or(0, |i| (*i - 1).max(0) as usize);
         match numbers.first() {
             Some(1) => Some(ReserveVerdict::Admitted(numbers[1..].to_vec())),
@@ -345,12 +485,87 @@ impl Shared {
         for batch in taken.chunks(ADJUST_BATCH) {
             let keys: Vec<String> = batch.iter().map(|(k, _)| k.clone()).collect();
             let args: Vec<String> = batch.iter().map(|(_, d)| d.to_string()).collect();
-            if self.call(&self.adjust, &keys, &args).await.is_none() {
+            if self.send_adjustments(&keys, &args).await.is_none() {
                 // A lost correction only skews one window, one in-flight
                 // count or one budget's in-flight part until its key
                 // expires; the ledger stays exact.
                 tracing::debug!(count = batch.len(), "cannot apply shared counter corrections");
             }
         }
+    }
+
+    /// One call of the corrections script; `None` when Redis failed.
+    async fn send_adjustments(&self, keys: &[String], args: &[String]) -> Option<()> {
+        let mut invocation = self.adjust.prepare_invoke();
+        for k in keys {
+            invocation.key(format!("{}:{k}", self.prefix));
+        }
+        for a in args {
+            invocation.arg(a);
+        }
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async::<Value>(&mut conn)).await {
+            Ok(Ok(_)) => {
+                self.succeeded();
+                Some(())
+            }
+            Ok(Err(e)) => {
+                self.failed(&e.to_string(), 0);
+                None
+            }
+            Err(_) => {
+                self.failed("timed out", 0);
+                None
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redis_url() -> String {
+        std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+
+    /// Checks made at once share script calls, and each is still decided on
+    /// its own and atomically: a limit of 150 admits exactly 150 of 400, each
+    /// seeing its own count.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_checks_share_script_calls_and_each_stays_atomic() {
+        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
+        let cancel = CancellationToken::new();
+        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let counter = vec![("rpm:t".to_owned(), 150_u64, 1_i64, 60_000_u64)];
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..400 {
+            let (shared, counter) = (shared.clone(), counter.clone());
+            tasks.spawn(async move { shared.admit(&counter).await });
+        }
+        let (mut admitted, mut refused) = (Vec::new(), 0);
+        while let Some(verdict) = tasks.join_next().await {
+            match verdict.unwrap() {
+                Some(Verdict::Admitted(values)) => admitted.push(values[0]),
+                Some(Verdict::Refused { index: 0, value: 150 }) => refused += 1,
+                other => panic!("unexpected verdict {other:?}"),
+            }
+        }
+        admitted.sort_unstable();
+        assert_eq!(admitted, (1..=150).collect::<Vec<i64>>(), "each admitted check saw its own count");
+        assert_eq!(refused, 250);
+        let calls = shared.checks.calls.load(Ordering::Relaxed);
+        assert!(calls < 400, "{calls} script calls for 400 checks");
+        assert_eq!(shared.fallbacks(), 0);
+        cancel.cancel();
+        sender.await.unwrap();
+        // Once the sender has stopped, checks are decided locally at once.
+        assert!(shared.admit(&counter).await.is_none());
+        assert_eq!(shared.fallbacks(), 1);
     }
 }

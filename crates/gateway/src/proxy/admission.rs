@@ -95,8 +95,8 @@ impl Drop for Admission {
 
 /// Admits a request against its tenant's and key's limits and budgets.
 ///
-/// The two checks run together: with Redis, both scripts go out on the
-/// shared multiplexed connection back to back, so admission costs one round
+/// The two checks run together: with Redis, both queue at once and go out
+/// in the same script call (see `shared`), so admission costs one round
 /// trip, not two. Whatever one of them took is given back (by dropping the
 /// `Admission`) when the other refuses; a refusal by the rate limits is the
 /// one reported when both refuse.

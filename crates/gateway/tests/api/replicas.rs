@@ -132,7 +132,19 @@ async fn a_hard_budget_is_spent_to_within_one_worst_case_and_never_past_it_acros
     let client = client_with_key(&a.key);
     let urls = [a.url("/v1/chat/completions"), b.url("/v1/chat/completions")];
     let seen = crate::budgets::burst(&client, &urls, 300).await;
-    let total = seen.ok + seen.exhausted + seen.busy + probes as i64;
+    // The burst can end while reservations in flight still hold what is
+    // left (its last requests refused as busy); the requests that follow
+    // use the budget up to its end, and are then refused as exhausted.
+    let mut after = 0;
+    wait_for("a request refused as exhausted", PATIENCE, async || {
+        after += 1;
+        let r = client.post(&urls[after % 2]).json(&crate::budgets::burst_body()).send().await.unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        (status == 429 && body["error"]["code"] == "insufficient_quota").then_some(())
+    })
+    .await;
+    let total = seen.ok + seen.exhausted + seen.busy + probes as i64 + after as i64;
     let spent = wait_for("the ledger holds every request", PATIENCE, async || {
         let (_, s) = a.admin(Method::GET, "/admin/v1/usage/summary?tenant_id=test", None).await;
         (s["data"][0]["requests"].as_i64() == Some(total)).then(|| s["data"][0]["cost_micros"].as_i64().unwrap())
@@ -142,7 +154,6 @@ async fn a_hard_budget_is_spent_to_within_one_worst_case_and_never_past_it_acros
     println!("two replicas: {seen:?}, {spent} µ$ of 10000, worst case {worst} µ$");
     assert!((0..=10_000).contains(&spent), "fleet-wide spend {spent} µ$ within the $0.01 budget");
     assert!(spent >= 10_000 - worst, "the budget was used up to one worst case, not refused early: {spent} µ$");
-    assert!(seen.exhausted > 0, "and then refused as exhausted: {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
