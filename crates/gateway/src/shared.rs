@@ -121,6 +121,9 @@ const ADJUST_BATCH: usize = 1_000;
 /// Script calls with checks outstanding at once. More would only queue in
 /// Redis (it runs one script at a time) and make the batches smaller.
 const MAX_BATCHES_IN_FLIGHT: usize = 2;
+/// The most checks one script call carries: Redis runs a script to its end
+/// before anything else, so a burst is cut into calls of bounded length.
+const MAX_CHECKS_PER_CALL: usize = 256;
 
 /// How long Redis may take before a call counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_millis(250);
@@ -184,7 +187,7 @@ enum CheckKind {
 /// A check waiting for the next script call.
 struct Queued {
     kind: CheckKind,
-    /// Prefixed.
+    /// Unprefixed, as `adjust` takes them.
     keys: Vec<String>,
     args: Vec<String>,
     /// The check's answer, or `None` when Redis failed.
@@ -294,7 +297,7 @@ impl Shared {
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let keys = keys.iter().map(|k| format!("{}:{k}", self.prefix)).collect();
+        let keys = keys.to_vec();
         let (answer, answered) = tokio::sync::oneshot::channel();
         lock(&self.checks.queue).push(Queued { kind, keys, args, answer });
         self.checks.wake.notify_one();
@@ -319,7 +322,11 @@ impl Shared {
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
         loop {
             while in_flight.len() < MAX_BATCHES_IN_FLIGHT {
-                let batch = std::mem::take(&mut *lock(&self.checks.queue));
+                let batch: Vec<Queued> = {
+                    let mut queue = lock(&self.checks.queue);
+                    let take = queue.len().min(MAX_CHECKS_PER_CALL);
+                    queue.drain(..take).collect()
+                };
                 if batch.is_empty() {
                     break;
                 }
@@ -344,7 +351,7 @@ impl Shared {
         let mut invocation = self.checks_script.prepare_invoke();
         for queued in &batch {
             for key in &queued.keys {
-                invocation.key(key);
+                invocation.key(format!("{}:{key}", self.prefix));
             }
             let kind = match queued.kind {
                 CheckKind::Admit => "a",
@@ -379,19 +386,41 @@ impl Shared {
         match answers {
             Some(answers) => {
                 for (queued, answer) in batch.into_iter().zip(answers) {
-                    let numbers = match answer {
+                    let numbers: Option<Vec<i64>> = match answer {
                         Value::Array(items) => {
                             Some(items.iter().filter_map(|v| redis::from_redis_value::<i64>(v).ok()).collect())
                         }
                         _ => None,
                     };
-                    // A check whose request has gone no longer listens.
-                    let _ = queued.answer.send(numbers);
+                    let admitted = numbers.as_ref().is_some_and(|n| n.first() == Some(&1));
+                    if queued.answer.send(numbers).is_err() && admitted {
+                        // Its request went away (the client disconnected)
+                        // while the check was on its way: nobody will release
+                        // what it took, so it is given back here.
+                        self.give_back(queued.kind, &queued.keys, &queued.args);
+                    }
                 }
             }
             None => {
                 for queued in batch {
                     let _ = queued.answer.send(None);
+                }
+            }
+        }
+    }
+
+    /// Undoes an admitted check: the amounts it added, as corrections.
+    fn give_back(&self, kind: CheckKind, keys: &[String], args: &[String]) {
+        let amount = |i: usize| args.get(i).and_then(|a| a.parse::<i64>().ok()).unwrap_or(0);
+        match kind {
+            CheckKind::Admit => {
+                for (i, key) in keys.iter().enumerate() {
+                    self.adjust(key.clone(), -amount(i * 3 + 1));
+                }
+            }
+            CheckKind::Reserve => {
+                for (i, committed) in keys.iter().step_by(2).enumerate() {
+                    self.adjust(committed.clone(), -amount(i * 5 + 2));
                 }
             }
         }
@@ -567,5 +596,36 @@ mod tests {
         // Once the sender has stopped, checks are decided locally at once.
         assert!(shared.admit(&counter).await.is_none());
         assert_eq!(shared.fallbacks(), 1);
+    }
+
+    /// A request that goes away while its check is queued or on its way
+    /// (a client disconnecting) leaves nothing taken behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_check_whose_request_went_away_gives_back_what_it_took() {
+        use futures_util::FutureExt;
+        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
+        let cancel = CancellationToken::new();
+        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let corrections = tokio::spawn(shared.clone().apply_adjustments(cancel.clone()));
+        let counter = vec![("inflight:t".to_owned(), 10_u64, 1_i64, 60_000_u64)];
+        let mut abandoned = Box::pin(shared.admit(&counter));
+        assert!((&mut abandoned).now_or_never().is_none(), "queued, not answered yet");
+        drop(abandoned);
+        let mut redis = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let key = format!("{prefix}:inflight:t");
+        // The check ran (the counter exists) and was undone (back to 0).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let value: Option<i64> = redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
+            if value == Some(0) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the counter is {value:?}, not given back");
+            tokio::task::yield_now().await;
+        }
+        cancel.cancel();
+        sender.await.unwrap();
+        corrections.await.unwrap();
     }
 }
