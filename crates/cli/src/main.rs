@@ -131,7 +131,8 @@ fn run(command: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> 
 
 fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
-    telemetry::init(&config.log)?;
+    // Held to the end: dropping it writes out the log lines still queued.
+    let _log_writer = telemetry::init(&config.log)?;
     runtime()?.block_on(async move {
         let app = Application::build(config).await?;
         app.run_until_stopped(shutdown::signal()).await

@@ -426,6 +426,8 @@ impl GaugeSource for Gauges {
             let seen = m.shared_corrections_dropped.get();
             m.shared_corrections_dropped.inc_by(shared.corrections_dropped().saturating_sub(seen));
         }
+        let seen = m.log_lines_dropped.get();
+        m.log_lines_dropped.inc_by(crate::telemetry::dropped_log_lines().saturating_sub(seen));
         let seen = m.ledger_dead_letters.get();
         m.ledger_dead_letters.inc_by(self.ledger.dead_letters().saturating_sub(seen));
         let seen = m.ledger_write_failures.get();

@@ -46,6 +46,7 @@ pub struct Metrics {
     pub ledger_write_failures: IntCounter,
     pub ledger_dead_letters: IntCounter,
     pub trace_spans_dropped: IntCounter,
+    pub log_lines_dropped: IntCounter,
     pub trace_exports: IntCounterVec,
     pub budget_utilisation: IntGaugeVec,
     pub budget_forecast: IntGaugeVec,
@@ -130,9 +131,14 @@ impl Metrics {
             "trace_spans_dropped_total",
             "Spans dropped before export because the export queue was full (the collector is slow or down).",
         )?;
+        let log_lines_dropped = r.plain_counter(
+            "log_lines_dropped_total",
+            "Log lines dropped because the log writer fell behind (stdout is slow or blocked).",
+        )?;
         Ok(Self {
             trace_exports,
             trace_spans_dropped,
+            log_lines_dropped,
             requests: r.counter(
                 "requests_total",
                 "Requests by tenant, model, endpoint, status class, stream flag and API (openai, gemini, anthropic).",

@@ -5,13 +5,15 @@
 //! (admin changes, periodic refresh), reads happen on every request.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
 use tollgate_store::{ApiKey, Limits, Tenant, TenantPolicy, TenantStatus};
 
-use super::hasher::{Digest, digest_from_hex};
+use super::hasher::{Digest, SecretHasher, digest_from_hex};
 use super::models::ModelRules;
 
 #[derive(Debug)]
@@ -25,6 +27,13 @@ pub struct CachedKey {
     pub limits: Limits,
     /// Seconds of the last time this key's use was queued for recording.
     pub(crate) last_touch_s: AtomicI64,
+    /// The secret, once a request has presented one whose keyed hash
+    /// matched `digest`. Later requests compare against it in constant time
+    /// instead of computing the HMAC again (two SHA-256 compressions per
+    /// request otherwise). It lives and dies with this entry: any change to
+    /// the key (revocation, expiry, rotation) or a refresh builds a new
+    /// entry that starts without it.
+    verified_secret: OnceLock<SecretString>,
 }
 
 impl CachedKey {
@@ -38,6 +47,7 @@ impl CachedKey {
             models: ModelRules::new(&key.allowed_models),
             limits: key.limits.clone(),
             last_touch_s: AtomicI64::new(0),
+            verified_secret: OnceLock::new(),
         })
     }
 }
@@ -114,11 +124,72 @@ impl KeyCache {
 }
 
 impl CachedKey {
+    /// Whether `secret` is this key's secret. Constant-time either way: the
+    /// remembered secret is compared with `subtle`, a new one is hashed and
+    /// its digest compared with `subtle`; only a match is remembered.
+    pub(crate) fn verify_secret(&self, hasher: &SecretHasher, secret: &str) -> bool {
+        if let Some(known) = self.verified_secret.get() {
+            return known.expose_secret().as_bytes().ct_eq(secret.as_bytes()).into();
+        }
+        let matches = hasher.verify(secret, &self.digest);
+        if matches {
+            // A concurrent first match may have set it already; same value.
+            let _ = self.verified_secret.set(SecretString::from(secret));
+        }
+        matches
+    }
+
     /// Whether this key's use should be queued for the `last_used_at`
     /// writer: at most once a minute per key, decided without a lock.
     pub(crate) fn should_touch(&self, now_s: i64) -> bool {
         let last = self.last_touch_s.load(Ordering::Relaxed);
         now_s - last >= 60
             && self.last_touch_s.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(hasher: &SecretHasher, secret: &str) -> ApiKey {
+        let now = chrono::Utc::now();
+        ApiKey {
+            id: "k1".into(),
+            tenant_id: "t1".into(),
+            name: "k".into(),
+            secret_hash: hasher.hash_hex(secret),
+            created_at: now,
+            updated_at: now,
+            last_used_at: None,
+            expires_at: None,
+            revoked_at: None,
+            allowed_models: Vec::new(),
+            limits: Limits::default(),
+            rotated_from: None,
+            rotated_to: None,
+        }
+    }
+
+    #[test]
+    fn a_remembered_secret_matches_only_itself_and_only_until_the_key_changes() {
+        let hasher = SecretHasher::new(&SecretString::from("server-secret"));
+        let cache = KeyCache::default();
+        cache.upsert_key(&record(&hasher, "right"));
+        let key = cache.key("k1").unwrap();
+        assert!(!key.verify_secret(&hasher, "wrong"), "a wrong secret never matches");
+        assert!(key.verified_secret.get().is_none(), "a failed check remembers nothing");
+        assert!(key.verify_secret(&hasher, "right"));
+        assert!(key.verified_secret.get().is_some(), "a match is remembered");
+        assert!(key.verify_secret(&hasher, "right"), "the remembered secret matches itself");
+        assert!(!key.verify_secret(&hasher, "righ"), "and not a prefix of itself");
+        assert!(!key.verify_secret(&hasher, "right!"), "nor a longer string");
+        assert!(!key.verify_secret(&hasher, "wrong"));
+
+        // Rotation: the stored hash changes, the old secret stops working at once.
+        cache.upsert_key(&record(&hasher, "rotated"));
+        let key = cache.key("k1").unwrap();
+        assert!(!key.verify_secret(&hasher, "right"), "a new entry forgets the old secret");
+        assert!(key.verify_secret(&hasher, "rotated"));
     }
 }

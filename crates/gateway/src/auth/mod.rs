@@ -87,7 +87,7 @@ impl Authenticator {
         let parsed = token::parse(token::TENANT_KEY_PREFIX, presented)
             .ok_or(GatewayError::Unauthenticated(AuthFailure::Invalid))?;
         let key = self.cache.key(parsed.id).ok_or(GatewayError::Unauthenticated(AuthFailure::Invalid))?;
-        if !self.hasher.verify(parsed.secret, &key.digest) {
+        if !key.verify_secret(&self.hasher, parsed.secret) {
             return Err(GatewayError::Unauthenticated(AuthFailure::Invalid));
         }
         // Only a caller holding the right secret learns a key's state.
