@@ -144,32 +144,54 @@ const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remain
 const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 impl Allowance {
-    /// Written on every limited response: names are constants and values
-    /// integers, so only the reset time is formatted.
+    /// Written on every limited response. The values are formatted into one
+    /// buffer and each header value is a slice of it: one allocation for up
+    /// to six headers instead of one each.
     pub fn write(&self, headers: &mut HeaderMap) {
+        use std::fmt::Write as _;
         if self.requests.is_none() && self.tokens.is_none() {
             return;
         }
-        let Ok(reset) = HeaderValue::try_from(format_reset(self.reset)) else { return };
         let names = [
             (self.requests, [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS]),
             (self.tokens, [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]),
         ];
+        let mut text = String::with_capacity(64);
+        let reset_start = text.len();
+        write_reset(&mut text, self.reset);
+        let reset_range = reset_start..text.len();
+        let mut values = Vec::with_capacity(6);
         for (value, [limit_name, remaining_name, reset_name]) in names {
             let Some((limit, remaining)) = value else { continue };
-            headers.insert(limit_name, HeaderValue::from(limit));
-            headers.insert(remaining_name, HeaderValue::from(remaining));
-            headers.insert(reset_name, reset.clone());
+            for (name, number) in [(limit_name, limit), (remaining_name, remaining)] {
+                let start = text.len();
+                let _ = write!(text, "{number}");
+                values.push((name, start..text.len()));
+            }
+            values.push((reset_name, reset_range.clone()));
+        }
+        let text = bytes::Bytes::from(text);
+        for (name, range) in values {
+            // Digits and `ms`/`s`/`.`: always a valid header value.
+            if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(range)) {
+                headers.insert(name, value);
+            }
         }
     }
 }
 
-/// A duration as OpenAI writes it: `1s`, `6m0s`, `12ms`, `1.5s`. Integer
-/// arithmetic: it is written on every limited response.
+/// A duration as OpenAI writes it: `1s`, `6m0s`, `12ms`, `1.5s`.
 pub fn format_reset(d: Duration) -> String {
+    let mut out = String::with_capacity(12);
+    write_reset(&mut out, d);
+    out
+}
+
+/// [`format_reset`] appended to `out`. Integer arithmetic: it is written on
+/// every limited response.
+fn write_reset(out: &mut String, d: Duration) {
     use std::fmt::Write as _;
     let ms = d.as_millis();
-    let mut out = String::with_capacity(12);
     if ms < 1000 {
         let _ = write!(out, "{ms}ms");
     } else if ms < 60_000 {
@@ -189,7 +211,6 @@ pub fn format_reset(d: Duration) -> String {
         let whole = d.as_secs();
         let _ = write!(out, "{}m{}s", whole / 60, whole % 60);
     }
-    out
 }
 
 /// Where a request's counters live.
@@ -448,5 +469,31 @@ mod tests {
         assert_eq!(format_reset(Duration::from_millis(1050)), "1.05s");
         assert_eq!(format_reset(Duration::from_millis(59_999)), "59.999s");
         assert_eq!(format_reset(Duration::from_millis(61_500)), "1m1s");
+    }
+
+    #[test]
+    fn allowance_headers_carry_each_value_under_its_own_name() {
+        let mut headers = HeaderMap::new();
+        let both =
+            Allowance { requests: Some((100, 97)), tokens: Some((50_000, 1_234)), reset: Duration::from_millis(1500) };
+        both.write(&mut headers);
+        let get = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(get("x-ratelimit-limit-requests").as_deref(), Some("100"));
+        assert_eq!(get("x-ratelimit-remaining-requests").as_deref(), Some("97"));
+        assert_eq!(get("x-ratelimit-reset-requests").as_deref(), Some("1.5s"));
+        assert_eq!(get("x-ratelimit-limit-tokens").as_deref(), Some("50000"));
+        assert_eq!(get("x-ratelimit-remaining-tokens").as_deref(), Some("1234"));
+        assert_eq!(get("x-ratelimit-reset-tokens").as_deref(), Some("1.5s"));
+
+        let mut headers = HeaderMap::new();
+        let tokens_only = Allowance { requests: None, tokens: Some((10, 0)), reset: Duration::from_secs(360) };
+        tokens_only.write(&mut headers);
+        assert_eq!(headers.len(), 3, "no request headers without a request limit");
+        assert_eq!(headers.get("x-ratelimit-remaining-tokens").unwrap(), "0");
+        assert_eq!(headers.get("x-ratelimit-reset-tokens").unwrap(), "6m0s");
+
+        let mut headers = HeaderMap::new();
+        Allowance { requests: None, tokens: None, reset: Duration::ZERO }.write(&mut headers);
+        assert!(headers.is_empty());
     }
 }

@@ -10,13 +10,14 @@
 //!
 //! `{"timestamp":…,"level":"INFO","fields":{"message":…,…},"target":…,"span":{…,"name":"request"}}`
 
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -55,7 +56,7 @@ where
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut out: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let meta = event.metadata();
         out.write_str("{\"timestamp\":\"")?;
-        SystemTime.format_time(&mut out)?;
+        write_timestamp(&mut out, SystemTime::now())?;
         write!(out, "\",\"level\":\"{}\",\"fields\":{{", meta.level())?;
         let mut visitor = FieldWriter { out: out.by_ref(), first: true, result: Ok(()) };
         event.record(&mut visitor);
@@ -155,6 +156,41 @@ fn write_str_value(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
     out.write_char('"')
 }
 
+/// `2026-12-06T09:41:00.123456Z`: UTC, microseconds. The part up to the
+/// seconds is formatted once per second per thread and kept; only the
+/// microseconds are written for each line.
+fn write_timestamp(out: &mut impl fmt::Write, now: SystemTime) -> fmt::Result {
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (seconds, micros) = (since_epoch.as_secs(), since_epoch.subsec_micros());
+    SECOND.with_borrow_mut(|(cached_second, text)| {
+        if *cached_second != seconds {
+            let time = chrono::DateTime::<chrono::Utc>::from(now);
+            text.clear();
+            write!(text, "{}", time.format("%Y-%m-%dT%H:%M:%S"))?;
+            *cached_second = seconds;
+        }
+        out.write_str(text)
+    })?;
+    write!(out, ".{micros:06}Z")
+}
+
+/// Bytes that cannot appear as they are inside a JSON string: `"`, `\` and
+/// the control characters.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = true;
+        byte += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 /// Escapes what it is given as the inside of a JSON string.
 struct Escaping<W>(W);
 
@@ -162,14 +198,17 @@ impl<W: fmt::Write> fmt::Write for Escaping<W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let mut start = 0;
         for (i, byte) in s.bytes().enumerate() {
+            // One table lookup per byte; the rare escape takes the slow path.
+            if !NEEDS_ESCAPE[usize::from(byte)] {
+                continue;
+            }
             let escape = match byte {
                 b'"' => "\\\"",
                 b'\\' => "\\\\",
                 b'\n' => "\\n",
                 b'\r' => "\\r",
                 b'\t' => "\\t",
-                0..=0x1f => "",
-                _ => continue,
+                _ => "",
             };
             self.0.write_str(&s[start..i])?;
             if escape.is_empty() {
@@ -191,6 +230,35 @@ mod tests {
         let mut out = String::new();
         write_str_value(&mut out, s).unwrap();
         out
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_microseconds_across_second_boundaries() {
+        let at = |secs: u64, micros: u32| {
+            let mut out = String::new();
+            write_timestamp(&mut out, UNIX_EPOCH + std::time::Duration::new(secs, micros * 1000)).unwrap();
+            out
+        };
+        // 2026-12-06T09:41:00Z
+        let base = 1_796_550_060;
+        assert_eq!(at(base, 7), "2026-12-06T09:41:00.000007Z");
+        assert_eq!(at(base, 999_999), "2026-12-06T09:41:00.999999Z", "same second, cached prefix");
+        assert_eq!(at(base + 1, 0), "2026-12-06T09:41:01.000000Z", "the next second is formatted anew");
+        assert_eq!(at(base - 60, 5), "2026-12-06T09:40:00.000005Z", "and so is an earlier one");
+        let parsed = chrono::DateTime::parse_from_rfc3339(&at(base, 123_456)).unwrap();
+        assert_eq!(parsed.timestamp_subsec_micros(), 123_456);
+    }
+
+    #[test]
+    fn every_control_character_and_quote_is_escaped_and_nothing_else() {
+        for byte in 0u8..0x80 {
+            let text = char::from(byte).to_string();
+            let out = escaped(&text);
+            let back: String = serde_json::from_str(&out).unwrap();
+            assert_eq!(back, text);
+            let needs = byte < 0x20 || byte == b'"' || byte == b'\\';
+            assert_eq!(out.len() > 3, needs, "byte {byte:#x}: {out}");
+        }
     }
 
     #[test]
