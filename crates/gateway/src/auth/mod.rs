@@ -1,7 +1,8 @@
 //! Tenant authentication on `/v1`: who is calling, decided from memory.
 //!
 //! `AuthLayer` reads the presented key, finds it in the [`KeyCache`] by its
-//! public id, checks the secret's keyed hash in constant time, checks expiry,
+//! public id, checks the secret's keyed hash in constant time (once per cache
+//! entry; then against the remembered secret, also in constant time), checks expiry,
 //! revocation and the tenant's status, and inserts a [`Principal`] for the
 //! handlers. No database round trip: the cache is kept current by
 //! [`sync`] (change notifications plus periodic refresh).
