@@ -48,6 +48,8 @@ pub struct Application {
     connections: ConnectionLimits,
     /// Discards of unread request bodies (see `server::body`).
     discards: TaskTracker,
+    /// Token estimates still finishing records (see `accounting::estimate`).
+    estimates: crate::accounting::estimate::Estimates,
     /// Cancelled when the listeners stop accepting.
     stop_accepting: CancellationToken,
     store: Store,
@@ -187,6 +189,7 @@ impl Application {
                 .with_state(MetricsState::new(metrics, vec![Box::new(gauges)])),
         );
         let readiness = Readiness::new(accounting.ledger.clone());
+        let proxy_estimates = accounting.estimates.clone();
         let proxy = Arc::new(Proxy {
             upstream,
             routes,
@@ -227,6 +230,7 @@ impl Application {
             shutdown_grace: config.server.shutdown_grace,
             connections: ConnectionLimits::new(&config.server, bodies),
             discards,
+            estimates: proxy_estimates,
             stop_accepting,
             store,
             background,
@@ -288,6 +292,9 @@ impl Application {
         // this wait is short.
         self.discards.close();
         self.discards.wait().await;
+        // Records waiting on a token estimate go to the ledger before its
+        // writer is told to stop.
+        self.estimates.wait().await;
         self.stop_background.cancel();
         self.background.close();
         self.background.wait().await;

@@ -5,26 +5,86 @@
 use serde_json::Value;
 use tollgate_openai::SseEvent;
 
+use std::cell::Cell;
+
+use tokio_util::task::TaskTracker;
+
 fn count(text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    off_the_workers(|| tiktoken_rs::o200k_base_singleton().encode_with_special_tokens(text).len() as u64)
+    tiktoken_rs::o200k_base_singleton().encode_with_special_tokens(text).len() as u64
 }
 
-/// Runs CPU-heavy work (tokenizing up to megabytes of text, building the
-/// tokenizer the first time) so it does not hold up other requests: on the
-/// multi-threaded runtime the worker hands its other tasks to the rest
-/// first (`block_in_place`). Estimates run where a record closes, which can
-/// be a `Drop` and so cannot await a blocking task. On a current-thread
-/// runtime (some tests) there is no other worker, and the work runs as is.
-fn off_the_workers<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(work)
-        }
-        _ => work(),
+/// Where estimates run. Tokenizing up to megabytes of text, and building
+/// the tokenizer the first time (tens of MB of tables, a large fraction of
+/// a second), must not hold a request worker: jobs run on the runtime's
+/// blocking pool. They are tracked, so shutdown waits for the records they
+/// finish before it stops the ledger writer.
+#[derive(Debug, Clone, Default)]
+pub struct Estimates {
+    tracker: TaskTracker,
+}
+
+thread_local! {
+    /// Set while an estimate job runs: work it starts runs in place.
+    static IN_ESTIMATE_JOB: Cell<bool> = const { Cell::new(false) };
+}
+
+impl Estimates {
+    /// Whether this thread is running an estimate job now (so further
+    /// estimates can run here instead of queueing another job).
+    pub fn on_estimate_thread() -> bool {
+        IN_ESTIMATE_JOB.get()
     }
+
+    /// Runs `job` off the request workers without waiting for it. From an
+    /// estimate job, or outside a runtime (a record closed by a `Drop` after
+    /// its runtime ended), it runs here and now.
+    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        if Self::on_estimate_thread() {
+            return job();
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                self.tracker.spawn_blocking_on(move || as_estimate_job(job), &handle);
+            }
+            Err(_) => job(),
+        }
+    }
+
+    /// Runs `count` off the request workers and waits for it; `None` if it
+    /// could not run (the runtime is shutting down) or panicked.
+    pub async fn count<T: Send + 'static>(&self, count: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Some(count());
+        }
+        self.tracker.spawn_blocking(move || as_estimate_job(count)).await.ok()
+    }
+
+    /// Runs `work` as if in an estimate job: estimates it makes run here.
+    pub fn run_here<T>(work: impl FnOnce() -> T) -> T {
+        as_estimate_job(work)
+    }
+
+    /// Waits for the jobs started so far and any they start (shutdown).
+    pub async fn wait(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+fn as_estimate_job<T>(job: impl FnOnce() -> T) -> T {
+    /// Clears the flag however the job ends (blocking threads are reused).
+    struct Running;
+    impl Drop for Running {
+        fn drop(&mut self) {
+            IN_ESTIMATE_JOB.set(false);
+        }
+    }
+    IN_ESTIMATE_JOB.set(true);
+    let _running = Running;
+    job()
 }
 
 /// Builds the tokenizer ahead of the first estimate (it takes a moment).
@@ -138,6 +198,41 @@ pub fn stream_tokens(events: &[SseEvent]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn estimate_jobs_run_off_the_calling_worker_and_shutdown_waits_for_them() {
+        let estimates = Estimates::default();
+        let caller = std::thread::current().id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let nested = estimates.clone();
+        estimates.spawn(move || {
+            let job_thread = std::thread::current().id();
+            assert!(Estimates::on_estimate_thread());
+            // Work started by a job runs in place, not as another job.
+            let (inner_tx, inner_rx) = std::sync::mpsc::channel();
+            nested.spawn(move || inner_tx.send(std::thread::current().id()).unwrap());
+            assert_eq!(inner_rx.try_recv().unwrap(), job_thread, "a nested job runs at once, in place");
+            tx.send((job_thread, prompt_tokens(br#"{"messages":[{"role":"user","content":"hello there"}]}"#))).unwrap();
+        });
+        estimates.wait().await;
+        let (job_thread, tokens) = rx.try_recv().expect("wait returns only after the job ran");
+        assert_ne!(job_thread, caller, "the job ran on another thread");
+        assert!(tokens > 0);
+        assert!(!Estimates::on_estimate_thread(), "the flag is set only inside jobs");
+
+        let counted =
+            Estimates::default().count(|| (std::thread::current().id(), Estimates::on_estimate_thread())).await;
+        let (count_thread, flagged) = counted.unwrap();
+        assert_ne!(count_thread, caller);
+        assert!(flagged);
+    }
+
+    #[test]
+    fn outside_a_runtime_jobs_run_in_place() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        Estimates::default().spawn(move || tx.send(std::thread::current().id()).unwrap());
+        assert_eq!(rx.try_recv().unwrap(), std::thread::current().id());
+    }
     use bytes::Bytes;
 
     #[test]

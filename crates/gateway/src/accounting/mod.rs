@@ -36,6 +36,8 @@ pub struct Accounting {
     pub reject_unpriced: bool,
     pub ledger: Ledger,
     pub metrics: Arc<Metrics>,
+    /// Where token estimates run: off the request workers.
+    pub estimates: estimate::Estimates,
     unpriced_warnings: UnpricedWarnings,
 }
 
@@ -84,6 +86,7 @@ impl Accounting {
             reject_unpriced,
             ledger,
             metrics,
+            estimates: estimate::Estimates::default(),
             unpriced_warnings: UnpricedWarnings::default(),
         }
     }
@@ -216,6 +219,9 @@ pub struct Exchange {
     trace: Option<RequestTrace>,
     /// The relay's span, ended with the record.
     relay: Stage,
+    /// Handed to an estimate job with this outcome: the job closes it. If
+    /// the job never runs (its runtime is gone), `Drop` closes it here.
+    awaiting_estimate: Option<Outcome>,
 }
 
 impl Exchange {
@@ -244,6 +250,7 @@ impl Exchange {
             admission: None,
             trace: None,
             relay: Stage::default(),
+            awaiting_estimate: None,
         }
     }
 
@@ -312,11 +319,28 @@ impl Exchange {
         self.record(outcome)
     }
 
+    /// An answer the upstream sent without usage: its estimate, counted off
+    /// the request workers and awaited, so the cost is known when the
+    /// response goes out. `None` when nothing is billed for it.
+    pub async fn estimate_answer(&self, response_body: Bytes) -> Option<Usage> {
+        if self.free || self.requested_model.is_empty() {
+            return None;
+        }
+        let request = self.request_body.clone();
+        let count = move || (estimate::prompt_tokens(&request), estimate::response_tokens(&response_body));
+        let (prompt, completion) = self.accounting.estimates.count(count).await?;
+        let total = prompt.saturating_add(completion);
+        Some(Usage { prompt, completion, total, reasoning: 0, cached: 0, cache_write: 0 })
+    }
+
     fn record(&mut self, outcome: Outcome) -> i64 {
         self.closed = true;
         // Requests without a model (the model list) cost nothing to estimate.
         let billable =
             !self.free && outcome.reached_upstream && (outcome.usage.is_some() || !self.requested_model.is_empty());
+        if billable && outcome.usage.is_none() && !estimate::Estimates::on_estimate_thread() {
+            return self.record_after_estimate(outcome);
+        }
         let (usage, estimated) = match (outcome.usage, billable) {
             (_, false) if self.free => (Usage::default(), false),
             (Some(u), _) => (u, outcome.usage_estimated),
@@ -399,8 +423,59 @@ impl Exchange {
     }
 }
 
+impl Exchange {
+    /// Hands the rest of `record` (estimate, price, settle, ledger) to an
+    /// estimate job: the prompt is tokenized there, not on a request
+    /// worker. The cost is not known yet; it is 0 here (only answers with
+    /// usage or an awaited estimate show it).
+    fn record_after_estimate(&mut self, outcome: Outcome) -> i64 {
+        let husk = Exchange {
+            closed: true,
+            sent_upstream: self.sent_upstream,
+            accounting: self.accounting.clone(),
+            started: self.started,
+            at_ms: self.at_ms,
+            request_id: String::new(),
+            tenant_id: String::new(),
+            key_id: String::new(),
+            endpoint: String::new(),
+            requested_model: String::new(),
+            served_model: None,
+            served: None,
+            stream: self.stream,
+            modified: self.modified,
+            api: self.api,
+            free: self.free,
+            request_body: Bytes::new(),
+            admission: None,
+            sent_at: None,
+            upstream_elapsed: None,
+            trace: None,
+            relay: Stage::default(),
+            awaiting_estimate: None,
+        };
+        let mut detached = std::mem::replace(self, husk);
+        detached.closed = false;
+        detached.awaiting_estimate = Some(outcome);
+        let estimates = detached.accounting.estimates.clone();
+        estimates.spawn(move || {
+            if let Some(outcome) = detached.awaiting_estimate.take() {
+                detached.record(outcome);
+            }
+        });
+        0
+    }
+}
+
 impl Drop for Exchange {
     fn drop(&mut self) {
+        if let Some(outcome) = self.awaiting_estimate.take() {
+            // The estimate job was dropped unrun: estimate here, once.
+            estimate::Estimates::run_here(|| {
+                self.record(outcome);
+            });
+            return;
+        }
         if !self.closed {
             // 499: the client closed the request before an answer (nginx's
             // convention). The prompt is billed if it reached the upstream;

@@ -149,17 +149,6 @@ impl StreamTap {
         }
     }
 
-    /// Output tokens estimated from the kept events.
-    fn estimate_output(&mut self) -> u64 {
-        let mut events = Vec::new();
-        let mut scanner = SseScanner::new(usize::MAX);
-        // Whole events only were kept, so the scanner cannot fail here.
-        if scanner.push(std::mem::take(&mut self.kept).freeze(), &mut events).is_err() {
-            return 0;
-        }
-        estimate::stream_tokens(&events)
-    }
-
     /// The stream ended normally.
     pub fn finish(&mut self) {
         self.close(None);
@@ -172,6 +161,52 @@ impl StreamTap {
 
     fn close(&mut self, error_class: Option<String>) {
         let Some(exchange) = self.exchange.take() else { return };
+        let ending = StreamEnd {
+            exchange,
+            error_class,
+            usage: self.usage,
+            partial: self.partial,
+            kept: std::mem::take(&mut self.kept),
+            upstream_model: self.upstream_model.take(),
+            first_event: self.first_event,
+            status: self.status,
+        };
+        if ending.usage.is_some() {
+            ending.close();
+        } else {
+            // The output is counted from the kept events: tokenizing is off
+            // the request workers (this may be a `Drop`, which cannot await).
+            let estimates = ending.exchange.accounting().estimates.clone();
+            estimates.spawn(move || ending.close());
+        }
+    }
+}
+
+/// What a stream's record is closed with.
+struct StreamEnd {
+    exchange: Exchange,
+    error_class: Option<String>,
+    usage: Option<Usage>,
+    partial: Option<Usage>,
+    kept: BytesMut,
+    upstream_model: Option<String>,
+    first_event: Option<Duration>,
+    status: u16,
+}
+
+impl StreamEnd {
+    /// Output tokens estimated from the kept events.
+    fn estimate_output(&mut self) -> u64 {
+        let mut events = Vec::new();
+        let mut scanner = SseScanner::new(usize::MAX);
+        // Whole events only were kept, so the scanner cannot fail here.
+        if scanner.push(std::mem::take(&mut self.kept).freeze(), &mut events).is_err() {
+            return 0;
+        }
+        estimate::stream_tokens(&events)
+    }
+
+    fn close(mut self) {
         let estimated_output = if self.usage.is_none() { self.estimate_output() } else { 0 };
         // Cut short after the input was counted: that count, and the output
         // estimated from what was relayed.
@@ -184,12 +219,12 @@ impl StreamTap {
             }
             (None, None) => (None, false),
         };
-        exchange.close(Outcome {
+        self.exchange.close(Outcome {
             status: self.status,
-            error_class,
+            error_class: self.error_class,
             usage,
             usage_estimated,
-            upstream_model: self.upstream_model.take(),
+            upstream_model: self.upstream_model,
             reached_upstream: true,
             estimated_output,
             first_event: self.first_event,

@@ -15,7 +15,7 @@ use tollgate_openai::{Api, EndMarker, UsageField, anthropic, find_model, find_us
 
 use super::{Proxy, headers, stream};
 use crate::accounting::tap::StreamTap;
-use crate::accounting::{Exchange, Outcome, estimate, format_usd};
+use crate::accounting::{Exchange, Outcome, format_usd};
 use crate::error::GatewayError;
 use crate::telemetry::traces::Stage;
 use crate::upstream::{self, Phase, classify};
@@ -136,16 +136,21 @@ pub async fn respond(
             Api::Gemini => (gemini::find_usage(&body), gemini::find_model(&body)),
             Api::Anthropic => (anthropic::find_usage(&body), find_model(&body)),
         };
-        let estimated_output = if succeeded && usage.is_none() { estimate::response_tokens(&body) } else { 0 };
+        // No usage in a good answer: estimate it (off the request workers,
+        // awaited so the cost header is right).
+        let (usage, usage_estimated) = match usage {
+            None if succeeded => (exchange.estimate_answer(body.clone()).await, true),
+            usage => (usage, false),
+        };
         let cost = exchange.close(Outcome {
             status: status.as_u16(),
             error_class: (!succeeded).then(|| upstream_error_class(status)),
             usage,
             upstream_model,
             reached_upstream: succeeded,
-            estimated_output,
+            estimated_output: 0,
             first_event: None,
-            usage_estimated: false,
+            usage_estimated,
         });
         if succeeded
             && let Some(headers) = response.headers_mut()
