@@ -417,3 +417,42 @@ async fn estimates_run_on_the_multi_threaded_runtime_for_bodies_and_streams() {
         assert!(record["prompt_tokens"].as_i64().unwrap() > 0 && record["completion_tokens"].as_i64().unwrap() > 0);
     }
 }
+
+/// The gateway here shares the test's single thread: were the estimate (and
+/// the tokenizer's first build) run on the request worker, nothing else
+/// could be answered until it finished.
+#[tokio::test]
+async fn a_long_estimate_holds_up_no_other_request_and_the_answer_still_carries_its_cost() {
+    let gw = TestGateway::start().await;
+    let client = client_with_key(&gw.key);
+    // About 3 MB of prompt text: seconds of tokenizing in a debug build.
+    let prompt = "tokens to count in the background ".repeat(90_000);
+    let body = json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": prompt}]});
+    let big = tokio::spawn({
+        let request = client
+            .post(gw.url("/v1/chat/completions"))
+            .header("x-request-id", "long-estimate")
+            .header("x-fake-usage", "omit")
+            .json(&body);
+        async move { request.send().await.unwrap() }
+    });
+    wait_until("the upstream answered the long request", PATIENCE, async || {
+        gw.fake.reported().iter().any(|r| r.request_id.as_deref() == Some("long-estimate"))
+    })
+    .await;
+
+    let health = gw.http.get(gw.url("/healthz")).send().await.unwrap();
+    assert!(health.status().is_success());
+    let quick = client.post(gw.url("/v1/chat/completions")).json(&json!({"model": "gpt-4.1", "messages": []})).send();
+    assert_eq!(quick.await.unwrap().status(), 200);
+    assert!(!big.is_finished(), "other requests were answered while the long estimate ran");
+
+    let answer = big.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let cost: f64 = answer.headers()["x-tollgate-cost-usd"].to_str().unwrap().parse().unwrap();
+    assert!(cost > 0.0, "the estimated usage is priced before the answer goes out");
+    let records = ledger_records(&gw, 2).await;
+    let record = records.iter().find(|r| r["request_id"] == "long-estimate").unwrap();
+    assert_eq!(record["estimated"], true);
+    assert!(record["prompt_tokens"].as_i64().unwrap() > 100_000, "{record}");
+}
