@@ -533,9 +533,18 @@ fn annotate(trace: &RequestTrace, relay: &Stage, event: &UsageEvent, billed_outp
 
 /// Micro-dollars as a decimal USD string, e.g. `0.000123`.
 pub fn format_usd(micros: i64) -> String {
-    let sign = if micros < 0 { "-" } else { "" };
+    // Written on every answer (cost and budget headers): itoa, no `format!`.
     let m = micros.unsigned_abs();
-    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+    let mut digits = itoa::Buffer::new();
+    let mut out = String::with_capacity(24);
+    if micros < 0 {
+        out.push('-');
+    }
+    out.push_str(digits.format(m / 1_000_000));
+    out.push('.');
+    // The fraction zero-padded to six digits: the digits of 1_xxxxxx after the 1.
+    out.push_str(&digits.format(m % 1_000_000 + 1_000_000)[1..]);
+    out
 }
 
 #[cfg(test)]
@@ -548,5 +557,8 @@ mod tests {
         assert_eq!(format_usd(123), "0.000123");
         assert_eq!(format_usd(1_500_000), "1.500000");
         assert_eq!(format_usd(-5), "-0.000005");
+        assert_eq!(format_usd(-12_345_678), "-12.345678");
+        assert_eq!(format_usd(i64::MIN), "-9223372036854.775808");
+        assert_eq!(format_usd(i64::MAX), "9223372036854.775807");
     }
 }

@@ -148,7 +148,6 @@ impl Allowance {
     /// buffer and each header value is a slice of it: one allocation for up
     /// to six headers instead of one each.
     pub fn write(&self, headers: &mut HeaderMap) {
-        use std::fmt::Write as _;
         if self.requests.is_none() && self.tokens.is_none() {
             return;
         }
@@ -165,7 +164,7 @@ impl Allowance {
             let Some((limit, remaining)) = value else { continue };
             for (name, number) in [(limit_name, limit), (remaining_name, remaining)] {
                 let start = text.len();
-                let _ = write!(text, "{number}");
+                text.push_str(itoa::Buffer::new().format(number));
                 values.push((name, start..text.len()));
             }
             values.push((reset_name, reset_range.clone()));
