@@ -25,8 +25,10 @@ use tollgate_openai::{Api, SseEvent, SseScanner, Usage, UsageField, anthropic, f
 use super::{Exchange, Outcome, estimate};
 use crate::proxy::relay::Shape;
 
-/// Event bytes kept for estimating output when usage never comes.
-const MAX_KEPT_BYTES: usize = 4 * 1024 * 1024;
+/// Event bytes kept for estimating output when usage never comes. Usage
+/// normally arrives only at a stream's end, so every open stream holds up to
+/// this much: small, and past it the estimate is scaled by the bytes seen.
+const MAX_KEPT_BYTES: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub struct StreamTap {
@@ -47,6 +49,8 @@ pub struct StreamTap {
     /// hundreds of KB), and holding the slice would pin that whole buffer
     /// for the stream's lifetime.
     kept: BytesMut,
+    /// Bytes of every event that could have been kept (kept or not).
+    seen: u64,
     status: u16,
 }
 
@@ -62,6 +66,7 @@ impl StreamTap {
             upstream_model: None,
             first_event: None,
             kept: BytesMut::new(),
+            seen: 0,
             status,
         }
     }
@@ -144,8 +149,11 @@ impl StreamTap {
     }
 
     fn keep(&mut self, event: &SseEvent) {
-        if self.usage.is_none() && self.kept.len() < MAX_KEPT_BYTES {
-            self.kept.extend_from_slice(event.as_bytes());
+        if self.usage.is_none() {
+            self.seen = self.seen.saturating_add(event.as_bytes().len() as u64);
+            if self.kept.len() < MAX_KEPT_BYTES {
+                self.kept.extend_from_slice(event.as_bytes());
+            }
         }
     }
 
@@ -167,6 +175,7 @@ impl StreamTap {
             usage: self.usage,
             partial: self.partial,
             kept: std::mem::take(&mut self.kept),
+            seen: self.seen,
             upstream_model: self.upstream_model.take(),
             first_event: self.first_event,
             status: self.status,
@@ -189,6 +198,7 @@ struct StreamEnd {
     usage: Option<Usage>,
     partial: Option<Usage>,
     kept: BytesMut,
+    seen: u64,
     upstream_model: Option<String>,
     first_event: Option<Duration>,
     status: u16,
@@ -200,10 +210,18 @@ impl StreamEnd {
         let mut events = Vec::new();
         let mut scanner = SseScanner::new(usize::MAX);
         // Whole events only were kept, so the scanner cannot fail here.
-        if scanner.push(std::mem::take(&mut self.kept).freeze(), &mut events).is_err() {
+        let kept = std::mem::take(&mut self.kept).freeze();
+        let kept_bytes = kept.len() as u64;
+        if scanner.push(kept, &mut events).is_err() {
             return 0;
         }
-        estimate::stream_tokens(&events)
+        let counted = estimate::stream_tokens(&events);
+        // Past the kept bytes, the rest of the stream is assumed to be like
+        // its beginning.
+        if kept_bytes == 0 || self.seen <= kept_bytes {
+            return counted;
+        }
+        u64::try_from(u128::from(counted) * u128::from(self.seen) / u128::from(kept_bytes)).unwrap_or(u64::MAX)
     }
 
     fn close(mut self) {

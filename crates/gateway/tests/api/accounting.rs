@@ -456,3 +456,37 @@ async fn a_long_estimate_holds_up_no_other_request_and_the_answer_still_carries_
     assert_eq!(record["estimated"], true);
     assert!(record["prompt_tokens"].as_i64().unwrap() > 100_000, "{record}");
 }
+
+/// A stream keeps only its first events for an estimate (memory per open
+/// stream stays small); the output past them is scaled by the bytes seen.
+#[tokio::test]
+async fn estimates_of_streams_longer_than_what_is_kept_grow_with_the_stream() {
+    let gw = TestGateway::start().await;
+    let client = client_with_key(&gw.key);
+    let body = json!({"model": "gpt-4.1", "stream": true, "messages": [{"role": "user", "content": "go"}]});
+    for (id, chunks) in [("long", "1500"), ("twice-as-long", "3000")] {
+        let text = client
+            .post(gw.url("/v1/chat/completions"))
+            .header("x-request-id", id)
+            .header("x-fake-usage", "omit")
+            .header("x-fake-chunks", chunks)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.len() > 128 * 1024, "the stream is longer than what is kept: {} bytes", text.len());
+    }
+    let records = ledger_records(&gw, 2).await;
+    let completion = |id: &str| {
+        let record = records.iter().find(|r| r["request_id"] == id).unwrap();
+        assert_eq!(record["estimated"], true);
+        record["completion_tokens"].as_i64().unwrap()
+    };
+    let (long, longer) = (completion("long"), completion("twice-as-long"));
+    assert!(long > 0);
+    let ratio = longer as f64 / long as f64;
+    assert!((1.8..2.2).contains(&ratio), "{longer} vs {long} tokens: ratio {ratio}");
+}
