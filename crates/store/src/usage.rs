@@ -207,6 +207,7 @@ fn insert_usage_from_json() -> String {
          SUM(prompt_tokens), SUM(completion_tokens), SUM(reasoning_tokens), SUM(cached_tokens), \
          SUM(cache_write_tokens), SUM(billed_output_tokens), SUM(cost_micros) FROM ins \
          GROUP BY day, tenant_id, key_id, requested_model \
+         ORDER BY day, tenant_id, key_id, requested_model \
          {ROLLUP_UPDATE}) SELECT COUNT(*) AS n FROM ins"
     )
 }
@@ -459,7 +460,10 @@ impl Store {
 
     /// One statement per batch with the rows in a single JSON parameter
     /// (unpacked by `json_to_recordset`): binding and planning 24
-    /// parameters per row cost more than the insert itself.
+    /// parameters per row cost more than the insert itself. Rollup groups are
+    /// upserted in key order, as the `COPY` path does, so two replicas'
+    /// batches take the rollups' row locks in the same order and cannot
+    /// deadlock on each other.
     async fn insert_new_usage_postgres(&self, events: &[UsageEvent]) -> StoreResult<u64> {
         let mut inserted = 0;
         let sql = insert_usage_from_json();
