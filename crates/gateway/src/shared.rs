@@ -293,13 +293,19 @@ impl Shared {
     /// Queues a check for the next script call and waits for its answer;
     /// `None` when Redis failed or did not answer in time.
     async fn check(&self, kind: CheckKind, keys: &[String], args: Vec<String>) -> Option<Vec<i64>> {
-        if self.checks.closed.load(Ordering::Acquire) {
-            self.fallbacks.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        let keys = keys.to_vec();
         let (answer, answered) = tokio::sync::oneshot::channel();
-        lock(&self.checks.queue).push(Queued { kind, keys, args, answer });
+        {
+            // Checked under the queue's lock, which the sender holds while it
+            // closes: a check is either queued before the sender's last
+            // sweep (and answered) or sees it closed, never left waiting.
+            let mut queue = lock(&self.checks.queue);
+            if self.checks.closed.load(Ordering::Acquire) {
+                drop(queue);
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            queue.push(Queued { kind, keys: keys.to_vec(), args, answer });
+        }
         self.checks.wake.notify_one();
         match tokio::time::timeout(CALL_TIMEOUT, answered).await {
             Ok(Ok(answer)) => answer,
@@ -340,9 +346,10 @@ impl Shared {
             }
         }
         while in_flight.next().await.is_some() {}
+        let mut queue = lock(&self.checks.queue);
         self.checks.closed.store(true, Ordering::Release);
         // Dropping the senders answers the waiting checks: decided locally.
-        lock(&self.checks.queue).clear();
+        queue.clear();
     }
 
     /// One script call for `batch`; each check gets its own answer.
@@ -596,6 +603,42 @@ mod tests {
         // Once the sender has stopped, checks are decided locally at once.
         assert!(shared.admit(&counter).await.is_none());
         assert_eq!(shared.fallbacks(), 1);
+    }
+
+    /// Checks racing the sender's shutdown are each either answered by Redis
+    /// or decided locally at once: none waits out the call timeout, so none
+    /// marks Redis as down.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checks_racing_the_shutdown_are_answered_or_fall_back_at_once() {
+        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
+        let cancel = CancellationToken::new();
+        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let counter = vec![("rpm:race".to_owned(), 1_000_000_u64, 1_i64, 60_000_u64)];
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..2_000 {
+            let (shared, counter) = (shared.clone(), counter.clone());
+            tasks.spawn(async move {
+                if i % 100 == 0 {
+                    tokio::task::yield_now().await;
+                }
+                shared.admit(&counter).await
+            });
+            if i == 1_000 {
+                cancel.cancel();
+            }
+        }
+        let (mut answered, mut local) = (0_u64, 0_u64);
+        while let Some(verdict) = tasks.join_next().await {
+            match verdict.unwrap() {
+                Some(_) => answered += 1,
+                None => local += 1,
+            }
+        }
+        sender.await.unwrap();
+        assert_eq!(answered + local, 2_000);
+        assert_eq!(shared.fallbacks(), local, "every check not answered was decided locally, counted once");
+        assert!(!shared.is_down(), "no check waited out the timeout");
     }
 
     /// A request that goes away while its check is queued or on its way
