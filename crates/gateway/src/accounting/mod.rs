@@ -227,18 +227,31 @@ pub struct Exchange {
 impl Exchange {
     pub fn open(accounting: Arc<Accounting>, request_id: &str, tenant_id: &str, key_id: &str, endpoint: &str) -> Self {
         accounting.metrics.in_flight.inc();
+        let mut exchange = Self::closed_blank(accounting);
+        exchange.closed = false;
+        exchange.at_ms = chrono::Utc::now().timestamp_millis();
+        request_id.clone_into(&mut exchange.request_id);
+        tenant_id.clone_into(&mut exchange.tenant_id);
+        key_id.clone_into(&mut exchange.key_id);
+        endpoint.clone_into(&mut exchange.endpoint);
+        exchange
+    }
+
+    /// An exchange that is already closed and holds nothing: the base of
+    /// `open`, and what stays behind when a record moves to an estimate job.
+    fn closed_blank(accounting: Arc<Accounting>) -> Self {
         Self {
-            closed: false,
+            closed: true,
             sent_upstream: false,
             sent_at: None,
             upstream_elapsed: None,
             accounting,
             started: Instant::now(),
-            at_ms: chrono::Utc::now().timestamp_millis(),
-            request_id: request_id.to_owned(),
-            tenant_id: tenant_id.to_owned(),
-            key_id: key_id.to_owned(),
-            endpoint: endpoint.to_owned(),
+            at_ms: 0,
+            request_id: String::new(),
+            tenant_id: String::new(),
+            key_id: String::new(),
+            endpoint: String::new(),
             requested_model: String::new(),
             served_model: None,
             served: None,
@@ -429,31 +442,7 @@ impl Exchange {
     /// worker. The cost is not known yet; it is 0 here (only answers with
     /// usage or an awaited estimate show it).
     fn record_after_estimate(&mut self, outcome: Outcome) -> i64 {
-        let husk = Exchange {
-            closed: true,
-            sent_upstream: self.sent_upstream,
-            accounting: self.accounting.clone(),
-            started: self.started,
-            at_ms: self.at_ms,
-            request_id: String::new(),
-            tenant_id: String::new(),
-            key_id: String::new(),
-            endpoint: String::new(),
-            requested_model: String::new(),
-            served_model: None,
-            served: None,
-            stream: self.stream,
-            modified: self.modified,
-            api: self.api,
-            free: self.free,
-            request_body: Bytes::new(),
-            admission: None,
-            sent_at: None,
-            upstream_elapsed: None,
-            trace: None,
-            relay: Stage::default(),
-            awaiting_estimate: None,
-        };
+        let husk = Exchange::closed_blank(self.accounting.clone());
         let mut detached = std::mem::replace(self, husk);
         detached.closed = false;
         detached.awaiting_estimate = Some(outcome);

@@ -156,9 +156,8 @@ impl Allowance {
             (self.tokens, [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]),
         ];
         let mut text = String::with_capacity(64);
-        let reset_start = text.len();
         write_reset(&mut text, self.reset);
-        let reset_range = reset_start..text.len();
+        let reset_range = 0..text.len();
         let mut values = Vec::with_capacity(6);
         for (value, [limit_name, remaining_name, reset_name]) in names {
             let Some((limit, remaining)) = value else { continue };
@@ -179,15 +178,8 @@ impl Allowance {
     }
 }
 
-/// A duration as OpenAI writes it: `1s`, `6m0s`, `12ms`, `1.5s`.
-pub fn format_reset(d: Duration) -> String {
-    let mut out = String::with_capacity(12);
-    write_reset(&mut out, d);
-    out
-}
-
-/// [`format_reset`] appended to `out`. Integer arithmetic: it is written on
-/// every limited response.
+/// A duration as OpenAI writes it (`1s`, `6m0s`, `12ms`, `1.5s`), appended
+/// to `out`. Integer arithmetic: it is written on every limited response.
 fn write_reset(out: &mut String, d: Duration) {
     use std::fmt::Write as _;
     let ms = d.as_millis();
@@ -457,6 +449,12 @@ mod tests {
         assert_eq!(admit(&l, &tenant_only, 0, 0).unwrap_err().kind, Kind::Concurrency);
         drop(held);
         assert!(admit(&l, &tenant_only, 0, 0).is_ok());
+    }
+
+    fn format_reset(d: Duration) -> String {
+        let mut out = String::new();
+        write_reset(&mut out, d);
+        out
     }
 
     #[test]
