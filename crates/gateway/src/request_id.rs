@@ -23,7 +23,10 @@ impl RequestId {
         let sane = !bytes.is_empty()
             && bytes.len() <= MAX_CLIENT_ID_LEN
             && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-        sane.then(|| Self(value.clone()))
+        // A copy, not a clone: the client's value is a view into the
+        // connection's read buffer, and the id lives as long as the request's
+        // record (a stream's whole life).
+        sane.then(|| HeaderValue::from_bytes(bytes).ok().map(Self)).flatten()
     }
 
     pub fn generate() -> Self {

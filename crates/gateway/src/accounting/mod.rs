@@ -224,6 +224,20 @@ pub struct Exchange {
     awaiting_estimate: Option<Outcome>,
 }
 
+/// Bodies up to this size are copied out of the buffer they were read into.
+const COPY_BODIES_BELOW: usize = 32 * 1024;
+
+/// A body that arrived with its request's head is a view into the
+/// connection's read buffer (8 KiB at least, more after a large read). Kept
+/// as it is, it would pin that buffer for as long as the record is open (a
+/// stream's whole life) beside the one the connection reserves for its next
+/// read. Copying a small body costs less than a microsecond and frees the
+/// buffer; a larger one was usually read in several parts and joined into a
+/// buffer of its own size already.
+fn owned_copy_if_small(body: Bytes) -> Bytes {
+    if body.len() < COPY_BODIES_BELOW { Bytes::copy_from_slice(&body) } else { body }
+}
+
 impl Exchange {
     pub fn open(accounting: Arc<Accounting>, request_id: &str, tenant_id: &str, key_id: &str, endpoint: &str) -> Self {
         accounting.metrics.in_flight.inc();
@@ -288,8 +302,10 @@ impl Exchange {
         self.relay = stage;
     }
 
+    /// Keeps the request body for the prompt estimate until the record
+    /// closes, which for a stream is its whole life.
     pub fn set_request(&mut self, body: Bytes, model: Option<&str>, stream: bool) {
-        self.request_body = body;
+        self.request_body = owned_copy_if_small(body);
         self.requested_model = model.unwrap_or_default().to_owned();
         self.stream = stream;
     }
@@ -549,5 +565,17 @@ mod tests {
         assert_eq!(format_usd(-12_345_678), "-12.345678");
         assert_eq!(format_usd(i64::MIN), "-9223372036854.775808");
         assert_eq!(format_usd(i64::MAX), "9223372036854.775807");
+    }
+
+    #[test]
+    fn a_small_body_kept_for_estimates_does_not_pin_the_buffer_it_was_read_into() {
+        let read_buffer = Bytes::from(vec![b'x'; 8192]);
+        let kept = owned_copy_if_small(read_buffer.slice(..200));
+        assert_eq!(&kept[..], &read_buffer[..200]);
+        assert!(read_buffer.is_unique(), "nothing kept holds the read buffer");
+
+        let large = Bytes::from(vec![b'y'; COPY_BODIES_BELOW]);
+        let kept = owned_copy_if_small(large.clone());
+        assert_eq!(kept.as_ptr(), large.as_ptr(), "a large body is kept as it was read, not copied");
     }
 }
