@@ -6,7 +6,9 @@ use serde_json::Value;
 use tollgate_openai::SseEvent;
 
 use std::cell::Cell;
+use std::sync::Arc;
 
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 fn count(text: &str) -> u64 {
@@ -21,9 +23,21 @@ fn count(text: &str) -> u64 {
 /// a second), must not hold a request worker: jobs run on the runtime's
 /// blocking pool. They are tracked, so shutdown waits for the records they
 /// finish before it stops the ledger writer.
-#[derive(Debug, Clone, Default)]
+///
+/// At most one job per core runs at once. Tokenizing is CPU work, so more
+/// would not finish sooner; they would only take threads (the blocking pool
+/// allows hundreds) and memory. A burst of large prompts across tenants
+/// queues its jobs as small tasks instead.
+#[derive(Debug, Clone)]
 pub struct Estimates {
     tracker: TaskTracker,
+    running: Arc<Semaphore>,
+}
+
+impl Default for Estimates {
+    fn default() -> Self {
+        Self::at_most(std::thread::available_parallelism().map_or(1, usize::from))
+    }
 }
 
 thread_local! {
@@ -32,6 +46,11 @@ thread_local! {
 }
 
 impl Estimates {
+    /// Estimates of which at most `jobs` run at once (at least one).
+    pub fn at_most(jobs: usize) -> Self {
+        Self { tracker: TaskTracker::new(), running: Arc::new(Semaphore::new(jobs.max(1))) }
+    }
+
     /// Whether this thread is running an estimate job now (so further
     /// estimates can run here instead of queueing another job).
     pub fn on_estimate_thread() -> bool {
@@ -47,7 +66,17 @@ impl Estimates {
         }
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                self.tracker.spawn_blocking_on(move || as_estimate_job(job), &handle);
+                let running = self.running.clone();
+                self.tracker.spawn_on(
+                    async move {
+                        // The semaphore is never closed; were it, the job
+                        // would still run.
+                        let _turn = running.acquire_owned().await.ok();
+                        // A panicking job loses only its own estimate.
+                        let _ = tokio::task::spawn_blocking(move || as_estimate_job(job)).await;
+                    },
+                    &handle,
+                );
             }
             Err(_) => job(),
         }
@@ -59,6 +88,7 @@ impl Estimates {
         if tokio::runtime::Handle::try_current().is_err() {
             return Some(count());
         }
+        let _turn = self.running.clone().acquire_owned().await.ok();
         self.tracker.spawn_blocking(move || as_estimate_job(count)).await.ok()
     }
 
@@ -225,6 +255,53 @@ mod tests {
         let (count_thread, flagged) = counted.unwrap();
         assert_ne!(count_thread, caller);
         assert!(flagged);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn no_more_jobs_run_at_once_than_allowed_and_the_rest_queue() {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let estimates = Estimates::at_most(2);
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(gate));
+        for _ in 0..8 {
+            let (running, most, done, gate) = (running.clone(), most.clone(), done.clone(), gate.clone());
+            estimates.spawn(move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                gate.lock().unwrap().recv().unwrap();
+                running.fetch_sub(1, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        // A counted estimate queues behind the jobs as well.
+        let counted = {
+            let estimates = estimates.clone();
+            let (running, most) = (running.clone(), most.clone());
+            tokio::spawn(async move {
+                estimates
+                    .count(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        7
+                    })
+                    .await
+            })
+        };
+        while running.load(Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..8 {
+            go.send(()).unwrap();
+        }
+        assert_eq!(counted.await.unwrap(), Some(7));
+        estimates.wait().await;
+        assert_eq!(done.load(Ordering::SeqCst), 8, "every queued job ran");
+        assert_eq!(most.load(Ordering::SeqCst), 2, "never more than two at once");
     }
 
     #[test]
