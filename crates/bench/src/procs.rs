@@ -68,7 +68,9 @@ pub fn pinned(cpu: Option<&str>, program: &Path) -> Command {
     }
 }
 
-/// A child process, killed when dropped.
+/// A child process, killed when dropped with whatever it started (a
+/// profiler given in `TOLLGATE_BENCH_WRAP` runs the gateway as its own
+/// child, and does not pass the signal on).
 pub struct Proc {
     pub name: String,
     child: Child,
@@ -96,17 +98,48 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        // Listed before the signal: once the child exits, its children are
+        // no longer listed as its own.
+        let mut family = descendants(self.child.id());
+        family.push(self.child.id());
+        signal(&family, "-TERM");
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
+            let descendants_gone = !family.iter().any(|&pid| alive(pid));
+            if matches!(self.child.try_wait(), Ok(Some(_))) && descendants_gone {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
+        signal(&family, "-KILL");
         let _ = self.child.wait();
     }
+}
+
+/// Every process below `pid`, from `/proc`'s children lists.
+fn descendants(pid: u32) -> Vec<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut all = Vec::new();
+    for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+        all.extend(descendants(child));
+        all.push(child);
+    }
+    all
+}
+
+/// Running, not gone or a zombie (whose parent has yet to reap it).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned)))
+        .is_some_and(|state| state != "Z")
+}
+
+fn signal(pids: &[u32], which: &str) {
+    if pids.is_empty() {
+        return;
+    }
+    let _ = Command::new("kill").arg(which).args(pids.iter().map(u32::to_string)).status();
 }
 
 /// A port free on 127.0.0.1 now.
