@@ -19,6 +19,8 @@
 //! still does not fit it is throttled (429 `rate_limit_exceeded`, retryable).
 
 use std::collections::HashMap;
+
+use crate::fast_hash::FastMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -148,7 +150,7 @@ impl Default for Waiting {
 
 #[derive(Debug, Default)]
 pub struct BudgetBook {
-    by_tenant: ArcSwap<HashMap<String, Arc<Vec<Arc<BudgetState>>>>>,
+    by_tenant: ArcSwap<FastMap<String, Arc<Vec<Arc<BudgetState>>>>>,
 }
 
 impl BudgetBook {
@@ -203,7 +205,7 @@ impl BudgetBook {
             }
         }
         self.by_tenant.rcu(|old| {
-            let mut map = HashMap::clone(old);
+            let mut map = FastMap::clone(old);
             map.insert(tenant_id.to_owned(), Arc::new(states.clone()));
             map
         });

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod console;
 pub mod error;
+pub mod fast_hash;
 pub mod file_watch;
 pub mod health;
 pub mod limits;

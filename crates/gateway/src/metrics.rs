@@ -55,7 +55,7 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub overhead: Histogram,
     /// The per-request series of each label set seen, by `series_key`.
-    series: Arc<DashMap<String, Arc<RequestSeries>>>,
+    series: Arc<DashMap<String, Arc<RequestSeries>, crate::fast_hash::FastHash>>,
 }
 
 /// The token kinds of `tokens_total`, in `RequestSeries::tokens` order.
@@ -273,7 +273,7 @@ impl Metrics {
             )?,
             names: r.names,
             registry: r.registry,
-            series: Arc::new(DashMap::new()),
+            series: Arc::new(DashMap::default()),
         })
     }
 

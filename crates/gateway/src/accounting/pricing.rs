@@ -14,6 +14,8 @@
 //! million tokens) is rejected rather than silently rounded.
 
 use std::collections::HashMap;
+
+use crate::fast_hash::{FastHash, FastMap};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -41,7 +43,7 @@ pub struct ModelPrice {
 
 #[derive(Debug, Clone, Default)]
 pub struct PriceTable {
-    models: HashMap<String, ModelPrice>,
+    models: FastMap<String, ModelPrice>,
     /// The price of models the table does not name, if the operator set one.
     default: Option<ModelPrice>,
     /// Which models take a thinking budget where (first match wins).
@@ -177,7 +179,7 @@ fn model_price(name: &str, m: FileModel) -> Result<ModelPrice, PricingError> {
 impl PriceTable {
     pub fn parse(text: &str) -> Result<Self, PricingError> {
         let file: PricingFile = toml::from_str(text).map_err(|e| PricingError(e.to_string()))?;
-        let mut models = HashMap::with_capacity(file.models.len());
+        let mut models = FastMap::with_capacity_and_hasher(file.models.len(), FastHash::default());
         for (name, m) in file.models {
             let price = model_price(&name, m)?;
             models.insert(name, price);

@@ -4,7 +4,7 @@
 //! database); writers build a new snapshot and swap it in. Writes are rare
 //! (admin changes, periodic refresh), reads happen on every request.
 
-use std::collections::HashMap;
+use crate::fast_hash::FastMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -67,8 +67,8 @@ impl CachedTenant {
 
 #[derive(Debug, Default)]
 struct Snapshot {
-    keys: HashMap<String, Arc<CachedKey>>,
-    tenants: HashMap<String, Arc<CachedTenant>>,
+    keys: FastMap<String, Arc<CachedKey>>,
+    tenants: FastMap<String, Arc<CachedTenant>>,
 }
 
 #[derive(Debug, Default)]

@@ -25,7 +25,7 @@ fn release(taken: &[Taken]) {
 
 #[derive(Debug, Default)]
 pub struct LocalLimits {
-    counters: DashMap<String, Arc<AtomicI64>>,
+    counters: DashMap<String, Arc<AtomicI64>, crate::fast_hash::FastHash>,
 }
 
 impl LocalLimits {
