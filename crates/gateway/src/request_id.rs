@@ -30,10 +30,13 @@ impl RequestId {
     }
 
     pub fn generate() -> Self {
-        let id = uuid::Uuid::now_v7().simple();
-        let text = format!("req_{id}");
+        // Written into a buffer of its own size, for every request without
+        // an id, rather than through `format!`.
+        let mut text = [0u8; 4 + uuid::fmt::Simple::LENGTH];
+        text[..4].copy_from_slice(b"req_");
+        uuid::Uuid::now_v7().simple().encode_lower(&mut text[4..]);
         // A hex uuid with an ASCII prefix is always a valid header value.
-        Self(HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("req_invalid")))
+        Self(HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("req_invalid")))
     }
 
     pub fn as_str(&self) -> &str {
@@ -155,5 +158,7 @@ mod tests {
         let (b, _) = call(None).await;
         assert!(a.starts_with("req_") && b.starts_with("req_"));
         assert_ne!(a, b);
+        assert_eq!(a.len(), 4 + 32, "{a}");
+        assert!(a[4..].bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{a}");
     }
 }

@@ -138,11 +138,13 @@ fn with_common_layers(router: Router) -> Router {
 
 fn make_span(request: &Request) -> Span {
     let request_id = request.extensions().get::<RequestId>().map_or("", RequestId::as_str);
+    // Plain `&str` values, not `%` (Display): they are written as they are,
+    // without the formatting machinery, for every request.
     tracing::info_span!(
         "request",
-        request_id = %request_id,
-        method = %request.method(),
-        path = %request.uri().path(),
+        request_id,
+        method = request.method().as_str(),
+        path = request.uri().path(),
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
     )

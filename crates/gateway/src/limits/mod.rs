@@ -384,7 +384,8 @@ pub fn checks_for(tenant_id: &str, tenant: &Limits, defaults: &Limits, key_id: &
         tpm: tenant.tpm.or(defaults.tpm),
         max_concurrent: tenant.max_concurrent.or(defaults.max_concurrent),
     };
-    [Check::new(format!("t:{tenant_id}"), &tenant_limits), Check::new(format!("k:{key_id}"), key)]
+    // `concat`, not `format!`: this runs for every request.
+    [Check::new(["t:", tenant_id].concat(), &tenant_limits), Check::new(["k:", key_id].concat(), key)]
         .into_iter()
         .flatten()
         .collect()
