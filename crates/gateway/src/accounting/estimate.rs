@@ -71,9 +71,14 @@ impl Estimates {
                     async move {
                         // The semaphore is never closed; were it, the job
                         // would still run.
-                        let _turn = running.acquire_owned().await.ok();
+                        let turn = running.acquire_owned().await.ok();
+                        // The turn is the job's: given back when it ends.
                         // A panicking job loses only its own estimate.
-                        let _ = tokio::task::spawn_blocking(move || as_estimate_job(job)).await;
+                        let _ = tokio::task::spawn_blocking(move || {
+                            let _turn = turn;
+                            as_estimate_job(job)
+                        })
+                        .await;
                     },
                     &handle,
                 );
@@ -88,8 +93,16 @@ impl Estimates {
         if tokio::runtime::Handle::try_current().is_err() {
             return Some(count());
         }
-        let _turn = self.running.clone().acquire_owned().await.ok();
-        self.tracker.spawn_blocking(move || as_estimate_job(count)).await.ok()
+        let turn = self.running.clone().acquire_owned().await.ok();
+        // The turn goes with the job, so a caller that stops waiting (its
+        // client left) does not free it while the count still runs.
+        self.tracker
+            .spawn_blocking(move || {
+                let _turn = turn;
+                as_estimate_job(count)
+            })
+            .await
+            .ok()
     }
 
     /// Runs `work` as if in an estimate job: estimates it makes run here.
