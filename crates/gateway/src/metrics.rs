@@ -54,7 +54,7 @@ pub struct Metrics {
     pub budget_forecast: IntGaugeVec,
     pub upstream_duration: HistogramVec,
     pub overhead: Histogram,
-    /// The per-request series of each label set seen, by `series_key`.
+    /// The per-request series of each label set seen, keyed by `SeriesLabels::write_key`.
     series: Arc<DashMap<String, Arc<RequestSeries>, crate::fast_hash::FastHash>>,
 }
 
