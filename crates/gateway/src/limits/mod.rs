@@ -74,12 +74,12 @@ impl Check {
     /// The counter's name: `<scope>:inflight`, or `<scope>:rpm@<window>` and
     /// `<scope>:tpm@<window>` for the per-minute counts.
     fn write_key(&self, out: &mut String, kind: Kind, window: &Window) {
-        use std::fmt::Write as _;
         out.push_str(&self.scope);
         out.push(':');
         out.push_str(kind.as_str());
         if kind != Kind::Concurrency {
-            let _ = write!(out, "@{}", window.index);
+            out.push('@');
+            out.push_str(itoa::Buffer::new().format(window.index));
         }
     }
 
@@ -179,15 +179,17 @@ impl Allowance {
 }
 
 /// A duration as OpenAI writes it (`1s`, `6m0s`, `12ms`, `1.5s`), appended
-/// to `out`. Integer arithmetic: it is written on every limited response.
+/// to `out`. Integer arithmetic and `itoa`, not `fmt`: it is written on
+/// every limited response.
 fn write_reset(out: &mut String, d: Duration) {
-    use std::fmt::Write as _;
+    let mut digits = itoa::Buffer::new();
     let ms = d.as_millis();
     if ms < 1000 {
-        let _ = write!(out, "{ms}ms");
+        out.push_str(digits.format(ms));
+        out.push_str("ms");
     } else if ms < 60_000 {
         let (whole, frac) = (ms / 1000, ms % 1000);
-        let _ = write!(out, "{whole}");
+        out.push_str(digits.format(whole));
         if frac != 0 {
             // Milliseconds as a decimal fraction without trailing zeros.
             let (mut frac, mut width) = (frac, 3);
@@ -195,12 +197,18 @@ fn write_reset(out: &mut String, d: Duration) {
                 frac /= 10;
                 width -= 1;
             }
-            let _ = write!(out, ".{frac:0width$}");
+            out.push('.');
+            let frac = digits.format(frac);
+            out.extend(std::iter::repeat_n('0', width - frac.len()));
+            out.push_str(frac);
         }
         out.push('s');
     } else {
         let whole = d.as_secs();
-        let _ = write!(out, "{}m{}s", whole / 60, whole % 60);
+        out.push_str(digits.format(whole / 60));
+        out.push('m');
+        out.push_str(digits.format(whole % 60));
+        out.push('s');
     }
 }
 
@@ -465,6 +473,8 @@ mod tests {
         assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
         assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
         assert_eq!(format_reset(Duration::from_millis(1050)), "1.05s");
+        assert_eq!(format_reset(Duration::from_millis(2005)), "2.005s");
+        assert_eq!(format_reset(Duration::from_millis(0)), "0ms");
         assert_eq!(format_reset(Duration::from_millis(59_999)), "59.999s");
         assert_eq!(format_reset(Duration::from_millis(61_500)), "1m1s");
     }

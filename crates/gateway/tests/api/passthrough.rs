@@ -52,6 +52,9 @@ async fn the_gateway_sends_its_upstream_key_and_never_the_clients() {
     assert!(!all_headers.contains(&gw.key), "client key leaked upstream: {all_headers}");
     assert_eq!(sent.headers["openai-beta"], "assistants=v2");
     assert_eq!(sent.headers["x-stainless-lang"], "python");
+    // The upstream's own authority, once, never the gateway's.
+    let upstream_host = gw.fake.addr().to_string();
+    assert_eq!(sent.headers.get_all("host").iter().collect::<Vec<_>>(), [upstream_host.as_str()]);
 }
 
 #[tokio::test]
