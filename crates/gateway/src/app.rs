@@ -23,6 +23,7 @@ use crate::admin::{self, AdminState};
 use crate::alerts;
 use crate::auth::sync::{CacheSync, touch_writer};
 use crate::auth::{Authenticator, KeyCache, SecretHasher};
+use crate::background::{Background, BackgroundThread};
 use crate::budget::BudgetBook;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -53,8 +54,10 @@ pub struct Application {
     /// Cancelled when the listeners stop accepting.
     stop_accepting: CancellationToken,
     store: Store,
-    background: TaskTracker,
+    background: Background,
     stop_background: CancellationToken,
+    /// Runs `background` until the application ends (dropped last).
+    _background_thread: BackgroundThread,
 }
 
 impl Application {
@@ -87,7 +90,9 @@ impl Application {
             clock.clone(),
         ));
 
-        let background = TaskTracker::new();
+        let background_thread =
+            BackgroundThread::start().map_err(|e| anyhow::anyhow!("cannot start the background thread: {e}"))?;
+        let background = background_thread.background().clone();
         let stop_background = CancellationToken::new();
         background.spawn(sync.clone().refresh_loop(config.auth.refresh_interval, stop_background.clone()));
         background.spawn(sync.clone().listen_loop(stop_background.clone()));
@@ -167,8 +172,12 @@ impl Application {
             None => None,
             Some(url) => {
                 let shared = Shared::connect(url.expose_secret(), &config.redis.key_prefix).await?;
-                background.spawn(shared.clone().apply_adjustments(stop_background.clone()));
-                background.spawn(shared.clone().send_checks(stop_background.clone()));
+                // Requests wait on the checks one task sends and wake the
+                // other with each correction; both talk over the Redis
+                // connection that lives on the request runtime. They stay
+                // there, tracked with the background tasks.
+                background.spawn_here(shared.clone().apply_adjustments(stop_background.clone()));
+                background.spawn_here(shared.clone().send_checks(stop_background.clone()));
                 tracing::info!(replicas = config.redis.replicas, "rate limits and budgets are shared through Redis");
                 Some(shared)
             }
@@ -235,6 +244,7 @@ impl Application {
             store,
             background,
             stop_background,
+            _background_thread: background_thread,
         })
     }
 
@@ -267,7 +277,14 @@ impl Application {
         {
             let addr = local_addr(&listener);
             tracing::info!(%addr, listener = name, "listening");
-            servers.spawn(server::serve(name, listener, router, self.connections.clone(), stop_accepting.clone()));
+            let serving = server::serve(name, listener, router, self.connections.clone(), stop_accepting.clone());
+            // Scrapes and admin calls run beside the background work, not on
+            // the request workers.
+            if name == "admin" {
+                servers.spawn_on(serving, self.background.runtime());
+            } else {
+                servers.spawn(serving);
+            }
         }
         self.readiness.set(true);
 
@@ -309,7 +326,7 @@ fn start_accounting(
     config: &Config,
     store: &Store,
     metrics: Arc<Metrics>,
-    background: &TaskTracker,
+    background: &Background,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Arc<Accounting>> {
     let settings = &config.accounting;

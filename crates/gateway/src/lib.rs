@@ -7,6 +7,7 @@ pub mod admin;
 pub mod alerts;
 pub mod app;
 pub mod auth;
+pub mod background;
 pub mod budget;
 pub mod clock;
 pub mod config;

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_store::{Store, UsageEvent};
 
 use super::spool::Spool;
+use crate::background::gather;
 
 /// Records waiting in memory before the writer takes them.
 const CHANNEL_CAPACITY: usize = 100_000;
@@ -231,15 +232,7 @@ impl Writer {
                 }
             }
             let deadline = Instant::now() + self.settings.flush_interval;
-            while batch.len() < self.settings.batch_size {
-                let room = self.settings.batch_size - batch.len();
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => break,
-                    n = rx.recv_many(&mut batch, room) => if n == 0 { break },
-                    () = tokio::time::sleep_until(deadline) => break,
-                }
-            }
+            gather(&mut rx, &mut batch, self.settings.batch_size, deadline, &cancel).await;
             self.write(&mut batch).await;
             let mut overflow = Vec::new();
             self.take_overflow(&mut overflow);

@@ -103,19 +103,7 @@ pub async fn run<E: SpanExporter>(
         }
         // Let the batch fill for up to the interval, unless stopping.
         let deadline = tokio::time::Instant::now() + batching.interval;
-        while batch.len() < batching.batch_size {
-            let room = batching.batch_size - batch.len();
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => break,
-                () = tokio::time::sleep_until(deadline) => break,
-                received = spans.recv_many(&mut batch, room) => {
-                    if received == 0 {
-                        break;
-                    }
-                }
-            }
-        }
+        crate::background::gather(&mut spans, &mut batch, batching.batch_size, deadline, &cancel).await;
         send(std::mem::replace(&mut batch, Vec::with_capacity(batching.batch_size))).await;
     }
     // Stopping: what is queued goes out, within one export timeout.

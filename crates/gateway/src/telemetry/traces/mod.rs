@@ -33,7 +33,6 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use config::{OtlpConfig, OtlpProtocol};
@@ -52,7 +51,7 @@ impl Tracing {
     pub fn start(
         config: &OtlpConfig,
         metrics: &Metrics,
-        background: &TaskTracker,
+        background: &crate::background::Background,
         cancel: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let resource = Resource::builder()
