@@ -276,6 +276,19 @@ pub async fn admit(
     }
 }
 
+/// `budget:<id>:<YYYYMMDD of the period's start>`, the budget's counter in
+/// Redis for that period. Written on every request: digits by `itoa`, not
+/// by chrono's format-string interpreter.
+fn shared_budget_key(id: &str, start: NaiveDate) -> String {
+    use chrono::Datelike;
+    let (year, month, day) = (start.year(), start.month(), start.day());
+    if !(1000..=9999).contains(&year) {
+        return format!("budget:{id}:{}", start.format("%Y%m%d"));
+    }
+    let ymd = year.unsigned_abs() * 10_000 + month * 100 + day;
+    ["budget:", id, ":", itoa::Buffer::new().format(ymd)].concat()
+}
+
 fn exhausted(state: &BudgetState) -> Refusal {
     Refusal::Exhausted { budget_id: state.budget.id.clone(), period: state.budget.period.as_str() }
 }
@@ -292,7 +305,7 @@ async fn attempt(
     let mut plan = Vec::with_capacity(states.len());
     for state in states {
         let start = state.budget.period.start(today);
-        let key = format!("budget:{}:{}", state.budget.id, start.format("%Y%m%d"));
+        let key = shared_budget_key(&state.budget.id, start);
         let ttl_ms = state.budget.period.end(start).map_or(0, |end| {
             let end_ms = end.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp_millis());
             (end_ms - chrono::Utc::now().timestamp_millis()).max(0) as u64 + 86_400_000
@@ -442,6 +455,16 @@ impl Drop for Reservation {
 mod tests {
     use super::*;
     use tollgate_store::Period;
+
+    #[test]
+    fn shared_budget_keys_name_the_budget_and_its_period_start() {
+        let day = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap();
+        assert_eq!(shared_budget_key("bud_1", day(2026, 12, 1)), "budget:bud_1:20261201");
+        assert_eq!(shared_budget_key("b", day(2027, 1, 31)), "budget:b:20270131");
+        for start in [day(2026, 3, 9), day(999, 1, 2), day(10_000, 5, 6)] {
+            assert_eq!(shared_budget_key("x", start), format!("budget:x:{}", start.format("%Y%m%d")));
+        }
+    }
 
     fn state(amount: i64, hard: bool) -> Arc<BudgetState> {
         let budget = Budget {

@@ -28,8 +28,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::{Script, Value};
+use redis::{Cmd, ErrorKind, RedisResult, RedisWrite, Script, ToRedisArgs, Value};
 use tokio_util::sync::CancellationToken;
+
+use crate::fast_hash::FastMap;
 
 /// Runs a queue of checks. ARGV holds, for each check in order, its kind
 /// (`a` rate limits, `r` budgets), how many of KEYS and of ARGV it takes,
@@ -166,13 +168,34 @@ pub struct BudgetCounter {
 
 /// The key of a budget's settled-spend counter.
 pub fn spent_key(committed_key: &str) -> String {
-    format!("{committed_key}:spent")
+    [committed_key, ":spent"].concat()
+}
+
+/// A key as Redis sees it, `<prefix>:<key>`, written straight into the
+/// command's buffer: no string is built for it.
+struct Prefixed<'a> {
+    prefix: &'a str,
+    key: &'a str,
+}
+
+impl ToRedisArgs for Prefixed<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + RedisWrite,
+    {
+        use std::io::Write as _;
+        let mut arg = out.writer_for_next_arg();
+        // Writes into the command's own buffer cannot fail.
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(b":");
+        let _ = arg.write_all(self.key.as_bytes());
+    }
 }
 
 /// Corrections waiting for the background task, merged per counter.
 #[derive(Debug, Default)]
 struct Pending {
-    deltas: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    deltas: std::sync::Mutex<FastMap<String, i64>>,
     wake: tokio::sync::Notify,
     dropped: AtomicU64,
 }
@@ -189,7 +212,7 @@ struct Queued {
     kind: CheckKind,
     /// Unprefixed, as `adjust` takes them.
     keys: Vec<String>,
-    args: Vec<String>,
+    args: Vec<i64>,
     /// The check's answer, or `None` when Redis failed.
     answer: tokio::sync::oneshot::Sender<Option<Vec<i64>>>,
 }
@@ -292,7 +315,7 @@ impl Shared {
 
     /// Queues a check for the next script call and waits for its answer;
     /// `None` when Redis failed or did not answer in time.
-    async fn check(&self, kind: CheckKind, keys: &[String], args: Vec<String>) -> Option<Vec<i64>> {
+    async fn check(&self, kind: CheckKind, keys: Vec<String>, args: Vec<i64>) -> Option<Vec<i64>> {
         let (answer, answered) = tokio::sync::oneshot::channel();
         {
             // Checked under the queue's lock, which the sender holds while it
@@ -304,7 +327,7 @@ impl Shared {
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
-            queue.push(Queued { kind, keys: keys.to_vec(), args, answer });
+            queue.push(Queued { kind, keys, args, answer });
         }
         self.checks.wake.notify_one();
         match tokio::time::timeout(CALL_TIMEOUT, answered).await {
@@ -355,22 +378,22 @@ impl Shared {
     /// One script call for `batch`; each check gets its own answer.
     async fn send_batch(&self, batch: Vec<Queued>) {
         self.checks.calls.fetch_add(1, Ordering::Relaxed);
-        let mut invocation = self.checks_script.prepare_invoke();
-        for queued in &batch {
-            for key in &queued.keys {
-                invocation.key(format!("{}:{key}", self.prefix));
+        let keys = batch.iter().map(|queued| queued.keys.len()).sum();
+        let call = self.run_script(&self.checks_script, keys, |cmd| {
+            for queued in &batch {
+                for key in &queued.keys {
+                    cmd.arg(self.prefixed(key));
+                }
             }
-            let kind = match queued.kind {
-                CheckKind::Admit => "a",
-                CheckKind::Reserve => "r",
-            };
-            invocation.arg(kind).arg(queued.keys.len()).arg(queued.args.len());
-            for arg in &queued.args {
-                invocation.arg(arg);
+            for queued in &batch {
+                let kind = match queued.kind {
+                    CheckKind::Admit => "a",
+                    CheckKind::Reserve => "r",
+                };
+                cmd.arg(kind).arg(queued.keys.len()).arg(queued.args.len()).arg(queued.args.as_slice());
             }
-        }
-        let mut conn = self.conn.clone();
-        let result = tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async::<Value>(&mut conn)).await;
+        });
+        let result = tokio::time::timeout(CALL_TIMEOUT, call).await;
         let requests = batch.len() as u64;
         let answers = match result {
             Ok(Ok(Value::Array(answers))) if answers.len() == batch.len() => {
@@ -417,8 +440,8 @@ impl Shared {
     }
 
     /// Undoes an admitted check: the amounts it added, as corrections.
-    fn give_back(&self, kind: CheckKind, keys: &[String], args: &[String]) {
-        let amount = |i: usize| args.get(i).and_then(|a| a.parse::<i64>().ok()).unwrap_or(0);
+    fn give_back(&self, kind: CheckKind, keys: &[String], args: &[i64]) {
+        let amount = |i: usize| args.get(i).copied().unwrap_or(0);
         match kind {
             CheckKind::Admit => {
                 for (i, key) in keys.iter().enumerate() {
@@ -437,11 +460,9 @@ impl Shared {
     /// `None`: Redis is unavailable, decide locally.
     pub async fn admit(&self, counters: &[(String, u64, i64, u64)]) -> Option<Verdict> {
         let keys: Vec<String> = counters.iter().map(|c| c.0.clone()).collect();
-        let args: Vec<String> = counters
-            .iter()
-            .flat_map(|(_, limit, amount, ttl)| [limit.to_string(), amount.to_string(), ttl.to_string()])
-            .collect();
-        let numbers = self.check(CheckKind::Admit, &keys, args).await?;
+        let args: Vec<i64> =
+            counters.iter().flat_map(|&(_, limit, amount, ttl)| [saturating(limit), amount, saturating(ttl)]).collect();
+        let numbers = self.check(CheckKind::Admit, keys, args).await?;
         match numbers.first() {
             Some(1) => Some(Verdict::Admitted(numbers[1..].to_vec())),
             Some(0) if numbers.len() >= 3 => {
@@ -455,19 +476,11 @@ impl Shared {
     /// unavailable, decide locally.
     pub async fn reserve(&self, budgets: &[BudgetCounter]) -> Option<ReserveVerdict> {
         let keys: Vec<String> = budgets.iter().flat_map(|b| [b.key.clone(), spent_key(&b.key)]).collect();
-        let args: Vec<String> = budgets
+        let args: Vec<i64> = budgets
             .iter()
-            .flat_map(|b| {
-                [
-                    b.initial.to_string(),
-                    b.amount.to_string(),
-                    b.worst_case.to_string(),
-                    if b.hard { "1" } else { "0" }.to_owned(),
-                    b.ttl_ms.to_string(),
-                ]
-            })
+            .flat_map(|b| [b.initial, b.amount, b.worst_case, i64::from(b.hard), saturating(b.ttl_ms)])
             .collect();
-        let numbers = self.check(CheckKind::Reserve, &keys, args).await?;
+        let numbers = self.check(CheckKind::Reserve, keys, args).await?;
         let index = || numbers.get(1).map_or(0, |i| (*i - 1).max(0) as usize);
         match numbers.first() {
             Some(1) => Some(ReserveVerdict::Admitted(numbers[1..].to_vec())),
@@ -519,9 +532,7 @@ impl Shared {
         let taken = std::mem::take(&mut *self.pending.deltas.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         let taken: Vec<(String, i64)> = taken.into_iter().filter(|(_, d)| *d != 0).collect();
         for batch in taken.chunks(ADJUST_BATCH) {
-            let keys: Vec<String> = batch.iter().map(|(k, _)| k.clone()).collect();
-            let args: Vec<String> = batch.iter().map(|(_, d)| d.to_string()).collect();
-            if self.send_adjustments(&keys, &args).await.is_none() {
+            if self.send_adjustments(batch).await.is_none() {
                 // A lost correction only skews one window, one in-flight
                 // count or one budget's in-flight part until its key
                 // expires; the ledger stays exact.
@@ -531,16 +542,16 @@ impl Shared {
     }
 
     /// One call of the corrections script; `None` when Redis failed.
-    async fn send_adjustments(&self, keys: &[String], args: &[String]) -> Option<()> {
-        let mut invocation = self.adjust.prepare_invoke();
-        for k in keys {
-            invocation.key(format!("{}:{k}", self.prefix));
-        }
-        for a in args {
-            invocation.arg(a);
-        }
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async::<Value>(&mut conn)).await {
+    async fn send_adjustments(&self, batch: &[(String, i64)]) -> Option<()> {
+        let call = self.run_script(&self.adjust, batch.len(), |cmd| {
+            for (key, _) in batch {
+                cmd.arg(self.prefixed(key));
+            }
+            for (_, delta) in batch {
+                cmd.arg(*delta);
+            }
+        });
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(_)) => {
                 self.succeeded();
                 Some(())
@@ -555,6 +566,35 @@ impl Shared {
             }
         }
     }
+
+    fn prefixed<'a>(&'a self, key: &'a str) -> Prefixed<'a> {
+        Prefixed { prefix: &self.prefix, key }
+    }
+
+    /// `EVALSHA` of `script` with `keys` keys, the keys and arguments
+    /// written by `write` straight into the command (a `ScriptInvocation`
+    /// would hold each in an allocation of its own and copy them all again
+    /// into the command). A Redis that does not know the script (restarted,
+    /// or flushed) is sent it, and the call is made once more.
+    async fn run_script(&self, script: &Script, keys: usize, write: impl FnOnce(&mut Cmd)) -> RedisResult<Value> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys);
+        write(&mut cmd);
+        let mut conn = self.conn.clone();
+        match cmd.query_async(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::NoScriptError => {
+                script.load_async(&mut conn).await?;
+                cmd.query_async(&mut conn).await
+            }
+            answered => answered,
+        }
+    }
+}
+
+/// Counts and durations as the scripts take them (Lua numbers; none comes
+/// near the bound).
+fn saturating(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -567,6 +607,46 @@ mod tests {
 
     fn redis_url() -> String {
         std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+
+    /// A Redis that lost its scripts (restarted, or `SCRIPT FLUSH`) is sent
+    /// them again: checks and corrections keep working, with the keys under
+    /// the deployment's prefix and the numbers as written.
+    #[tokio::test]
+    async fn scripts_redis_forgot_are_sent_again_and_keys_carry_the_prefix() {
+        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
+        let cancel = CancellationToken::new();
+        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let mut conn = shared.conn.clone();
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
+
+        let counter = [("rl:t:rpm@1".to_owned(), 10_u64, 3_i64, 60_000_u64)];
+        assert!(matches!(shared.admit(&counter).await, Some(Verdict::Admitted(v)) if v == [3]));
+        let budget = BudgetCounter {
+            key: "budget:b:20261201".to_owned(),
+            initial: 100,
+            amount: 1_000,
+            worst_case: 50,
+            hard: true,
+            ttl_ms: 0,
+        };
+        assert!(
+            matches!(shared.reserve(std::slice::from_ref(&budget)).await, Some(ReserveVerdict::Admitted(v)) if v == [150])
+        );
+
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
+        shared.adjust("rl:t:rpm@1".to_owned(), -2);
+        shared.adjust(spent_key(&budget.key), 40);
+        shared.flush().await;
+        let get = |key: &str| redis::cmd("GET").arg(format!("{prefix}:{key}")).clone();
+        let rpm: i64 = get("rl:t:rpm@1").query_async(&mut conn).await.unwrap();
+        let spent: i64 = get("budget:b:20261201:spent").query_async(&mut conn).await.unwrap();
+        let committed: i64 = get("budget:b:20261201").query_async(&mut conn).await.unwrap();
+        assert_eq!((rpm, spent, committed), (1, 140, 150));
+        assert_eq!(shared.fallbacks(), 0);
+        cancel.cancel();
+        sender.await.unwrap();
     }
 
     /// Checks made at once share script calls, and each is still decided on

@@ -82,19 +82,14 @@ impl Check {
             out.push_str(itoa::Buffer::new().format(window.index));
         }
     }
-
-    fn key(&self, kind: Kind, window: &Window) -> String {
-        let mut out = String::with_capacity(self.scope.len() + 24);
-        self.write_key(&mut out, kind, window);
-        out
-    }
 }
 
 /// One counter a request incremented.
 #[derive(Debug)]
 pub struct Taken {
     kind: Kind,
-    /// The counter's name (for shared counters; local ones are held in `local`).
+    /// The counter's key in Redis, `rl:<name>` (for shared counters; local
+    /// ones are held in `local`).
     key: String,
     amount: i64,
     /// The limit as configured (before any division between replicas).
@@ -250,7 +245,7 @@ impl Permit {
                 counter.fetch_add(delta, Ordering::AcqRel);
             }
             (Counters::Local, None) => {}
-            (Counters::Shared(shared), _) => shared.adjust(shared_key(&taken.key), delta),
+            (Counters::Shared(shared), _) => shared.adjust(taken.key.clone(), delta),
         }
     }
 
@@ -273,8 +268,12 @@ impl Drop for Permit {
     }
 }
 
-fn shared_key(key: &str) -> String {
-    format!("rl:{key}")
+/// A counter's name in Redis (before the deployment's prefix).
+fn shared_key(check: &Check, kind: Kind, window: &Window) -> String {
+    let mut out = String::with_capacity(check.scope.len() + 27);
+    out.push_str("rl:");
+    check.write_key(&mut out, kind, window);
+    out
 }
 
 /// Shared counters outlive their window a little, so late corrections land.
@@ -321,24 +320,24 @@ impl RateLimiter {
         let mut plan: Vec<(Kind, u64, String, i64)> = Vec::new();
         for check in checks {
             if let Some(limit) = check.max_concurrent {
-                plan.push((Kind::Concurrency, limit, check.key(Kind::Concurrency, window), 1));
+                plan.push((Kind::Concurrency, limit, shared_key(check, Kind::Concurrency, window), 1));
             }
             if let Some(limit) = check.rpm {
-                plan.push((Kind::Requests, limit, check.key(Kind::Requests, window), 1));
+                plan.push((Kind::Requests, limit, shared_key(check, Kind::Requests, window), 1));
             }
             if let Some(limit) = check.tpm {
                 if tokens > limit {
                     let retry_after = window.remaining();
                     return Some(Err(Throttled { kind: Kind::Tokens, limit, too_large: true, retry_after }));
                 }
-                plan.push((Kind::Tokens, limit, check.key(Kind::Tokens, window), amount));
+                plan.push((Kind::Tokens, limit, shared_key(check, Kind::Tokens, window), amount));
             }
         }
         let counters: Vec<(String, u64, i64, u64)> = plan
             .iter()
             .map(|(kind, limit, key, amount)| {
                 let ttl = if *kind == Kind::Concurrency { INFLIGHT_TTL_MS } else { WINDOW_TTL_MS };
-                (shared_key(key), *limit, *amount, ttl)
+                (key.clone(), *limit, *amount, ttl)
             })
             .collect();
         match shared.admit(&counters).await? {
