@@ -316,8 +316,8 @@ impl Gateway {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             // The runtime's default on this two-CPU machine; pinned to one CPU
-            // it would detect one. Two workers let a request run while the
-            // other is busy with background work (ledger batches, scrapes).
+            // it would detect one. Background work (ledger batches, scrapes)
+            // runs on the gateway's own background thread beside them.
             .env("TOKIO_WORKER_THREADS", std::env::var("TOLLGATE_BENCH_WORKERS").unwrap_or_else(|_| "2".to_owned()))
             .env("TOLLGATE_SERVER__LISTEN", public.to_string())
             .env("TOLLGATE_ADMIN__LISTEN", admin.to_string())
