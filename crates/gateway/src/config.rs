@@ -473,6 +473,8 @@ pub struct UpstreamConfig {
     /// (`content-type`, `accept`, `user-agent`, `openai-beta`,
     /// `idempotency-key`, `traceparent`, `tracestate`, `x-stainless-*`):
     /// exact names, or prefixes ending in `*`, e.g. `["x-my-trace-*"]`.
+    /// Credentials, `host`, the organization and project headers and the
+    /// body's framing are never forwarded, whatever this lists.
     pub forward_request_headers: Vec<String>,
     /// The APIs this upstream serves: `openai` (at `base_url`), `anthropic`
     /// (`/messages` under `base_url`) and `gemini` (at `gemini_base_url`).

@@ -31,6 +31,32 @@ const REQUEST_ALLOWED: &[&str] = &[
     "anthropic-beta",
     "x-goog-api-client",
 ];
+/// Headers never forwarded, whatever the operator allows (an entry such as
+/// `x-*` or `*` included): the client's credentials, the organization and
+/// project that choose who pays, and what the gateway writes itself for the
+/// request it sends (`host`, the body's length and framing) or what belongs
+/// to one connection. Forwarding the client's `host` beside the upstream's,
+/// or its `content-length` for a body the gateway rewrote, would make the
+/// request invalid.
+const NEVER_FORWARDED: &[&str] = &[
+    "host",
+    "authorization",
+    "proxy-authorization",
+    "api-key",
+    "x-api-key",
+    "x-goog-api-key",
+    "cookie",
+    "openai-organization",
+    "openai-project",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
 /// The SDKs' telemetry prefix; a few such headers are forwarded.
 const STAINLESS_PREFIX: &str = "x-stainless-";
 const MAX_STAINLESS_HEADERS: usize = 16;
@@ -76,6 +102,9 @@ impl ForwardedHeaders {
     }
 
     fn allows(&self, name: &str) -> bool {
+        if NEVER_FORWARDED.contains(&name) {
+            return false;
+        }
         REQUEST_ALLOWED.contains(&name)
             || self.exact.iter().any(|e| e == name)
             || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
@@ -164,6 +193,29 @@ mod tests {
         assert!(to.contains_key("x-fake-chunks") && to.contains_key("x-trace-tag"));
         assert!(!to.contains_key("user-agent"), "an oversized value is dropped");
         assert_eq!(to.keys().filter(|k| k.as_str().starts_with("x-stainless-")).count(), MAX_STAINLESS_HEADERS);
+    }
+
+    #[test]
+    fn credentials_host_and_framing_are_never_forwarded_even_when_an_operator_allows_everything() {
+        let from = map(&[
+            ("host", "gateway.internal"),
+            ("authorization", "Bearer tg-secret"),
+            ("x-api-key", "tg-secret"),
+            ("x-goog-api-key", "tg-secret"),
+            ("cookie", "a=b"),
+            ("openai-organization", "org-operator-2"),
+            ("content-length", "12"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "close"),
+            ("x-trace-tag", "t"),
+            ("content-type", "application/json"),
+        ]);
+        let mut to = HeaderMap::new();
+        ForwardedHeaders::new(&["*".to_owned(), "Host".to_owned(), "Authorization".to_owned()])
+            .copy_request_headers(&from, &mut to);
+        let mut names: Vec<_> = to.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "x-trace-tag"]);
     }
 
     #[test]
