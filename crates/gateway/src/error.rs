@@ -277,6 +277,11 @@ impl GatewayError {
     }
 }
 
+// Constants, not `&str`s: a string name is validated again on every insert,
+// and refusals can come by the thousand in a burst.
+const X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
+const RETRY_AFTER_MS: http::HeaderName = http::HeaderName::from_static("retry-after-ms");
+
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -287,7 +292,7 @@ impl IntoResponse for GatewayError {
             let headers = response.headers_mut();
             write_retry_after(headers, t.retry_after);
             let retry = if t.too_large { "false" } else { "true" };
-            headers.insert("x-should-retry", HeaderValue::from_static(retry));
+            headers.insert(X_SHOULD_RETRY, HeaderValue::from_static(retry));
             // The limit that refused the request, spent.
             let allowance = match t.kind {
                 crate::limits::Kind::Requests => {
@@ -302,7 +307,7 @@ impl IntoResponse for GatewayError {
         } else if let Self::BudgetBusy { retry_after, .. } | Self::AuthThrottled { retry_after } = &self {
             // Other requests hold the budget for now: a retry can succeed.
             write_retry_after(response.headers_mut(), *retry_after);
-            response.headers_mut().insert("x-should-retry", HeaderValue::from_static("true"));
+            response.headers_mut().insert(X_SHOULD_RETRY, HeaderValue::from_static("true"));
         } else if (self.fault() == Fault::Client && !matches!(self, Self::RequestTimeout))
             || matches!(self, Self::UpstreamRejectedCredentials { .. })
         {
@@ -310,7 +315,7 @@ impl IntoResponse for GatewayError {
             // while the gateway's own upstream key is refused; tell the SDKs
             // so they do not retry. (A body that stalled on the way may well
             // arrive the next time: 408 keeps the SDKs' own retry rule.)
-            response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+            response.headers_mut().insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
         }
         response.extensions_mut().insert(self.fault());
         response.extensions_mut().insert(ErrorLog {
@@ -336,7 +341,7 @@ pub struct ErrorLog {
 fn write_retry_after(headers: &mut http::HeaderMap, after: std::time::Duration) {
     let ms = after.as_millis().max(1);
     if let Ok(v) = HeaderValue::try_from(ms.to_string()) {
-        headers.insert("retry-after-ms", v);
+        headers.insert(RETRY_AFTER_MS, v);
     }
     if let Ok(v) = HeaderValue::try_from(ms.div_ceil(1000).to_string()) {
         headers.insert(header::RETRY_AFTER, v);

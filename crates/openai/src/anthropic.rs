@@ -3,10 +3,12 @@
 //! `usage` (in a stream, spread over `message_start` and `message_delta`);
 //! the end of a stream; the error envelope.
 
+use std::sync::LazyLock;
+
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::usage::find_key;
+use crate::usage::{USAGE_KEY, find_key};
 use crate::{SseEvent, Usage};
 
 #[derive(Debug, Default, Deserialize)]
@@ -100,7 +102,7 @@ impl RawUsage {
 }
 
 fn raw_usage(bytes: &[u8]) -> Option<RawUsage> {
-    let (_, value_start) = find_key(bytes, b"usage", true)?;
+    let (_, value_start) = find_key(bytes, &USAGE_KEY, true)?;
     let mut stream = serde_json::Deserializer::from_slice(&bytes[value_start..]).into_iter::<RawUsage>();
     stream.next()?.ok()
 }
@@ -134,10 +136,15 @@ impl StreamUsage {
     }
 }
 
+// Searchers built once: building one costs more than a search of an event.
+static MESSAGE_DELTA: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"message_delta\""));
+static MESSAGE_STOP: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"message_stop\""));
+
 /// Whether a stream event is the `message_delta` with the final usage.
 pub fn is_message_delta(event: &SseEvent) -> bool {
-    event.event_name() == Some("message_delta")
-        || memchr::memmem::find(event.as_bytes(), b"\"message_delta\"").is_some()
+    event.event_name() == Some("message_delta") || MESSAGE_DELTA.find(event.as_bytes()).is_some()
 }
 
 /// A stream is complete at `message_stop`.
@@ -145,7 +152,7 @@ pub fn is_end(event: &SseEvent) -> bool {
     if let Some(name) = event.event_name() {
         return name == "message_stop";
     }
-    memchr::memmem::find(event.as_bytes(), b"\"message_stop\"").is_some()
+    MESSAGE_STOP.find(event.as_bytes()).is_some()
 }
 
 /// The error `type` Anthropic pairs with an HTTP status.

@@ -2,11 +2,16 @@
 //! the request's model (in the path), output limit and thinking budget; the
 //! answer's `usageMetadata`; the end of a stream; the error envelope.
 
+use std::sync::LazyLock;
+
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::usage::find_key;
+use crate::usage::{JsonKey, find_key};
 use crate::{SseEvent, Usage};
+
+static USAGE_METADATA_KEY: LazyLock<JsonKey> = LazyLock::new(|| JsonKey::new(b"\"usageMetadata\""));
+static MODEL_VERSION_KEY: LazyLock<JsonKey> = LazyLock::new(|| JsonKey::new(b"\"modelVersion\""));
 
 /// What a Gemini API call does, from the path's `:method`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +127,7 @@ struct UsageMetadata {
 /// input too and is added to it. Thinking tokens are output, billed with
 /// the candidates.
 pub fn find_usage(bytes: &[u8]) -> Option<Usage> {
-    let (_, value_start) = find_key(bytes, b"usageMetadata", true)?;
+    let (_, value_start) = find_key(bytes, &USAGE_METADATA_KEY, true)?;
     let mut stream = serde_json::Deserializer::from_slice(&bytes[value_start..]).into_iter::<UsageMetadata>();
     let raw = stream.next()?.ok()?;
     let tool_prompt = raw.tool_use_prompt_token_count.unwrap_or(0);
@@ -145,14 +150,16 @@ pub fn find_usage(bytes: &[u8]) -> Option<Usage> {
 
 /// The model that answered (`modelVersion`).
 pub fn find_model(bytes: &[u8]) -> Option<String> {
-    let (_, value_start) = find_key(bytes, b"modelVersion", false)?;
+    let (_, value_start) = find_key(bytes, &MODEL_VERSION_KEY, false)?;
     let mut stream = serde_json::Deserializer::from_slice(&bytes[value_start..]).into_iter::<String>();
     stream.next()?.ok()
 }
 
 /// A stream is complete once a chunk says why its candidate finished.
 pub fn is_end(event: &SseEvent) -> bool {
-    memchr::memmem::find(event.as_bytes(), b"\"finishReason\"").is_some()
+    static FINISH_REASON: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\"finishReason\""));
+    FINISH_REASON.find(event.as_bytes()).is_some()
 }
 
 /// The canonical status Google's APIs pair with an HTTP status.

@@ -4,6 +4,8 @@
 //! upstream, even when the connection closed cleanly: relaying it as a
 //! success would leave the client with half an answer and no error.
 
+use std::sync::LazyLock;
+
 use serde::Deserialize;
 
 use crate::SseEvent;
@@ -54,7 +56,9 @@ impl EndMarker {
                 }
                 // Without an `event:` line, the data's own `type` says it.
                 let Some(data) = event.data() else { return false };
-                if memchr::memmem::find(&data, b"response.").is_none() {
+                static RESPONSE_PREFIX: LazyLock<memchr::memmem::Finder<'static>> =
+                    LazyLock::new(|| memchr::memmem::Finder::new(b"response."));
+                if RESPONSE_PREFIX.find(&data).is_none() {
                     return false;
                 }
                 serde_json::from_slice::<Typed<'_>>(&data)

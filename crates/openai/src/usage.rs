@@ -5,6 +5,8 @@
 //! is parsed. This keeps usage extraction cheap on large bodies (embeddings)
 //! and lets the stream relay ignore every event that carries no usage.
 
+use std::sync::LazyLock;
+
 use serde::Deserialize;
 
 /// Token counts of one request. `completion` is what the upstream called
@@ -90,18 +92,49 @@ impl From<RawUsage> for Usage {
     }
 }
 
+/// A JSON object key searched for in bodies and events, with its searchers
+/// built once: building a `memmem` searcher costs more than searching a
+/// small body with it, and the stream relay searches every event.
+pub(crate) struct JsonKey {
+    quoted_len: usize,
+    forward: memchr::memmem::Finder<'static>,
+    reverse: memchr::memmem::FinderRev<'static>,
+}
+
+impl JsonKey {
+    /// `quoted` is the key with its quotes, e.g. `"usage"`.
+    pub(crate) fn new(quoted: &'static [u8]) -> Self {
+        Self {
+            quoted_len: quoted.len(),
+            forward: memchr::memmem::Finder::new(quoted),
+            reverse: memchr::memmem::FinderRev::new(quoted),
+        }
+    }
+}
+
+pub(crate) static USAGE_KEY: LazyLock<JsonKey> = LazyLock::new(|| JsonKey::new(b"\"usage\""));
+static MODEL_KEY: LazyLock<JsonKey> = LazyLock::new(|| JsonKey::new(b"\"model\""));
+static CHOICES_KEY: LazyLock<JsonKey> = LazyLock::new(|| JsonKey::new(b"\"choices\""));
+
 /// Where a `"key":` value starts: the offset of the key's opening quote and
 /// of the first byte of the value. `last` picks the last occurrence.
-pub(crate) fn find_key(bytes: &[u8], key: &[u8], last: bool) -> Option<(usize, usize)> {
-    let mut needle = Vec::with_capacity(key.len() + 2);
-    needle.push(b'"');
-    needle.extend_from_slice(key);
-    needle.push(b'"');
-    let finder = memchr::memmem::Finder::new(&needle);
-    let candidates: Box<dyn Iterator<Item = usize>> =
-        if last { Box::new(memchr::memmem::rfind_iter(bytes, &needle)) } else { Box::new(finder.find_iter(bytes)) };
+pub(crate) fn find_key(bytes: &[u8], key: &JsonKey, last: bool) -> Option<(usize, usize)> {
+    if last {
+        first_followed_by_colon(bytes, key.quoted_len, key.reverse.rfind_iter(bytes))
+    } else {
+        first_followed_by_colon(bytes, key.quoted_len, key.forward.find_iter(bytes))
+    }
+}
+
+/// The first candidate that is a key (a colon follows it), with its value's
+/// offset.
+fn first_followed_by_colon(
+    bytes: &[u8],
+    quoted_len: usize,
+    candidates: impl Iterator<Item = usize>,
+) -> Option<(usize, usize)> {
     for start in candidates {
-        let mut i = start + needle.len();
+        let mut i = start + quoted_len;
         while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
             i += 1;
         }
@@ -128,7 +161,7 @@ pub enum UsageField {
 
 /// Finds the (last) `usage` member in a JSON document or SSE event.
 pub fn find_usage(bytes: &[u8]) -> UsageField {
-    let Some((key_start, value_start)) = find_key(bytes, b"usage", true) else { return UsageField::Absent };
+    let Some((key_start, value_start)) = find_key(bytes, &USAGE_KEY, true) else { return UsageField::Absent };
     let value = &bytes[value_start..];
     if value.starts_with(b"null") {
         return UsageField::Null;
@@ -142,7 +175,7 @@ pub fn find_usage(bytes: &[u8]) -> UsageField {
 
 /// The first `model` string in a JSON document (the upstream's model name).
 pub fn find_model(bytes: &[u8]) -> Option<String> {
-    let (_, value_start) = find_key(bytes, b"model", false)?;
+    let (_, value_start) = find_key(bytes, &MODEL_KEY, false)?;
     let mut stream = serde_json::Deserializer::from_slice(&bytes[value_start..]).into_iter::<String>();
     stream.next()?.ok()
 }
@@ -170,14 +203,14 @@ pub fn remove_member(bytes: &[u8], start: usize, end: usize) -> Vec<u8> {
 
 /// The end of a `"usage":null` member starting at the value offset.
 pub fn null_usage_member(bytes: &[u8]) -> Option<(usize, usize)> {
-    let (key_start, value_start) = find_key(bytes, b"usage", true)?;
+    let (key_start, value_start) = find_key(bytes, &USAGE_KEY, true)?;
     bytes[value_start..].starts_with(b"null").then_some((key_start, value_start + 4))
 }
 
 /// Whether a chunk's `choices` array is empty (`"choices":[]`): the extra
 /// usage-only chunk that `include_usage` adds at the end of a stream.
 pub fn has_empty_choices(bytes: &[u8]) -> bool {
-    let Some((_, value_start)) = find_key(bytes, b"choices", false) else { return false };
+    let Some((_, value_start)) = find_key(bytes, &CHOICES_KEY, false) else { return false };
     let rest = &bytes[value_start..];
     rest.first() == Some(&b'[') && rest[1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b']')
 }

@@ -10,7 +10,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(value) = headers.get(http::header::AUTHORIZATION) {
         let value = value.to_str().ok()?;
         let (scheme, token) = value.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.contains(char::is_whitespace) {
+        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || has_blank(token) {
             return None;
         }
         return Some(token);
@@ -18,10 +18,18 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     for name in ["api-key", "x-api-key", "x-goog-api-key"] {
         if let Some(value) = headers.get(name) {
             let token = value.to_str().ok()?;
-            return (!token.is_empty() && !token.contains(char::is_whitespace)).then_some(token);
+            return (!token.is_empty() && !has_blank(token)).then_some(token);
         }
     }
     None
+}
+
+/// Whether a header value holds whitespace. `HeaderValue::to_str` admits
+/// only visible ASCII, spaces and tabs, so those two are all there is to
+/// look for (a byte search, rather than decoding every character to ask
+/// Unicode).
+fn has_blank(value: &str) -> bool {
+    value.as_bytes().contains(&b' ') || value.as_bytes().contains(&b'\t')
 }
 
 /// The `key` query parameter (Google's API takes the key there too).
@@ -60,7 +68,8 @@ mod tests {
     fn bearer_tokens_are_read_strictly() {
         assert_eq!(presented_key(&headers(&[("authorization", "Bearer abc")])), Some("abc"));
         assert_eq!(presented_key(&headers(&[("authorization", "bearer abc")])), Some("abc"));
-        for bad in ["Bearer", "Bearer ", "Bearer  abc", "Basic abc", "Bearer a b", "abc"] {
+        for bad in ["Bearer", "Bearer ", "Bearer  abc", "Basic abc", "Bearer a b", "Bearer a\tb", "Bearer\tabc", "abc"]
+        {
             assert_eq!(presented_key(&headers(&[("authorization", bad)])), None, "{bad:?}");
         }
     }
@@ -71,6 +80,9 @@ mod tests {
         assert_eq!(presented_key(&headers(&[("x-api-key", "k2")])), Some("k2"));
         assert_eq!(presented_key(&headers(&[("x-goog-api-key", "k3")])), Some("k3"));
         assert_eq!(presented_key(&headers(&[])), None);
+        for bad in ["k 1", "k\t1", ""] {
+            assert_eq!(presented_key(&headers(&[("x-api-key", bad)])), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::Proxy;
 use crate::accounting::format_usd;
@@ -43,7 +43,9 @@ pub struct Grants {
 }
 
 /// What the client is told about the tightest hard budget's remainder.
-pub const BUDGET_HEADER: &str = "x-tollgate-budget-remaining-usd";
+// A `HeaderName` constant rather than a `&str`: a string name is
+// validated again on every insert.
+pub const BUDGET_HEADER: HeaderName = HeaderName::from_static("x-tollgate-budget-remaining-usd");
 
 impl Grants {
     pub fn write(&self, headers: &mut HeaderMap) {

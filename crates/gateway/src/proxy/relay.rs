@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 use tollgate_openai::{Api, EndMarker, UsageField, anthropic, find_model, find_usage, gemini};
 
 use super::{Proxy, headers, stream};
@@ -29,6 +29,14 @@ pub struct ServedHeaders {
     attempts: HeaderValue,
 }
 
+// Header names are `HeaderName` constants rather than `&str`s here and below:
+// a string name is parsed and validated again on every insert, which cost
+// hundreds of instructions per header on every response.
+const SERVED_BY_UPSTREAM: HeaderName = HeaderName::from_static("x-tollgate-upstream");
+const SERVED_BY_MODEL: HeaderName = HeaderName::from_static("x-tollgate-model");
+const SERVED_ATTEMPTS: HeaderName = HeaderName::from_static("x-tollgate-attempts");
+const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
 impl ServedHeaders {
     pub fn new(served: &super::forward::Served<'_>) -> Self {
         // A target's headers are built once, with the routes.
@@ -43,11 +51,11 @@ impl ServedHeaders {
     }
 
     pub fn write(self, headers: &mut http::HeaderMap) {
-        headers.insert("x-tollgate-upstream", self.upstream);
+        headers.insert(SERVED_BY_UPSTREAM, self.upstream);
         if let Some(model) = self.model {
-            headers.insert("x-tollgate-model", model);
+            headers.insert(SERVED_BY_MODEL, model);
         }
-        headers.insert("x-tollgate-attempts", self.attempts);
+        headers.insert(SERVED_ATTEMPTS, self.attempts);
     }
 }
 
@@ -110,7 +118,7 @@ pub async fn respond(
         if let Some(headers) = response.headers_mut() {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Tells nginx-style proxies in front of the gateway not to buffer.
-            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            headers.insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
         }
         return response.body(Body::from_stream(body)).map_err(|_| GatewayError::Internal);
     }
@@ -182,7 +190,7 @@ fn upstream_error_class(status: StatusCode) -> String {
 }
 
 /// The request's cost in USD, on answers whose cost is known before the body.
-pub const COST_HEADER: &str = "x-tollgate-cost-usd";
+pub const COST_HEADER: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
 /// Reads a whole upstream body, allowing at most `idle` between chunks.
 async fn read_upstream_body(
     mut body: upstream::UpstreamBody,
@@ -221,10 +229,12 @@ async fn read_upstream_body(
 /// JSON by content type, or, when the upstream sent none or a generic one,
 /// by its first byte. HTML error pages and redirects' bodies fail this.
 fn is_json(content_type: Option<&HeaderValue>, body: &[u8]) -> bool {
-    let declared = content_type.and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase);
-    match declared.as_deref() {
-        Some(ct) if ct.contains("json") => true,
-        Some(ct) if ct.starts_with("text/html") => false,
+    // Compared in place, ignoring case, without a lowercased copy: this runs
+    // on every answer.
+    let declared = content_type.map(HeaderValue::as_bytes);
+    match declared {
+        Some(ct) if ct.windows(4).any(|w| w.eq_ignore_ascii_case(b"json")) => true,
+        Some(ct) if ct.get(..9).is_some_and(|p| p.eq_ignore_ascii_case(b"text/html")) => false,
         _ => matches!(body.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'[')),
     }
 }
@@ -250,5 +260,11 @@ mod tests {
         assert!(is_json(None, b"  {\"a\":1}"));
         assert!(!is_json(None, b"<html>"));
         assert!(is_json(Some(&HeaderValue::from_static("application/json")), b""));
+        // Media types are case-insensitive.
+        assert!(is_json(Some(&HeaderValue::from_static("Application/JSON; charset=utf-8")), b""));
+        assert!(is_json(Some(&HeaderValue::from_static("application/problem+json")), b""));
+        assert!(!is_json(Some(&HeaderValue::from_static("TEXT/HTML")), b"[]"));
+        assert!(is_json(Some(&HeaderValue::from_static("text/plain")), b"[1]"), "an undeclared shape is read");
+        assert!(!is_json(Some(&HeaderValue::from_static("text/plain")), b"plain"));
     }
 }
