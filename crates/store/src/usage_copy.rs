@@ -183,6 +183,13 @@ impl Row<'_> {
 
     fn text(&mut self, value: &str) {
         self.separate();
+        // Nearly every value is plain: one pass without an early exit (which
+        // the compiler turns into wide comparisons) finds out, and a plain
+        // value is copied whole. Every reserved byte is below 0x20 or `\`.
+        if !value.bytes().fold(false, |any, b| any | (b < 0x20) | (b == b'\\')) {
+            self.out.push_str(value);
+            return;
+        }
         // Runs without a reserved byte are copied whole; the reserved bytes
         // are all ASCII, so splitting at them keeps UTF-8 intact.
         let mut start = 0;
