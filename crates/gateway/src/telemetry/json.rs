@@ -39,7 +39,8 @@ impl<'writer> FormatFields<'writer> for JsonFragment {
         }
         SCRATCH.with(|scratch| {
             let Ok(mut scratch) = scratch.try_borrow_mut() else {
-                // Recording a field logged a span of its own: write directly.
+                // Formatting a field opened a span of its own (a global
+                // dispatcher does not guard against re-entry): write directly.
                 let mut visitor = FieldWriter { out: writer.by_ref(), first: true, result: Ok(()) };
                 fields.record(&mut visitor);
                 return visitor.result;
@@ -355,6 +356,69 @@ mod tests {
         assert!(first["target"].as_str().unwrap().contains("json"));
         assert_eq!(lines[1]["fields"]["value"], serde_json::Value::Null);
         assert!(lines[1].get("span").is_none());
+    }
+
+    #[test]
+    fn a_span_whose_field_opens_another_span_keeps_its_own_fields() {
+        use std::sync::{Arc, Mutex};
+        // Formatting this value opens and enters a span of its own while the
+        // outer span's fields are being written into the per-thread buffer.
+        struct OpensSpan;
+        impl fmt::Debug for OpensSpan {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let inner = tracing::info_span!("inner", inner_field = "in");
+                let _entered = inner.enter();
+                tracing::info!("from inside");
+                f.write_str("outer value")
+            }
+        }
+        let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(JsonFragment)
+            .event_format(JsonLine)
+            .with_writer(move || SinkWriter(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let outer = tracing::info_span!("outer", first = "a", value = ?OpensSpan, last = 7_u64);
+            let _entered = outer.enter();
+            tracing::info!("from outside");
+        });
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let outside = lines.iter().find(|l| l["fields"]["message"] == "from outside").expect(&text);
+        assert_eq!(outside["span"]["first"], "a");
+        assert_eq!(outside["span"]["value"], "outer value");
+        assert_eq!(outside["span"]["last"], 7);
+        assert_eq!(outside["span"]["name"], "outer");
+        // A scoped dispatcher drops what is logged inside its own callbacks;
+        // should one ever arrive, it is a line of its own with its own span.
+        for inside in lines.iter().filter(|l| l["fields"]["message"] == "from inside") {
+            assert_eq!(inside["span"]["inner_field"], "in");
+        }
+    }
+
+    #[test]
+    fn whole_tiny_and_large_numbers_are_json_numbers() {
+        use std::sync::{Arc, Mutex};
+        let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(JsonFragment)
+            .event_format(JsonLine)
+            .with_writer(move || SinkWriter(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(whole = 3.0, tiny = 1e-7, large = 1234.5678, negative = -12_i64, max = u64::MAX, "n");
+        });
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        let fields = &line["fields"];
+        assert_eq!(fields["whole"], 3.0);
+        assert_eq!(fields["tiny"], 1e-7);
+        assert_eq!(fields["large"], 1234.5678);
+        assert_eq!(fields["negative"], -12);
+        assert_eq!(fields["max"], u64::MAX);
     }
 
     struct SinkWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
