@@ -360,7 +360,6 @@ mod tests {
 
     #[test]
     fn a_span_whose_field_opens_another_span_keeps_its_own_fields() {
-        use std::sync::{Arc, Mutex};
         // Formatting this value opens and enters a span of its own while the
         // outer span's fields are being written into the per-thread buffer.
         struct OpensSpan;
@@ -372,19 +371,11 @@ mod tests {
                 f.write_str("outer value")
             }
         }
-        let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
-        let sink = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .fmt_fields(JsonFragment)
-            .event_format(JsonLine)
-            .with_writer(move || SinkWriter(sink.clone()))
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged(|| {
             let outer = tracing::info_span!("outer", first = "a", value = ?OpensSpan, last = 7_u64);
             let _entered = outer.enter();
             tracing::info!("from outside");
         });
-        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         let outside = lines.iter().find(|l| l["fields"]["message"] == "from outside").expect(&text);
         assert_eq!(outside["span"]["first"], "a");
@@ -400,18 +391,9 @@ mod tests {
 
     #[test]
     fn whole_tiny_and_large_numbers_are_json_numbers() {
-        use std::sync::{Arc, Mutex};
-        let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
-        let sink = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .fmt_fields(JsonFragment)
-            .event_format(JsonLine)
-            .with_writer(move || SinkWriter(sink.clone()))
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged(|| {
             tracing::info!(whole = 3.0, tiny = 1e-7, large = 1234.5678, negative = -12_i64, max = u64::MAX, "n");
         });
-        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
         let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
         let fields = &line["fields"];
         assert_eq!(fields["whole"], 3.0);
@@ -419,6 +401,19 @@ mod tests {
         assert_eq!(fields["large"], 1234.5678);
         assert_eq!(fields["negative"], -12);
         assert_eq!(fields["max"], u64::MAX);
+    }
+
+    /// What `log` logs through the JSON format, as text.
+    fn logged(log: impl FnOnce()) -> String {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(JsonFragment)
+            .event_format(JsonLine)
+            .with_writer(move || SinkWriter(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        String::from_utf8(buf.lock().unwrap().clone()).unwrap()
     }
 
     struct SinkWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
