@@ -21,10 +21,10 @@ use tokio_util::task::TaskTracker;
 
 /// How much lower the background thread's priority is than the request
 /// workers' (a Linux nice value). At 5 its share of a CPU the request
-/// workers keep fully busy is about a seventh against two of them (weights
-/// 335 against 1024 each), twice what it needs then: under callgrind the
-/// ledger writer costs about 8,700 instructions per record against about
-/// 124,000 for the request that made it. Below saturation it takes what it
+/// workers keep fully busy is about a quarter against one of them and a
+/// seventh against two (weights 335 against 1024 each), more than it needs
+/// then: under callgrind the ledger writer costs about 8,700 instructions
+/// per record against about 116,000 for the request that made it. Below saturation it takes what it
 /// needs, and a request waking a worker still preempts it.
 const NICENESS: i32 = 5;
 

@@ -28,6 +28,9 @@ pub const GATHER: Duration = Duration::from_millis(50);
 const MAX_QUEUED_BYTES: usize = 32 * 1024 * 1024;
 /// A batch buffer larger than this after a burst is not kept.
 const KEEP_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// How long dropping the guard waits for the queued lines to be written: a
+/// stdout that never drains must not keep the process from exiting.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 struct Queue {
     lines: Vec<u8>,
@@ -102,13 +105,20 @@ impl<'a> MakeWriter<'a> for LineWriter {
 pub struct LogGuard {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Disconnected once the thread has written everything and ended.
+    finished: std::sync::mpsc::Receiver<()>,
+    wait: Duration,
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.ready.notify_one();
-        if let Some(thread) = self.thread.take() {
+        // Past the wait (a stalled stdout), the thread is left behind and
+        // the lines it still holds are lost with the process.
+        if self.finished.recv_timeout(self.wait) == Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+            && let Some(thread) = self.thread.take()
+        {
             // The thread only writes; a panic there has nothing left to tell.
             let _ = thread.join();
         }
@@ -117,6 +127,11 @@ impl Drop for LogGuard {
 
 /// Starts the `tollgate-log` thread writing to `out`.
 pub fn start<W: Write + Send + 'static>(out: W) -> io::Result<(LineWriter, LogGuard)> {
+    start_with_wait(out, SHUTDOWN_WAIT)
+}
+
+fn start_with_wait<W: Write + Send + 'static>(out: W, wait: Duration) -> io::Result<(LineWriter, LogGuard)> {
+    let (finishing, finished) = std::sync::mpsc::channel::<()>();
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue { lines: Vec::new(), closed: false }),
         ready: Condvar::new(),
@@ -124,9 +139,12 @@ pub fn start<W: Write + Send + 'static>(out: W) -> io::Result<(LineWriter, LogGu
     });
     let thread = std::thread::Builder::new().name("tollgate-log".to_owned()).spawn({
         let shared = shared.clone();
-        move || write_batches(&shared, out)
+        move || {
+            write_batches(&shared, out);
+            drop(finishing);
+        }
     })?;
-    Ok((LineWriter { shared: shared.clone() }, LogGuard { shared, thread: Some(thread) }))
+    Ok((LineWriter { shared: shared.clone() }, LogGuard { shared, thread: Some(thread), finished, wait }))
 }
 
 fn write_batches(shared: &Shared, mut out: impl Write) {
@@ -264,5 +282,26 @@ mod tests {
         gate.turn.notify_all();
         drop(guard);
         assert_eq!(sink.0.lock().unwrap().0.len(), 6 + fits * line.len());
+    }
+
+    #[test]
+    fn an_output_that_never_drains_does_not_keep_the_guard_from_dropping() {
+        let gate = Arc::new(Gate::default());
+        let (writer, guard) =
+            start_with_wait(Stalled(gate.clone(), Sink::default()), Duration::from_millis(50)).unwrap();
+        (&writer).write_all(b"stuck\n").unwrap();
+        let mut state = gate.state.lock().unwrap();
+        while !state.0 {
+            state = gate.turn.wait(state).unwrap();
+        }
+        drop(state);
+        // Returns although the writer thread is still blocked in its write.
+        drop(guard);
+        assert!(!gate.state.lock().unwrap().1, "the output never opened");
+        (&writer).write_all(b"after\n").unwrap();
+        assert_eq!(writer.dropped_lines(), 1);
+        // Let the abandoned thread finish.
+        gate.state.lock().unwrap().1 = true;
+        gate.turn.notify_all();
     }
 }
