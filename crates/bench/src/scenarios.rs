@@ -261,7 +261,8 @@ async fn run_with(
     let gateway = Gateway::start(cpus, upstream.addr, db, None).await?;
     let mut targets = vec![upstream.target(), nginx.target(), gateway.target()];
     // TOLLGATE_BENCH_BASELINE=/path/to/another/tollgate: that build too, on
-    // its own database, measured in turn with the others (scenarios a–d).
+    // its own database, measured in turn with the others (scenarios a–d; in
+    // (g), its Redis-shared gateway).
     let baseline_binary = std::env::var_os("TOLLGATE_BENCH_BASELINE");
     let baseline_db = match &baseline_binary {
         Some(_) => Some(BenchDb::create(postgres, "baseline").await?),
@@ -463,6 +464,10 @@ async fn routed(
     println!("(g) a two-target weighted route at {rate} requests/s and at full throughput");
     let db = BenchDb::create(postgres, "routed").await?;
     let redis_db = BenchDb::create(postgres, "redis").await?;
+    let baseline_db = match std::env::var_os("TOLLGATE_BENCH_BASELINE") {
+        Some(binary) => Some((std::path::PathBuf::from(binary), BenchDb::create(postgres, "baseline_redis").await?)),
+        None => None,
+    };
     let result = async {
         let with_route = Gateway::start_with_routes(cpus, upstream.addr, &db, None, Some(BENCH_ROUTE)).await?;
         let mut routed_target = with_route.target();
@@ -477,7 +482,24 @@ async fn routed(
             Gateway::start_with_settings(cpus, upstream.addr, &redis_db, None, Some(BENCH_ROUTE), &settings).await?;
         let mut redis_target = with_redis.target();
         redis_target.name = "gateway, routed, Redis";
-        let targets = [upstream.target(), nginx.target(), gateway.target(), routed_target, redis_target];
+        let mut targets = vec![upstream.target(), nginx.target(), gateway.target(), routed_target, redis_target];
+        // With TOLLGATE_BENCH_BASELINE, that build's Redis-shared gateway
+        // too (its own database and keys), measured in turn with this one.
+        let baseline = match &baseline_db {
+            Some((binary, db)) => {
+                let settings = [
+                    ("TOLLGATE_REDIS_URL", redis.to_owned()),
+                    ("TOLLGATE_REDIS__KEY_PREFIX", format!("tollgate_bench_baseline_{}", std::process::id())),
+                ];
+                let baseline =
+                    Gateway::start_binary(binary, cpus, upstream.addr, db, None, Some(BENCH_ROUTE), &settings).await?;
+                let mut target = baseline.target();
+                target.name = "baseline, routed, Redis";
+                targets.push(target);
+                Some(baseline)
+            }
+            None => None,
+        };
         for target in &targets[3..] {
             load::run(cpus, target, plan.warmup, Some(500), plan.rate_connections).await?;
         }
@@ -486,13 +508,18 @@ async fn routed(
         anyhow::ensure!(shared_keys > 0, "the Redis-shared gateway wrote nothing to Redis at {redis}");
         let latency = interleaved(plan, cpus, &targets, Some(rate), plan.rate_connections).await?;
         let throughput = interleaved(plan, cpus, &targets, None, plan.throughput_connections).await?;
-        let fallbacks = with_redis.metric("tollgate_redis_fallbacks_total").await?;
-        anyhow::ensure!(fallbacks == 0.0, "{fallbacks} limit checks fell back to local counters");
+        for gateway in std::iter::once(&with_redis).chain(baseline.as_ref()) {
+            let fallbacks = gateway.metric("tollgate_redis_fallbacks_total").await?;
+            anyhow::ensure!(fallbacks == 0.0, "{fallbacks} limit checks fell back to local counters");
+        }
         anyhow::Ok(Routed { rate, latency, throughput })
     }
     .await;
     db.drop_now().await;
     redis_db.drop_now().await;
+    if let Some((_, db)) = baseline_db {
+        db.drop_now().await;
+    }
     result
 }
 

@@ -289,7 +289,7 @@ impl Gateway {
         Ok(gateway)
     }
 
-    async fn start_binary(
+    pub async fn start_binary(
         binary: &std::path::Path,
         cpus: &Cpus,
         upstream: SocketAddr,

@@ -8,10 +8,13 @@
 //! request's checks (its limits and its budgets, together) at once in one
 //! call; a busy one sends whole queues, so the script calls, their encoding
 //! and the socket reads and writes are shared by many requests instead of
-//! paid twice by each. Corrections (token settlement, in-flight
+//! paid twice by each; inside the call, each key is read and written once
+//! however many checks touch it. Corrections (token settlement, in-flight
 //! release, budget settlement) are added into a bounded table of pending
-//! deltas, one entry per counter, which a background task sends as one
-//! script per round trip; the request path never waits for them. Deltas for
+//! deltas, one entry per counter. The next call with checks carries them
+//! (applied before its checks); when none comes within `CORRECTIONS_WAIT`,
+//! a background task sends them in a call of their own. The request path
+//! never waits for them, and a lost call loses them, as below. Deltas for
 //! the same counter merge, so the table grows with the number of live
 //! counters, not with traffic. When it holds `MAX_PENDING_COUNTERS` counters
 //! already, a correction for yet another counter is dropped and counted
@@ -33,92 +36,159 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fast_hash::FastMap;
 
-/// Runs a queue of checks. ARGV holds, for each check in order, its kind
-/// (`a` rate limits, `r` budgets), how many of KEYS and of ARGV it takes,
-/// then its own arguments; KEYS holds its keys in the same order. Returns
-/// one answer per check, as `admit` or `reserve` below give it.
+/// Applies a batch of corrections, then runs a queue of checks, in one
+/// atomic call. Every key the batch touches is in KEYS once; the arguments
+/// refer to keys by their index there. The arguments are integers, sent as
+/// one MessagePack array in `ARGV[1]` (see [`msgpack_integers`]): Redis
+/// decodes that in one C call, where a number per `ARGV` entry went through
+/// `tonumber` one by one and cost about half of the script's time. They hold
+/// the number of corrections, then
+/// each as (key, delta); then each check as its kind (1: rate limits, 2:
+/// budgets), its number of counters, and per counter:
 ///
-/// `admit`: per counter, ARGV (limit, amount, ttl); refuses with
-/// `{0, i, value}` when a counter would pass its limit, else increments all
-/// and returns `{1, values...}`.
+/// - rate limit: (key, limit, amount, ttl). Refused with `{0, i, value}`
+///   when a counter would pass its limit; otherwise every counter is
+///   incremented and the answer is `{1, values...}`. A counter gets its TTL
+///   when created; a negative ttl (in-flight counts) is set again on every
+///   admission, so a counter in use never expires under its holders.
+/// - budget: (committed key, settled key, initial, amount, worst case, hard,
+///   ttl). The committed counter is settled spend plus reservations in
+///   flight; both start at `initial` (settled spend from the ledger). The
+///   answer is `{1, committed...}`, or `{0, i, s}` when settled spend plus
+///   the request's worst case passes a hard budget (exhausted), or
+///   `{2, i, c}` when only reservations in flight are in the way (busy).
 ///
-/// `reserve`: per budget, KEYS (committed counter: settled + in flight,
-/// settled spend) and ARGV (initial, amount, worst case, hard, ttl). Returns
-/// `{1, committed...}`, or `{0, i, c}` when settled spend plus the request's
-/// own worst case passes a hard budget (exhausted), or `{2, i, c}` when only
-/// in-flight reservations are in the way (busy).
+/// A correction applies only to a counter that still exists: one that
+/// expired must not come back without its TTL.
+///
+/// Redis runs this for every request the fleet admits, so its cost is kept
+/// per key, not per request: each key is read at most once and written at
+/// most once per call, however many checks and corrections touch it, and
+/// the checks themselves are decided on values held in the script. A
+/// budget's settled spend is read only when its committed counter alone
+/// cannot admit: settled spend never exceeds the committed counter (both
+/// start equal, and a settlement adds the cost to both and takes the
+/// reservation back from the committed one only).
 const CHECKS: &str = r"
-local function admit(k, n, a)
-  for i = 0, n - 1 do
-    local limit = tonumber(ARGV[a + i * 3])
-    local amount = tonumber(ARGV[a + i * 3 + 1])
-    local v = tonumber(redis.call('GET', KEYS[k + i]) or '0')
-    if v + amount > limit then return {0, i + 1, v} end
+local arg = cmsgpack.unpack(ARGV[1])
+local val, add, fresh, ttls, renew, touched = {}, {}, {}, {}, {}, {}
+local function load(i)
+  local v = val[i]
+  if v == nil then
+    v = redis.call('GET', KEYS[i])
+    if v then v = tonumber(v) end
+    val[i] = v
+  end
+  return v
+end
+local function touch(i, delta)
+  if add[i] == nil then
+    add[i] = 0
+    touched[#touched + 1] = i
+  end
+  add[i] = add[i] + delta
+end
+local function create(i, value, ttl)
+  val[i], fresh[i], ttls[i] = value, true, ttl
+  touch(i, 0)
+end
+
+local function admit(a, n)
+  for c = 0, n - 1 do
+    local at = a + c * 4
+    local v = load(arg[at]) or 0
+    if v + arg[at + 2] > arg[at + 1] then return {0, c + 1, v} end
   end
   local out = {1}
-  for i = 0, n - 1 do
-    local v = redis.call('INCRBY', KEYS[k + i], ARGV[a + i * 3 + 1])
-    redis.call('PEXPIRE', KEYS[k + i], ARGV[a + i * 3 + 2])
-    out[#out + 1] = v
+  for c = 0, n - 1 do
+    local at = a + c * 4
+    local i, amount, ttl = arg[at], arg[at + 2], arg[at + 3]
+    if load(i) == false then
+      create(i, 0, math.abs(ttl))
+    elseif ttl < 0 then
+      renew[i] = -ttl
+    end
+    val[i] = val[i] + amount
+    touch(i, amount)
+    out[#out + 1] = val[i]
   end
   return out
 end
 
-local function reserve(k, n, a)
-  for i = 0, n - 1 do
-    local init, amount, worst, hard, ttl =
-      ARGV[a + i * 5], tonumber(ARGV[a + i * 5 + 1]), tonumber(ARGV[a + i * 5 + 2]), ARGV[a + i * 5 + 3], ARGV[a + i * 5 + 4]
-    local committed, spent = KEYS[k + 2 * i], KEYS[k + 2 * i + 1]
-    if ttl == '0' then
-      redis.call('SET', committed, init, 'NX')
-      redis.call('SET', spent, init, 'NX')
-    else
-      redis.call('SET', committed, init, 'NX', 'PX', ttl)
-      redis.call('SET', spent, init, 'NX', 'PX', ttl)
+local function reserve(a, n)
+  for b = 0, n - 1 do
+    local at = a + b * 7
+    local ci, si, init = arg[at], arg[at + 1], arg[at + 2]
+    local amount, worst, hard, ttl =
+      arg[at + 3], arg[at + 4], arg[at + 5], arg[at + 6]
+    local c = load(ci)
+    if c == false then
+      create(ci, init, ttl)
+      c = init
+      if load(si) == false then create(si, init, ttl) end
     end
-    if hard == '1' then
-      local c = tonumber(redis.call('GET', committed))
-      local s = tonumber(redis.call('GET', spent))
-      if s >= amount or s + worst > amount then return {0, i + 1, s} end
-      if c + worst > amount then return {2, i + 1, c} end
+    if hard == 1 and (c + worst > amount or (worst <= 0 and c >= amount)) then
+      local s = load(si) or init
+      if s >= amount or s + worst > amount then return {0, b + 1, s} end
+      if c + worst > amount then return {2, b + 1, c} end
     end
   end
   local out = {1}
-  for i = 0, n - 1 do
-    out[#out + 1] = redis.call('INCRBY', KEYS[k + 2 * i], ARGV[a + i * 5 + 2])
+  for b = 0, n - 1 do
+    local at = a + b * 7
+    local ci, worst = arg[at], arg[at + 4]
+    val[ci] = val[ci] + worst
+    touch(ci, worst)
+    out[#out + 1] = val[ci]
   end
   return out
 end
 
+local a = 2
+for _ = 1, arg[1] do
+  local i = arg[a]
+  local v = load(i)
+  if v then
+    val[i] = v + arg[a + 1]
+    touch(i, arg[a + 1])
+  end
+  a = a + 2
+end
 local out = {}
-local k, a = 1, 1
-while a <= #ARGV do
-  local kind, nkeys, nargs = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  a = a + 3
-  if kind == 'a' then
-    out[#out + 1] = admit(k, nkeys, a)
+while a <= #arg do
+  local kind, n = arg[a], arg[a + 1]
+  a = a + 2
+  if kind == 1 then
+    out[#out + 1] = admit(a, n)
+    a = a + n * 4
   else
-    out[#out + 1] = reserve(k, nkeys / 2, a)
+    out[#out + 1] = reserve(a, n)
+    a = a + n * 7
   end
-  k = k + nkeys
-  a = a + nargs
+end
+for _, i in ipairs(touched) do
+  if fresh[i] then
+    if ttls[i] > 0 then
+      redis.call('SET', KEYS[i], val[i], 'PX', ttls[i])
+    else
+      redis.call('SET', KEYS[i], val[i])
+    end
+  else
+    if add[i] ~= 0 then redis.call('INCRBY', KEYS[i], add[i]) end
+    if renew[i] then redis.call('PEXPIRE', KEYS[i], renew[i]) end
+  end
 end
 return out
-";
-
-/// Applies corrections: `INCRBY KEYS[i] ARGV[i]`, only to counters that
-/// still exist (a counter that expired must not come back without its TTL).
-const ADJUST: &str = r"
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBY', KEYS[i], ARGV[i]) end
-end
-return #KEYS
 ";
 
 /// The most counters with corrections waiting at once.
 const MAX_PENDING_COUNTERS: usize = 100_000;
 /// Corrections sent per script call.
 const ADJUST_BATCH: usize = 1_000;
+/// How long corrections wait for a call with checks to ride along with
+/// before they are sent on their own. Under traffic they ride along (no call
+/// of their own); an idle gateway sends them this much later.
+const CORRECTIONS_WAIT: Duration = Duration::from_millis(2);
 
 /// Script calls with checks outstanding at once. More would only queue in
 /// Redis (it runs one script at a time) and make the batches smaller.
@@ -150,6 +220,34 @@ pub enum ReserveVerdict {
     Exhausted(usize),
     /// The budget at this index is held by in-flight reservations.
     Busy(usize),
+}
+
+/// One rate-limit counter an admission touches.
+#[derive(Debug, Clone)]
+pub struct LimitCounter {
+    pub key: String,
+    pub limit: u64,
+    pub amount: i64,
+    pub expiry: Expiry,
+}
+
+/// When a shared counter expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// This long after it was created (a window's counter: the window ends).
+    Created(u64),
+    /// This long after the last admission on it (an in-flight count: it
+    /// lives while requests use it, and goes away when a replica that died
+    /// holding some is no longer used).
+    Renewed(u64),
+}
+
+impl Expiry {
+    fn ms(self) -> u64 {
+        match self {
+            Self::Created(ms) | Self::Renewed(ms) => ms,
+        }
+    }
 }
 
 /// One budget counter a reservation touches.
@@ -189,6 +287,25 @@ impl ToRedisArgs for Prefixed<'_> {
         let _ = arg.write_all(self.prefix.as_bytes());
         let _ = arg.write_all(b":");
         let _ = arg.write_all(self.key.as_bytes());
+    }
+}
+
+/// The keys of one script call, each once, in the order first seen; Lua
+/// indexes KEYS from 1.
+#[derive(Default)]
+struct KeyIndex<'a> {
+    order: Vec<&'a str>,
+    index: FastMap<&'a str, i64>,
+}
+
+impl<'a> KeyIndex<'a> {
+    fn index(&mut self, key: &'a str) -> i64 {
+        let next = self.order.len() as i64 + 1;
+        let index = *self.index.entry(key).or_insert(next);
+        if index == next {
+            self.order.push(key);
+        }
+        index
     }
 }
 
@@ -233,7 +350,6 @@ pub struct Shared {
     /// Prepended to every key, so deployments (and tests) can share a Redis.
     prefix: String,
     checks_script: Script,
-    adjust: Script,
     checks: Checks,
     pending: Pending,
     down: AtomicBool,
@@ -267,7 +383,6 @@ impl Shared {
             conn,
             prefix: prefix.to_owned(),
             checks_script: Script::new(CHECKS),
-            adjust: Script::new(ADJUST),
             checks: Checks::default(),
             pending: Pending::default(),
             down: AtomicBool::new(false),
@@ -375,24 +490,12 @@ impl Shared {
         queue.clear();
     }
 
-    /// One script call for `batch`; each check gets its own answer.
+    /// One script call for `batch`, carrying the corrections waiting (when
+    /// not too many); each check gets its own answer.
     async fn send_batch(&self, batch: Vec<Queued>) {
         self.checks.calls.fetch_add(1, Ordering::Relaxed);
-        let keys = batch.iter().map(|queued| queued.keys.len()).sum();
-        let call = self.run_script(&self.checks_script, keys, |cmd| {
-            for queued in &batch {
-                for key in &queued.keys {
-                    cmd.arg(self.prefixed(key));
-                }
-            }
-            for queued in &batch {
-                let kind = match queued.kind {
-                    CheckKind::Admit => "a",
-                    CheckKind::Reserve => "r",
-                };
-                cmd.arg(kind).arg(queued.keys.len()).arg(queued.args.len()).arg(queued.args.as_slice());
-            }
-        });
+        let corrections = self.take_corrections(ADJUST_BATCH);
+        let call = self.call_checks(&corrections, &batch);
         let result = tokio::time::timeout(CALL_TIMEOUT, call).await;
         let requests = batch.len() as u64;
         let answers = match result {
@@ -456,12 +559,17 @@ impl Shared {
         }
     }
 
-    /// Admits against `(key, limit, amount, ttl_ms)` counters, all or none.
-    /// `None`: Redis is unavailable, decide locally.
-    pub async fn admit(&self, counters: &[(String, u64, i64, u64)]) -> Option<Verdict> {
-        let keys: Vec<String> = counters.iter().map(|c| c.0.clone()).collect();
-        let args: Vec<i64> =
-            counters.iter().flat_map(|&(_, limit, amount, ttl)| [saturating(limit), amount, saturating(ttl)]).collect();
+    /// Admits against `counters`, all or none. `None`: Redis is
+    /// unavailable, decide locally.
+    pub async fn admit(&self, counters: &[LimitCounter]) -> Option<Verdict> {
+        let keys: Vec<String> = counters.iter().map(|c| c.key.clone()).collect();
+        let args: Vec<i64> = counters
+            .iter()
+            .flat_map(|c| {
+                let ttl = saturating(c.expiry.ms());
+                [saturating(c.limit), c.amount, if matches!(c.expiry, Expiry::Renewed(_)) { -ttl } else { ttl }]
+            })
+            .collect();
         let numbers = self.check(CheckKind::Admit, keys, args).await?;
         match numbers.first() {
             Some(1) => Some(Verdict::Admitted(numbers[1..].to_vec())),
@@ -522,15 +630,30 @@ impl Shared {
                 () = cancel.cancelled() => break,
                 () = self.pending.wake.notified() => {}
             }
+            // Calls with checks take the corrections along meanwhile.
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(CORRECTIONS_WAIT) => {}
+            }
             self.flush().await;
         }
         self.flush().await;
     }
 
+    /// The corrections waiting, taken from the table: all of them, or none
+    /// when there are more than `at_most`.
+    fn take_corrections(&self, at_most: usize) -> Vec<(String, i64)> {
+        let mut deltas = self.pending.deltas.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if deltas.is_empty() || deltas.len() > at_most {
+            return Vec::new();
+        }
+        std::mem::take(&mut *deltas).into_iter().filter(|(_, d)| *d != 0).collect()
+    }
+
     /// Sends every pending correction, in batches of one script call each.
     async fn flush(&self) {
-        let taken = std::mem::take(&mut *self.pending.deltas.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        let taken: Vec<(String, i64)> = taken.into_iter().filter(|(_, d)| *d != 0).collect();
+        let taken = self.take_corrections(usize::MAX);
         for batch in taken.chunks(ADJUST_BATCH) {
             if self.send_adjustments(batch).await.is_none() {
                 // A lost correction only skews one window, one in-flight
@@ -541,17 +664,9 @@ impl Shared {
         }
     }
 
-    /// One call of the corrections script; `None` when Redis failed.
+    /// One call with corrections only; `None` when Redis failed.
     async fn send_adjustments(&self, batch: &[(String, i64)]) -> Option<()> {
-        let call = self.run_script(&self.adjust, batch.len(), |cmd| {
-            for (key, _) in batch {
-                cmd.arg(self.prefixed(key));
-            }
-            for (_, delta) in batch {
-                cmd.arg(*delta);
-            }
-        });
-        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        match tokio::time::timeout(CALL_TIMEOUT, self.call_checks(batch, &[])).await {
             Ok(Ok(_)) => {
                 self.succeeded();
                 Some(())
@@ -565,6 +680,43 @@ impl Shared {
                 None
             }
         }
+    }
+
+    /// One call of [`CHECKS`]: `corrections`, then `checks`. Each key is
+    /// sent once, however many of them touch it, and referred to by index.
+    async fn call_checks(&self, corrections: &[(String, i64)], checks: &[Queued]) -> RedisResult<Value> {
+        let mut keys = KeyIndex::default();
+        let mut args: Vec<i64> = Vec::with_capacity(1 + corrections.len() * 2 + checks.len() * 12);
+        args.push(corrections.len() as i64);
+        for (key, delta) in corrections {
+            args.extend([keys.index(key), *delta]);
+        }
+        for queued in checks {
+            match queued.kind {
+                CheckKind::Admit => {
+                    args.extend([1, queued.keys.len() as i64]);
+                    for (key, limit) in queued.keys.iter().zip(queued.args.chunks_exact(3)) {
+                        args.push(keys.index(key));
+                        args.extend_from_slice(limit);
+                    }
+                }
+                CheckKind::Reserve => {
+                    args.extend([2, (queued.keys.len() / 2) as i64]);
+                    for (pair, budget) in queued.keys.chunks_exact(2).zip(queued.args.chunks_exact(5)) {
+                        args.extend([keys.index(&pair[0]), keys.index(&pair[1])]);
+                        args.extend_from_slice(budget);
+                    }
+                }
+            }
+        }
+        let packed = msgpack_integers(&args);
+        self.run_script(&self.checks_script, keys.order.len(), |cmd| {
+            for key in &keys.order {
+                cmd.arg(self.prefixed(key));
+            }
+            cmd.arg(packed.as_slice());
+        })
+        .await
     }
 
     fn prefixed<'a>(&'a self, key: &'a str) -> Prefixed<'a> {
@@ -589,6 +741,43 @@ impl Shared {
             answered => answered,
         }
     }
+}
+
+/// `values` as a MessagePack array of integers, each in its shortest form,
+/// as the script's `cmsgpack.unpack` reads it. Lua holds numbers as doubles:
+/// every value here (counts, micro-dollars, milliseconds) stays far below
+/// 2^53, where they are exact.
+fn msgpack_integers(values: &[i64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + values.len() * 5);
+    let n = values.len();
+    if n < 16 {
+        out.push(0x90 | n as u8);
+    } else if let Ok(n) = u16::try_from(n) {
+        out.push(0xdc);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else {
+        // A call's arguments are bounded (checks and corrections per call)
+        // far below this.
+        out.push(0xdd);
+        out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
+    }
+    for &value in values {
+        match value {
+            0..=127 => out.push(value as u8),
+            -32..=-1 => out.push(value as i8 as u8),
+            _ => match i32::try_from(value) {
+                Ok(small) => {
+                    out.push(0xd2);
+                    out.extend_from_slice(&small.to_be_bytes());
+                }
+                Err(_) => {
+                    out.push(0xd3);
+                    out.extend_from_slice(&value.to_be_bytes());
+                }
+            },
+        }
+    }
+    out
 }
 
 /// Counts and durations as the scripts take them (Lua numbers; none comes
@@ -621,7 +810,7 @@ mod tests {
         let mut conn = shared.conn.clone();
         let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
 
-        let counter = [("rl:t:rpm@1".to_owned(), 10_u64, 3_i64, 60_000_u64)];
+        let counter = [LimitCounter { key: "rl:t:rpm@1".to_owned(), limit: 10, amount: 3, expiry: Expiry::Created(60_000) }];
         assert!(matches!(shared.admit(&counter).await, Some(Verdict::Admitted(v)) if v == [3]));
         let budget = BudgetCounter {
             key: "budget:b:20261201".to_owned(),
@@ -649,6 +838,146 @@ mod tests {
         sender.await.unwrap();
     }
 
+    /// A refused admission leaves every counter as it was, including the
+    /// ones before the refusing one; a window's counter keeps the TTL it got
+    /// when created, and an in-flight count's is renewed on every admission.
+    #[tokio::test]
+    async fn a_refusal_changes_no_counter_and_each_counter_expires_as_its_kind_says() {
+        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
+        let cancel = CancellationToken::new();
+        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let mut conn = shared.conn.clone();
+        let counters = |rpm_limit: u64| {
+            [
+                LimitCounter { key: "inflight".to_owned(), limit: 5, amount: 1, expiry: Expiry::Renewed(600_000) },
+                LimitCounter { key: "rpm@1".to_owned(), limit: rpm_limit, amount: 1, expiry: Expiry::Created(120_000) },
+                LimitCounter { key: "tpm@1".to_owned(), limit: 1_000, amount: 400, expiry: Expiry::Created(120_000) },
+            ]
+        };
+        assert!(matches!(shared.admit(&counters(10)).await, Some(Verdict::Admitted(v)) if v == [1, 1, 400]));
+        assert!(matches!(shared.admit(&counters(10)).await, Some(Verdict::Admitted(v)) if v == [2, 2, 800]));
+        // The token counter refuses: the two before it are taken back.
+        assert!(matches!(shared.admit(&counters(10)).await, Some(Verdict::Refused { index: 2, value: 800 })));
+        // The requests counter refuses: the in-flight one is taken back.
+        assert!(matches!(shared.admit(&counters(2)).await, Some(Verdict::Refused { index: 1, value: 2 })));
+        let value = async |conn: &mut ConnectionManager, key: &str| -> (i64, i64) {
+            let key = format!("{prefix}:{key}");
+            let v: i64 = redis::cmd("GET").arg(&key).query_async(conn).await.unwrap();
+            let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(conn).await.unwrap();
+            (v, ttl)
+        };
+        assert_eq!(value(&mut conn, "inflight").await.0, 2);
+        assert_eq!(value(&mut conn, "rpm@1").await.0, 2);
+        assert_eq!(value(&mut conn, "tpm@1").await.0, 800);
+
+        // Shorten both TTLs; the next admission renews only the in-flight one.
+        for key in ["inflight", "rpm@1"] {
+            let _: () = redis::cmd("PEXPIRE").arg(format!("{prefix}:{key}")).arg(50_000).query_async(&mut conn).await.unwrap();
+        }
+        let small = [
+            LimitCounter { key: "inflight".to_owned(), limit: 5, amount: 1, expiry: Expiry::Renewed(600_000) },
+            LimitCounter { key: "rpm@1".to_owned(), limit: 10, amount: 1, expiry: Expiry::Created(120_000) },
+        ];
+        assert!(matches!(shared.admit(&small).await, Some(Verdict::Admitted(v)) if v == [3, 3]));
+        let (_, inflight_ttl) = value(&mut conn, "inflight").await;
+        let (_, rpm_ttl) = value(&mut conn, "rpm@1").await;
+        assert!(inflight_ttl > 500_000, "renewed: {inflight_ttl} ms");
+        assert!((1..=50_000).contains(&rpm_ttl), "kept from creation: {rpm_ttl} ms");
+        cancel.cancel();
+        sender.await.unwrap();
+    }
+
+    /// A hard budget refuses as exhausted what settled spend cannot cover,
+    /// and as busy what only reservations in flight are in the way of; a
+    /// request that fits is admitted up to the budget's last micro-dollar.
+    #[tokio::test]
+    async fn a_hard_budget_tells_exhausted_from_busy_and_admits_to_its_end() {
+        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
+        let cancel = CancellationToken::new();
+        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let budget = |worst_case: i64| BudgetCounter {
+            key: "budget:b:1".to_owned(),
+            initial: 200,
+            amount: 1_000,
+            worst_case,
+            hard: true,
+            ttl_ms: 86_400_000,
+        };
+        let reserve = async |worst_case: i64| shared.reserve(&[budget(worst_case)]).await;
+        // Settled 200: 500 fits (committed 700), then 300 more (1,000).
+        assert!(matches!(reserve(500).await, Some(ReserveVerdict::Admitted(v)) if v == [700]));
+        assert!(matches!(reserve(300).await, Some(ReserveVerdict::Admitted(v)) if v == [1_000]));
+        // Full, but only in flight: busy. More than settled spend leaves: exhausted.
+        assert!(matches!(reserve(1).await, Some(ReserveVerdict::Busy(0))));
+        assert!(matches!(reserve(801).await, Some(ReserveVerdict::Exhausted(0))));
+        // The first request settles at 100 and the second is released: 300 settled.
+        shared.adjust(spent_key("budget:b:1"), 100);
+        shared.adjust("budget:b:1".to_owned(), 100 - 500 - 300);
+        shared.flush().await;
+        assert!(matches!(reserve(700).await, Some(ReserveVerdict::Admitted(v)) if v == [1_000]));
+        assert!(matches!(reserve(0).await, Some(ReserveVerdict::Admitted(v)) if v == [1_000]), "nothing more to spend");
+        let mut conn = shared.conn.clone();
+        let spent: i64 =
+            redis::cmd("GET").arg(format!("{prefix}:budget:b:1:spent")).query_async(&mut conn).await.unwrap();
+        assert_eq!(spent, 300);
+        cancel.cancel();
+        sender.await.unwrap();
+    }
+
+    /// With no task sending corrections on their own, they still reach
+    /// Redis: they ride along with the next call carrying checks, and apply
+    /// before those checks. A correction for a counter that does not exist
+    /// (expired) does not create it.
+    #[tokio::test]
+    async fn corrections_ride_along_with_checks_and_apply_before_them() {
+        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
+        let cancel = CancellationToken::new();
+        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let one_in_flight =
+            [LimitCounter { key: "inflight".to_owned(), limit: 1, amount: 1, expiry: Expiry::Renewed(60_000) }];
+        assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Admitted(v)) if v == [1]));
+        assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Refused { index: 0, value: 1 })));
+        // The first request ends; its release is the only thing that frees the slot.
+        shared.adjust("inflight".to_owned(), -1);
+        shared.adjust("expired".to_owned(), 5);
+        assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Admitted(v)) if v == [1]));
+        let mut conn = shared.conn.clone();
+        let expired: Option<i64> = redis::cmd("GET").arg(format!("{prefix}:expired")).query_async(&mut conn).await.unwrap();
+        assert_eq!(expired, None);
+        assert_eq!(shared.checks.calls.load(Ordering::Relaxed), 3, "no call of their own");
+        cancel.cancel();
+        sender.await.unwrap();
+    }
+
+    /// Every integer form the encoder writes (positive and negative fixint,
+    /// 32 and 64 bits) and every array header reads back in Redis's Lua as
+    /// the same number.
+    #[tokio::test]
+    async fn integers_packed_for_the_scripts_read_back_the_same_in_redis() {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let edges = [0, 1, 127, 128, -1, -32, -33, 255, 65_536, i64::from(i32::MAX), i64::from(i32::MIN)];
+        let large = [i64::from(i32::MAX) + 1, i64::from(i32::MIN) - 1, 1_000_000_000_000_000, -(1 << 52)];
+        for values in [
+            Vec::new(),
+            edges.to_vec(),
+            [edges.as_slice(), large.as_slice()].concat(),
+            (0..70_000).map(|i| i * 7 - 1_000).collect::<Vec<i64>>(),
+        ] {
+            let back: Vec<i64> = redis::cmd("EVAL")
+                .arg("return cmsgpack.unpack(ARGV[1])")
+                .arg(0)
+                .arg(msgpack_integers(&values))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(back, values);
+        }
+    }
+
     /// Checks made at once share script calls, and each is still decided on
     /// its own and atomically: a limit of 150 admits exactly 150 of 400, each
     /// seeing its own count.
@@ -658,7 +987,7 @@ mod tests {
         let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
         let cancel = CancellationToken::new();
         let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
-        let counter = vec![("rpm:t".to_owned(), 150_u64, 1_i64, 60_000_u64)];
+        let counter = vec![LimitCounter { key: "rpm:t".to_owned(), limit: 150, amount: 1, expiry: Expiry::Created(60_000) }];
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..400 {
             let (shared, counter) = (shared.clone(), counter.clone());
@@ -694,7 +1023,7 @@ mod tests {
         let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
         let cancel = CancellationToken::new();
         let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
-        let counter = vec![("rpm:race".to_owned(), 1_000_000_u64, 1_i64, 60_000_u64)];
+        let counter = vec![LimitCounter { key: "rpm:race".to_owned(), limit: 1_000_000, amount: 1, expiry: Expiry::Created(60_000) }];
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..2_000 {
             let (shared, counter) = (shared.clone(), counter.clone());
@@ -731,7 +1060,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
         let corrections = tokio::spawn(shared.clone().apply_adjustments(cancel.clone()));
-        let counter = vec![("inflight:t".to_owned(), 10_u64, 1_i64, 60_000_u64)];
+        let counter = vec![LimitCounter { key: "inflight:t".to_owned(), limit: 10, amount: 1, expiry: Expiry::Renewed(60_000) }];
         let mut abandoned = Box::pin(shared.admit(&counter));
         assert!((&mut abandoned).now_or_never().is_none(), "queued, not answered yet");
         drop(abandoned);

@@ -19,7 +19,7 @@ use tollgate_store::Limits;
 use local::LocalLimits;
 
 use crate::clock::Clock;
-use crate::shared::{Shared, Verdict};
+use crate::shared::{Expiry, LimitCounter, Shared, Verdict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -333,11 +333,15 @@ impl RateLimiter {
                 plan.push((Kind::Tokens, limit, shared_key(check, Kind::Tokens, window), amount));
             }
         }
-        let counters: Vec<(String, u64, i64, u64)> = plan
+        let counters: Vec<LimitCounter> = plan
             .iter()
             .map(|(kind, limit, key, amount)| {
-                let ttl = if *kind == Kind::Concurrency { INFLIGHT_TTL_MS } else { WINDOW_TTL_MS };
-                (key.clone(), *limit, *amount, ttl)
+                let expiry = if *kind == Kind::Concurrency {
+                    Expiry::Renewed(INFLIGHT_TTL_MS)
+                } else {
+                    Expiry::Created(WINDOW_TTL_MS)
+                };
+                LimitCounter { key: key.clone(), limit: *limit, amount: *amount, expiry }
             })
             .collect();
         match shared.admit(&counters).await? {
