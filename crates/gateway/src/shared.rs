@@ -11,10 +11,11 @@
 //! paid twice by each; inside the call, each key is read and written once
 //! however many checks touch it. Corrections (token settlement, in-flight
 //! release, budget settlement) are added into a bounded table of pending
-//! deltas, one entry per counter. The next call with checks carries them
-//! (applied before its checks); when none comes within `CORRECTIONS_WAIT`,
-//! a background task sends them in a call of their own. The request path
-//! never waits for them, and a lost call loses them, as below. Deltas for
+//! deltas, one entry per counter, which a background task sends through the
+//! same script, one call per round trip; the request path never waits for
+//! them. (Carrying them in the next call with checks instead saved no
+//! throughput measurably and made that call, on a request's path, longer.)
+//! Deltas for
 //! the same counter merge, so the table grows with the number of live
 //! counters, not with traffic. When it holds `MAX_PENDING_COUNTERS` counters
 //! already, a correction for yet another counter is dropped and counted
@@ -185,10 +186,6 @@ return out
 const MAX_PENDING_COUNTERS: usize = 100_000;
 /// Corrections sent per script call.
 const ADJUST_BATCH: usize = 1_000;
-/// How long corrections wait for a call with checks to ride along with
-/// before they are sent on their own. Under traffic they ride along (no call
-/// of their own); an idle gateway sends them this much later.
-const CORRECTIONS_WAIT: Duration = Duration::from_millis(2);
 
 /// Script calls with checks outstanding at once. More would only queue in
 /// Redis (it runs one script at a time) and make the batches smaller.
@@ -490,12 +487,10 @@ impl Shared {
         queue.clear();
     }
 
-    /// One script call for `batch`, carrying the corrections waiting (when
-    /// not too many); each check gets its own answer.
+    /// One script call for `batch`; each check gets its own answer.
     async fn send_batch(&self, batch: Vec<Queued>) {
         self.checks.calls.fetch_add(1, Ordering::Relaxed);
-        let corrections = self.take_corrections(ADJUST_BATCH);
-        let call = self.call_checks(&corrections, &batch);
+        let call = self.call_checks(&[], &batch);
         let result = tokio::time::timeout(CALL_TIMEOUT, call).await;
         let requests = batch.len() as u64;
         let answers = match result {
@@ -630,30 +625,15 @@ impl Shared {
                 () = cancel.cancelled() => break,
                 () = self.pending.wake.notified() => {}
             }
-            // Calls with checks take the corrections along meanwhile.
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => break,
-                () = tokio::time::sleep(CORRECTIONS_WAIT) => {}
-            }
             self.flush().await;
         }
         self.flush().await;
     }
 
-    /// The corrections waiting, taken from the table: all of them, or none
-    /// when there are more than `at_most`.
-    fn take_corrections(&self, at_most: usize) -> Vec<(String, i64)> {
-        let mut deltas = self.pending.deltas.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if deltas.is_empty() || deltas.len() > at_most {
-            return Vec::new();
-        }
-        std::mem::take(&mut *deltas).into_iter().filter(|(_, d)| *d != 0).collect()
-    }
-
     /// Sends every pending correction, in batches of one script call each.
     async fn flush(&self) {
-        let taken = self.take_corrections(usize::MAX);
+        let taken = std::mem::take(&mut *self.pending.deltas.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let taken: Vec<(String, i64)> = taken.into_iter().filter(|(_, d)| *d != 0).collect();
         for batch in taken.chunks(ADJUST_BATCH) {
             if self.send_adjustments(batch).await.is_none() {
                 // A lost correction only skews one window, one in-flight
@@ -810,7 +790,8 @@ mod tests {
         let mut conn = shared.conn.clone();
         let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
 
-        let counter = [LimitCounter { key: "rl:t:rpm@1".to_owned(), limit: 10, amount: 3, expiry: Expiry::Created(60_000) }];
+        let counter =
+            [LimitCounter { key: "rl:t:rpm@1".to_owned(), limit: 10, amount: 3, expiry: Expiry::Created(60_000) }];
         assert!(matches!(shared.admit(&counter).await, Some(Verdict::Admitted(v)) if v == [3]));
         let budget = BudgetCounter {
             key: "budget:b:20261201".to_owned(),
@@ -873,7 +854,8 @@ mod tests {
 
         // Shorten both TTLs; the next admission renews only the in-flight one.
         for key in ["inflight", "rpm@1"] {
-            let _: () = redis::cmd("PEXPIRE").arg(format!("{prefix}:{key}")).arg(50_000).query_async(&mut conn).await.unwrap();
+            let _: () =
+                redis::cmd("PEXPIRE").arg(format!("{prefix}:{key}")).arg(50_000).query_async(&mut conn).await.unwrap();
         }
         let small = [
             LimitCounter { key: "inflight".to_owned(), limit: 5, amount: 1, expiry: Expiry::Renewed(600_000) },
@@ -926,12 +908,11 @@ mod tests {
         sender.await.unwrap();
     }
 
-    /// With no task sending corrections on their own, they still reach
-    /// Redis: they ride along with the next call carrying checks, and apply
-    /// before those checks. A correction for a counter that does not exist
-    /// (expired) does not create it.
+    /// Corrections for one counter merge into one delta, apply to counters
+    /// that exist, and never bring back one that expired (it would come
+    /// back without its TTL).
     #[tokio::test]
-    async fn corrections_ride_along_with_checks_and_apply_before_them() {
+    async fn corrections_merge_per_counter_and_never_create_one() {
         let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
         let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
         let cancel = CancellationToken::new();
@@ -940,14 +921,16 @@ mod tests {
             [LimitCounter { key: "inflight".to_owned(), limit: 1, amount: 1, expiry: Expiry::Renewed(60_000) }];
         assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Admitted(v)) if v == [1]));
         assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Refused { index: 0, value: 1 })));
-        // The first request ends; its release is the only thing that frees the slot.
-        shared.adjust("inflight".to_owned(), -1);
+        shared.adjust("inflight".to_owned(), -3);
+        shared.adjust("inflight".to_owned(), 2);
         shared.adjust("expired".to_owned(), 5);
+        assert_eq!(lock(&shared.pending.deltas).len(), 2, "one delta per counter");
+        shared.flush().await;
         assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Admitted(v)) if v == [1]));
         let mut conn = shared.conn.clone();
-        let expired: Option<i64> = redis::cmd("GET").arg(format!("{prefix}:expired")).query_async(&mut conn).await.unwrap();
+        let expired: Option<i64> =
+            redis::cmd("GET").arg(format!("{prefix}:expired")).query_async(&mut conn).await.unwrap();
         assert_eq!(expired, None);
-        assert_eq!(shared.checks.calls.load(Ordering::Relaxed), 3, "no call of their own");
         cancel.cancel();
         sender.await.unwrap();
     }
@@ -987,7 +970,8 @@ mod tests {
         let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
         let cancel = CancellationToken::new();
         let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
-        let counter = vec![LimitCounter { key: "rpm:t".to_owned(), limit: 150, amount: 1, expiry: Expiry::Created(60_000) }];
+        let counter =
+            vec![LimitCounter { key: "rpm:t".to_owned(), limit: 150, amount: 1, expiry: Expiry::Created(60_000) }];
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..400 {
             let (shared, counter) = (shared.clone(), counter.clone());
@@ -1023,7 +1007,12 @@ mod tests {
         let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
         let cancel = CancellationToken::new();
         let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
-        let counter = vec![LimitCounter { key: "rpm:race".to_owned(), limit: 1_000_000, amount: 1, expiry: Expiry::Created(60_000) }];
+        let counter = vec![LimitCounter {
+            key: "rpm:race".to_owned(),
+            limit: 1_000_000,
+            amount: 1,
+            expiry: Expiry::Created(60_000),
+        }];
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..2_000 {
             let (shared, counter) = (shared.clone(), counter.clone());
@@ -1060,7 +1049,8 @@ mod tests {
         let cancel = CancellationToken::new();
         let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
         let corrections = tokio::spawn(shared.clone().apply_adjustments(cancel.clone()));
-        let counter = vec![LimitCounter { key: "inflight:t".to_owned(), limit: 10, amount: 1, expiry: Expiry::Renewed(60_000) }];
+        let counter =
+            vec![LimitCounter { key: "inflight:t".to_owned(), limit: 10, amount: 1, expiry: Expiry::Renewed(60_000) }];
         let mut abandoned = Box::pin(shared.admit(&counter));
         assert!((&mut abandoned).now_or_never().is_none(), "queued, not answered yet");
         drop(abandoned);
