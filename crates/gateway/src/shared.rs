@@ -37,13 +37,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fast_hash::FastMap;
 
+mod msgpack;
+
 /// Applies a batch of corrections, then runs a queue of checks, in one
 /// atomic call. Every key the batch touches is in KEYS once; the arguments
 /// refer to keys by their index there. The arguments are integers, sent as
-/// one MessagePack array in `ARGV[1]` (see [`msgpack_integers`]): Redis
+/// one MessagePack array in `ARGV[1]` (see [`msgpack::pack_integers`]): Redis
 /// decodes that in one C call, where a number per `ARGV` entry went through
-/// `tonumber` one by one and cost about half of the script's time. They hold
-/// the number of corrections, then
+/// `tonumber` one by one and cost about half of the script's time. The
+/// answers come back the same way, one array per check in one string
+/// ([`msgpack::unpack_answers`]), read here without building a Redis value
+/// per number. The arguments hold the number of corrections, then
 /// each as (key, delta); then each check as its kind (1: rate limits, 2:
 /// budgets), its number of counters, and per counter:
 ///
@@ -179,7 +183,7 @@ for _, i in ipairs(touched) do
     if renew[i] then redis.call('PEXPIRE', KEYS[i], renew[i]) end
   end
 end
-return out
+return cmsgpack.pack(out)
 ";
 
 /// The most counters with corrections waiting at once.
@@ -494,10 +498,16 @@ impl Shared {
         let result = tokio::time::timeout(CALL_TIMEOUT, call).await;
         let requests = batch.len() as u64;
         let answers = match result {
-            Ok(Ok(Value::Array(answers))) if answers.len() == batch.len() => {
-                self.succeeded();
-                Some(answers)
-            }
+            Ok(Ok(Value::BulkString(packed))) => match msgpack::unpack_answers(&packed) {
+                Some(answers) if answers.len() == batch.len() => {
+                    self.succeeded();
+                    Some(answers)
+                }
+                _ => {
+                    self.failed("unreadable answer to the checks script", requests);
+                    None
+                }
+            },
             Ok(Ok(other)) => {
                 self.failed(&format!("unexpected answer to the checks script: {other:?}"), requests);
                 None
@@ -513,13 +523,8 @@ impl Shared {
         };
         match answers {
             Some(answers) => {
-                for (queued, answer) in batch.into_iter().zip(answers) {
-                    let numbers: Option<Vec<i64>> = match answer {
-                        Value::Array(items) => {
-                            Some(items.iter().filter_map(|v| redis::from_redis_value::<i64>(v).ok()).collect())
-                        }
-                        _ => None,
-                    };
+                for (queued, numbers) in batch.into_iter().zip(answers) {
+                    let numbers = Some(numbers);
                     let admitted = numbers.as_ref().is_some_and(|n| n.first() == Some(&1));
                     if queued.answer.send(numbers).is_err() && admitted {
                         // Its request went away (the client disconnected)
@@ -689,7 +694,7 @@ impl Shared {
                 }
             }
         }
-        let packed = msgpack_integers(&args);
+        let packed = msgpack::pack_integers(&args);
         self.run_script(&self.checks_script, keys.order.len(), |cmd| {
             for key in &keys.order {
                 cmd.arg(self.prefixed(key));
@@ -721,43 +726,6 @@ impl Shared {
             answered => answered,
         }
     }
-}
-
-/// `values` as a MessagePack array of integers, each in its shortest form,
-/// as the script's `cmsgpack.unpack` reads it. Lua holds numbers as doubles:
-/// every value here (counts, micro-dollars, milliseconds) stays far below
-/// 2^53, where they are exact.
-fn msgpack_integers(values: &[i64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + values.len() * 5);
-    let n = values.len();
-    if n < 16 {
-        out.push(0x90 | n as u8);
-    } else if let Ok(n) = u16::try_from(n) {
-        out.push(0xdc);
-        out.extend_from_slice(&n.to_be_bytes());
-    } else {
-        // A call's arguments are bounded (checks and corrections per call)
-        // far below this.
-        out.push(0xdd);
-        out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
-    }
-    for &value in values {
-        match value {
-            0..=127 => out.push(value as u8),
-            -32..=-1 => out.push(value as i8 as u8),
-            _ => match i32::try_from(value) {
-                Ok(small) => {
-                    out.push(0xd2);
-                    out.extend_from_slice(&small.to_be_bytes());
-                }
-                Err(_) => {
-                    out.push(0xd3);
-                    out.extend_from_slice(&value.to_be_bytes());
-                }
-            },
-        }
-    }
-    out
 }
 
 /// Counts and durations as the scripts take them (Lua numbers; none comes
@@ -937,7 +905,7 @@ mod tests {
 
     /// Every integer form the encoder writes (positive and negative fixint,
     /// 32 and 64 bits) and every array header reads back in Redis's Lua as
-    /// the same number.
+    /// the same number, and every form Lua writes them back in reads here.
     #[tokio::test]
     async fn integers_packed_for_the_scripts_read_back_the_same_in_redis() {
         let client = redis::Client::open(redis_url()).unwrap();
@@ -953,11 +921,20 @@ mod tests {
             let back: Vec<i64> = redis::cmd("EVAL")
                 .arg("return cmsgpack.unpack(ARGV[1])")
                 .arg(0)
-                .arg(msgpack_integers(&values))
+                .arg(msgpack::pack_integers(&values))
                 .query_async(&mut conn)
                 .await
                 .unwrap();
             assert_eq!(back, values);
+            // And back the way answers come: packed by Lua, read here.
+            let packed: Vec<u8> = redis::cmd("EVAL")
+                .arg("return cmsgpack.pack({cmsgpack.unpack(ARGV[1]), {}, {1, -1}})")
+                .arg(0)
+                .arg(msgpack::pack_integers(&values))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(msgpack::unpack_answers(&packed), Some(vec![values.clone(), vec![], vec![1, -1]]));
         }
     }
 
