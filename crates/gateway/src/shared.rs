@@ -746,15 +746,22 @@ mod tests {
         std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
     }
 
+    /// Connected under a prefix of its own, with the task sending checks
+    /// running until the token is cancelled.
+    async fn started() -> (String, Arc<Shared>, CancellationToken, tokio::task::JoinHandle<()>) {
+        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
+        let cancel = CancellationToken::new();
+        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        (prefix, shared, cancel, sender)
+    }
+
     /// A Redis that lost its scripts (restarted, or `SCRIPT FLUSH`) is sent
     /// them again: checks and corrections keep working, with the keys under
     /// the deployment's prefix and the numbers as written.
     #[tokio::test]
     async fn scripts_redis_forgot_are_sent_again_and_keys_carry_the_prefix() {
-        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
-        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
-        let cancel = CancellationToken::new();
-        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let (prefix, shared, cancel, sender) = started().await;
         let mut conn = shared.conn.clone();
         let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
 
@@ -792,10 +799,7 @@ mod tests {
     /// when created, and an in-flight count's is renewed on every admission.
     #[tokio::test]
     async fn a_refusal_changes_no_counter_and_each_counter_expires_as_its_kind_says() {
-        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
-        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
-        let cancel = CancellationToken::new();
-        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let (prefix, shared, cancel, sender) = started().await;
         let mut conn = shared.conn.clone();
         let counters = |rpm_limit: u64| {
             [
@@ -843,10 +847,7 @@ mod tests {
     /// request that fits is admitted up to the budget's last micro-dollar.
     #[tokio::test]
     async fn a_hard_budget_tells_exhausted_from_busy_and_admits_to_its_end() {
-        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
-        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
-        let cancel = CancellationToken::new();
-        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let (prefix, shared, cancel, sender) = started().await;
         let budget = |worst_case: i64| BudgetCounter {
             key: "budget:b:1".to_owned(),
             initial: 200,
@@ -881,10 +882,7 @@ mod tests {
     /// back without its TTL).
     #[tokio::test]
     async fn corrections_merge_per_counter_and_never_create_one() {
-        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
-        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
-        let cancel = CancellationToken::new();
-        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let (prefix, shared, cancel, sender) = started().await;
         let one_in_flight =
             [LimitCounter { key: "inflight".to_owned(), limit: 1, amount: 1, expiry: Expiry::Renewed(60_000) }];
         assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Admitted(v)) if v == [1]));
@@ -943,10 +941,7 @@ mod tests {
     /// seeing its own count.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_checks_share_script_calls_and_each_stays_atomic() {
-        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
-        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
-        let cancel = CancellationToken::new();
-        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let (_, shared, cancel, sender) = started().await;
         let counter =
             vec![LimitCounter { key: "rpm:t".to_owned(), limit: 150, amount: 1, expiry: Expiry::Created(60_000) }];
         let mut tasks = tokio::task::JoinSet::new();
@@ -980,10 +975,7 @@ mod tests {
     /// marks Redis as down.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn checks_racing_the_shutdown_are_answered_or_fall_back_at_once() {
-        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
-        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
-        let cancel = CancellationToken::new();
-        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let (_, shared, cancel, sender) = started().await;
         let counter = vec![LimitCounter {
             key: "rpm:race".to_owned(),
             limit: 1_000_000,
@@ -1021,10 +1013,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_check_whose_request_went_away_gives_back_what_it_took() {
         use futures_util::FutureExt;
-        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
-        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
-        let cancel = CancellationToken::new();
-        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        let (prefix, shared, cancel, sender) = started().await;
         let corrections = tokio::spawn(shared.clone().apply_adjustments(cancel.clone()));
         let counter =
             vec![LimitCounter { key: "inflight:t".to_owned(), limit: 10, amount: 1, expiry: Expiry::Renewed(60_000) }];
