@@ -380,6 +380,9 @@ impl Shared {
             .await
             .map_err(|_| anyhow::anyhow!("Redis did not answer"))?
             .map_err(|e| anyhow::anyhow!("cannot connect to Redis: {e}"))?;
+        // A Redis-compatible server without what the script needs would fail
+        // every call and leave limits local for good: say so at start.
+        require_scripting(&mut conn.clone(), SCRIPTING_PROBE).await?;
         let shared = Arc::new(Self {
             conn,
             prefix: prefix.to_owned(),
@@ -728,6 +731,24 @@ impl Shared {
     }
 }
 
+/// What [`CHECKS`] needs beyond plain commands: Lua scripting and its
+/// built-in `cmsgpack`.
+const SCRIPTING_PROBE: &str = "return cmsgpack.pack({})";
+
+/// Runs `probe`, a script using what [`CHECKS`] needs; an error that names
+/// what is missing when Redis cannot run it.
+async fn require_scripting(conn: &mut ConnectionManager, probe: &str) -> anyhow::Result<()> {
+    let answered =
+        tokio::time::timeout(Duration::from_secs(5), redis::cmd("EVAL").arg(probe).arg(0).query_async::<Vec<u8>>(conn))
+            .await
+            .map_err(|_| anyhow::anyhow!("Redis did not answer"))?;
+    answered.map(drop).map_err(|e| {
+        anyhow::anyhow!(
+            "this Redis cannot run the shared-limits script, which needs Lua scripting with its built-in cmsgpack (as Redis and Valkey ship them): {e}"
+        )
+    })
+}
+
 /// Counts and durations as the scripts take them (Lua numbers; none comes
 /// near the bound).
 fn saturating(n: u64) -> i64 {
@@ -897,6 +918,20 @@ mod tests {
         let expired: Option<i64> =
             redis::cmd("GET").arg(format!("{prefix}:expired")).query_async(&mut conn).await.unwrap();
         assert_eq!(expired, None);
+        cancel.cancel();
+        sender.await.unwrap();
+    }
+
+    /// A server that cannot run what the script needs is refused with an
+    /// error that says what is missing; this Redis can.
+    #[tokio::test]
+    async fn a_redis_that_cannot_run_the_script_is_refused_with_what_it_lacks() {
+        let (_, shared, cancel, sender) = started().await;
+        let mut conn = shared.conn.clone();
+        require_scripting(&mut conn, SCRIPTING_PROBE).await.unwrap();
+        let missing = require_scripting(&mut conn, "return no_such_library.pack({})").await.unwrap_err().to_string();
+        assert!(missing.contains("needs Lua scripting with its built-in cmsgpack"), "{missing}");
+        assert!(missing.contains("no_such_library"), "Redis's own words follow: {missing}");
         cancel.cancel();
         sender.await.unwrap();
     }
