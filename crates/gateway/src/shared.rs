@@ -767,6 +767,15 @@ mod tests {
         std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
     }
 
+    /// A counter as Redis holds it under `prefix`: its value (`None` when it
+    /// does not exist) and its TTL in milliseconds.
+    async fn stored(conn: &mut ConnectionManager, prefix: &str, key: &str) -> (Option<i64>, i64) {
+        let key = format!("{prefix}:{key}");
+        let value: Option<i64> = redis::cmd("GET").arg(&key).query_async(conn).await.unwrap();
+        let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(conn).await.unwrap();
+        (value, ttl)
+    }
+
     /// Connected under a prefix of its own, with the task sending checks
     /// running until the token is cancelled.
     async fn started() -> (String, Arc<Shared>, CancellationToken, tokio::task::JoinHandle<()>) {
@@ -805,11 +814,10 @@ mod tests {
         shared.adjust("rl:t:rpm@1".to_owned(), -2);
         shared.adjust(spent_key(&budget.key), 40);
         shared.flush().await;
-        let get = |key: &str| redis::cmd("GET").arg(format!("{prefix}:{key}")).clone();
-        let rpm: i64 = get("rl:t:rpm@1").query_async(&mut conn).await.unwrap();
-        let spent: i64 = get("budget:b:20261201:spent").query_async(&mut conn).await.unwrap();
-        let committed: i64 = get("budget:b:20261201").query_async(&mut conn).await.unwrap();
-        assert_eq!((rpm, spent, committed), (1, 140, 150));
+        let rpm = stored(&mut conn, &prefix, "rl:t:rpm@1").await.0;
+        let spent = stored(&mut conn, &prefix, "budget:b:20261201:spent").await.0;
+        let committed = stored(&mut conn, &prefix, "budget:b:20261201").await.0;
+        assert_eq!((rpm, spent, committed), (Some(1), Some(140), Some(150)));
         assert_eq!(shared.fallbacks(), 0);
         cancel.cancel();
         sender.await.unwrap();
@@ -835,15 +843,9 @@ mod tests {
         assert!(matches!(shared.admit(&counters(10)).await, Some(Verdict::Refused { index: 2, value: 800 })));
         // The requests counter refuses: the in-flight one is taken back.
         assert!(matches!(shared.admit(&counters(2)).await, Some(Verdict::Refused { index: 1, value: 2 })));
-        let value = async |conn: &mut ConnectionManager, key: &str| -> (i64, i64) {
-            let key = format!("{prefix}:{key}");
-            let v: i64 = redis::cmd("GET").arg(&key).query_async(conn).await.unwrap();
-            let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(conn).await.unwrap();
-            (v, ttl)
-        };
-        assert_eq!(value(&mut conn, "inflight").await.0, 2);
-        assert_eq!(value(&mut conn, "rpm@1").await.0, 2);
-        assert_eq!(value(&mut conn, "tpm@1").await.0, 800);
+        assert_eq!(stored(&mut conn, &prefix, "inflight").await.0, Some(2));
+        assert_eq!(stored(&mut conn, &prefix, "rpm@1").await.0, Some(2));
+        assert_eq!(stored(&mut conn, &prefix, "tpm@1").await.0, Some(800));
 
         // Shorten both TTLs; the next admission renews only the in-flight one.
         for key in ["inflight", "rpm@1"] {
@@ -855,8 +857,8 @@ mod tests {
             LimitCounter { key: "rpm@1".to_owned(), limit: 10, amount: 1, expiry: Expiry::Created(120_000) },
         ];
         assert!(matches!(shared.admit(&small).await, Some(Verdict::Admitted(v)) if v == [3, 3]));
-        let (_, inflight_ttl) = value(&mut conn, "inflight").await;
-        let (_, rpm_ttl) = value(&mut conn, "rpm@1").await;
+        let (_, inflight_ttl) = stored(&mut conn, &prefix, "inflight").await;
+        let (_, rpm_ttl) = stored(&mut conn, &prefix, "rpm@1").await;
         assert!(inflight_ttl > 500_000, "renewed: {inflight_ttl} ms");
         assert!((1..=50_000).contains(&rpm_ttl), "kept from creation: {rpm_ttl} ms");
         cancel.cancel();
@@ -891,9 +893,7 @@ mod tests {
         assert!(matches!(reserve(700).await, Some(ReserveVerdict::Admitted(v)) if v == [1_000]));
         assert!(matches!(reserve(0).await, Some(ReserveVerdict::Admitted(v)) if v == [1_000]), "nothing more to spend");
         let mut conn = shared.conn.clone();
-        let spent: i64 =
-            redis::cmd("GET").arg(format!("{prefix}:budget:b:1:spent")).query_async(&mut conn).await.unwrap();
-        assert_eq!(spent, 300);
+        assert_eq!(stored(&mut conn, &prefix, "budget:b:1:spent").await.0, Some(300));
         cancel.cancel();
         sender.await.unwrap();
     }
@@ -915,9 +915,7 @@ mod tests {
         shared.flush().await;
         assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Admitted(v)) if v == [1]));
         let mut conn = shared.conn.clone();
-        let expired: Option<i64> =
-            redis::cmd("GET").arg(format!("{prefix}:expired")).query_async(&mut conn).await.unwrap();
-        assert_eq!(expired, None);
+        assert_eq!(stored(&mut conn, &prefix, "expired").await, (None, -2), "no such key");
         cancel.cancel();
         sender.await.unwrap();
     }
