@@ -171,7 +171,8 @@ impl Application {
         let shared = match config.redis.url()? {
             None => None,
             Some(url) => {
-                let shared = Shared::connect(url.expose_secret(), &config.redis.key_prefix).await?;
+                let shared =
+                    Shared::connect(url.expose_secret(), &config.redis.key_prefix, config.redis.lease_requests).await?;
                 // Requests wait on the checks one task sends and wake the
                 // other with each correction; both talk over the Redis
                 // connection that lives on the request runtime. They stay
@@ -449,6 +450,8 @@ impl GaugeSource for Gauges {
             m.redis_fallbacks.inc_by(shared.fallbacks().saturating_sub(seen));
             let seen = m.shared_corrections_dropped.get();
             m.shared_corrections_dropped.inc_by(shared.corrections_dropped().saturating_sub(seen));
+            let seen = m.shared_lease_admissions.get();
+            m.shared_lease_admissions.inc_by(shared.lease_admissions().saturating_sub(seen));
         }
         let seen = m.log_lines_dropped.get();
         m.log_lines_dropped.inc_by(crate::telemetry::dropped_log_lines().saturating_sub(seen));

@@ -157,6 +157,11 @@ pub struct RedisConfig {
     pub replicas: u64,
     /// Prefix of every key Tollgate writes, so deployments can share a Redis.
     pub key_prefix: String,
+    /// How many requests' worth of each shared limit and budget a replica
+    /// takes from Redis at a time and admits from by itself (at most a 64th
+    /// of the limit; limits too small for two requests' worth are checked
+    /// in Redis request by request). 0: every admission asks Redis.
+    pub lease_requests: u64,
 }
 
 impl Default for RedisConfig {
@@ -166,6 +171,7 @@ impl Default for RedisConfig {
             url_file: None,
             replicas: 1,
             key_prefix: "tollgate".to_owned(),
+            lease_requests: 64,
         }
     }
 }

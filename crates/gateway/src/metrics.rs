@@ -42,6 +42,7 @@ pub struct Metrics {
     pub spool_bytes: IntGauge,
     pub redis_fallbacks: IntCounter,
     pub shared_corrections_dropped: IntCounter,
+    pub shared_lease_admissions: IntCounter,
     pub upstream_attempts: IntCounterVec,
     pub breakers_open: IntGauge,
     pub upstream_keys_set_aside: IntCounter,
@@ -260,6 +261,10 @@ impl Metrics {
             shared_corrections_dropped: r.plain_counter(
                 "shared_corrections_dropped_total",
                 "Corrections to Redis counters dropped because too many were waiting (the counter stays high until it expires).",
+            )?,
+            shared_lease_admissions: r.plain_counter(
+                "shared_lease_admissions_total",
+                "Requests admitted from allowance this replica leased from Redis, without a round trip.",
             )?,
             budget_utilisation: r.gauges(
                 "budget_utilisation_percent",

@@ -37,7 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fast_hash::FastMap;
 
+mod lease;
 mod msgpack;
+
+use lease::{Leases, TopUp, Want};
 
 /// Applies a batch of corrections, then runs a queue of checks, in one
 /// atomic call. Every key the batch touches is in KEYS once; the arguments
@@ -51,17 +54,23 @@ mod msgpack;
 /// each as (key, delta); then each check as its kind (1: rate limits, 2:
 /// budgets), its number of counters, and per counter:
 ///
-/// - rate limit: (key, limit, amount, ttl). Refused with `{0, i, value}`
-///   when a counter would pass its limit; otherwise every counter is
-///   incremented and the answer is `{1, values...}`. A counter gets its TTL
-///   when created; a negative ttl (in-flight counts) is set again on every
-///   admission, so a counter in use never expires under its holders.
+/// - rate limit: (key, limit, amount, ttl, extra, room). Refused with
+///   `{0, i, value}` when a counter would pass its limit; otherwise every
+///   counter is incremented and the answer is `{1, values..., grants...}`.
+///   A counter gets its TTL when created; a negative ttl (in-flight counts)
+///   is set again on every admission, so a counter in use never expires
+///   under its holders.
 /// - budget: (committed key, settled key, initial, amount, worst case, hard,
-///   ttl). The committed counter is settled spend plus reservations in
-///   flight; both start at `initial` (settled spend from the ledger). The
-///   answer is `{1, committed...}`, or `{0, i, s}` when settled spend plus
-///   the request's worst case passes a hard budget (exhausted), or
-///   `{2, i, c}` when only reservations in flight are in the way (busy).
+///   ttl, extra, room). The committed counter is settled spend plus
+///   reservations in flight; both start at `initial` (settled spend from the
+///   ledger). The answer is `{1, committed..., grants...}`, or `{0, i, s}`
+///   when settled spend plus the request's worst case passes a hard budget
+///   (exhausted), or `{2, i, c}` when only reservations in flight are in the
+///   way (busy).
+///
+/// An admitted counter also grants the replica a lease of `extra` more
+/// (see [`lease`]) when that still leaves `room` below its limit; its grant
+/// is 0 otherwise. A grant is counted as used like the amount itself.
 ///
 /// A correction applies only to a counter that still exists: one that
 /// expired must not come back without its TTL.
@@ -100,29 +109,34 @@ end
 
 local function admit(a, n)
   for c = 0, n - 1 do
-    local at = a + c * 4
+    local at = a + c * 6
     local v = load(arg[at]) or 0
     if v + arg[at + 2] > arg[at + 1] then return {0, c + 1, v} end
   end
-  local out = {1}
+  local out, grants = {1}, {}
   for c = 0, n - 1 do
-    local at = a + c * 4
-    local i, amount, ttl = arg[at], arg[at + 2], arg[at + 3]
+    local at = a + c * 6
+    local i, limit, amount, ttl = arg[at], arg[at + 1], arg[at + 2], arg[at + 3]
+    local extra, room = arg[at + 4], arg[at + 5]
     if load(i) == false then
       create(i, 0, math.abs(ttl))
     elseif ttl < 0 then
       renew[i] = -ttl
     end
-    val[i] = val[i] + amount
-    touch(i, amount)
+    local grant = 0
+    if extra > 0 and val[i] + amount + extra + room <= limit then grant = extra end
+    val[i] = val[i] + amount + grant
+    touch(i, amount + grant)
     out[#out + 1] = val[i]
+    grants[c + 1] = grant
   end
+  for c = 1, n do out[#out + 1] = grants[c] end
   return out
 end
 
 local function reserve(a, n)
   for b = 0, n - 1 do
-    local at = a + b * 7
+    local at = a + b * 9
     local ci, si, init = arg[at], arg[at + 1], arg[at + 2]
     local amount, worst, hard, ttl =
       arg[at + 3], arg[at + 4], arg[at + 5], arg[at + 6]
@@ -138,14 +152,19 @@ local function reserve(a, n)
       if c + worst > amount then return {2, b + 1, c} end
     end
   end
-  local out = {1}
+  local out, grants = {1}, {}
   for b = 0, n - 1 do
-    local at = a + b * 7
-    local ci, worst = arg[at], arg[at + 4]
-    val[ci] = val[ci] + worst
-    touch(ci, worst)
+    local at = a + b * 9
+    local ci, amount, worst = arg[at], arg[at + 3], arg[at + 4]
+    local extra, room = arg[at + 7], arg[at + 8]
+    local grant = 0
+    if extra > 0 and val[ci] + worst + extra + room <= amount then grant = extra end
+    val[ci] = val[ci] + worst + grant
+    touch(ci, worst + grant)
     out[#out + 1] = val[ci]
+    grants[b + 1] = grant
   end
+  for b = 1, n do out[#out + 1] = grants[b] end
   return out
 end
 
@@ -165,10 +184,10 @@ while a <= #arg do
   a = a + 2
   if kind == 1 then
     out[#out + 1] = admit(a, n)
-    a = a + n * 4
+    a = a + n * 6
   else
     out[#out + 1] = reserve(a, n)
-    a = a + n * 7
+    a = a + n * 9
   end
 end
 for _, i in ipairs(touched) do
@@ -325,14 +344,70 @@ enum CheckKind {
     Reserve,
 }
 
+impl CheckKind {
+    /// Arguments per counter, after its key (or a budget's two keys).
+    const fn stride(self) -> usize {
+        match self {
+            Self::Admit => ADMIT_ARGS,
+            Self::Reserve => RESERVE_ARGS,
+        }
+    }
+
+    /// Where a counter's amount is among its arguments.
+    const fn amount_at(self) -> usize {
+        match self {
+            Self::Admit => 1,
+            Self::Reserve => 2,
+        }
+    }
+
+    /// Keys per counter: a budget has its committed and settled ones.
+    const fn keys_per_counter(self) -> usize {
+        match self {
+            Self::Admit => 1,
+            Self::Reserve => 2,
+        }
+    }
+}
+
+/// A rate-limit counter's arguments: limit, amount, ttl, extra, room.
+const ADMIT_ARGS: usize = 5;
+/// A budget's arguments: initial, amount, worst case, hard, ttl, extra,
+/// room.
+const RESERVE_ARGS: usize = 7;
+
 /// A check waiting for the next script call.
 struct Queued {
     kind: CheckKind,
     /// Unprefixed, as `adjust` takes them.
     keys: Vec<String>,
+    /// [`CheckKind::stride`] per counter; the last two ask for a lease.
     args: Vec<i64>,
-    /// The check's answer, or `None` when Redis failed.
-    answer: tokio::sync::oneshot::Sender<Option<Vec<i64>>>,
+    /// The check's answer, or `None` when Redis failed; no one waits for a
+    /// lease's top-up.
+    answer: Option<tokio::sync::oneshot::Sender<Option<Vec<i64>>>>,
+    /// A top-up: every counter's lease takes the answer, granted or not.
+    top_up: bool,
+}
+
+impl Queued {
+    fn counters(&self) -> usize {
+        self.keys.len() / self.kind.keys_per_counter()
+    }
+
+    /// Counter `i`'s key, as its lease is named.
+    fn lease_key(&self, i: usize) -> &str {
+        &self.keys[i * self.kind.keys_per_counter()]
+    }
+
+    fn arg(&self, i: usize, at: usize) -> i64 {
+        self.args.get(i * self.kind.stride() + at).copied().unwrap_or(0)
+    }
+
+    /// The block counter `i` asked for.
+    fn extra(&self, i: usize) -> i64 {
+        self.arg(i, self.kind.stride() - 2)
+    }
 }
 
 /// Checks waiting for [`Shared::send_checks`].
@@ -356,6 +431,9 @@ pub struct Shared {
     down: AtomicBool,
     down_since_ms: AtomicU64,
     fallbacks: AtomicU64,
+    leases: Leases,
+    /// Lease ages are counted from here (monotonic; paused in tests).
+    epoch: tokio::time::Instant,
 }
 
 impl std::fmt::Debug for Shared {
@@ -370,7 +448,9 @@ fn now_ms() -> u64 {
 
 impl Shared {
     /// Connects to Redis. The connection manager reconnects by itself.
-    pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Arc<Self>> {
+    /// Leases hold `lease_requests` requests' worth of a counter (0: every
+    /// admission asks Redis).
+    pub async fn connect(url: &str, prefix: &str, lease_requests: u64) -> anyhow::Result<Arc<Self>> {
         let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("bad Redis URL: {e}"))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(1))
@@ -392,6 +472,8 @@ impl Shared {
             down: AtomicBool::new(false),
             down_since_ms: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
+            leases: Leases::new(lease_requests),
+            epoch: tokio::time::Instant::now(),
         });
         Ok(shared)
     }
@@ -405,6 +487,15 @@ impl Shared {
     /// Requests decided locally because Redis was unavailable.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Requests admitted from this replica's leases, without a round trip.
+    pub fn lease_admissions(&self) -> u64 {
+        self.leases.admitted()
+    }
+
+    fn lease_now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Corrections dropped because the table of pending ones was full.
@@ -446,7 +537,7 @@ impl Shared {
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
-            queue.push(Queued { kind, keys, args, answer });
+            queue.push(Queued { kind, keys, args, answer: Some(answer), top_up: false });
         }
         self.checks.wake.notify_one();
         match tokio::time::timeout(CALL_TIMEOUT, answered).await {
@@ -461,6 +552,22 @@ impl Shared {
                 None
             }
         }
+    }
+
+    /// Queues a lease's top-up for the next script call; nothing waits for
+    /// it, the sender hands its answer to the lease.
+    fn top_up(&self, kind: CheckKind, keys: Vec<String>, args: Vec<i64>) {
+        let key = keys.first().cloned().unwrap_or_default();
+        {
+            let mut queue = lock(&self.checks.queue);
+            if self.checks.closed.load(Ordering::Acquire) {
+                drop(queue);
+                self.leases.not_granted(&key);
+                return;
+            }
+            queue.push(Queued { kind, keys, args, answer: None, top_up: true });
+        }
+        self.checks.wake.notify_one();
     }
 
     /// Sends queued checks, each call carrying every check queued since the
@@ -499,7 +606,7 @@ impl Shared {
         self.checks.calls.fetch_add(1, Ordering::Relaxed);
         let call = self.call_checks(&[], &batch);
         let result = tokio::time::timeout(CALL_TIMEOUT, call).await;
-        let requests = batch.len() as u64;
+        let requests = batch.iter().filter(|q| q.answer.is_some()).count() as u64;
         let answers = match result {
             Ok(Ok(Value::BulkString(packed))) => match msgpack::unpack_answers(&packed) {
                 Some(answers) if answers.len() == batch.len() => {
@@ -524,58 +631,83 @@ impl Shared {
                 None
             }
         };
+        let now = self.lease_now();
         match answers {
             Some(answers) => {
-                for (queued, numbers) in batch.into_iter().zip(answers) {
-                    let numbers = Some(numbers);
-                    let admitted = numbers.as_ref().is_some_and(|n| n.first() == Some(&1));
-                    if queued.answer.send(numbers).is_err() && admitted {
+                for (mut queued, numbers) in batch.into_iter().zip(answers) {
+                    self.hand_to_leases(&queued, Some(&numbers), now);
+                    let admitted = numbers.first() == Some(&1);
+                    let Some(answer) = queued.answer.take() else { continue };
+                    if answer.send(Some(numbers)).is_err() && admitted {
                         // Its request went away (the client disconnected)
                         // while the check was on its way: nobody will release
                         // what it took, so it is given back here.
-                        self.give_back(queued.kind, &queued.keys, &queued.args);
+                        self.give_back(&queued);
                     }
                 }
             }
             None => {
                 for queued in batch {
-                    let _ = queued.answer.send(None);
+                    self.hand_to_leases(&queued, None, now);
+                    if let Some(answer) = queued.answer {
+                        let _ = answer.send(None);
+                    }
                 }
+            }
+        }
+    }
+
+    /// Gives each lease the check asked a block for what Redis granted it
+    /// (`numbers`: the check's answer; `None`: Redis failed).
+    fn hand_to_leases(&self, queued: &Queued, numbers: Option<&[i64]>, now: u64) {
+        let n = queued.counters();
+        let admitted = numbers.filter(|numbers| numbers.first() == Some(&1) && numbers.len() == 1 + 2 * n);
+        for i in 0..n {
+            if !(queued.top_up || queued.extra(i) > 0) {
+                continue;
+            }
+            let key = queued.lease_key(i);
+            match admitted {
+                Some(numbers) => self.leases.granted(key, numbers[1 + n + i], numbers[1 + i], now),
+                None => self.leases.not_granted(key),
             }
         }
     }
 
     /// Undoes an admitted check: the amounts it added, as corrections.
-    fn give_back(&self, kind: CheckKind, keys: &[String], args: &[i64]) {
-        let amount = |i: usize| args.get(i).copied().unwrap_or(0);
-        match kind {
-            CheckKind::Admit => {
-                for (i, key) in keys.iter().enumerate() {
-                    self.adjust(key.clone(), -amount(i * 3 + 1));
-                }
-            }
-            CheckKind::Reserve => {
-                for (i, committed) in keys.iter().step_by(2).enumerate() {
-                    self.adjust(committed.clone(), -amount(i * 5 + 2));
-                }
-            }
+    fn give_back(&self, queued: &Queued) {
+        for i in 0..queued.counters() {
+            let amount = queued.arg(i, queued.kind.amount_at());
+            self.adjust(queued.lease_key(i).to_owned(), -amount);
         }
     }
 
-    /// Admits against `counters`, all or none. `None`: Redis is
-    /// unavailable, decide locally.
+    /// Admits against `counters`, all or none: from this replica's leases
+    /// when they hold enough, else in Redis. `None`: Redis is unavailable,
+    /// decide locally.
     pub async fn admit(&self, counters: &[LimitCounter]) -> Option<Verdict> {
+        let wants: Vec<Want<'_>> =
+            counters.iter().map(|c| Want { key: &c.key, amount: c.amount, limit: saturating(c.limit) }).collect();
+        let extras = match self.leases.take(&wants, self.lease_now()) {
+            lease::Taken::Leased { values, top_ups } => {
+                for TopUp { index, extra } in top_ups {
+                    let counter = &counters[index];
+                    self.top_up(CheckKind::Admit, vec![counter.key.clone()], admit_args(counter, 0, extra).to_vec());
+                }
+                return Some(Verdict::Admitted(values));
+            }
+            lease::Taken::Ask { extras } => extras,
+        };
         let keys: Vec<String> = counters.iter().map(|c| c.key.clone()).collect();
         let args: Vec<i64> = counters
             .iter()
-            .flat_map(|c| {
-                let ttl = saturating(c.expiry.ms());
-                [saturating(c.limit), c.amount, if matches!(c.expiry, Expiry::Renewed(_)) { -ttl } else { ttl }]
-            })
+            .zip(extras)
+            .flat_map(|(counter, extra)| admit_args(counter, counter.amount, extra))
             .collect();
         let numbers = self.check(CheckKind::Admit, keys, args).await?;
+        let n = counters.len();
         match numbers.first() {
-            Some(1) => Some(Verdict::Admitted(numbers[1..].to_vec())),
+            Some(1) if numbers.len() == 1 + 2 * n => Some(Verdict::Admitted(numbers[1..=n].to_vec())),
             Some(0) if numbers.len() >= 3 => {
                 Some(Verdict::Refused { index: (numbers[1] - 1).max(0) as usize, value: numbers[2] })
             }
@@ -583,26 +715,55 @@ impl Shared {
         }
     }
 
-    /// Reserves on budget counters, all or none. `None`: Redis is
+    /// Reserves on budget counters, all or none: from this replica's
+    /// leases when they hold enough, else in Redis. `None`: Redis is
     /// unavailable, decide locally.
     pub async fn reserve(&self, budgets: &[BudgetCounter]) -> Option<ReserveVerdict> {
+        let wants: Vec<Want<'_>> =
+            budgets.iter().map(|b| Want { key: &b.key, amount: b.worst_case, limit: b.amount }).collect();
+        let extras = match self.leases.take(&wants, self.lease_now()) {
+            lease::Taken::Leased { values, top_ups } => {
+                for TopUp { index, extra } in top_ups {
+                    let budget = &budgets[index];
+                    let keys = vec![budget.key.clone(), spent_key(&budget.key)];
+                    self.top_up(CheckKind::Reserve, keys, reserve_args(budget, 0, extra).to_vec());
+                }
+                return Some(ReserveVerdict::Admitted(values));
+            }
+            lease::Taken::Ask { extras } => extras,
+        };
         let keys: Vec<String> = budgets.iter().flat_map(|b| [b.key.clone(), spent_key(&b.key)]).collect();
         let args: Vec<i64> = budgets
             .iter()
-            .flat_map(|b| [b.initial, b.amount, b.worst_case, i64::from(b.hard), saturating(b.ttl_ms)])
+            .zip(extras)
+            .flat_map(|(budget, extra)| reserve_args(budget, budget.worst_case, extra))
             .collect();
         let numbers = self.check(CheckKind::Reserve, keys, args).await?;
+        let n = budgets.len();
         let index = || numbers.get(1).map_or(0, |i| (*i - 1).max(0) as usize);
         match numbers.first() {
-            Some(1) => Some(ReserveVerdict::Admitted(numbers[1..].to_vec())),
+            Some(1) if numbers.len() == 1 + 2 * n => Some(ReserveVerdict::Admitted(numbers[1..=n].to_vec())),
             Some(0) => Some(ReserveVerdict::Exhausted(index())),
             Some(2) => Some(ReserveVerdict::Busy(index())),
             _ => None,
         }
     }
 
-    /// Queues a counter change (settlement, release); never waits.
+    /// Applies a counter change (settlement, release): to this replica's
+    /// lease of the counter when it holds one, else queued for Redis. Never
+    /// waits.
     pub fn adjust(&self, key: String, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        match self.leases.absorb(&key, delta) {
+            None => self.correct(key, delta),
+            Some(owed) => self.correct(key, owed),
+        }
+    }
+
+    /// Queues a correction for Redis.
+    fn correct(&self, key: String, delta: i64) {
         if delta == 0 {
             return;
         }
@@ -625,17 +786,36 @@ impl Shared {
         self.pending.wake.notify_one();
     }
 
-    /// Sends queued corrections until cancelled, then sends what is left.
+    /// Sends queued corrections until cancelled, then gives back every
+    /// lease and sends what is left. Idle leases are given back as they go
+    /// idle, except while Redis is down: then they are kept (a correction
+    /// that cannot reach Redis would be lost) until it answers again.
     pub async fn apply_adjustments(self: Arc<Self>, cancel: CancellationToken) {
+        let mut retire = tokio::time::interval(Duration::from_millis(lease::IDLE_MS / 4));
+        retire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
                 () = self.pending.wake.notified() => {}
+                _ = retire.tick() => {
+                    if !self.is_down() {
+                        self.give_back_leases(false);
+                    }
+                }
             }
             self.flush().await;
         }
+        self.give_back_leases(true);
         self.flush().await;
+    }
+
+    /// Queues what idle leases (with `all`, every lease) hold unused, to be
+    /// given back to Redis.
+    fn give_back_leases(&self, all: bool) {
+        for (key, delta) in self.leases.retire(self.lease_now(), all) {
+            self.correct(key, delta);
+        }
     }
 
     /// Sends every pending correction, in batches of one script call each.
@@ -683,14 +863,14 @@ impl Shared {
             match queued.kind {
                 CheckKind::Admit => {
                     args.extend([1, queued.keys.len() as i64]);
-                    for (key, limit) in queued.keys.iter().zip(queued.args.chunks_exact(3)) {
+                    for (key, limit) in queued.keys.iter().zip(queued.args.chunks_exact(ADMIT_ARGS)) {
                         args.push(keys.index(key));
                         args.extend_from_slice(limit);
                     }
                 }
                 CheckKind::Reserve => {
                     args.extend([2, (queued.keys.len() / 2) as i64]);
-                    for (pair, budget) in queued.keys.chunks_exact(2).zip(queued.args.chunks_exact(5)) {
+                    for (pair, budget) in queued.keys.chunks_exact(2).zip(queued.args.chunks_exact(RESERVE_ARGS)) {
                         args.extend([keys.index(&pair[0]), keys.index(&pair[1])]);
                         args.extend_from_slice(budget);
                     }
@@ -749,6 +929,28 @@ async fn require_scripting(conn: &mut ConnectionManager, probe: &str) -> anyhow:
     })
 }
 
+/// A rate-limit counter's arguments to [`CHECKS`], taking `amount` and
+/// asking for a lease of `extra`.
+fn admit_args(counter: &LimitCounter, amount: i64, extra: i64) -> [i64; ADMIT_ARGS] {
+    let ttl = saturating(counter.expiry.ms());
+    let ttl = if matches!(counter.expiry, Expiry::Renewed(_)) { -ttl } else { ttl };
+    [saturating(counter.limit), amount, ttl, extra, extra.saturating_mul(lease::HEADROOM_BLOCKS)]
+}
+
+/// A budget's arguments to [`CHECKS`], reserving `worst_case` and asking
+/// for a lease of `extra`.
+fn reserve_args(budget: &BudgetCounter, worst_case: i64, extra: i64) -> [i64; RESERVE_ARGS] {
+    [
+        budget.initial,
+        budget.amount,
+        worst_case,
+        i64::from(budget.hard),
+        saturating(budget.ttl_ms),
+        extra,
+        extra.saturating_mul(lease::HEADROOM_BLOCKS),
+    ]
+}
+
 /// Counts and durations as the scripts take them (Lua numbers; none comes
 /// near the bound).
 fn saturating(n: u64) -> i64 {
@@ -779,8 +981,15 @@ mod tests {
     /// Connected under a prefix of its own, with the task sending checks
     /// running until the token is cancelled.
     async fn started() -> (String, Arc<Shared>, CancellationToken, tokio::task::JoinHandle<()>) {
+        started_with_leases(0).await
+    }
+
+    /// As [`started`], with leases of `lease_requests` requests' worth.
+    async fn started_with_leases(
+        lease_requests: u64,
+    ) -> (String, Arc<Shared>, CancellationToken, tokio::task::JoinHandle<()>) {
         let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
-        let shared = Shared::connect(&redis_url(), &prefix).await.unwrap();
+        let shared = Shared::connect(&redis_url(), &prefix, lease_requests).await.unwrap();
         let cancel = CancellationToken::new();
         let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
         (prefix, shared, cancel, sender)
@@ -1068,5 +1277,139 @@ mod tests {
         cancel.cancel();
         sender.await.unwrap();
         corrections.await.unwrap();
+    }
+
+    /// Waits until `done` holds, for at most ten seconds.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The first admission asks Redis and brings back a block; the next
+    /// ones are admitted from it without a call, until it runs low and a
+    /// top-up comes in the background. Given back, the block leaves Redis
+    /// counting exactly what was admitted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_admits_without_a_round_trip_and_gives_back_what_it_did_not_use() {
+        let (prefix, shared, cancel, sender) = started_with_leases(64).await;
+        let mut conn = shared.conn.clone();
+        let rpm =
+            [LimitCounter { key: "rpm@1".to_owned(), limit: 1_000_000, amount: 1, expiry: Expiry::Created(120_000) }];
+        assert!(matches!(shared.admit(&rpm).await, Some(Verdict::Admitted(v)) if v == [65]));
+        assert_eq!(stored(&mut conn, &prefix, "rpm@1").await.0, Some(65), "one admitted and a block of 64 held");
+        assert_eq!(shared.checks.calls.load(Ordering::Relaxed), 1);
+        for used in 2..=32 {
+            let Some(Verdict::Admitted(values)) = shared.admit(&rpm).await else { panic!("refused") };
+            assert_eq!(values, [used], "what Redis holds less what this replica holds unused");
+        }
+        assert_eq!(shared.checks.calls.load(Ordering::Relaxed), 1, "no round trip while the lease holds");
+        assert_eq!(shared.lease_admissions(), 31);
+        // Two more leave 31 of the block, below half of it: one top-up.
+        assert!(matches!(shared.admit(&rpm).await, Some(Verdict::Admitted(_))));
+        assert!(matches!(shared.admit(&rpm).await, Some(Verdict::Admitted(_))));
+        until("the top-up is granted", || shared.leases.remaining("rpm@1") == Some(31 + 64)).await;
+        assert_eq!(shared.checks.calls.load(Ordering::Relaxed), 2);
+        assert_eq!(stored(&mut conn, &prefix, "rpm@1").await.0, Some(65 + 64));
+
+        shared.give_back_leases(true);
+        shared.flush().await;
+        assert_eq!(stored(&mut conn, &prefix, "rpm@1").await.0, Some(34), "exactly the 34 admitted");
+        assert_eq!(shared.leases.remaining("rpm@1"), None);
+        cancel.cancel();
+        sender.await.unwrap();
+    }
+
+    /// Releases and settlements of leased counters go into the lease, not
+    /// to Redis; once the lease is given back, Redis holds what is really
+    /// used: the requests still in flight, and a budget's settled costs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrections_of_leased_counters_stay_local_and_leave_redis_exact() {
+        let (prefix, shared, cancel, sender) = started_with_leases(64).await;
+        let mut conn = shared.conn.clone();
+        let inflight =
+            [LimitCounter { key: "inflight".to_owned(), limit: 100_000, amount: 1, expiry: Expiry::Renewed(600_000) }];
+        for _ in 0..10 {
+            assert!(matches!(shared.admit(&inflight).await, Some(Verdict::Admitted(_))));
+        }
+        for _ in 0..7 {
+            shared.adjust("inflight".to_owned(), -1);
+        }
+        let budget = BudgetCounter {
+            key: "budget:b:1".to_owned(),
+            initial: 5_000,
+            amount: 1_000_000_000,
+            worst_case: 1_000,
+            hard: true,
+            ttl_ms: 0,
+        };
+        for _ in 0..4 {
+            assert!(matches!(shared.reserve(std::slice::from_ref(&budget)).await, Some(ReserveVerdict::Admitted(_))));
+        }
+        // Three settle at 300 each; one costs 1,500, past its reservation.
+        for cost in [300, 300, 300] {
+            shared.adjust(spent_key(&budget.key), cost);
+            shared.adjust(budget.key.clone(), cost - 1_000);
+        }
+        shared.adjust(spent_key(&budget.key), 1_500);
+        shared.adjust(budget.key.clone(), 500);
+        shared.flush().await;
+        assert_eq!(shared.checks.calls.load(Ordering::Relaxed), 2, "one call each, for the first admission");
+        assert_eq!(stored(&mut conn, &prefix, "inflight").await.0, Some(1 + 64));
+        assert_eq!(stored(&mut conn, &prefix, "budget:b:1:spent").await.0, Some(5_000 + 2_400));
+
+        shared.give_back_leases(true);
+        shared.flush().await;
+        assert_eq!(stored(&mut conn, &prefix, "inflight").await.0, Some(3), "the three still in flight");
+        assert_eq!(stored(&mut conn, &prefix, "budget:b:1").await.0, Some(5_000 + 2_400), "settled spend only");
+        cancel.cancel();
+        sender.await.unwrap();
+    }
+
+    /// Two replicas leasing from one counter admit together exactly up to
+    /// its limit and never past it; near the limit each is checked in Redis
+    /// request by request, and what they gave back leaves Redis holding
+    /// exactly what was admitted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_leasing_one_counter_never_admit_past_its_limit() {
+        let (prefix, first, cancel, first_sender) = started_with_leases(64).await;
+        let second = Shared::connect(&redis_url(), &prefix, 64).await.unwrap();
+        let second_sender = tokio::spawn(second.clone().send_checks(cancel.clone()));
+        let mut conn = first.conn.clone();
+        let hammer = |shared: Arc<Shared>| async move {
+            let rpm =
+                [LimitCounter { key: "rpm@1".to_owned(), limit: 6_400, amount: 1, expiry: Expiry::Created(120_000) }];
+            let (mut admitted, mut attempts, mut slow) = (0_i64, 0, 0);
+            while attempts < 5_000 {
+                match shared.admit(&rpm).await {
+                    Some(Verdict::Admitted(_)) => admitted += 1,
+                    Some(Verdict::Refused { .. }) => {}
+                    // Slower than the call timeout on a busy machine: what
+                    // it took, if anything, is given back; try again.
+                    None => {
+                        slow += 1;
+                        assert!(slow < 100, "Redis keeps failing");
+                        continue;
+                    }
+                }
+                attempts += 1;
+            }
+            admitted
+        };
+        let (a, b) = tokio::join!(tokio::spawn(hammer(first.clone())), tokio::spawn(hammer(second.clone())));
+        let admitted = a.unwrap() + b.unwrap();
+        assert!(admitted <= 6_400, "{admitted} admitted past the limit of 6,400");
+        assert!(admitted > 6_400 - 2 * 96, "only what the replicas held at the end was left unused: {admitted}");
+        assert!(first.lease_admissions() > 0 && second.lease_admissions() > 0);
+        for shared in [&first, &second] {
+            shared.give_back_leases(true);
+            shared.flush().await;
+        }
+        assert_eq!(stored(&mut conn, &prefix, "rpm@1").await.0, Some(admitted));
+        cancel.cancel();
+        first_sender.await.unwrap();
+        second_sender.await.unwrap();
     }
 }

@@ -18,8 +18,17 @@ fn redis_url() -> String {
 
 /// Two replicas on one fresh Postgres database and one Redis namespace.
 async fn pair(redis: &str, replicas: u64) -> (TestGateway, TestGateway, tollgate_store::testing::TestDatabase) {
+    pair_under(redis, replicas, &format!("test-{}", uuid_like())).await
+}
+
+/// [`pair`], with the replicas' keys in Redis under `prefix`.
+async fn pair_under(
+    redis: &str,
+    replicas: u64,
+    prefix: &str,
+) -> (TestGateway, TestGateway, tollgate_store::testing::TestDatabase) {
     let db = tollgate_store::testing::TestDatabase::postgres().await;
-    let prefix = format!("test-{}", uuid_like());
+    let prefix = prefix.to_owned();
     let clock = TestClock::new();
     let start = |url: String, prefix: String, redis: String| {
         let clock = clock.clone();
@@ -271,4 +280,58 @@ async fn in_flight_and_token_limits_hold_across_two_replicas() {
         chat(b.url("/v1/chat/completions"), ask(1700)).await.unwrap().status() == 200
     })
     .await;
+}
+
+/// With limits and a budget far from their ends, each replica admits from
+/// blocks it leases from Redis instead of asking Redis for every request;
+/// at shutdown both give back what they held, so Redis counts exactly the
+/// requests admitted, none in flight, and a budget committed to exactly
+/// its settled spend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_limits_are_given_back_at_shutdown_leaving_redis_exact() {
+    let prefix = format!("test-{}", uuid_like());
+    let (mut a, mut b, _db) = pair_under(&redis_url(), 2, &prefix).await;
+    let limits = json!({"policy": {"limits": {"rpm": 1_000_000, "tpm": 1_000_000_000, "max_concurrent": 100_000}}});
+    let (status, _) = a.admin(Method::PATCH, "/admin/v1/tenants/test", Some(limits)).await;
+    assert_eq!(status, 200);
+    let (status, budget) = a
+        .admin(Method::POST, "/admin/v1/tenants/test/budgets", Some(json!({"period": "daily", "amount_usd": "1000"})))
+        .await;
+    assert_eq!(status, 201);
+    let applied = |r: &reqwest::Response| {
+        header_is(r, "x-ratelimit-limit-requests", "1000000")
+            && r.headers().contains_key("x-tollgate-budget-remaining-usd")
+    };
+    until_applied(&b, &a.key, CHAT, applied, "B applies the limits and budget set on A").await;
+    until_applied(&a, &a.key, CHAT, applied, "A applies them too").await;
+
+    a.clock.to_next_minute();
+    let window = a.clock.now().timestamp_millis() / 60_000;
+    let client = client_with_key(&a.key);
+    for i in 0..40 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let r = client.post(gw.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for gw in [&a, &b] {
+        let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let leased = scraped_value(&metrics, "tollgate_shared_lease_admissions_total").unwrap();
+        assert!(leased >= 30.0, "most checks were admitted from leases: {leased}");
+    }
+    let day = a.clock.now().format("%Y%m%d").to_string();
+    for gw in [&mut a, &mut b] {
+        gw.begin_shutdown().await.unwrap().unwrap();
+    }
+
+    let mut redis = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut get = async |key: String| -> Option<i64> {
+        redis::cmd("GET").arg(format!("{prefix}:{key}")).query_async(&mut redis).await.unwrap()
+    };
+    assert_eq!(get(format!("rl:t:test:rpm@{window}")).await, Some(40), "exactly the requests of this minute");
+    assert_eq!(get("rl:t:test:inflight".to_owned()).await, Some(0), "none in flight");
+    let budget_key = format!("budget:{}:{day}", budget["id"].as_str().unwrap());
+    let committed = get(budget_key.clone()).await;
+    let spent = get(format!("{budget_key}:spent")).await;
+    assert!(spent.is_some_and(|s| s > 0), "requests were billed: {spent:?}");
+    assert_eq!(committed, spent, "nothing reserved or leased is left committed");
 }

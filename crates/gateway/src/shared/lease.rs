@@ -1,0 +1,318 @@
+//! Allowance a replica holds from Redis and admits from by itself.
+//!
+//! A lease is a block of one shared counter's allowance (a slice of a
+//! window's requests or tokens, of the in-flight slots, or of a budget)
+//! that Redis has already counted as used: the script grants it only
+//! together with an admission or a top-up, atomically, and only while the
+//! counter keeps room for [`HEADROOM_BLOCKS`] more blocks after it. Requests
+//! that fit in the leases of all their counters are admitted here without a
+//! round trip; the rest go to Redis as before, asking for a block on the
+//! way. So the fleet never admits past a limit (every unit admitted was
+//! counted in Redis first), and what it can leave unused is at most the
+//! blocks the replicas hold, each at most a 64th of the limit.
+//!
+//! Redis's value for a leased counter is therefore the usage it was told of
+//! plus every replica's unused remainder. That is why a correction for a
+//! leased counter (a released in-flight slot, a settled token count, a
+//! settled budget reservation) can go into the lease instead of to Redis:
+//! moving a unit between "used" and "held" leaves Redis's value right, and
+//! the remainder goes back when the lease is retired.
+//!
+//! Leases are retired (their remainder given back to Redis) once idle for
+//! [`IDLE_MS`], so a quiet replica does not sit on allowance others need,
+//! and at shutdown. One in use is renewed every [`RENEW_MS`] by a top-up in
+//! the background, which also renews an in-flight count's TTL in Redis.
+//! Small limits never lease: a block must hold at least two requests'
+//! worth, so a limit of 10 requests a minute or 2 in flight is checked in
+//! Redis request by request, as exactly as before.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::fast_hash::FastMap;
+
+/// The largest share of a limit one block may be.
+const BLOCK_SHARE_OF_LIMIT: i64 = 64;
+/// Blocks of room a counter must keep after a grant: near its limit a
+/// counter is checked in Redis request by request, and the blocks already
+/// out drain or come back.
+pub const HEADROOM_BLOCKS: i64 = 2;
+/// A lease unused this long is given back.
+pub const IDLE_MS: u64 = 1_000;
+/// A lease in use is topped up (and its counter's TTL renewed) this often.
+const RENEW_MS: u64 = 5_000;
+
+/// One counter's lease.
+#[derive(Debug)]
+struct Lease {
+    /// Allowance held and not yet used; below zero only until the deficit
+    /// is sent to Redis (see [`Leases::absorb`]).
+    remaining: i64,
+    /// The counter's value in Redis after the last grant.
+    seen: i64,
+    renewed_ms: u64,
+    used_ms: u64,
+    /// A top-up is on its way: no other is asked for.
+    topping_up: bool,
+}
+
+impl Lease {
+    fn empty(seen: i64, now_ms: u64) -> Self {
+        Self { remaining: 0, seen, renewed_ms: now_ms, used_ms: now_ms, topping_up: false }
+    }
+}
+
+/// A top-up to ask for in the background: counter `index` of the request
+/// wants `extra` more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopUp {
+    pub index: usize,
+    pub extra: i64,
+}
+
+/// One counter a request wants: its key, its amount and its limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Want<'a> {
+    pub key: &'a str,
+    pub amount: i64,
+    pub limit: i64,
+}
+
+/// What [`Leases::take`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Admitted from the leases: each counter's estimated value in Redis
+    /// (its last seen value less what is held unused here), and the
+    /// top-ups to send.
+    Leased { values: Vec<i64>, top_ups: Vec<TopUp> },
+    /// Not every counter's lease could take it: ask Redis, with these
+    /// blocks to grant (0 where none is wanted).
+    Ask { extras: Vec<i64> },
+}
+
+#[derive(Debug, Default)]
+pub struct Leases {
+    table: Mutex<FastMap<String, Lease>>,
+    /// Requests' worth in a block; 0: no leases.
+    requests_per_block: i64,
+    admitted: AtomicU64,
+}
+
+impl Leases {
+    pub fn new(requests_per_block: u64) -> Self {
+        Self { requests_per_block: i64::try_from(requests_per_block).unwrap_or(i64::MAX), ..Self::default() }
+    }
+
+    /// Requests admitted from leases, since start.
+    pub fn admitted(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed)
+    }
+
+    /// The block to lease of a counter with this limit, for requests of
+    /// this amount; 0 where leasing is off or the limit is too small for a
+    /// block to hold two requests.
+    pub fn block(&self, limit: i64, amount: i64) -> i64 {
+        let unit = amount.max(1);
+        let block = unit.saturating_mul(self.requests_per_block).min(limit / BLOCK_SHARE_OF_LIMIT);
+        if block >= unit.saturating_mul(2) { block } else { 0 }
+    }
+
+    /// Takes every counter's amount from its lease, or none: all must hold
+    /// a lease with room for it.
+    pub fn take(&self, wants: &[Want<'_>], now_ms: u64) -> Taken {
+        let mut table = lock(&self.table);
+        let leasable = wants.iter().all(|w| table.get(w.key).is_some_and(|l| l.remaining >= w.amount));
+        if !leasable {
+            let extras = wants
+                .iter()
+                .map(|w| {
+                    let block = self.block(w.limit, w.amount);
+                    if block == 0 {
+                        return 0;
+                    }
+                    if !table.contains_key(w.key) {
+                        table.insert(w.key.to_owned(), Lease::empty(0, now_ms));
+                    }
+                    let Some(lease) = table.get_mut(w.key) else { return 0 };
+                    lease.used_ms = now_ms;
+                    // A block is on its way already, or this lease still
+                    // has half of one.
+                    if lease.topping_up || lease.remaining >= block / 2 + w.amount {
+                        return 0;
+                    }
+                    lease.topping_up = true;
+                    block
+                })
+                .collect();
+            return Taken::Ask { extras };
+        }
+        let mut values = Vec::with_capacity(wants.len());
+        let mut top_ups = Vec::new();
+        for (index, want) in wants.iter().enumerate() {
+            let Some(lease) = table.get_mut(want.key) else { continue };
+            lease.remaining -= want.amount;
+            lease.used_ms = now_ms;
+            values.push(lease.seen - lease.remaining);
+            if lease.topping_up {
+                continue;
+            }
+            let block = self.block(want.limit, want.amount);
+            let low = lease.remaining < block / 2;
+            if low || now_ms.saturating_sub(lease.renewed_ms) >= RENEW_MS {
+                lease.topping_up = true;
+                top_ups.push(TopUp { index, extra: if low { block } else { 0 } });
+            }
+        }
+        drop(table);
+        self.admitted.fetch_add(1, Ordering::Relaxed);
+        Taken::Leased { values, top_ups }
+    }
+
+    /// Applies a correction to `key`'s lease, if this replica holds one.
+    /// `None`: it holds none, send the correction to Redis. `Some(owed)`:
+    /// applied, and `owed` (when above zero) is usage past what the lease
+    /// held, which Redis must be told of now so it never counts less than
+    /// is used.
+    pub fn absorb(&self, key: &str, delta: i64) -> Option<i64> {
+        let mut table = lock(&self.table);
+        let lease = table.get_mut(key)?;
+        lease.remaining -= delta;
+        let owed = (-lease.remaining).max(0);
+        lease.remaining += owed;
+        lease.seen += owed;
+        Some(owed)
+    }
+
+    /// Redis granted `grant` more of `key` (0: renewed only), leaving the
+    /// counter at `value`.
+    pub fn granted(&self, key: &str, grant: i64, value: i64, now_ms: u64) {
+        let mut table = lock(&self.table);
+        if !table.contains_key(key) {
+            table.insert(key.to_owned(), Lease::empty(value, now_ms));
+        }
+        let Some(lease) = table.get_mut(key) else { return };
+        lease.remaining += grant;
+        lease.seen = value;
+        lease.renewed_ms = now_ms;
+        lease.topping_up = false;
+    }
+
+    /// A top-up for `key` was refused or failed: another may be asked for.
+    pub fn not_granted(&self, key: &str) {
+        if let Some(lease) = lock(&self.table).get_mut(key) {
+            lease.topping_up = false;
+        }
+    }
+
+    /// Removes the leases idle since `IDLE_MS` before `now_ms` (all of them
+    /// with `all`), and returns what each held unused, as the corrections
+    /// that give it back.
+    pub fn retire(&self, now_ms: u64, all: bool) -> Vec<(String, i64)> {
+        let mut given_back = Vec::new();
+        lock(&self.table).retain(|key, lease| {
+            let idle = now_ms.saturating_sub(lease.used_ms) >= IDLE_MS;
+            if !(all || idle) {
+                return true;
+            }
+            if lease.remaining != 0 {
+                given_back.push((key.clone(), -lease.remaining));
+            }
+            false
+        });
+        given_back
+    }
+
+    #[cfg(test)]
+    pub fn remaining(&self, key: &str) -> Option<i64> {
+        lock(&self.table).get(key).map(|l| l.remaining)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want(key: &str, amount: i64, limit: i64) -> Want<'_> {
+        Want { key, amount, limit }
+    }
+
+    #[test]
+    fn blocks_hold_two_requests_at_least_and_a_64th_of_the_limit_at_most() {
+        let leases = Leases::new(64);
+        assert_eq!(leases.block(100_000_000, 1), 64);
+        assert_eq!(leases.block(1_000, 1), 15, "a 64th of the limit");
+        assert_eq!(leases.block(10, 1), 0, "rpm 10: checked request by request");
+        assert_eq!(leases.block(2, 1), 0, "2 in flight: checked request by request");
+        assert_eq!(leases.block(1_000, 400), 0, "a block cannot hold two such requests");
+        assert_eq!(leases.block(1_000_000, 300), 15_625);
+        assert_eq!(Leases::new(0).block(100_000_000, 1), 0, "leases off");
+    }
+
+    #[test]
+    fn a_request_is_taken_from_every_lease_or_from_none() {
+        let leases = Leases::new(64);
+        let wants = [want("rpm", 1, 1_000_000), want("tpm", 100, 1_000_000_000)];
+        // No leases yet: ask Redis, with a block for each.
+        assert_eq!(leases.take(&wants, 0), Taken::Ask { extras: vec![64, 6_400] });
+        // Asked already: the next request asks for none while they come.
+        assert_eq!(leases.take(&wants, 0), Taken::Ask { extras: vec![0, 0] });
+        leases.granted("rpm", 64, 65, 0);
+        leases.granted("tpm", 50, 150, 0);
+        // The token lease holds 50, less than 100: nothing is taken.
+        assert!(matches!(leases.take(&wants, 1), Taken::Ask { .. }));
+        assert_eq!((leases.remaining("rpm"), leases.remaining("tpm")), (Some(64), Some(50)));
+        leases.granted("tpm", 6_400, 6_550, 1);
+        let Taken::Leased { values, top_ups } = leases.take(&wants, 2) else { panic!("not leased") };
+        assert_eq!(values, [65 - 63, 6_550 - 6_350]);
+        assert!(top_ups.is_empty(), "both hold more than half a block");
+        assert_eq!(leases.admitted(), 1);
+    }
+
+    #[test]
+    fn a_lease_below_half_a_block_asks_for_one_and_one_in_use_is_renewed() {
+        let leases = Leases::new(64);
+        let wants = [want("rpm", 1, 1_000_000)];
+        leases.granted("rpm", 40, 40, 0);
+        for _ in 0..8 {
+            assert!(matches!(leases.take(&wants, 1), Taken::Leased { ref top_ups, .. } if top_ups.is_empty()));
+        }
+        let Taken::Leased { top_ups, .. } = leases.take(&wants, 1) else { panic!() };
+        assert_eq!(top_ups, [TopUp { index: 0, extra: 64 }], "31 left: below half a block");
+        let Taken::Leased { top_ups, .. } = leases.take(&wants, 1) else { panic!() };
+        assert!(top_ups.is_empty(), "one top-up at a time");
+        leases.granted("rpm", 64, 104, 2);
+        let Taken::Leased { top_ups, .. } = leases.take(&wants, RENEW_MS + 2) else { panic!() };
+        assert_eq!(top_ups, [TopUp { index: 0, extra: 0 }], "renewed only");
+        leases.not_granted("rpm");
+        assert!(matches!(leases.take(&wants, RENEW_MS + 3), Taken::Leased { ref top_ups, .. } if top_ups.len() == 1));
+    }
+
+    #[test]
+    fn corrections_go_into_a_held_lease_and_usage_past_it_is_owed_to_redis() {
+        let leases = Leases::new(64);
+        assert_eq!(leases.absorb("tpm", -5), None, "no lease: Redis takes it");
+        leases.granted("tpm", 100, 100, 0);
+        assert_eq!(leases.absorb("tpm", -30), Some(0), "a reservation settled lower");
+        assert_eq!(leases.remaining("tpm"), Some(130));
+        assert_eq!(leases.absorb("tpm", 200), Some(70), "settled 200 higher: 70 past the lease");
+        assert_eq!(leases.remaining("tpm"), Some(0));
+    }
+
+    #[test]
+    fn idle_leases_give_back_what_they_hold_and_shutdown_gives_back_all() {
+        let leases = Leases::new(64);
+        leases.granted("a", 64, 64, 0);
+        leases.granted("b", 64, 64, 0);
+        leases.granted("c", 0, 10, 0);
+        assert!(matches!(leases.take(&[want("b", 1, 1_000_000)], IDLE_MS - 1), Taken::Leased { .. }));
+        let mut idle = leases.retire(IDLE_MS, false);
+        idle.sort();
+        assert_eq!(idle, [("a".to_owned(), -64)], "c held nothing; b is in use");
+        assert_eq!(leases.retire(IDLE_MS, true), [("b".to_owned(), -63)]);
+        assert_eq!(leases.remaining("b"), None);
+    }
+}
