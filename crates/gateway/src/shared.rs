@@ -361,6 +361,14 @@ impl CheckKind {
         }
     }
 
+    /// Where a counter's limit (a budget's amount) is among its arguments.
+    const fn limit_at(self) -> usize {
+        match self {
+            Self::Admit => 0,
+            Self::Reserve => 1,
+        }
+    }
+
     /// Keys per counter: a budget has its committed and settled ones.
     const fn keys_per_counter(self) -> usize {
         match self {
@@ -402,6 +410,11 @@ impl Queued {
 
     fn arg(&self, i: usize, at: usize) -> i64 {
         self.args.get(i * self.kind.stride() + at).copied().unwrap_or(0)
+    }
+
+    /// Counter `i`'s limit (a budget's amount).
+    fn limit(&self, i: usize) -> i64 {
+        self.arg(i, self.kind.limit_at())
     }
 
     /// The block counter `i` asked for.
@@ -668,7 +681,7 @@ impl Shared {
             }
             let key = queued.lease_key(i);
             match admitted {
-                Some(numbers) => self.leases.granted(key, numbers[1 + n + i], numbers[1 + i], now),
+                Some(numbers) => self.leases.granted(key, numbers[1 + n + i], numbers[1 + i], queued.limit(i), now),
                 None => self.leases.not_granted(key),
             }
         }

@@ -50,6 +50,10 @@ struct Lease {
     remaining: i64,
     /// The counter's value in Redis after the last grant.
     seen: i64,
+    /// The limit the last grant was made under: once the limit is changed
+    /// (lowered, say), the lease admits nothing more until Redis grants
+    /// under the new one.
+    limit: i64,
     renewed_ms: u64,
     used_ms: u64,
     /// A top-up is on its way: no other is asked for.
@@ -57,8 +61,8 @@ struct Lease {
 }
 
 impl Lease {
-    fn empty(seen: i64, now_ms: u64) -> Self {
-        Self { remaining: 0, seen, renewed_ms: now_ms, used_ms: now_ms, topping_up: false }
+    fn empty(seen: i64, limit: i64, now_ms: u64) -> Self {
+        Self { remaining: 0, seen, limit, renewed_ms: now_ms, used_ms: now_ms, topping_up: false }
     }
 }
 
@@ -121,7 +125,8 @@ impl Leases {
     /// a lease with room for it.
     pub fn take(&self, wants: &[Want<'_>], now_ms: u64) -> Taken {
         let mut table = lock(&self.table);
-        let leasable = wants.iter().all(|w| table.get(w.key).is_some_and(|l| l.remaining >= w.amount));
+        let leasable =
+            wants.iter().all(|w| table.get(w.key).is_some_and(|l| l.limit == w.limit && l.remaining >= w.amount));
         if !leasable {
             let extras = wants
                 .iter()
@@ -131,13 +136,13 @@ impl Leases {
                         return 0;
                     }
                     if !table.contains_key(w.key) {
-                        table.insert(w.key.to_owned(), Lease::empty(0, now_ms));
+                        table.insert(w.key.to_owned(), Lease::empty(0, w.limit, now_ms));
                     }
                     let Some(lease) = table.get_mut(w.key) else { return 0 };
                     lease.used_ms = now_ms;
                     // A block is on its way already, or this lease still
                     // has half of one.
-                    if lease.topping_up || lease.remaining >= block / 2 + w.amount {
+                    if lease.topping_up || (lease.limit == w.limit && lease.remaining >= block / 2 + w.amount) {
                         return 0;
                     }
                     lease.topping_up = true;
@@ -183,16 +188,17 @@ impl Leases {
         Some(owed)
     }
 
-    /// Redis granted `grant` more of `key` (0: renewed only), leaving the
-    /// counter at `value`.
-    pub fn granted(&self, key: &str, grant: i64, value: i64, now_ms: u64) {
+    /// Redis granted `grant` more of `key` (0: renewed only) under `limit`,
+    /// leaving the counter at `value`.
+    pub fn granted(&self, key: &str, grant: i64, value: i64, limit: i64, now_ms: u64) {
         let mut table = lock(&self.table);
         if !table.contains_key(key) {
-            table.insert(key.to_owned(), Lease::empty(value, now_ms));
+            table.insert(key.to_owned(), Lease::empty(value, limit, now_ms));
         }
         let Some(lease) = table.get_mut(key) else { return };
         lease.remaining += grant;
         lease.seen = value;
+        lease.limit = limit;
         lease.renewed_ms = now_ms;
         lease.topping_up = false;
     }
@@ -236,6 +242,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    const LIMIT: i64 = 1_000_000_000;
+
     fn want(key: &str, amount: i64, limit: i64) -> Want<'_> {
         Want { key, amount, limit }
     }
@@ -255,17 +263,17 @@ mod tests {
     #[test]
     fn a_request_is_taken_from_every_lease_or_from_none() {
         let leases = Leases::new(64);
-        let wants = [want("rpm", 1, 1_000_000), want("tpm", 100, 1_000_000_000)];
+        let wants = [want("rpm", 1, LIMIT), want("tpm", 100, LIMIT)];
         // No leases yet: ask Redis, with a block for each.
         assert_eq!(leases.take(&wants, 0), Taken::Ask { extras: vec![64, 6_400] });
         // Asked already: the next request asks for none while they come.
         assert_eq!(leases.take(&wants, 0), Taken::Ask { extras: vec![0, 0] });
-        leases.granted("rpm", 64, 65, 0);
-        leases.granted("tpm", 50, 150, 0);
+        leases.granted("rpm", 64, 65, LIMIT, 0);
+        leases.granted("tpm", 50, 150, LIMIT, 0);
         // The token lease holds 50, less than 100: nothing is taken.
         assert!(matches!(leases.take(&wants, 1), Taken::Ask { .. }));
         assert_eq!((leases.remaining("rpm"), leases.remaining("tpm")), (Some(64), Some(50)));
-        leases.granted("tpm", 6_400, 6_550, 1);
+        leases.granted("tpm", 6_400, 6_550, LIMIT, 1);
         let Taken::Leased { values, top_ups } = leases.take(&wants, 2) else { panic!("not leased") };
         assert_eq!(values, [65 - 63, 6_550 - 6_350]);
         assert!(top_ups.is_empty(), "both hold more than half a block");
@@ -275,8 +283,8 @@ mod tests {
     #[test]
     fn a_lease_below_half_a_block_asks_for_one_and_one_in_use_is_renewed() {
         let leases = Leases::new(64);
-        let wants = [want("rpm", 1, 1_000_000)];
-        leases.granted("rpm", 40, 40, 0);
+        let wants = [want("rpm", 1, LIMIT)];
+        leases.granted("rpm", 40, 40, LIMIT, 0);
         for _ in 0..8 {
             assert!(matches!(leases.take(&wants, 1), Taken::Leased { ref top_ups, .. } if top_ups.is_empty()));
         }
@@ -284,7 +292,7 @@ mod tests {
         assert_eq!(top_ups, [TopUp { index: 0, extra: 64 }], "31 left: below half a block");
         let Taken::Leased { top_ups, .. } = leases.take(&wants, 1) else { panic!() };
         assert!(top_ups.is_empty(), "one top-up at a time");
-        leases.granted("rpm", 64, 104, 2);
+        leases.granted("rpm", 64, 104, LIMIT, 2);
         let Taken::Leased { top_ups, .. } = leases.take(&wants, RENEW_MS + 2) else { panic!() };
         assert_eq!(top_ups, [TopUp { index: 0, extra: 0 }], "renewed only");
         leases.not_granted("rpm");
@@ -295,7 +303,7 @@ mod tests {
     fn corrections_go_into_a_held_lease_and_usage_past_it_is_owed_to_redis() {
         let leases = Leases::new(64);
         assert_eq!(leases.absorb("tpm", -5), None, "no lease: Redis takes it");
-        leases.granted("tpm", 100, 100, 0);
+        leases.granted("tpm", 100, 100, LIMIT, 0);
         assert_eq!(leases.absorb("tpm", -30), Some(0), "a reservation settled lower");
         assert_eq!(leases.remaining("tpm"), Some(130));
         assert_eq!(leases.absorb("tpm", 200), Some(70), "settled 200 higher: 70 past the lease");
@@ -305,14 +313,30 @@ mod tests {
     #[test]
     fn idle_leases_give_back_what_they_hold_and_shutdown_gives_back_all() {
         let leases = Leases::new(64);
-        leases.granted("a", 64, 64, 0);
-        leases.granted("b", 64, 64, 0);
-        leases.granted("c", 0, 10, 0);
-        assert!(matches!(leases.take(&[want("b", 1, 1_000_000)], IDLE_MS - 1), Taken::Leased { .. }));
+        leases.granted("a", 64, 64, LIMIT, 0);
+        leases.granted("b", 64, 64, LIMIT, 0);
+        leases.granted("c", 0, 10, LIMIT, 0);
+        assert!(matches!(leases.take(&[want("b", 1, LIMIT)], IDLE_MS - 1), Taken::Leased { .. }));
         let mut idle = leases.retire(IDLE_MS, false);
         idle.sort();
         assert_eq!(idle, [("a".to_owned(), -64)], "c held nothing; b is in use");
         assert_eq!(leases.retire(IDLE_MS, true), [("b".to_owned(), -63)]);
         assert_eq!(leases.remaining("b"), None);
+    }
+
+    #[test]
+    fn a_lease_granted_under_another_limit_admits_nothing_more() {
+        let leases = Leases::new(64);
+        leases.granted("rpm", 64, 64, LIMIT, 0);
+        // The limit was lowered: Redis decides, and grants nothing this
+        // close to the new limit.
+        let lowered = [want("rpm", 1, 100)];
+        assert_eq!(leases.take(&lowered, 1), Taken::Ask { extras: vec![0] });
+        assert_eq!(leases.remaining("rpm"), Some(64), "kept to be given back");
+        // Raised: Redis grants under the new limit, and the lease admits again.
+        let raised = [want("rpm", 1, 2 * LIMIT)];
+        assert_eq!(leases.take(&raised, 1), Taken::Ask { extras: vec![64] });
+        leases.granted("rpm", 64, 200, 2 * LIMIT, 1);
+        assert!(matches!(leases.take(&raised, 2), Taken::Leased { .. }));
     }
 }
