@@ -23,6 +23,12 @@
 //! until its key expires (the end of its minute, or its budget period), and
 //! the ledger, which budgets are rebuilt from, stays exact.
 //!
+//! Far from their limits, most requests never reach that queue: each
+//! replica holds leases, blocks of a counter's allowance Redis has counted
+//! already, and admits from them by itself (see [`lease`]); a check that a
+//! lease cannot take asks for a block on its way, and a lease running low
+//! is topped up in the background.
+//!
 //! When Redis cannot be reached, callers fall back to their local counters
 //! (with limits divided by the replica count) and come back to Redis once it
 //! answers again; see `Shared::available`.
