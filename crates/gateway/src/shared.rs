@@ -215,6 +215,8 @@ return cmsgpack.pack(out)
 const MAX_PENDING_COUNTERS: usize = 100_000;
 /// Corrections sent per script call.
 const ADJUST_BATCH: usize = 1_000;
+/// How long corrections gather before they are sent.
+const CORRECTIONS_GATHER: Duration = Duration::from_millis(10);
 
 /// Script calls with checks outstanding at once. More would only queue in
 /// Redis (it runs one script at a time) and make the batches smaller.
@@ -816,7 +818,16 @@ impl Shared {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                () = self.pending.wake.notified() => {}
+                () = self.pending.wake.notified() => {
+                    // No request waits for a correction: gathering them a
+                    // moment lets the requests that end meanwhile share one
+                    // call instead of making one each.
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => {}
+                        () = tokio::time::sleep(CORRECTIONS_GATHER) => {}
+                    }
+                }
                 _ = retire.tick() => {
                     if !self.is_down() {
                         self.give_back_leases(false);
