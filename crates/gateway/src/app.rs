@@ -177,6 +177,7 @@ impl Application {
                 // other with each correction; both talk over the Redis
                 // connection that lives on the request runtime. They stay
                 // there, tracked with the background tasks.
+                background.spawn_here(shared.clone().keep_connecting(stop_background.clone()));
                 background.spawn_here(shared.clone().apply_adjustments(stop_background.clone()));
                 background.spawn_here(shared.clone().send_checks(stop_background.clone()));
                 tracing::info!(replicas = config.redis.replicas, "rate limits and budgets are shared through Redis");

@@ -443,7 +443,11 @@ struct Checks {
 }
 
 pub struct Shared {
-    conn: ConnectionManager,
+    client: redis::Client,
+    /// Set once Redis has been reached and found able to run the script:
+    /// at start, or later by [`Shared::keep_connecting`] when it was
+    /// unreachable then. The connection manager reconnects by itself after.
+    conn: std::sync::OnceLock<ConnectionManager>,
     /// Prepended to every key, so deployments (and tests) can share a Redis.
     prefix: String,
     checks_script: Script,
@@ -468,24 +472,20 @@ fn now_ms() -> u64 {
 }
 
 impl Shared {
-    /// Connects to Redis. The connection manager reconnects by itself.
-    /// Leases hold `lease_requests` requests' worth of a counter (0: every
-    /// admission asks Redis).
+    /// Connects to Redis. Leases hold `lease_requests` requests' worth of a
+    /// counter (0: every admission asks Redis).
+    ///
+    /// A bad URL, or a Redis that cannot run the script, is an error. A
+    /// Redis that cannot be reached is not: the gateway starts on its local
+    /// counters (limits divided by the replica count), as it does when
+    /// Redis goes away later, and [`Shared::keep_connecting`] joins Redis
+    /// once it answers. A fleet restarted during a Redis outage keeps
+    /// serving.
     pub async fn connect(url: &str, prefix: &str, lease_requests: u64) -> anyhow::Result<Arc<Self>> {
         let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("bad Redis URL: {e}"))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(1))
-            .set_response_timeout(CALL_TIMEOUT)
-            .set_number_of_retries(1);
-        let conn = tokio::time::timeout(Duration::from_secs(5), ConnectionManager::new_with_config(client, config))
-            .await
-            .map_err(|_| anyhow::anyhow!("Redis did not answer"))?
-            .map_err(|e| anyhow::anyhow!("cannot connect to Redis: {e}"))?;
-        // A Redis-compatible server without what the script needs would fail
-        // every call and leave limits local for good: say so at start.
-        require_scripting(&mut conn.clone(), SCRIPTING_PROBE).await?;
         let shared = Arc::new(Self {
-            conn,
+            client,
+            conn: std::sync::OnceLock::new(),
             prefix: prefix.to_owned(),
             checks_script: Script::new(CHECKS),
             checks: Checks::default(),
@@ -496,7 +496,61 @@ impl Shared {
             leases: Leases::new(lease_requests),
             epoch: tokio::time::Instant::now(),
         });
+        match shared.open().await {
+            Ok(()) => {}
+            Err(Unusable::Unfit(e)) => anyhow::bail!(e),
+            Err(Unusable::Unreachable(e)) => {
+                tracing::warn!(
+                    error = %e,
+                    "Redis unreachable at start; enforcing limits locally (divided by the replica count) until it answers"
+                );
+                shared.down.store(true, Ordering::Release);
+                shared.down_since_ms.store(now_ms(), Ordering::Release);
+            }
+        }
         Ok(shared)
+    }
+
+    /// Reaches Redis and checks that it can run the script.
+    async fn open(&self) -> Result<(), Unusable> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(1))
+            .set_response_timeout(CALL_TIMEOUT)
+            .set_number_of_retries(1);
+        let connecting = ConnectionManager::new_with_config(self.client.clone(), config);
+        let conn = tokio::time::timeout(Duration::from_secs(5), connecting)
+            .await
+            .map_err(|_| Unusable::Unreachable("Redis did not answer".to_owned()))?
+            .map_err(|e| Unusable::Unreachable(format!("cannot connect to Redis: {e}")))?;
+        // A Redis-compatible server without what the script needs would fail
+        // every call and leave limits local for good: say so at once.
+        require_scripting(&mut conn.clone(), SCRIPTING_PROBE).await?;
+        let _ = self.conn.set(conn);
+        Ok(())
+    }
+
+    /// While Redis has not been reached since start, tries again every
+    /// `RETRY_AFTER_MS`; returns once it has, or when cancelled.
+    pub async fn keep_connecting(self: Arc<Self>, cancel: CancellationToken) {
+        let mut said_unfit = false;
+        while self.conn.get().is_none() {
+            let opened = tokio::select! {
+                () = cancel.cancelled() => return,
+                opened = async {
+                    tokio::time::sleep(Duration::from_millis(RETRY_AFTER_MS)).await;
+                    self.open().await
+                } => opened,
+            };
+            match opened {
+                Ok(()) => self.succeeded(),
+                Err(Unusable::Unreachable(_)) => {}
+                Err(Unusable::Unfit(e)) if !said_unfit => {
+                    said_unfit = true;
+                    tracing::error!(error = %e, "limits stay local");
+                }
+                Err(Unusable::Unfit(_)) => {}
+            }
+        }
     }
 
     /// Whether to try Redis now: it is up, or it has been down long enough
@@ -930,7 +984,10 @@ impl Shared {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(script.get_hash()).arg(keys);
         write(&mut cmd);
-        let mut conn = self.conn.clone();
+        let Some(conn) = self.conn.get() else {
+            return Err((ErrorKind::IoError, "Redis has not been reached since start").into());
+        };
+        let mut conn = conn.clone();
         match cmd.query_async(&mut conn).await {
             Err(e) if e.kind() == ErrorKind::NoScriptError => {
                 script.load_async(&mut conn).await?;
@@ -945,17 +1002,34 @@ impl Shared {
 /// built-in `cmsgpack`.
 const SCRIPTING_PROBE: &str = "return cmsgpack.pack({})";
 
+/// Why Redis cannot be used.
+#[derive(Debug)]
+enum Unusable {
+    /// Not reached, or it did not answer: tried again later.
+    Unreachable(String),
+    /// Reached, but it cannot run the script: a deployment to fix.
+    Unfit(String),
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreachable(e) | Self::Unfit(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Runs `probe`, a script using what [`CHECKS`] needs; an error that names
 /// what is missing when Redis cannot run it.
-async fn require_scripting(conn: &mut ConnectionManager, probe: &str) -> anyhow::Result<()> {
+async fn require_scripting(conn: &mut ConnectionManager, probe: &str) -> Result<(), Unusable> {
     let answered =
         tokio::time::timeout(Duration::from_secs(5), redis::cmd("EVAL").arg(probe).arg(0).query_async::<Vec<u8>>(conn))
             .await
-            .map_err(|_| anyhow::anyhow!("Redis did not answer"))?;
+            .map_err(|_| Unusable::Unreachable("Redis did not answer".to_owned()))?;
     answered.map(drop).map_err(|e| {
-        anyhow::anyhow!(
+        Unusable::Unfit(format!(
             "this Redis cannot run the shared-limits script, which needs Lua scripting with its built-in cmsgpack (as Redis and Valkey ship them): {e}"
-        )
+        ))
     })
 }
 
@@ -999,6 +1073,12 @@ mod tests {
         std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
     }
 
+    impl Shared {
+        fn connection(&self) -> ConnectionManager {
+            self.conn.get().cloned().expect("connected")
+        }
+    }
+
     /// A counter as Redis holds it under `prefix`: its value (`None` when it
     /// does not exist) and its TTL in milliseconds.
     async fn stored(conn: &mut ConnectionManager, prefix: &str, key: &str) -> (Option<i64>, i64) {
@@ -1018,11 +1098,18 @@ mod tests {
     async fn started_with_leases(
         lease_requests: u64,
     ) -> (String, Arc<Shared>, CancellationToken, tokio::task::JoinHandle<()>) {
-        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
-        let shared = Shared::connect(&redis_url(), &prefix, lease_requests).await.unwrap();
+        let (prefix, shared) = connected(lease_requests).await;
         let cancel = CancellationToken::new();
         let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
         (prefix, shared, cancel, sender)
+    }
+
+    /// Connected under a prefix of its own, with no task sending checks yet.
+    async fn connected(lease_requests: u64) -> (String, Arc<Shared>) {
+        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+        let shared = Shared::connect(&redis_url(), &prefix, lease_requests).await.unwrap();
+        assert!(shared.conn.get().is_some(), "Redis at {} did not answer", redis_url());
+        (prefix, shared)
     }
 
     /// A Redis that lost its scripts (restarted, or `SCRIPT FLUSH`) is sent
@@ -1031,7 +1118,7 @@ mod tests {
     #[tokio::test]
     async fn scripts_redis_forgot_are_sent_again_and_keys_carry_the_prefix() {
         let (prefix, shared, cancel, sender) = started().await;
-        let mut conn = shared.conn.clone();
+        let mut conn = shared.connection();
         let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
 
         let counter =
@@ -1068,7 +1155,7 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_changes_no_counter_and_each_counter_expires_as_its_kind_says() {
         let (prefix, shared, cancel, sender) = started().await;
-        let mut conn = shared.conn.clone();
+        let mut conn = shared.connection();
         let counters = |rpm_limit: u64| {
             [
                 LimitCounter { key: "inflight".to_owned(), limit: 5, amount: 1, expiry: Expiry::Renewed(600_000) },
@@ -1131,7 +1218,7 @@ mod tests {
         shared.flush().await;
         assert!(matches!(reserve(700).await, Some(ReserveVerdict::Admitted(v)) if v == [1_000]));
         assert!(matches!(reserve(0).await, Some(ReserveVerdict::Admitted(v)) if v == [1_000]), "nothing more to spend");
-        let mut conn = shared.conn.clone();
+        let mut conn = shared.connection();
         assert_eq!(stored(&mut conn, &prefix, "budget:b:1:spent").await.0, Some(300));
         cancel.cancel();
         sender.await.unwrap();
@@ -1153,7 +1240,7 @@ mod tests {
         assert_eq!(lock(&shared.pending.deltas).len(), 2, "one delta per counter");
         shared.flush().await;
         assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Admitted(v)) if v == [1]));
-        let mut conn = shared.conn.clone();
+        let mut conn = shared.connection();
         assert_eq!(stored(&mut conn, &prefix, "expired").await, (None, -2), "no such key");
         cancel.cancel();
         sender.await.unwrap();
@@ -1164,7 +1251,7 @@ mod tests {
     #[tokio::test]
     async fn a_redis_that_cannot_run_the_script_is_refused_with_what_it_lacks() {
         let (_, shared, cancel, sender) = started().await;
-        let mut conn = shared.conn.clone();
+        let mut conn = shared.connection();
         require_scripting(&mut conn, SCRIPTING_PROBE).await.unwrap();
         let missing = require_scripting(&mut conn, "return no_such_library.pack({})").await.unwrap_err().to_string();
         assert!(missing.contains("needs Lua scripting with its built-in cmsgpack"), "{missing}");
@@ -1280,18 +1367,21 @@ mod tests {
         assert!(!shared.is_down(), "no check waited out the timeout");
     }
 
-    /// A request that goes away while its check is queued or on its way
-    /// (a client disconnecting) leaves nothing taken behind.
+    /// A request that goes away while its check is queued (a client
+    /// disconnecting) leaves nothing taken behind once the check runs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_check_whose_request_went_away_gives_back_what_it_took() {
         use futures_util::FutureExt;
-        let (prefix, shared, cancel, sender) = started().await;
+        // No sender yet: the check stays queued until its request is gone.
+        let (prefix, shared) = connected(0).await;
+        let cancel = CancellationToken::new();
         let corrections = tokio::spawn(shared.clone().apply_adjustments(cancel.clone()));
         let counter =
             vec![LimitCounter { key: "inflight:t".to_owned(), limit: 10, amount: 1, expiry: Expiry::Renewed(60_000) }];
         let mut abandoned = Box::pin(shared.admit(&counter));
         assert!((&mut abandoned).now_or_never().is_none(), "queued, not answered yet");
         drop(abandoned);
+        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
         let mut redis = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
         let key = format!("{prefix}:inflight:t");
         // The check ran (the counter exists) and was undone (back to 0).
@@ -1325,7 +1415,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lease_admits_without_a_round_trip_and_gives_back_what_it_did_not_use() {
         let (prefix, shared, cancel, sender) = started_with_leases(64).await;
-        let mut conn = shared.conn.clone();
+        let mut conn = shared.connection();
         let rpm =
             [LimitCounter { key: "rpm@1".to_owned(), limit: 1_000_000, amount: 1, expiry: Expiry::Created(120_000) }];
         assert!(matches!(shared.admit(&rpm).await, Some(Verdict::Admitted(v)) if v == [65]));
@@ -1358,7 +1448,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn corrections_of_leased_counters_stay_local_and_leave_redis_exact() {
         let (prefix, shared, cancel, sender) = started_with_leases(64).await;
-        let mut conn = shared.conn.clone();
+        let mut conn = shared.connection();
         let inflight =
             [LimitCounter { key: "inflight".to_owned(), limit: 100_000, amount: 1, expiry: Expiry::Renewed(600_000) }];
         for _ in 0..10 {
@@ -1407,7 +1497,7 @@ mod tests {
         let (prefix, first, cancel, first_sender) = started_with_leases(64).await;
         let second = Shared::connect(&redis_url(), &prefix, 64).await.unwrap();
         let second_sender = tokio::spawn(second.clone().send_checks(cancel.clone()));
-        let mut conn = first.conn.clone();
+        let mut conn = first.connection();
         let hammer = |shared: Arc<Shared>| async move {
             let rpm =
                 [LimitCounter { key: "rpm@1".to_owned(), limit: 6_400, amount: 1, expiry: Expiry::Created(120_000) }];

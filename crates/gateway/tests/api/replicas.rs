@@ -207,6 +207,41 @@ async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
     assert_eq!(admitted, 8, "ten a minute for the fleet, two already used: {after:?}");
 }
 
+/// A fleet started while Redis is down serves on local limits (the limit
+/// divided by the replica count) and joins Redis once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_started_while_redis_is_down_serve_on_local_limits_and_join_it_later() {
+    let redis = redis_url();
+    let link = CuttableLink::start(service_addr(&redis, 6379).await).await;
+    link.cut();
+    let (a, _b, _db) = pair(&through(&redis, link.addr), 2).await;
+    let (status, _) =
+        a.admin(Method::PATCH, "/admin/v1/tenants/test", Some(json!({"policy": {"limits": {"rpm": 10}}}))).await;
+    assert_eq!(status, 200);
+    a.clock.to_next_minute();
+    let client = client_with_key(&a.key);
+    let send = async || client.post(a.url("/v1/chat/completions")).body(CHAT).send().await.unwrap().status().as_u16();
+
+    let mut during = Vec::new();
+    for _ in 0..8 {
+        during.push(send().await);
+    }
+    assert_eq!(during.iter().filter(|s| **s == 200).count(), 5, "10 ÷ 2 on its own: {during:?}");
+    assert!(during.iter().all(|s| *s == 200 || *s == 429), "{during:?}");
+    assert!(fallbacks(&a).await >= 1.0, "the local decisions are counted");
+
+    link.restore().await;
+    // Redis's count for this minute starts at 0; the local one (5) is used
+    // up, so a 200 says the replica decides in Redis now.
+    wait_until("the replica joins Redis once it answers", PATIENCE, async || send().await == 200).await;
+    let mut after = Vec::new();
+    for _ in 0..12 {
+        after.push(send().await);
+    }
+    let admitted = after.iter().filter(|s| **s == 200).count();
+    assert_eq!(admitted, 9, "ten a minute for the fleet, one already used: {after:?}");
+}
+
 /// Sends a request until it is not refused for being in flight: a slot is
 /// released when its request's record closes, and reaches Redis a moment
 /// later, in the background.
