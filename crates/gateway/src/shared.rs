@@ -438,6 +438,8 @@ struct Checks {
     wake: tokio::sync::Notify,
     /// Set once the sender has stopped: checks are decided locally then.
     closed: AtomicBool,
+    /// Told when `closed` is set.
+    stopped: tokio::sync::Notify,
     /// Script calls sent with checks, since start.
     calls: AtomicU64,
 }
@@ -674,6 +676,20 @@ impl Shared {
         self.checks.closed.store(true, Ordering::Release);
         // Dropping the senders answers the waiting checks: decided locally.
         queue.clear();
+        drop(queue);
+        self.checks.stopped.notify_waiters();
+    }
+
+    /// Returns once the checks sender has stopped (or after a bound, if it
+    /// does not run): no grant can come back after that.
+    async fn checks_stopped(&self) {
+        let stopped = self.checks.stopped.notified();
+        tokio::pin!(stopped);
+        stopped.as_mut().enable();
+        if self.checks.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = tokio::time::timeout(CALL_TIMEOUT * 2, stopped).await;
     }
 
     /// One script call for `batch`; each check gets its own answer.
@@ -890,6 +906,10 @@ impl Shared {
             }
             self.flush().await;
         }
+        // A block granted after the leases were given back would stay taken
+        // until its counter expires: the checks sender, which hands grants
+        // to the leases, stops first.
+        self.checks_stopped().await;
         self.give_back_leases(true);
         self.flush().await;
     }
@@ -1531,5 +1551,30 @@ mod tests {
         cancel.cancel();
         first_sender.await.unwrap();
         second_sender.await.unwrap();
+    }
+
+    /// At shutdown, a block granted to a check still on its way is given
+    /// back too: the leases are given back only once the checks sender has
+    /// stopped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_block_granted_during_shutdown_is_given_back() {
+        let (prefix, shared) = connected(64).await;
+        let cancel = CancellationToken::new();
+        let corrections = tokio::spawn(shared.clone().apply_adjustments(cancel.clone()));
+        let rpm =
+            [LimitCounter { key: "rpm@1".to_owned(), limit: 1_000_000, amount: 1, expiry: Expiry::Created(120_000) }];
+        let waiting = {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.admit(&rpm).await })
+        };
+        until("the check is queued", || lock(&shared.checks.queue).len() == 1).await;
+        // Shutdown begins; the sender still sends what was queued.
+        cancel.cancel();
+        let sender = tokio::spawn(shared.clone().send_checks(cancel.clone()));
+        assert!(matches!(waiting.await.unwrap(), Some(Verdict::Admitted(v)) if v == [65]), "admitted with a block");
+        sender.await.unwrap();
+        corrections.await.unwrap();
+        let mut conn = shared.connection();
+        assert_eq!(stored(&mut conn, &prefix, "rpm@1").await.0, Some(1), "the block was given back");
     }
 }
