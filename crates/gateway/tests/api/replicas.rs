@@ -99,6 +99,15 @@ async fn decided_in_redis<T>(a: &TestGateway, b: &TestGateway, mut attempt: impl
     .await
 }
 
+/// The statuses of `n` requests sent one after another.
+async fn statuses(n: usize, send: impl AsyncFn() -> u16) -> Vec<u16> {
+    let mut seen = Vec::with_capacity(n);
+    for _ in 0..n {
+        seen.push(send().await);
+    }
+    seen
+}
+
 const CHAT: &str = r#"{"model":"gemini-2.5-flash-lite","messages":[]}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,10 +189,7 @@ async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
     assert_eq!(send().await, 200, "shared limits");
     link.cut();
     // Redis is gone: this replica serves on its own, with 10 ÷ 2 per minute.
-    let mut during = Vec::new();
-    for _ in 0..8 {
-        during.push(send().await);
-    }
+    let during = statuses(8, send).await;
     assert_eq!(during.iter().filter(|s| **s == 200).count(), 5, "{during:?}");
     assert!(during.iter().all(|s| *s == 200 || *s == 429), "traffic keeps being answered: {during:?}");
     let metrics = a.anonymous.get(a.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
@@ -199,10 +205,7 @@ async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
     // applies, not the local one (5, exhausted), so the first 200 says the
     // limits are shared again (refused requests count nowhere).
     wait_until("limits are shared again after Redis returns", PATIENCE, async || send().await == 200).await;
-    let mut after = Vec::new();
-    for _ in 0..12 {
-        after.push(send().await);
-    }
+    let after = statuses(12, send).await;
     let admitted = after.iter().filter(|s| **s == 200).count();
     assert_eq!(admitted, 8, "ten a minute for the fleet, two already used: {after:?}");
 }
@@ -222,10 +225,7 @@ async fn replicas_started_while_redis_is_down_serve_on_local_limits_and_join_it_
     let client = client_with_key(&a.key);
     let send = async || client.post(a.url("/v1/chat/completions")).body(CHAT).send().await.unwrap().status().as_u16();
 
-    let mut during = Vec::new();
-    for _ in 0..8 {
-        during.push(send().await);
-    }
+    let during = statuses(8, send).await;
     assert_eq!(during.iter().filter(|s| **s == 200).count(), 5, "10 ÷ 2 on its own: {during:?}");
     assert!(during.iter().all(|s| *s == 200 || *s == 429), "{during:?}");
     assert!(fallbacks(&a).await >= 1.0, "the local decisions are counted");
@@ -234,10 +234,7 @@ async fn replicas_started_while_redis_is_down_serve_on_local_limits_and_join_it_
     // Redis's count for this minute starts at 0; the local one (5) is used
     // up, so a 200 says the replica decides in Redis now.
     wait_until("the replica joins Redis once it answers", PATIENCE, async || send().await == 200).await;
-    let mut after = Vec::new();
-    for _ in 0..12 {
-        after.push(send().await);
-    }
+    let after = statuses(12, send).await;
     let admitted = after.iter().filter(|s| **s == 200).count();
     assert_eq!(admitted, 9, "ten a minute for the fleet, one already used: {after:?}");
 }
