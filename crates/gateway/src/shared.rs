@@ -849,7 +849,7 @@ impl Shared {
         }
         match self.leases.absorb(&key, delta) {
             None => self.correct(key, delta),
-            Some(owed) => self.correct(key, owed),
+            Some(rest) => self.correct(key, rest),
         }
     }
 

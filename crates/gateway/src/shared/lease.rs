@@ -37,6 +37,8 @@ const BLOCK_SHARE_OF_LIMIT: i64 = 64;
 /// counter is checked in Redis request by request, and the blocks already
 /// out drain or come back.
 pub const HEADROOM_BLOCKS: i64 = 2;
+/// A lease holds at most this many of its largest block.
+const MOST_BLOCKS: i64 = 2;
 /// A lease unused this long is given back.
 pub const IDLE_MS: u64 = 1_000;
 /// A lease in use is topped up (and its counter's TTL renewed) this often.
@@ -58,11 +60,13 @@ struct Lease {
     used_ms: u64,
     /// A top-up is on its way: no other is asked for.
     topping_up: bool,
+    /// The most it may hold: [`MOST_BLOCKS`] of the largest block granted.
+    most: i64,
 }
 
 impl Lease {
     fn empty(seen: i64, limit: i64, now_ms: u64) -> Self {
-        Self { remaining: 0, seen, limit, renewed_ms: now_ms, used_ms: now_ms, topping_up: false }
+        Self { remaining: 0, seen, limit, renewed_ms: now_ms, used_ms: now_ms, topping_up: false, most: 0 }
     }
 }
 
@@ -174,18 +178,21 @@ impl Leases {
     }
 
     /// Applies a correction to `key`'s lease, if this replica holds one.
-    /// `None`: it holds none, send the correction to Redis. `Some(owed)`:
-    /// applied, and `owed` (when above zero) is usage past what the lease
-    /// held, which Redis must be told of now so it never counts less than
-    /// is used.
+    /// `None`: it holds none, send the correction to Redis. `Some(rest)`:
+    /// applied, and `rest` still goes to Redis now: above zero, usage past
+    /// what the lease held (so Redis never counts less than is used); below
+    /// zero, what would take the lease past [`MOST_BLOCKS`] blocks (releases
+    /// of requests admitted outside the lease, which a busy replica, never
+    /// idle, would otherwise keep from the others).
     pub fn absorb(&self, key: &str, delta: i64) -> Option<i64> {
         let mut table = lock(&self.table);
         let lease = table.get_mut(key)?;
         lease.remaining -= delta;
         let owed = (-lease.remaining).max(0);
-        lease.remaining += owed;
-        lease.seen += owed;
-        Some(owed)
+        let excess = (lease.remaining - lease.most).max(0);
+        lease.remaining += owed - excess;
+        lease.seen += owed - excess;
+        Some(owed - excess)
     }
 
     /// Redis granted `grant` more of `key` (0: renewed only) under `limit`,
@@ -199,6 +206,7 @@ impl Leases {
         lease.remaining += grant;
         lease.seen = value;
         lease.limit = limit;
+        lease.most = lease.most.max(grant.saturating_mul(MOST_BLOCKS));
         lease.renewed_ms = now_ms;
         lease.topping_up = false;
     }
@@ -308,6 +316,11 @@ mod tests {
         assert_eq!(leases.remaining("tpm"), Some(130));
         assert_eq!(leases.absorb("tpm", 200), Some(70), "settled 200 higher: 70 past the lease");
         assert_eq!(leases.remaining("tpm"), Some(0));
+        // Releases of requests admitted outside the lease fill it to two
+        // blocks; the rest goes back to Redis.
+        assert_eq!(leases.absorb("tpm", -150), Some(0));
+        assert_eq!(leases.absorb("tpm", -100), Some(-50), "200 at most");
+        assert_eq!(leases.remaining("tpm"), Some(200));
     }
 
     #[test]
