@@ -330,6 +330,14 @@ pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
         latency_table(&mut out, &r.latency);
         out.push('\n');
         latency_table(&mut out, &r.throughput);
+        if r.checks > 0.0 {
+            let _ = writeln!(
+                out,
+                "\nThe Redis-shared gateway admitted {:.1} % of its {:.0} limit and budget checks from the blocks it leases from Redis, without a round trip.",
+                100.0 * r.leased / r.checks,
+                r.checks
+            );
+        }
     }
     if let Some(t) = &results.traced {
         let _ = writeln!(

@@ -175,6 +175,11 @@ pub struct Routed {
     pub rate: u32,
     pub latency: Vec<Median>,
     pub throughput: Vec<Median>,
+    /// The Redis-shared gateway's checks (one for limits, one for the
+    /// budget, per request) and how many of them its leases admitted
+    /// without a round trip.
+    pub checks: f64,
+    pub leased: f64,
 }
 
 /// (h): trace export at 100 % sampling against none.
@@ -512,7 +517,9 @@ async fn routed(
             let fallbacks = gateway.metric("tollgate_redis_fallbacks_total").await?;
             anyhow::ensure!(fallbacks == 0.0, "{fallbacks} limit checks fell back to local counters");
         }
-        anyhow::Ok(Routed { rate, latency, throughput })
+        let checks = 2.0 * with_redis.metric("tollgate_requests_total").await?;
+        let leased = with_redis.metric("tollgate_shared_lease_admissions_total").await?;
+        anyhow::Ok(Routed { rate, latency, throughput, checks, leased })
     }
     .await;
     db.drop_now().await;

@@ -50,6 +50,11 @@ fn every_scenario_runs_and_reports() {
     ] {
         assert!(text.contains(section), "the report lacks {section}:\n{text}");
     }
+    assert!(text.contains("## (g) A two-target weighted route"), "the report lacks (g):\n{text}");
+    assert!(
+        text.contains("% of its") && text.contains("checks from the blocks it leases from Redis"),
+        "(g) says how many checks its leases admitted:\n{text}"
+    );
     // Every check produced a figure, pass or miss.
     let checks = stdout.lines().filter(|l| l.starts_with("PASS ") || l.starts_with("MISS ")).count();
     assert!(checks >= 7, "{stdout}");
