@@ -99,6 +99,19 @@ async fn decided_in_redis<T>(a: &TestGateway, b: &TestGateway, mut attempt: impl
     .await
 }
 
+/// Two replicas reaching Redis through `link`, with the test tenant limited
+/// to ten requests a minute, at the start of a fresh minute.
+async fn ten_a_minute_through(
+    link: &CuttableLink,
+) -> (TestGateway, TestGateway, tollgate_store::testing::TestDatabase) {
+    let (a, b, db) = pair(&through(&redis_url(), link.addr), 2).await;
+    let (status, _) =
+        a.admin(Method::PATCH, "/admin/v1/tenants/test", Some(json!({"policy": {"limits": {"rpm": 10}}}))).await;
+    assert_eq!(status, 200);
+    a.clock.to_next_minute();
+    (a, b, db)
+}
+
 /// The statuses of `n` requests sent one after another.
 async fn statuses(n: usize, send: impl AsyncFn() -> u16) -> Vec<u16> {
     let mut seen = Vec::with_capacity(n);
@@ -176,13 +189,8 @@ async fn a_hard_budget_is_spent_to_within_one_worst_case_and_never_past_it_acros
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
-    let redis = redis_url();
-    let link = CuttableLink::start(service_addr(&redis, 6379).await).await;
-    let (a, _b, _db) = pair(&through(&redis, link.addr), 2).await;
-    let (status, _) =
-        a.admin(Method::PATCH, "/admin/v1/tenants/test", Some(json!({"policy": {"limits": {"rpm": 10}}}))).await;
-    assert_eq!(status, 200);
-    a.clock.to_next_minute();
+    let link = CuttableLink::start(service_addr(&redis_url(), 6379).await).await;
+    let (a, _b, _db) = ten_a_minute_through(&link).await;
     let client = client_with_key(&a.key);
     let send = async || client.post(a.url("/v1/chat/completions")).body(CHAT).send().await.unwrap().status().as_u16();
 
@@ -214,14 +222,9 @@ async fn a_redis_outage_falls_back_to_local_limits_and_recovers() {
 /// divided by the replica count) and joins Redis once it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_started_while_redis_is_down_serve_on_local_limits_and_join_it_later() {
-    let redis = redis_url();
-    let link = CuttableLink::start(service_addr(&redis, 6379).await).await;
+    let link = CuttableLink::start(service_addr(&redis_url(), 6379).await).await;
     link.cut();
-    let (a, _b, _db) = pair(&through(&redis, link.addr), 2).await;
-    let (status, _) =
-        a.admin(Method::PATCH, "/admin/v1/tenants/test", Some(json!({"policy": {"limits": {"rpm": 10}}}))).await;
-    assert_eq!(status, 200);
-    a.clock.to_next_minute();
+    let (a, _b, _db) = ten_a_minute_through(&link).await;
     let client = client_with_key(&a.key);
     let send = async || client.post(a.url("/v1/chat/completions")).body(CHAT).send().await.unwrap().status().as_u16();
 
