@@ -451,6 +451,7 @@ impl GaugeSource for Gauges {
             m.redis_fallbacks.inc_by(shared.fallbacks().saturating_sub(seen));
             let seen = m.shared_corrections_dropped.get();
             m.shared_corrections_dropped.inc_by(shared.corrections_dropped().saturating_sub(seen));
+            m.shared_corrections_waiting.set(i64::try_from(shared.corrections_waiting()).unwrap_or(i64::MAX));
             let seen = m.shared_lease_admissions.get();
             m.shared_lease_admissions.inc_by(shared.lease_admissions().saturating_sub(seen));
         }

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub spool_bytes: IntGauge,
     pub redis_fallbacks: IntCounter,
     pub shared_corrections_dropped: IntCounter,
+    pub shared_corrections_waiting: IntGauge,
     pub shared_lease_admissions: IntCounter,
     pub upstream_attempts: IntCounterVec,
     pub breakers_open: IntGauge,
@@ -261,6 +262,10 @@ impl Metrics {
             shared_corrections_dropped: r.plain_counter(
                 "shared_corrections_dropped_total",
                 "Corrections to Redis counters dropped because too many were waiting (the counter stays high until it expires).",
+            )?,
+            shared_corrections_waiting: r.gauge(
+                "shared_corrections_waiting",
+                "Redis counters with corrections not yet applied: waiting for the next call, or held while Redis is unreachable.",
             )?,
             shared_lease_admissions: r.plain_counter(
                 "shared_lease_admissions_total",

@@ -56,9 +56,11 @@ use lease::{Leases, TopUp, Want};
 /// `tonumber` one by one and cost about half of the script's time. The
 /// answers come back the same way, one array per check in one string
 /// ([`msgpack::unpack_answers`]), read here without building a Redis value
-/// per number. The arguments hold the number of corrections, then
-/// each as (key, delta); then each check as its kind (1: rate limits, 2:
-/// budgets), its number of counters, and per counter:
+/// per number. The arguments hold the number of corrections; when there
+/// are any, the sender's key, the batch's number and the sender key's TTL
+/// (see [`Sent`]), then each correction as (key, delta); then each check
+/// as its kind (1: rate limits, 2: budgets), its number of counters, and
+/// per counter:
 ///
 /// - rate limit: (key, limit, amount, ttl, extra, room). Refused with
 ///   `{0, i, value}` when a counter would pass its limit; otherwise every
@@ -174,8 +176,19 @@ local function reserve(a, n)
   return out
 end
 
-local a = 2
-for _ = 1, arg[1] do
+local a, n = 2, arg[1]
+if n > 0 then
+  -- A batch of corrections is numbered by its sender: one sent again
+  -- because its answer was lost is applied once.
+  local sender, batch, ttl = arg[2], arg[3], arg[4]
+  a = 5
+  if batch <= tonumber(redis.call('GET', KEYS[sender]) or 0) then
+    a, n = a + 2 * n, 0
+  else
+    redis.call('SET', KEYS[sender], batch, 'PX', ttl)
+  end
+end
+for _ = 1, n do
   local i = arg[a]
   local v = load(i)
   if v then
@@ -343,7 +356,45 @@ struct Pending {
     deltas: std::sync::Mutex<FastMap<String, i64>>,
     wake: tokio::sync::Notify,
     dropped: AtomicU64,
+    /// A batch whose call failed: it may have been applied or not, so it
+    /// is sent again, as it was, before anything newer.
+    unsent: std::sync::Mutex<Option<Sent>>,
+    /// Batches numbered so far.
+    numbered: AtomicU64,
 }
+
+impl Pending {
+    /// Puts corrections taken for a call that was not made back with the
+    /// waiting ones.
+    fn merge_back(&self, deltas: impl Iterator<Item = (String, i64)>) {
+        let mut waiting = lock(&self.deltas);
+        for (key, delta) in deltas {
+            let merged = waiting.entry(key).or_insert(0);
+            *merged = merged.saturating_add(delta);
+        }
+    }
+
+    /// Counters with corrections not yet applied in Redis.
+    fn waiting(&self) -> usize {
+        lock(&self.deltas).len() + lock(&self.unsent).as_ref().map_or(0, |sent| sent.deltas.len())
+    }
+}
+
+/// A batch of corrections as sent, numbered per sender. The script keeps
+/// the number of the last batch it applied under the sender's key and
+/// skips a batch numbered no higher: a call that failed after Redis ran it
+/// (its answer lost, or late) can be sent again without being applied
+/// twice, so no correction is lost to an outage or counted twice after it.
+#[derive(Debug)]
+struct Sent {
+    number: u64,
+    deltas: Vec<(String, i64)>,
+}
+
+/// How long Redis keeps a sender's last batch number after its last call:
+/// a batch sent again after longer (Redis unreachable for a whole day,
+/// just after applying it) could be applied twice.
+const SENDER_TTL_MS: i64 = 24 * 60 * 60 * 1_000;
 
 /// Which function of [`CHECKS`] a queued check calls.
 #[derive(Debug, Clone, Copy)]
@@ -455,6 +506,9 @@ pub struct Shared {
     checks_script: Script,
     checks: Checks,
     pending: Pending,
+    /// This process's key for the number of its last batch of corrections
+    /// (see [`Sent`]); random, so replicas and restarts never share one.
+    sender_key: String,
     down: AtomicBool,
     down_since_ms: AtomicU64,
     fallbacks: AtomicU64,
@@ -492,6 +546,7 @@ impl Shared {
             checks_script: Script::new(CHECKS),
             checks: Checks::default(),
             pending: Pending::default(),
+            sender_key: format!("corrections:{:016x}", rand::random::<u64>()),
             down: AtomicBool::new(false),
             down_since_ms: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
@@ -573,6 +628,12 @@ impl Shared {
 
     fn lease_now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Counters with corrections not yet applied in Redis: those waiting
+    /// for the next call, and those held while it cannot be reached.
+    pub fn corrections_waiting(&self) -> usize {
+        self.pending.waiting()
     }
 
     /// Corrections dropped because the table of pending ones was full.
@@ -695,7 +756,7 @@ impl Shared {
     /// One script call for `batch`; each check gets its own answer.
     async fn send_batch(&self, batch: Vec<Queued>) {
         self.checks.calls.fetch_add(1, Ordering::Relaxed);
-        let call = self.call_checks(&[], &batch);
+        let call = self.call_checks(None, &batch);
         let result = tokio::time::timeout(CALL_TIMEOUT, call).await;
         let requests = batch.iter().filter(|q| q.answer.is_some()).count() as u64;
         let answers = match result {
@@ -858,7 +919,7 @@ impl Shared {
         if delta == 0 {
             return;
         }
-        let mut deltas = self.pending.deltas.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut deltas = lock(&self.pending.deltas);
         let room = deltas.len() < MAX_PENDING_COUNTERS;
         match deltas.get_mut(&key) {
             Some(pending) => *pending = pending.saturating_add(delta),
@@ -879,8 +940,9 @@ impl Shared {
 
     /// Sends queued corrections until cancelled, then gives back every
     /// lease and sends what is left. Idle leases are given back as they go
-    /// idle, except while Redis is down: then they are kept (a correction
-    /// that cannot reach Redis would be lost) until it answers again.
+    /// idle, except while Redis is down: then they are kept, and admit
+    /// again if their counters are used before it answers. Corrections
+    /// that cannot reach Redis wait for it (see [`Shared::flush`]).
     pub async fn apply_adjustments(self: Arc<Self>, cancel: CancellationToken) {
         let mut retire = tokio::time::interval(Duration::from_millis(lease::IDLE_MS / 4));
         retire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -911,7 +973,17 @@ impl Shared {
         // to the leases, stops first.
         self.checks_stopped().await;
         self.give_back_leases(true);
-        self.flush().await;
+        // One last try even if Redis is down: what cannot reach it now is
+        // lost with the process.
+        self.send_waiting().await;
+        let waiting = self.pending.waiting();
+        if waiting > 0 {
+            tracing::warn!(
+                counters = waiting,
+                "Redis unreachable at shutdown: corrections and unused leases not given back; \
+                 those counters stay high until they expire"
+            );
+        }
     }
 
     /// Queues what idle leases (with `all`, every lease) hold unused, to be
@@ -922,46 +994,75 @@ impl Shared {
         }
     }
 
-    /// Sends every pending correction, in batches of one script call each.
+    /// Sends the waiting corrections, unless Redis is down and not yet due
+    /// for another try: then they keep waiting, merged per counter as
+    /// ever, and nothing is lost to the outage.
     async fn flush(&self) {
-        let taken = std::mem::take(&mut *self.pending.deltas.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        let taken: Vec<(String, i64)> = taken.into_iter().filter(|(_, d)| *d != 0).collect();
-        for batch in taken.chunks(ADJUST_BATCH) {
-            if self.send_adjustments(batch).await.is_none() {
-                // A lost correction only skews one window, one in-flight
-                // count or one budget's in-flight part until its key
-                // expires; the ledger stays exact.
-                tracing::debug!(count = batch.len(), "cannot apply shared counter corrections");
+        if self.available() {
+            self.send_waiting().await;
+        }
+    }
+
+    /// Sends the waiting corrections, in batches of one script call each:
+    /// first a batch whose call failed, as it was, then the rest. At the
+    /// first failure, the failed batch and the rest are kept for the next
+    /// try.
+    async fn send_waiting(&self) {
+        let unsent = lock(&self.pending.unsent).take();
+        if let Some(sent) = unsent
+            && !self.send_adjustments(&sent).await
+        {
+            *lock(&self.pending.unsent) = Some(sent);
+            return;
+        }
+        let taken = std::mem::take(&mut *lock(&self.pending.deltas));
+        let mut rest = taken.into_iter().filter(|(_, delta)| *delta != 0);
+        loop {
+            let deltas: Vec<(String, i64)> = rest.by_ref().take(ADJUST_BATCH).collect();
+            if deltas.is_empty() {
+                return;
+            }
+            let sent = Sent { number: self.pending.numbered.fetch_add(1, Ordering::Relaxed) + 1, deltas };
+            if !self.send_adjustments(&sent).await {
+                *lock(&self.pending.unsent) = Some(sent);
+                self.pending.merge_back(rest);
+                return;
             }
         }
     }
 
-    /// One call with corrections only; `None` when Redis failed.
-    async fn send_adjustments(&self, batch: &[(String, i64)]) -> Option<()> {
-        match tokio::time::timeout(CALL_TIMEOUT, self.call_checks(batch, &[])).await {
+    /// One call with corrections only; whether Redis answered it.
+    async fn send_adjustments(&self, sent: &Sent) -> bool {
+        match tokio::time::timeout(CALL_TIMEOUT, self.call_checks(Some(sent), &[])).await {
             Ok(Ok(_)) => {
                 self.succeeded();
-                Some(())
+                true
             }
             Ok(Err(e)) => {
                 self.failed(&e.to_string(), 0);
-                None
+                false
             }
             Err(_) => {
                 self.failed("timed out", 0);
-                None
+                false
             }
         }
     }
 
     /// One call of [`CHECKS`]: `corrections`, then `checks`. Each key is
     /// sent once, however many of them touch it, and referred to by index.
-    async fn call_checks(&self, corrections: &[(String, i64)], checks: &[Queued]) -> RedisResult<Value> {
+    async fn call_checks(&self, corrections: Option<&Sent>, checks: &[Queued]) -> RedisResult<Value> {
         let mut keys = KeyIndex::default();
-        let mut args: Vec<i64> = Vec::with_capacity(1 + corrections.len() * 2 + checks.len() * 12);
-        args.push(corrections.len() as i64);
-        for (key, delta) in corrections {
-            args.extend([keys.index(key), *delta]);
+        let corrections = corrections.filter(|sent| !sent.deltas.is_empty());
+        let deltas = corrections.map_or(0, |sent| sent.deltas.len());
+        let mut args: Vec<i64> = Vec::with_capacity(4 + deltas * 2 + checks.len() * 12);
+        args.push(deltas as i64);
+        if let Some(sent) = corrections {
+            let number = i64::try_from(sent.number).unwrap_or(i64::MAX);
+            args.extend([keys.index(&self.sender_key), number, SENDER_TTL_MS]);
+            for (key, delta) in &sent.deltas {
+                args.extend([keys.index(key), *delta]);
+            }
         }
         for queued in checks {
             match queued.kind {
@@ -1242,6 +1343,54 @@ mod tests {
         assert_eq!(stored(&mut conn, &prefix, "budget:b:1:spent").await.0, Some(300));
         cancel.cancel();
         sender.await.unwrap();
+    }
+
+    /// A batch of corrections whose call failed after Redis ran it is sent
+    /// again as it was, and Redis applies it once; the next batch applies.
+    #[tokio::test]
+    async fn a_batch_of_corrections_sent_again_is_applied_once() {
+        let (prefix, shared) = connected(0).await;
+        let mut conn = shared.connection();
+        let _: () = redis::cmd("SET").arg(format!("{prefix}:rpm")).arg(100).query_async(&mut conn).await.unwrap();
+        let first = Sent { number: 1, deltas: vec![("rpm".to_owned(), -10)] };
+        assert!(shared.send_adjustments(&first).await);
+        assert!(shared.send_adjustments(&first).await, "answered again");
+        assert_eq!(stored(&mut conn, &prefix, "rpm").await.0, Some(90), "and applied once");
+        assert!(shared.send_adjustments(&Sent { number: 2, deltas: vec![("rpm".to_owned(), 5)] }).await);
+        assert_eq!(stored(&mut conn, &prefix, "rpm").await.0, Some(95));
+        let (number, ttl) = stored(&mut conn, &prefix, &shared.sender_key).await;
+        assert_eq!(number, Some(2), "the sender's last batch");
+        assert!((1..=SENDER_TTL_MS).contains(&ttl), "kept for a day, not for ever: {ttl}");
+    }
+
+    /// Corrections that cannot reach Redis wait, the failed batch and the
+    /// ones after it, and are applied once it answers, each once.
+    #[tokio::test]
+    async fn corrections_wait_while_redis_cannot_be_reached_and_are_applied_once_it_answers() {
+        let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+        // Nothing listens on port 1: the replica starts without Redis.
+        let shared = Shared::connect("redis://127.0.0.1:1", &prefix, 0).await.unwrap();
+        assert!(shared.is_down());
+        shared.adjust("rpm".to_owned(), -10);
+        shared.flush().await;
+        assert_eq!(shared.corrections_waiting(), 1, "not tried while Redis is down");
+        shared.send_waiting().await;
+        assert!(lock(&shared.pending.unsent).is_some(), "the failed batch is kept as it was");
+        shared.adjust("rpm".to_owned(), -5);
+        shared.adjust("tpm".to_owned(), -300);
+        assert_eq!(shared.corrections_waiting(), 3);
+
+        // Redis answers again.
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut conn = ConnectionManager::new(client).await.unwrap();
+        let _: () = redis::cmd("SET").arg(format!("{prefix}:rpm")).arg(100).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("SET").arg(format!("{prefix}:tpm")).arg(1_000).query_async(&mut conn).await.unwrap();
+        assert!(shared.conn.set(conn.clone()).is_ok());
+        shared.send_waiting().await;
+        assert_eq!(shared.corrections_waiting(), 0);
+        assert!(!shared.is_down());
+        assert_eq!(stored(&mut conn, &prefix, "rpm").await.0, Some(85));
+        assert_eq!(stored(&mut conn, &prefix, "tpm").await.0, Some(700));
     }
 
     /// Corrections for one counter merge into one delta, apply to counters

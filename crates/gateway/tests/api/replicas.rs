@@ -317,15 +317,14 @@ async fn in_flight_and_token_limits_hold_across_two_replicas() {
     .await;
 }
 
-/// With limits and a budget far from their ends, each replica admits from
-/// blocks it leases from Redis instead of asking Redis for every request;
-/// at shutdown both give back what they held, so Redis counts exactly the
-/// requests admitted, none in flight, and a budget committed to exactly
-/// its settled spend.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leased_limits_are_given_back_at_shutdown_leaving_redis_exact() {
-    let prefix = format!("test-{}", uuid_like());
-    let (mut a, mut b, _db) = pair_under(&redis_url(), 2, &prefix).await;
+/// Two replicas on Redis `redis` under `prefix`, with the test tenant's
+/// limits and a daily budget far from their ends (so both lease), applied
+/// on both, at the start of a fresh minute. Returns the budget's id.
+async fn leasing_pair(
+    redis: &str,
+    prefix: &str,
+) -> (TestGateway, TestGateway, tollgate_store::testing::TestDatabase, String) {
+    let (a, b, db) = pair_under(redis, 2, prefix).await;
     let limits = json!({"policy": {"limits": {"rpm": 1_000_000, "tpm": 1_000_000_000, "max_concurrent": 100_000}}});
     let (status, _) = a.admin(Method::PATCH, "/admin/v1/tenants/test", Some(limits)).await;
     assert_eq!(status, 200);
@@ -339,34 +338,92 @@ async fn leased_limits_are_given_back_at_shutdown_leaving_redis_exact() {
     };
     until_applied(&b, &a.key, CHAT, applied, "B applies the limits and budget set on A").await;
     until_applied(&a, &a.key, CHAT, applied, "A applies them too").await;
-
     a.clock.to_next_minute();
-    let window = a.clock.now().timestamp_millis() / 60_000;
+    (a, b, db, budget["id"].as_str().unwrap().to_owned())
+}
+
+/// Sends `n` requests, alternately through `a` and `b`; all are admitted.
+async fn alternately(a: &TestGateway, b: &TestGateway, n: usize) {
     let client = client_with_key(&a.key);
-    for i in 0..40 {
-        let gw = if i % 2 == 0 { &a } else { &b };
+    for i in 0..n {
+        let gw = if i % 2 == 0 { a } else { b };
         let r = client.post(gw.url("/v1/chat/completions")).body(CHAT).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
-    for gw in [&a, &b] {
-        let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
-        let leased = scraped_value(&metrics, "tollgate_shared_lease_admissions_total").unwrap();
-        assert!(leased >= 30.0, "most checks were admitted from leases: {leased}");
-    }
+}
+
+async fn metric(gw: &TestGateway, series: &str) -> f64 {
+    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    scraped_value(&metrics, series).unwrap_or_else(|| panic!("no {series} in {metrics}"))
+}
+
+/// Shuts both replicas down, then checks Redis holds, under `prefix`,
+/// exactly `requests` this minute, none in flight, and the budget
+/// committed to exactly its settled spend: nothing leased or reserved is
+/// left counted.
+async fn shut_down_leaving_redis_exact(
+    mut a: TestGateway,
+    mut b: TestGateway,
+    prefix: &str,
+    budget_id: &str,
+    requests: i64,
+) {
+    let window = a.clock.now().timestamp_millis() / 60_000;
     let day = a.clock.now().format("%Y%m%d").to_string();
     for gw in [&mut a, &mut b] {
         gw.begin_shutdown().await.unwrap().unwrap();
     }
-
     let mut redis = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let mut get = async |key: String| -> Option<i64> {
         redis::cmd("GET").arg(format!("{prefix}:{key}")).query_async(&mut redis).await.unwrap()
     };
-    assert_eq!(get(format!("rl:t:test:rpm@{window}")).await, Some(40), "exactly the requests of this minute");
+    assert_eq!(get(format!("rl:t:test:rpm@{window}")).await, Some(requests), "exactly the requests of this minute");
     assert_eq!(get("rl:t:test:inflight".to_owned()).await, Some(0), "none in flight");
-    let budget_key = format!("budget:{}:{day}", budget["id"].as_str().unwrap());
+    let budget_key = format!("budget:{budget_id}:{day}");
     let committed = get(budget_key.clone()).await;
     let spent = get(format!("{budget_key}:spent")).await;
     assert!(spent.is_some_and(|s| s > 0), "requests were billed: {spent:?}");
     assert_eq!(committed, spent, "nothing reserved or leased is left committed");
+}
+
+/// With limits and a budget far from their ends, each replica admits from
+/// blocks it leases from Redis instead of asking Redis for every request;
+/// at shutdown both give back what they held, so Redis counts exactly the
+/// requests admitted, none in flight, and a budget committed to exactly
+/// its settled spend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_limits_are_given_back_at_shutdown_leaving_redis_exact() {
+    let prefix = format!("test-{}", uuid_like());
+    let (a, b, _db, budget) = leasing_pair(&redis_url(), &prefix).await;
+    alternately(&a, &b, 40).await;
+    for gw in [&a, &b] {
+        let leased = metric(gw, "tollgate_shared_lease_admissions_total").await;
+        assert!(leased >= 30.0, "most checks were admitted from leases: {leased}");
+    }
+    shut_down_leaving_redis_exact(a, b, &prefix, &budget, 40).await;
+}
+
+/// Redis going away while the replicas hold leases loses nothing: what
+/// they give back when the leases go idle, and the corrections, wait for
+/// Redis and are applied once when it answers, so Redis ends as exact as
+/// if it had never gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_given_back_during_a_redis_outage_reach_it_once_it_answers() {
+    let link = CuttableLink::start(service_addr(&redis_url(), 6379).await).await;
+    let prefix = format!("test-{}", uuid_like());
+    let (a, b, _db, budget) = leasing_pair(&through(&redis_url(), link.addr), &prefix).await;
+    alternately(&a, &b, 40).await;
+    link.cut();
+    // A second idle, each replica gives its leases back; that cannot reach
+    // Redis, so it waits.
+    for gw in [&a, &b] {
+        let waiting = async || metric(gw, "tollgate_shared_corrections_waiting").await > 0.0;
+        wait_until("the give-backs wait for Redis", PATIENCE, waiting).await;
+    }
+    link.restore().await;
+    for gw in [&a, &b] {
+        let applied = async || metric(gw, "tollgate_shared_corrections_waiting").await == 0.0;
+        wait_until("the give-backs are applied once Redis answers", PATIENCE, applied).await;
+    }
+    shut_down_leaving_redis_exact(a, b, &prefix, &budget, 40).await;
 }
