@@ -427,3 +427,36 @@ async fn leases_given_back_during_a_redis_outage_reach_it_once_it_answers() {
     }
     shut_down_leaving_redis_exact(a, b, &prefix, &budget, 40).await;
 }
+
+/// Clients that go away mid-stream on leasing replicas give back their
+/// in-flight slots and settle their reservations like any other request:
+/// into the replica's leases, which go back to Redis at shutdown, so Redis
+/// ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_mid_stream_leave_leased_counters_exact() {
+    use futures_util::StreamExt;
+    let prefix = format!("test-{}", uuid_like());
+    let (a, b, _db, budget) = leasing_pair(&redis_url(), &prefix).await;
+    alternately(&a, &b, 10).await;
+    let client = client_with_key(&a.key);
+    for gw in [&a, &b, &a, &b] {
+        let response = client
+            .post(gw.url("/v1/chat/completions"))
+            .header("x-fake-chunks", "50")
+            .header("x-fake-chunk-interval-ms", "100")
+            .body(r#"{"model":"gemini-2.5-flash-lite","stream":true,"messages":[{"role":"user","content":"hi"}]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        assert!(stream.next().await.unwrap().unwrap().starts_with(b"data: "));
+    }
+    for gw in [&a, &b] {
+        let settled = async || metric(gw, "tollgate_in_flight_requests").await == 0.0;
+        wait_until("the abandoned streams are settled", PATIENCE, settled).await;
+        assert!(metric(gw, "tollgate_shared_lease_admissions_total").await >= 5.0, "the replica leased");
+    }
+    assert_eq!(a.fake.streams_cancelled() + b.fake.streams_cancelled(), 4);
+    shut_down_leaving_redis_exact(a, b, &prefix, &budget, 14).await;
+}
