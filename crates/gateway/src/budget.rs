@@ -401,8 +401,8 @@ impl Reservation {
             // The shared counter is per period: the reservation is always
             // replaced on the counter it was made on.
             Some((shared, key)) => {
-                shared.adjust(crate::shared::spent_key(&key), cost);
-                shared.adjust(key, cost - self.amount);
+                shared.adjust(&crate::shared::spent_key(&key), cost);
+                shared.adjust(&key, cost - self.amount);
             }
             None => {
                 let same_period = state.period_start.load(Ordering::Acquire) == self.period_start;
@@ -423,7 +423,7 @@ impl Reservation {
     fn release_unused(&mut self) {
         self.released = true;
         if let Some((shared, key)) = self.shared.take() {
-            shared.adjust(key, -self.amount);
+            shared.adjust(&key, -self.amount);
         } else if self.state.period_start.load(Ordering::Acquire) == self.period_start {
             self.state.committed.fetch_sub(self.amount, Ordering::AcqRel);
         }

@@ -830,7 +830,7 @@ impl Shared {
     fn give_back(&self, queued: &Queued) {
         for i in 0..queued.counters() {
             let amount = queued.arg(i, queued.kind.amount_at());
-            self.adjust(queued.lease_key(i).to_owned(), -amount);
+            self.adjust(queued.lease_key(i), -amount);
         }
     }
 
@@ -904,27 +904,28 @@ impl Shared {
     /// Applies a counter change (settlement, release): to this replica's
     /// lease of the counter when it holds one, else queued for Redis. Never
     /// waits.
-    pub fn adjust(&self, key: String, delta: i64) {
+    pub fn adjust(&self, key: &str, delta: i64) {
         if delta == 0 {
             return;
         }
-        match self.leases.absorb(&key, delta) {
+        match self.leases.absorb(key, delta) {
             None => self.correct(key, delta),
             Some(rest) => self.correct(key, rest),
         }
     }
 
-    /// Queues a correction for Redis.
-    fn correct(&self, key: String, delta: i64) {
+    /// Queues a correction for Redis. The key is copied only for a counter
+    /// with none waiting yet: under load, most merge into one that is.
+    fn correct(&self, key: &str, delta: i64) {
         if delta == 0 {
             return;
         }
         let mut deltas = lock(&self.pending.deltas);
         let room = deltas.len() < MAX_PENDING_COUNTERS;
-        match deltas.get_mut(&key) {
+        match deltas.get_mut(key) {
             Some(pending) => *pending = pending.saturating_add(delta),
             None if room => {
-                deltas.insert(key, delta);
+                deltas.insert(key.to_owned(), delta);
             }
             None => {
                 drop(deltas);
@@ -990,7 +991,7 @@ impl Shared {
     /// given back to Redis.
     fn give_back_leases(&self, all: bool) {
         for (key, delta) in self.leases.retire(self.lease_now(), all) {
-            self.correct(key, delta);
+            self.correct(&key, delta);
         }
     }
 
@@ -1258,8 +1259,8 @@ mod tests {
         );
 
         let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
-        shared.adjust("rl:t:rpm@1".to_owned(), -2);
-        shared.adjust(spent_key(&budget.key), 40);
+        shared.adjust("rl:t:rpm@1", -2);
+        shared.adjust(&spent_key(&budget.key), 40);
         shared.flush().await;
         let rpm = stored(&mut conn, &prefix, "rl:t:rpm@1").await.0;
         let spent = stored(&mut conn, &prefix, "budget:b:20261201:spent").await.0;
@@ -1334,8 +1335,8 @@ mod tests {
         assert!(matches!(reserve(1).await, Some(ReserveVerdict::Busy(0))));
         assert!(matches!(reserve(801).await, Some(ReserveVerdict::Exhausted(0))));
         // The first request settles at 100 and the second is released: 300 settled.
-        shared.adjust(spent_key("budget:b:1"), 100);
-        shared.adjust("budget:b:1".to_owned(), 100 - 500 - 300);
+        shared.adjust(&spent_key("budget:b:1"), 100);
+        shared.adjust("budget:b:1", 100 - 500 - 300);
         shared.flush().await;
         assert!(matches!(reserve(700).await, Some(ReserveVerdict::Admitted(v)) if v == [1_000]));
         assert!(matches!(reserve(0).await, Some(ReserveVerdict::Admitted(v)) if v == [1_000]), "nothing more to spend");
@@ -1371,13 +1372,13 @@ mod tests {
         // Nothing listens on port 1: the replica starts without Redis.
         let shared = Shared::connect("redis://127.0.0.1:1", &prefix, 0).await.unwrap();
         assert!(shared.is_down());
-        shared.adjust("rpm".to_owned(), -10);
+        shared.adjust("rpm", -10);
         shared.flush().await;
         assert_eq!(shared.corrections_waiting(), 1, "not tried while Redis is down");
         shared.send_waiting().await;
         assert!(lock(&shared.pending.unsent).is_some(), "the failed batch is kept as it was");
-        shared.adjust("rpm".to_owned(), -5);
-        shared.adjust("tpm".to_owned(), -300);
+        shared.adjust("rpm", -5);
+        shared.adjust("tpm", -300);
         assert_eq!(shared.corrections_waiting(), 3);
 
         // Redis answers again.
@@ -1403,9 +1404,9 @@ mod tests {
             [LimitCounter { key: "inflight".to_owned(), limit: 1, amount: 1, expiry: Expiry::Renewed(60_000) }];
         assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Admitted(v)) if v == [1]));
         assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Refused { index: 0, value: 1 })));
-        shared.adjust("inflight".to_owned(), -3);
-        shared.adjust("inflight".to_owned(), 2);
-        shared.adjust("expired".to_owned(), 5);
+        shared.adjust("inflight", -3);
+        shared.adjust("inflight", 2);
+        shared.adjust("expired", 5);
         assert_eq!(lock(&shared.pending.deltas).len(), 2, "one delta per counter");
         shared.flush().await;
         assert!(matches!(shared.admit(&one_in_flight).await, Some(Verdict::Admitted(v)) if v == [1]));
@@ -1624,7 +1625,7 @@ mod tests {
             assert!(matches!(shared.admit(&inflight).await, Some(Verdict::Admitted(_))));
         }
         for _ in 0..7 {
-            shared.adjust("inflight".to_owned(), -1);
+            shared.adjust("inflight", -1);
         }
         let budget = BudgetCounter {
             key: "budget:b:1".to_owned(),
@@ -1639,11 +1640,11 @@ mod tests {
         }
         // Three settle at 300 each; one costs 1,500, past its reservation.
         for cost in [300, 300, 300] {
-            shared.adjust(spent_key(&budget.key), cost);
-            shared.adjust(budget.key.clone(), cost - 1_000);
+            shared.adjust(&spent_key(&budget.key), cost);
+            shared.adjust(&budget.key, cost - 1_000);
         }
-        shared.adjust(spent_key(&budget.key), 1_500);
-        shared.adjust(budget.key.clone(), 500);
+        shared.adjust(&spent_key(&budget.key), 1_500);
+        shared.adjust(&budget.key, 500);
         shared.flush().await;
         assert_eq!(shared.checks.calls.load(Ordering::Relaxed), 2, "one call each, for the first admission");
         assert_eq!(stored(&mut conn, &prefix, "inflight").await.0, Some(1 + 64));

@@ -245,7 +245,7 @@ impl Permit {
                 counter.fetch_add(delta, Ordering::AcqRel);
             }
             (Counters::Local, None) => {}
-            (Counters::Shared(shared), _) => shared.adjust(taken.key.clone(), delta),
+            (Counters::Shared(shared), _) => shared.adjust(&taken.key, delta),
         }
     }
 
@@ -317,44 +317,48 @@ impl RateLimiter {
         window: &Window,
     ) -> Option<Result<Permit, Throttled>> {
         let amount = i64::try_from(tokens).unwrap_or(i64::MAX);
-        let mut plan: Vec<(Kind, u64, String, i64)> = Vec::new();
+        // Each counter's kind, beside the counters Redis is asked about
+        // (whose keys move into the permit once admitted: no copies).
+        let mut kinds: Vec<Kind> = Vec::with_capacity(checks.len() * 3);
+        let mut counters: Vec<LimitCounter> = Vec::with_capacity(checks.len() * 3);
         for check in checks {
+            let mut plan = |kind: Kind, limit: u64, amount: i64, expiry: Expiry| {
+                kinds.push(kind);
+                counters.push(LimitCounter { key: shared_key(check, kind, window), limit, amount, expiry });
+            };
             if let Some(limit) = check.max_concurrent {
-                plan.push((Kind::Concurrency, limit, shared_key(check, Kind::Concurrency, window), 1));
+                plan(Kind::Concurrency, limit, 1, Expiry::Renewed(INFLIGHT_TTL_MS));
             }
             if let Some(limit) = check.rpm {
-                plan.push((Kind::Requests, limit, shared_key(check, Kind::Requests, window), 1));
+                plan(Kind::Requests, limit, 1, Expiry::Created(WINDOW_TTL_MS));
             }
             if let Some(limit) = check.tpm {
                 if tokens > limit {
                     let retry_after = window.remaining();
                     return Some(Err(Throttled { kind: Kind::Tokens, limit, too_large: true, retry_after }));
                 }
-                plan.push((Kind::Tokens, limit, shared_key(check, Kind::Tokens, window), amount));
+                plan(Kind::Tokens, limit, amount, Expiry::Created(WINDOW_TTL_MS));
             }
         }
-        let counters: Vec<LimitCounter> = plan
-            .iter()
-            .map(|(kind, limit, key, amount)| {
-                let expiry = if *kind == Kind::Concurrency {
-                    Expiry::Renewed(INFLIGHT_TTL_MS)
-                } else {
-                    Expiry::Created(WINDOW_TTL_MS)
-                };
-                LimitCounter { key: key.clone(), limit: *limit, amount: *amount, expiry }
-            })
-            .collect();
         match shared.admit(&counters).await? {
             Verdict::Refused { index, .. } => {
-                let (kind, limit, _, _) = plan.get(index)?;
-                let retry_after = if *kind == Kind::Concurrency { Duration::from_secs(1) } else { window.remaining() };
-                Some(Err(Throttled { kind: *kind, limit: *limit, too_large: false, retry_after }))
+                let (kind, limit) = (*kinds.get(index)?, counters.get(index)?.limit);
+                let retry_after = if kind == Kind::Concurrency { Duration::from_secs(1) } else { window.remaining() };
+                Some(Err(Throttled { kind, limit, too_large: false, retry_after }))
             }
             Verdict::Admitted(values) => {
-                let taken: Vec<Taken> = plan
+                let taken: Vec<Taken> = counters
                     .into_iter()
+                    .zip(kinds)
                     .zip(values)
-                    .map(|((kind, limit, key, amount), used)| Taken { kind, key, amount, limit, used, local: None })
+                    .map(|((counter, kind), used)| Taken {
+                        kind,
+                        key: counter.key,
+                        amount: counter.amount,
+                        limit: counter.limit,
+                        used,
+                        local: None,
+                    })
                     .collect();
                 let allowance = Taken::allowance(&taken, window.remaining());
                 Some(Ok(Permit {

@@ -47,8 +47,17 @@ pub struct Grants {
 // validated again on every insert.
 pub const BUDGET_HEADER: HeaderName = HeaderName::from_static("x-tollgate-budget-remaining-usd");
 
+/// The most headers [`Grants::write`] adds: three per rate limit kind
+/// (requests, tokens) and the budget's.
+const GRANT_HEADERS: usize = 7;
+
 impl Grants {
     pub fn write(&self, headers: &mut HeaderMap) {
+        // Room for every header at once: the upstream's map is sized for its
+        // own, and growing it one insert at a time rehashes it each time.
+        if self.allowance.is_some() || self.remaining_budget.is_some() {
+            headers.reserve(GRANT_HEADERS);
+        }
         if let Some(allowance) = &self.allowance {
             allowance.write(headers);
         }
