@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tollgate_fake_upstream::{ErrorStyle, FakeUpstream, Fault, Scenario};
 use tollgate_gateway::Config;
 use tollgate_gateway::routing::config::{BreakerConfig, GroupConfig, Overrides, RetryOn, RouteConfig, TargetConfig};
-use tollgate_gateway::telemetry::traces::config::{OtlpConfig, OtlpProtocol};
+use tollgate_gateway::telemetry::traces::config::{ExportHeader, OtlpConfig, OtlpProtocol};
 use tollgate_otlp_sink::{Sink, Span, Transport};
 
 use crate::helpers::{PATIENCE, TestGateway, scraped_value, wait_until};
@@ -435,4 +435,26 @@ async fn gemini_and_anthropic_calls_are_traced_like_openai_ones() {
     assert_eq!(named(&spans, "chat claude-sonnet-4").kind, CLIENT);
     let all = format!("{spans:?}");
     assert!(!all.contains("secret prompt") && !all.contains(&gw.key), "no prompt text or key on spans");
+}
+
+/// The configured export headers (a collector's credentials) arrive with
+/// every export: as gRPC metadata, or as HTTP headers.
+#[tokio::test]
+async fn export_headers_reach_the_collector_over_either_protocol() {
+    for transport in [Transport::Grpc, Transport::HttpProtobuf] {
+        let sink = Sink::start(transport).await.unwrap();
+        let mut otlp = export_to(&sink);
+        otlp.headers.push(ExportHeader {
+            name: "X-Collector-Token".to_owned(),
+            value: Some("token-1".to_owned()),
+            value_env: None,
+            value_file: None,
+        });
+        let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
+        let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
+        assert_eq!(response.status(), 200);
+        sink.wait_for(PATIENCE, |spans| spans.iter().any(|s| s.kind == SERVER)).await;
+        let headers = sink.last_headers();
+        assert_eq!(headers.get("x-collector-token").map(String::as_str), Some("token-1"), "{transport:?}: {headers:?}");
+    }
 }

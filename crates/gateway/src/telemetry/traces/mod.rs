@@ -20,6 +20,7 @@
 
 pub mod config;
 pub mod export;
+pub mod otlp;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -28,7 +29,6 @@ use http::{HeaderMap, HeaderValue};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
@@ -100,49 +100,49 @@ impl Tracing {
     }
 }
 
-fn build_exporter(config: &OtlpConfig) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
-    let mut headers = std::collections::HashMap::new();
-    for header in &config.headers {
-        headers.insert(header.name.to_ascii_lowercase(), header.resolve()?);
-    }
+fn build_exporter(config: &OtlpConfig) -> anyhow::Result<otlp::OtlpExporter> {
     let url = config.export_url();
-    let exporter = match config.protocol {
+    let transport = match config.protocol {
         OtlpProtocol::Grpc => {
             let mut metadata = tonic::metadata::MetadataMap::new();
-            for (name, value) in &headers {
-                let name = tonic::metadata::MetadataKey::from_bytes(name.as_bytes())
+            for header in &config.headers {
+                let name = header.name.to_ascii_lowercase();
+                let key = tonic::metadata::MetadataKey::from_bytes(name.as_bytes())
                     .map_err(|_| anyhow::anyhow!("telemetry.otlp.headers: {name:?} is not a gRPC metadata key"))?;
-                let value = value
+                let value = header
+                    .resolve()?
                     .parse()
                     .map_err(|_| anyhow::anyhow!("telemetry.otlp.headers: the value of {name:?} is not valid"))?;
-                metadata.insert(name, value);
+                metadata.insert(key, value);
             }
-            let mut builder = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(url.clone())
-                .with_timeout(config.timeout)
-                .with_metadata(metadata);
+            let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+                .map_err(|e| anyhow::anyhow!("telemetry.otlp.endpoint: {e}"))?
+                .timeout(config.timeout)
+                .connect_timeout(config.timeout);
             if url.starts_with("https://") {
-                builder = builder.with_tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots());
+                endpoint = endpoint
+                    .tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+                    .map_err(|e| anyhow::anyhow!("telemetry.otlp.endpoint: {e}"))?;
             }
-            builder.build()?
+            otlp::Transport::Grpc { channel: endpoint.connect_lazy(), metadata }
         }
         OtlpProtocol::HttpProtobuf => {
+            let mut headers = http::HeaderMap::new();
+            for header in &config.headers {
+                let name = http::HeaderName::from_bytes(header.name.as_bytes())
+                    .map_err(|_| anyhow::anyhow!("telemetry.otlp.headers: {:?} is not a header name", header.name))?;
+                let value = HeaderValue::from_str(&header.resolve()?)
+                    .map_err(|_| anyhow::anyhow!("telemetry.otlp.headers: the value of {name:?} is not valid"))?;
+                headers.insert(name, value);
+            }
             let client = reqwest::Client::builder()
                 .timeout(config.timeout)
                 .build()
                 .map_err(|e| anyhow::anyhow!("cannot build the OTLP HTTP client: {e}"))?;
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_http_client(client)
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(url)
-                .with_timeout(config.timeout)
-                .with_headers(headers)
-                .build()?
+            otlp::Transport::Http { client, url, headers }
         }
     };
-    Ok(exporter)
+    Ok(otlp::OtlpExporter::new(transport))
 }
 
 /// Reads trace context from request headers.
