@@ -172,11 +172,9 @@ impl RequestTrace {
         self.cx.span().set_attribute(attribute);
     }
 
+    /// Sets every attribute under one lock of the span.
     pub fn set_all(&self, attributes: impl IntoIterator<Item = KeyValue>) {
-        let span = self.cx.span();
-        for attribute in attributes {
-            span.set_attribute(attribute);
-        }
+        self.cx.span().set_attributes(attributes);
     }
 
     /// Marks the request failed (a server error, in HTTP's terms).
@@ -240,10 +238,7 @@ impl Stage {
 
     pub fn set_all(&self, attributes: impl IntoIterator<Item = KeyValue>) {
         if let Some((cx, _)) = &self.inner {
-            let span = cx.span();
-            for attribute in attributes {
-                span.set_attribute(attribute);
-            }
+            cx.span().set_attributes(attributes);
         }
     }
 
