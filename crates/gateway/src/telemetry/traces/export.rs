@@ -1,5 +1,6 @@
-//! The span queue: finished spans go into a bounded channel and a
-//! background task sends them to the collector in batches.
+//! The span queue's far end: finished spans arrive on a bounded channel
+//! (see [`super::span::Recorder`]) and a background task sends them to the
+//! collector in batches.
 //!
 //! Written here rather than using the SDK's `BatchSpanProcessor` because a
 //! full queue must be visible as a metric (`tollgate_trace_spans_dropped_total`)
@@ -9,47 +10,10 @@
 
 use std::time::Duration;
 
-use opentelemetry::Context;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
-use prometheus::{IntCounter, IntCounterVec};
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use prometheus::IntCounterVec;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-/// Hands finished, sampled spans to the export task.
-#[derive(Debug)]
-pub struct QueueProcessor {
-    queue: mpsc::Sender<SpanData>,
-    dropped: IntCounter,
-}
-
-impl QueueProcessor {
-    pub fn new(capacity: usize, dropped: IntCounter) -> (Self, mpsc::Receiver<SpanData>) {
-        let (queue, spans) = mpsc::channel(capacity);
-        (Self { queue, dropped }, spans)
-    }
-}
-
-impl SpanProcessor for QueueProcessor {
-    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        if !span.span_context.is_sampled() {
-            return;
-        }
-        if self.queue.try_send(span).is_err() {
-            self.dropped.inc();
-        }
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
-    }
-
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
-    }
-}
 
 /// How the export task batches.
 #[derive(Debug, Clone, Copy)]

@@ -3,12 +3,12 @@
 //! the relay; W3C trace context read from the caller and sent upstream.
 //!
 //! Opt-in (`[telemetry.otlp]`). Off, no span is made and no layer is
-//! installed: a request pays nothing. On, the spans go through the
-//! OpenTelemetry SDK (sampling, ids, the span model) to [`export`]'s bounded
-//! queue, so a slow or absent collector costs dropped spans, never a slower
-//! request.
+//! installed: a request pays nothing. On, spans are recorded by [`span`]
+//! (ids, the SDK's parent-based ratio sampling, the span's data) and go to
+//! [`export`]'s bounded queue, so a slow or absent collector costs dropped
+//! spans, never a slower request; [`otlp`] sends them.
 //!
-//! The tracer is the application's own (not the process-wide global), so
+//! The recorder is the application's own (nothing process-wide), so
 //! several gateways in one process (the tests) each export where their own
 //! configuration says.
 //!
@@ -21,29 +21,27 @@
 pub mod config;
 pub mod export;
 pub mod otlp;
+pub mod span;
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue};
+use opentelemetry::KeyValue;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use config::{OtlpConfig, OtlpProtocol};
 
-/// The application's tracer: present when `[telemetry.otlp]` is set.
+/// The application's span recorder: present when `[telemetry.otlp]` is set.
 #[derive(Debug)]
 pub struct Tracing {
-    tracer: SdkTracer,
+    recorder: Arc<span::Recorder>,
     propagator: TraceContextPropagator,
-    /// Kept so the SDK's processor lives as long as the gateway.
-    _provider: SdkTracerProvider,
 }
 
 impl Tracing {
@@ -61,12 +59,8 @@ impl Tracing {
             .build();
         let mut exporter = build_exporter(config)?;
         opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
-        let (processor, spans) = export::QueueProcessor::new(config.queue_size, metrics.trace_spans_dropped.clone());
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sampling_ratio))))
-            .with_resource(resource)
-            .build();
+        let (recorder, spans) =
+            span::Recorder::new(config.queue_size, metrics.trace_spans_dropped.clone(), config.sampling_ratio);
         let batching = export::Batching {
             batch_size: config.batch_size,
             interval: config.export_interval,
@@ -79,24 +73,16 @@ impl Tracing {
             sampling_ratio = config.sampling_ratio,
             "exporting traces over OTLP"
         );
-        Ok(Arc::new(Self {
-            tracer: provider.tracer("tollgate"),
-            propagator: TraceContextPropagator::new(),
-            _provider: provider,
-        }))
+        Ok(Arc::new(Self { recorder, propagator: TraceContextPropagator::new() }))
     }
 
     /// The server span of one request: a child of the caller's trace when
     /// it sent a valid `traceparent`, else the root of a new trace.
     pub fn request(&self, headers: &HeaderMap, name: String, attributes: Vec<KeyValue>) -> RequestTrace {
-        let parent = self.propagator.extract(&Headers(headers));
-        let span = self
-            .tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
-            .start_with_context(&self.tracer, &parent);
-        RequestTrace { cx: parent.with_span(span), tracer: self.tracer.clone() }
+        let caller = self.propagator.extract(&Headers(headers));
+        let caller = caller.span();
+        let span = self.recorder.start(Some(caller.span_context()), name.into(), SpanKind::Server, attributes);
+        RequestTrace { span: Arc::new(span) }
     }
 }
 
@@ -163,44 +149,36 @@ impl Extractor for Headers<'_> {
 /// accounting record at the end of a stream.
 #[derive(Clone, Debug)]
 pub struct RequestTrace {
-    cx: Context,
-    tracer: SdkTracer,
+    span: Arc<span::LiveSpan>,
 }
 
 impl RequestTrace {
     pub fn set(&self, attribute: KeyValue) {
-        self.cx.span().set_attribute(attribute);
+        self.span.set_attributes([attribute]);
     }
 
-    /// Sets every attribute under one lock of the span.
     pub fn set_all(&self, attributes: impl IntoIterator<Item = KeyValue>) {
-        self.cx.span().set_attributes(attributes);
+        self.span.set_attributes(attributes);
     }
 
     /// Marks the request failed (a server error, in HTTP's terms).
     pub fn fail(&self, description: impl Into<Cow<'static, str>>) {
-        self.cx.span().set_status(Status::error(description));
+        self.span.set_status(Status::error(description));
     }
 
     /// A child span of the request.
     pub fn child(&self, name: &'static str, kind: SpanKind) -> Stage {
-        self.child_of(&self.cx, name.into(), kind)
+        Stage { span: Some(self.span.child(name.into(), kind)) }
     }
 
     /// A child span whose name is made per request (`chat gpt-4.1`).
     pub fn child_named(&self, name: String, kind: SpanKind) -> Stage {
-        self.child_of(&self.cx, name.into(), kind)
-    }
-
-    fn child_of(&self, parent: &Context, name: Cow<'static, str>, kind: SpanKind) -> Stage {
-        let span = self.tracer.span_builder(name).with_kind(kind).start_with_context(&self.tracer, parent);
-        Stage { inner: Some((parent.with_span(span), self.tracer.clone())) }
+        Stage { span: Some(self.span.child(name.into(), kind)) }
     }
 
     /// The trace and span ids, as log lines carry them.
     pub fn ids(&self) -> (String, String) {
-        let span = self.cx.span();
-        let context = span.span_context();
+        let context = self.span.context();
         (context.trace_id().to_string(), context.span_id().to_string())
     }
 }
@@ -210,7 +188,7 @@ impl RequestTrace {
 /// nothing, so stages can be written without asking whether tracing is on.
 #[derive(Debug, Default)]
 pub struct Stage {
-    inner: Option<(Context, SdkTracer)>,
+    span: Option<span::LiveSpan>,
 }
 
 impl Stage {
@@ -221,45 +199,42 @@ impl Stage {
 
     /// A child of this stage, named when it starts.
     pub fn child(&self, name: impl Into<Cow<'static, str>>, kind: SpanKind) -> Stage {
-        let Some((cx, tracer)) = &self.inner else { return Stage::default() };
-        let span = tracer.span_builder(name).with_kind(kind).start_with_context(tracer, cx);
-        Stage { inner: Some((cx.with_span(span), tracer.clone())) }
+        Stage { span: self.span.as_ref().map(|span| span.child(name.into(), kind)) }
     }
 
     pub fn is_on(&self) -> bool {
-        self.inner.is_some()
+        self.span.is_some()
     }
 
     pub fn set(&self, attribute: KeyValue) {
-        if let Some((cx, _)) = &self.inner {
-            cx.span().set_attribute(attribute);
+        if let Some(span) = &self.span {
+            span.set_attributes([attribute]);
         }
     }
 
+    /// Sets every attribute under one lock of the span.
     pub fn set_all(&self, attributes: impl IntoIterator<Item = KeyValue>) {
-        if let Some((cx, _)) = &self.inner {
-            cx.span().set_attributes(attributes);
+        if let Some(span) = &self.span {
+            span.set_attributes(attributes);
         }
     }
 
     pub fn fail(&self, description: impl Into<Cow<'static, str>>) {
-        if let Some((cx, _)) = &self.inner {
-            cx.span().set_status(Status::error(description));
+        if let Some(span) = &self.span {
+            span.set_status(Status::error(description));
         }
     }
 
     pub fn end(self) {
-        if let Some((cx, _)) = &self.inner {
-            cx.span().end();
+        if let Some(span) = &self.span {
+            span.end();
         }
     }
 
     /// `traceparent` naming this stage as the parent: sent upstream with an
     /// attempt, so the upstream's spans join the caller's trace.
     pub fn traceparent(&self) -> Option<HeaderValue> {
-        let (cx, _) = self.inner.as_ref()?;
-        let span = cx.span();
-        let context = span.span_context();
+        let context = self.span.as_ref()?.context();
         let value = format!("00-{}-{}-{:02x}", context.trace_id(), context.span_id(), context.trace_flags().to_u8());
         HeaderValue::from_str(&value).ok()
     }
