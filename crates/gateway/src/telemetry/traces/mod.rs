@@ -179,7 +179,11 @@ impl RequestTrace {
     /// The trace and span ids, as log lines carry them.
     pub fn ids(&self) -> (String, String) {
         let context = self.span.context();
-        (context.trace_id().to_string(), context.span_id().to_string())
+        let mut trace_id = [0; 32];
+        let mut span_id = [0; 16];
+        hex(&mut trace_id, &context.trace_id().to_bytes());
+        hex(&mut span_id, &context.span_id().to_bytes());
+        (ascii(&trace_id), ascii(&span_id))
     }
 }
 
@@ -235,9 +239,27 @@ impl Stage {
     /// attempt, so the upstream's spans join the caller's trace.
     pub fn traceparent(&self) -> Option<HeaderValue> {
         let context = self.span.as_ref()?.context();
-        let value = format!("00-{}-{}-{:02x}", context.trace_id(), context.span_id(), context.trace_flags().to_u8());
-        HeaderValue::from_str(&value).ok()
+        // `00-<trace id>-<span id>-<flags>`, in lowercase hex.
+        let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex(&mut value[3..35], &context.trace_id().to_bytes());
+        hex(&mut value[36..52], &context.span_id().to_bytes());
+        hex(&mut value[53..55], &[context.trace_flags().to_u8()]);
+        HeaderValue::from_bytes(&value).ok()
     }
+}
+
+/// Writes `bytes` into `out` as lowercase hex (two digits each): ids are
+/// written for every traced request, without the formatting machinery.
+fn hex(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
+    }
+}
+
+fn ascii(hex: &[u8]) -> String {
+    hex.iter().map(|b| char::from(*b)).collect()
 }
 
 /// `error.type` and the status of a span that ended in a gateway error.
@@ -248,6 +270,26 @@ pub fn error_attributes(code: &'static str) -> KeyValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_written_as_w3c_trace_context_writes_them() {
+        let dropped = prometheus::IntCounter::new("dropped", "dropped").unwrap();
+        let (recorder, _spans) = span::Recorder::new(4, dropped, 1.0);
+        let trace =
+            RequestTrace { span: Arc::new(recorder.start(None, "request".into(), SpanKind::Server, Vec::new())) };
+        let context = trace.span.context().clone();
+        let (trace_id, span_id) = trace.ids();
+        assert_eq!((trace_id, span_id), (context.trace_id().to_string(), context.span_id().to_string()));
+        let stage = trace.child("attempt", SpanKind::Client);
+        let stage_context = stage.span.as_ref().unwrap().context().clone();
+        assert_eq!(
+            stage.traceparent().unwrap(),
+            format!("00-{}-{}-01", stage_context.trace_id(), stage_context.span_id()).as_str()
+        );
+        let mut two = [0; 4];
+        hex(&mut two, &[0x0a, 0xf0]);
+        assert_eq!(&two, b"0af0");
+    }
 
     #[test]
     fn the_empty_stage_does_nothing() {

@@ -285,11 +285,11 @@ pub struct Encoder {
     /// The `Resource` message, written once.
     resource: Vec<u8>,
     resource_schema_url: String,
-    /// One scope's `ScopeSpans.spans` fields, each span framed.
-    spans: Vec<u8>,
+    /// Per instrumentation scope: its `InstrumentationScope` message and its
+    /// spans, each framed as a `ScopeSpans.spans` field.
+    scopes: Vec<(Vec<u8>, Vec<u8>)>,
     /// One span's fields, before its length is known.
     span: Vec<u8>,
-    scope: Vec<u8>,
 }
 
 impl Encoder {
@@ -301,37 +301,54 @@ impl Encoder {
     }
 
     /// The request carrying `batch`: one `ResourceSpans` with a
-    /// `ScopeSpans` per instrumentation scope, in the order first seen.
+    /// `ScopeSpans` per instrumentation scope, in the order first seen. The
+    /// spans are written once into their scope's buffer; the request is
+    /// then sized exactly and each buffer copied into it once.
     pub fn encode(&mut self, batch: &[SpanData]) -> Vec<u8> {
-        let mut scopes: Vec<&InstrumentationScope> = Vec::with_capacity(1);
+        let mut order: Vec<&InstrumentationScope> = Vec::with_capacity(1);
         for span in batch {
-            if !scopes.contains(&&span.instrumentation_scope) {
-                scopes.push(&span.instrumentation_scope);
-            }
+            let index = match order.iter().position(|scope| *scope == &span.instrumentation_scope) {
+                Some(index) => index,
+                None => {
+                    order.push(&span.instrumentation_scope);
+                    if self.scopes.len() < order.len() {
+                        self.scopes.push(Default::default());
+                    }
+                    let (scope, spans) = &mut self.scopes[order.len() - 1];
+                    scope.clear();
+                    spans.clear();
+                    put_scope(scope, &span.instrumentation_scope);
+                    order.len() - 1
+                }
+            };
+            self.span.clear();
+            put_span(&mut self.span, span);
+            put_bytes(&mut self.scopes[index].1, 2, &self.span);
         }
-        let mut resource_spans = Vec::with_capacity(batch.len() * 320 + self.resource.len() + 64);
-        put_delimited_header(&mut resource_spans, 1, self.resource.len());
-        resource_spans.extend_from_slice(&self.resource);
-        for scope in scopes {
-            self.spans.clear();
-            for span in batch.iter().filter(|s| &s.instrumentation_scope == scope) {
-                self.span.clear();
-                put_span(&mut self.span, span);
-                put_bytes(&mut self.spans, 2, &self.span);
-            }
-            self.scope.clear();
-            put_scope(&mut self.scope, scope);
-            let schema_url = scope.schema_url().unwrap_or_default();
-            let scope_spans_len =
-                delimited_len(1, self.scope.len()) + self.spans.len() + nonempty_len(3, schema_url.len());
-            put_delimited_header(&mut resource_spans, 2, scope_spans_len);
-            put_bytes(&mut resource_spans, 1, &self.scope);
-            resource_spans.extend_from_slice(&self.spans);
-            put_nonempty(&mut resource_spans, 3, schema_url.as_bytes());
+        let scope_spans_len = |(scope, spans): &(Vec<u8>, Vec<u8>), schema_url: &str| {
+            delimited_len(1, scope.len()) + spans.len() + nonempty_len(3, schema_url.len())
+        };
+        let resource_spans_len = delimited_len(1, self.resource.len())
+            + order
+                .iter()
+                .zip(&self.scopes)
+                .map(|(scope, buffers)| {
+                    delimited_len(2, scope_spans_len(buffers, scope.schema_url().unwrap_or_default()))
+                })
+                .sum::<usize>()
+            + nonempty_len(3, self.resource_schema_url.len());
+        let mut request = Vec::with_capacity(delimited_len(1, resource_spans_len));
+        put_delimited_header(&mut request, 1, resource_spans_len);
+        put_bytes(&mut request, 1, &self.resource);
+        for (scope, buffers) in order.iter().zip(&self.scopes) {
+            let url = scope.schema_url().unwrap_or_default();
+            put_delimited_header(&mut request, 2, scope_spans_len(buffers, url));
+            put_bytes(&mut request, 1, &buffers.0);
+            request.extend_from_slice(&buffers.1);
+            put_nonempty(&mut request, 3, url.as_bytes());
         }
-        put_nonempty(&mut resource_spans, 3, self.resource_schema_url.as_bytes());
-        let mut request = Vec::with_capacity(resource_spans.len() + 8);
-        put_bytes(&mut request, 1, &resource_spans);
+        put_nonempty(&mut request, 3, self.resource_schema_url.as_bytes());
+        debug_assert_eq!(request.len(), request.capacity());
         request
     }
 }
