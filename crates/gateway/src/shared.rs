@@ -1369,8 +1369,10 @@ mod tests {
     #[tokio::test]
     async fn corrections_wait_while_redis_cannot_be_reached_and_are_applied_once_it_answers() {
         let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
-        // Nothing listens on port 1: the replica starts without Redis.
-        let shared = Shared::connect("redis://127.0.0.1:1", &prefix, 0).await.unwrap();
+        // A port just freed: nothing listens there, so the replica starts
+        // without Redis.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let shared = Shared::connect(&format!("redis://{closed}"), &prefix, 0).await.unwrap();
         assert!(shared.is_down());
         shared.adjust("rpm", -10);
         shared.flush().await;
