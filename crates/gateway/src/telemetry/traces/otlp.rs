@@ -85,6 +85,11 @@ fn nonempty_len(field: u32, len: usize) -> usize {
     if len == 0 { 0 } else { delimited_len(field, len) }
 }
 
+/// The size of what [`put_uint`] writes.
+fn uint_len(field: u32, value: u64) -> usize {
+    if value == 0 { 0 } else { key_len(field) + varint_len(value) }
+}
+
 fn put_uint(out: &mut Vec<u8>, field: u32, value: u64) {
     if value != 0 {
         put_key(out, field, VARINT);
@@ -177,7 +182,7 @@ fn key_value_len(kv: &KeyValue) -> usize {
 }
 
 /// Repeated `KeyValue` field `field`.
-fn put_attributes(out: &mut Vec<u8>, field: u32, attributes: &[KeyValue]) {
+fn put_attributes<'a>(out: &mut Vec<u8>, field: u32, attributes: impl IntoIterator<Item = &'a KeyValue>) {
     for kv in attributes {
         put_delimited_header(out, field, key_value_len(kv));
         put_nonempty(out, 1, kv.key.as_str().as_bytes());
@@ -219,11 +224,7 @@ fn put_span(out: &mut Vec<u8>, span: &SpanData) {
         let len = if nanos(event.timestamp) == 0 { 0 } else { 9 }
             + nonempty_len(2, event.name.len())
             + attributes_len(3, &event.attributes)
-            + if event.dropped_attributes_count == 0 {
-                0
-            } else {
-                1 + varint_len(event.dropped_attributes_count.into())
-            };
+            + uint_len(4, event.dropped_attributes_count.into());
         put_delimited_header(out, 11, len);
         put_fixed64(out, 1, nanos(event.timestamp));
         put_nonempty(out, 2, event.name.as_bytes());
@@ -239,8 +240,10 @@ fn put_span(out: &mut Vec<u8>, span: &SpanData) {
             + delimited_len(2, 8)
             + nonempty_len(3, state.len())
             + attributes_len(4, &link.attributes)
-            + if link.dropped_attributes_count == 0 { 0 } else { 1 + varint_len(link.dropped_attributes_count.into()) }
-            + 5;
+            + uint_len(5, link.dropped_attributes_count.into())
+            // The flags: a one-byte key and four bytes, always written.
+            + key_len(6)
+            + 4;
         put_delimited_header(out, 13, len);
         put_bytes(out, 1, &linked.trace_id().to_bytes());
         put_bytes(out, 2, &linked.span_id().to_bytes());
@@ -256,7 +259,7 @@ fn put_span(out: &mut Vec<u8>, span: &SpanData) {
         Status::Ok => (1, ""),
         Status::Error { description } => (2, description.as_ref()),
     };
-    let status_len = nonempty_len(2, message.len()) + if code == 0 { 0 } else { 2 };
+    let status_len = nonempty_len(2, message.len()) + uint_len(3, code);
     put_delimited_header(out, 15, status_len);
     put_nonempty(out, 2, message.as_bytes());
     put_uint(out, 3, code);
@@ -274,8 +277,7 @@ fn link_flags(remote: bool, trace_flags: u8) -> u32 {
 fn put_scope(out: &mut Vec<u8>, scope: &InstrumentationScope) {
     put_nonempty(out, 1, scope.name().as_bytes());
     put_nonempty(out, 2, scope.version().unwrap_or_default().as_bytes());
-    let attributes: Vec<KeyValue> = scope.attributes().cloned().collect();
-    put_attributes(out, 3, &attributes);
+    put_attributes(out, 3, scope.attributes());
 }
 
 /// Encodes `ExportTraceServiceRequest`s, keeping its buffers between
