@@ -79,18 +79,20 @@ impl Recorder {
         let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
         let context = SpanContext::new(trace_id, random_span_id(), flags, false, trace_state);
         let record = sampled.then(|| {
-            let mut record = Record {
+            // The attributes given at the start are kept as they came.
+            let mut attributes = attributes;
+            let dropped = attributes.len().saturating_sub(MAX_ATTRIBUTES);
+            attributes.truncate(MAX_ATTRIBUTES);
+            Record {
                 name,
                 kind,
                 parent_span_id: parent.map_or(SpanId::INVALID, SpanContext::span_id),
                 parent_is_remote: parent.is_some_and(SpanContext::is_remote),
                 start: SystemTime::now(),
-                attributes: Vec::with_capacity(attributes.len().max(8)),
-                dropped_attributes: 0,
+                attributes,
+                dropped_attributes: u32::try_from(dropped).unwrap_or(u32::MAX),
                 status: Status::Unset,
-            };
-            record.add(attributes);
-            record
+            }
         });
         LiveSpan { recorder: self.clone(), context, record: Mutex::new(record) }
     }
