@@ -299,53 +299,70 @@ impl Gateway {
         settings: &[(&str, String)],
     ) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
-        let (public, admin) = (free_addr()?, free_addr()?);
-        // TOLLGATE_BENCH_WRAP (e.g. `heaptrack` or `valgrind --tool=callgrind`)
-        // runs the gateway under a profiler.
-        let wrap = std::env::var("TOLLGATE_BENCH_WRAP").unwrap_or_default();
-        let mut words = wrap.split_whitespace();
-        let mut cmd = match words.next() {
-            Some(profiler) => {
-                let mut cmd = pinned(cpus.under_test.as_deref(), &which(profiler).context("the profiler")?);
-                cmd.args(words).arg(binary);
-                cmd
+        let command = |public: SocketAddr, admin: SocketAddr| -> anyhow::Result<std::process::Command> {
+            // TOLLGATE_BENCH_WRAP (e.g. `heaptrack` or `valgrind --tool=callgrind`)
+            // runs the gateway under a profiler.
+            let wrap = std::env::var("TOLLGATE_BENCH_WRAP").unwrap_or_default();
+            let mut words = wrap.split_whitespace();
+            let mut cmd = match words.next() {
+                Some(profiler) => {
+                    let mut cmd = pinned(cpus.under_test.as_deref(), &which(profiler).context("the profiler")?);
+                    cmd.args(words).arg(binary);
+                    cmd
+                }
+                None => pinned(cpus.under_test.as_deref(), binary),
+            };
+            cmd.arg("serve").env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+            // The runtime's own default: one worker per CPU the gateway may run
+            // on, so one when pinned, as nginx runs one worker. Background work
+            // (ledger batches, scrapes) has the gateway's background thread.
+            // Two workers on the one CPU cost more CPU per request and a longer
+            // tail at 1,000 req/s in side-by-side runs, and the same throughput.
+            if let Ok(workers) = std::env::var("TOLLGATE_BENCH_WORKERS") {
+                cmd.env("TOKIO_WORKER_THREADS", workers);
             }
-            None => pinned(cpus.under_test.as_deref(), binary),
+            cmd.env("TOLLGATE_SERVER__LISTEN", public.to_string())
+                .env("TOLLGATE_ADMIN__LISTEN", admin.to_string())
+                .env("TOLLGATE_UPSTREAM__BASE_URL", format!("http://{upstream}/v1"))
+                // The streaming scenarios steer the fake upstream with x-fake-* headers.
+                .env("TOLLGATE_UPSTREAM__FORWARD_REQUEST_HEADERS", r#"["x-fake-*"]"#)
+                .env("TOLLGATE_DATABASE_URL", &db.url)
+                .env("TOLLGATE_ACCOUNTING__SPOOL_DIR", data.path().join("spool"))
+                .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("TOLLGATE_HASH_SECRET", "bench-hash-secret")
+                .env("TOLLGATE_LOG__FORMAT", "json")
+                .env("COMETAPI_KEY", "sk-bench");
+            // Configuration settings (TOLLGATE_<SECTION>__<KEY>) in the benchmark's
+            // own environment override the defaults above, e.g.
+            // TOLLGATE_LOG__LEVEL=warn to price the logs. Other TOLLGATE_*
+            // variables (the test suite's, the benchmark's own) are not settings.
+            cmd.envs(std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_") && k.contains("__")));
+            cmd.envs(settings.iter().map(|(k, v)| (*k, v.as_str())));
+            if let Some(routes) = routes {
+                let file = data.path().join("routes.toml");
+                std::fs::write(&file, routes)?;
+                cmd.env("TOLLGATE_ROUTING__ROUTES_FILE", file);
+            }
+            Ok(cmd)
         };
-        cmd.arg("serve").env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
-        // The runtime's own default: one worker per CPU the gateway may run
-        // on, so one when pinned, as nginx runs one worker. Background work
-        // (ledger batches, scrapes) has the gateway's background thread.
-        // Two workers on the one CPU cost more CPU per request and a longer
-        // tail at 1,000 req/s in side-by-side runs, and the same throughput.
-        if let Ok(workers) = std::env::var("TOLLGATE_BENCH_WORKERS") {
-            cmd.env("TOKIO_WORKER_THREADS", workers);
-        }
-        cmd.env("TOLLGATE_SERVER__LISTEN", public.to_string())
-            .env("TOLLGATE_ADMIN__LISTEN", admin.to_string())
-            .env("TOLLGATE_UPSTREAM__BASE_URL", format!("http://{upstream}/v1"))
-            // The streaming scenarios steer the fake upstream with x-fake-* headers.
-            .env("TOLLGATE_UPSTREAM__FORWARD_REQUEST_HEADERS", r#"["x-fake-*"]"#)
-            .env("TOLLGATE_DATABASE_URL", &db.url)
-            .env("TOLLGATE_ACCOUNTING__SPOOL_DIR", data.path().join("spool"))
-            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("TOLLGATE_HASH_SECRET", "bench-hash-secret")
-            .env("TOLLGATE_LOG__FORMAT", "json")
-            .env("COMETAPI_KEY", "sk-bench");
-        // Configuration settings (TOLLGATE_<SECTION>__<KEY>) in the benchmark's
-        // own environment override the defaults above, e.g.
-        // TOLLGATE_LOG__LEVEL=warn to price the logs. Other TOLLGATE_*
-        // variables (the test suite's, the benchmark's own) are not settings.
-        cmd.envs(std::env::vars().filter(|(k, _)| k.starts_with("TOLLGATE_") && k.contains("__")));
-        cmd.envs(settings.iter().map(|(k, v)| (*k, v.as_str())));
-        if let Some(routes) = routes {
-            let file = data.path().join("routes.toml");
-            std::fs::write(&file, routes)?;
-            cmd.env("TOLLGATE_ROUTING__ROUTES_FILE", file);
-        }
-        let mut proc = Proc::spawn("gateway", cmd)?;
-        wait_listening(&mut proc, public).await?;
-        wait_listening(&mut proc, admin).await?;
+        // A port found free can be taken by another process (an outgoing
+        // connection's ephemeral port) before the gateway binds it: then it
+        // exits at once, and is started again on other ports.
+        let mut attempts = 0;
+        let (proc, public, admin) = loop {
+            attempts += 1;
+            let (public, admin) = (free_addr()?, free_addr()?);
+            let mut proc = Proc::spawn("gateway", command(public, admin)?)?;
+            let listening = match wait_listening(&mut proc, public).await {
+                Ok(()) => wait_listening(&mut proc, admin).await,
+                Err(e) => Err(e),
+            };
+            match listening {
+                Ok(()) => break (proc, public, admin),
+                Err(_) if attempts < 3 && proc.exited() => continue,
+                Err(e) => return Err(e),
+            }
+        };
         let http = reqwest::Client::builder().no_proxy().build()?;
         let key = match existing_key {
             Some(key) => key,
