@@ -38,7 +38,6 @@ use axum::extract::{MatchedPath, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use opentelemetry::KeyValue;
 use tollgate_openai::Api;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -158,26 +157,28 @@ async fn trace_request(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let method = request.method().as_str().to_owned();
-    let route = route.as_ref().map_or_else(|| request.uri().path().to_owned(), |r| r.as_str().to_owned());
-    let request_id = request.extensions().get::<RequestId>().map_or_else(String::new, |r| r.as_str().to_owned());
-    let attributes = vec![
-        KeyValue::new("http.request.method", method.clone()),
-        KeyValue::new("url.path", request.uri().path().to_owned()),
-        KeyValue::new("http.route", route.clone()),
-        KeyValue::new("tollgate.request_id", request_id),
+    let method = request.method().as_str();
+    let route = route.as_ref().map_or_else(|| request.uri().path(), MatchedPath::as_str);
+    let request_id = request.extensions().get::<RequestId>().map_or("", RequestId::as_str);
+    let attributes = [
+        ("http.request.method", method.into()),
+        ("url.path", request.uri().path().into()),
+        ("http.route", route.into()),
+        ("tollgate.request_id", request_id.into()),
     ];
-    let trace = traces.request(request.headers(), format!("{method} {route}"), attributes);
-    let (trace_id, span_id) = trace.ids();
+    let trace = traces.request(request.headers(), format!("{method} {route}"), &attributes);
+    let ids = trace.ids();
     let log_span = Span::current();
-    log_span.record("trace_id", trace_id);
-    log_span.record("span_id", span_id);
+    log_span.record("trace_id", ids.trace_id());
+    log_span.record("span_id", ids.span_id());
     request.extensions_mut().insert(trace.clone());
     let response = next.run(request).await;
     let status = response.status();
-    trace.set(KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
-    if let Some(error) = response.extensions().get::<ErrorLog>() {
-        trace.set(traces::error_attributes(error.code));
+    match response.extensions().get::<ErrorLog>() {
+        Some(error) => {
+            trace.set_all(&[("http.response.status_code", status.as_u16().into()), traces::error_attribute(error.code)])
+        }
+        None => trace.set("http.response.status_code", status.as_u16()),
     }
     if status.is_server_error() {
         trace.fail(status.canonical_reason().unwrap_or("server error"));

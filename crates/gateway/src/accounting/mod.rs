@@ -23,8 +23,7 @@ use tollgate_openai::Usage;
 use tollgate_store::{Store, UsageEvent};
 
 use crate::metrics::Metrics;
-use crate::telemetry::traces::{RequestTrace, Stage};
-use opentelemetry::KeyValue;
+use crate::telemetry::traces::{Attribute, RequestTrace, Stage};
 
 pub use ledger::Ledger;
 use pricing::PriceTable;
@@ -499,41 +498,39 @@ impl Drop for Exchange {
 /// Puts what the record knows on the request's spans: the models, the
 /// usage, the cost, how the request ended. Counts and ids only, never text.
 fn annotate(trace: &RequestTrace, relay: &Stage, event: &UsageEvent, billed_output: u64) {
-    let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    let mut attributes = vec![
-        KeyValue::new("gen_ai.usage.input_tokens", event.prompt_tokens),
-        KeyValue::new("gen_ai.usage.output_tokens", to_i64(billed_output)),
-        KeyValue::new("tollgate.usage.reasoning_tokens", event.reasoning_tokens),
-        KeyValue::new("tollgate.usage.cached_tokens", event.cached_tokens),
-        KeyValue::new("tollgate.cost_micros", event.cost_micros),
-        KeyValue::new("tollgate.usage.estimated", event.estimated),
-        KeyValue::new("tollgate.usage.unpriced", event.unpriced),
-        KeyValue::new("tollgate.request.modified", event.modified),
-        KeyValue::new("tollgate.stream", event.stream),
-        KeyValue::new("tollgate.attempts", i64::from(event.attempts)),
-        KeyValue::new("tollgate.status", i64::from(event.status)),
-    ];
+    let mut attributes: Vec<Attribute<'_>> = Vec::with_capacity(19);
+    attributes.extend_from_slice(&[
+        ("gen_ai.usage.input_tokens", event.prompt_tokens.into()),
+        ("gen_ai.usage.output_tokens", billed_output.into()),
+        ("tollgate.usage.reasoning_tokens", event.reasoning_tokens.into()),
+        ("tollgate.usage.cached_tokens", event.cached_tokens.into()),
+        ("tollgate.cost_micros", event.cost_micros.into()),
+        ("tollgate.usage.estimated", event.estimated.into()),
+        ("tollgate.usage.unpriced", event.unpriced.into()),
+        ("tollgate.request.modified", event.modified.into()),
+        ("tollgate.stream", event.stream.into()),
+        ("tollgate.attempts", event.attempts.into()),
+        ("tollgate.status", event.status.into()),
+    ]);
     if !event.requested_model.is_empty() {
-        attributes.push(KeyValue::new("gen_ai.request.model", event.requested_model.clone()));
+        attributes.push(("gen_ai.request.model", event.requested_model.as_str().into()));
     }
-    if let Some(model) = &event.upstream_model {
-        attributes.push(KeyValue::new("gen_ai.response.model", model.clone()));
-    }
-    if let Some(class) = &event.error_class {
-        attributes.push(KeyValue::new("tollgate.error_class", class.clone()));
-    }
-    for (key, value) in
-        [("tollgate.route", &event.route), ("tollgate.target", &event.target), ("tollgate.upstream", &event.upstream)]
-    {
+    let optional = [
+        ("gen_ai.response.model", &event.upstream_model),
+        ("tollgate.error_class", &event.error_class),
+        ("tollgate.route", &event.route),
+        ("tollgate.target", &event.target),
+        ("tollgate.upstream", &event.upstream),
+    ];
+    for (key, value) in optional {
         if let Some(value) = value {
-            attributes.push(KeyValue::new(key, value.clone()));
+            attributes.push((key, value.into()));
         }
     }
-    relay.set_all(attributes.iter().cloned());
+    trace.set_all_with(relay, &attributes);
     if event.status >= 500 {
         relay.fail("the answer failed");
     }
-    trace.set_all(attributes);
 }
 
 /// Micro-dollars as a decimal USD string, e.g. `0.000123`.

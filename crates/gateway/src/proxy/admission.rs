@@ -19,7 +19,6 @@ use crate::budget::{self, Reservation};
 use crate::error::GatewayError;
 use crate::limits::{self, Allowance, Permit};
 use crate::telemetry::traces::Stage;
-use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 
 /// What a request asks of the limits and budgets.
@@ -133,9 +132,9 @@ pub async fn admit(
         let estimate = (demand.forwarded_bytes as u64 / 4).saturating_add(demand.max_output);
         let now = u64::try_from(proxy.clock.now_ms()).unwrap_or(0);
         let result = proxy.limiter.admit(&checks, estimate, now).await.map(Some).map_err(GatewayError::RateLimited);
-        span.set_all([
-            KeyValue::new("tollgate.limits.checks", i64::try_from(checks.len()).unwrap_or(i64::MAX)),
-            KeyValue::new("tollgate.limits.estimated_tokens", i64::try_from(estimate).unwrap_or(i64::MAX)),
+        span.set_all(&[
+            ("tollgate.limits.checks", checks.len().into()),
+            ("tollgate.limits.estimated_tokens", estimate.into()),
         ]);
         refused_on(&span, result.as_ref().err());
         result
@@ -145,7 +144,7 @@ pub async fn admit(
             return Ok(Vec::new());
         }
         let span = stage.child("budgets", SpanKind::Internal);
-        span.set(KeyValue::new("tollgate.budgets", i64::try_from(budgets.len()).unwrap_or(i64::MAX)));
+        span.set("tollgate.budgets", budgets.len());
         let result = reserve(proxy, &budgets, demand, &span).await;
         refused_on(&span, result.as_ref().err());
         result
@@ -173,11 +172,11 @@ pub async fn admit(
     // On refusal `admission` is dropped here, giving back what was taken.
     match limits_refusal.or(budget_refusal) {
         Some(refusal) => {
-            stage.set(KeyValue::new("tollgate.admission.result", refusal.code()));
+            stage.set("tollgate.admission.result", refusal.code());
             Err(refusal)
         }
         None => {
-            stage.set(KeyValue::new("tollgate.admission.result", "admitted"));
+            stage.set("tollgate.admission.result", "admitted");
             Ok(admission)
         }
     }
@@ -186,7 +185,7 @@ pub async fn admit(
 /// Marks a check's span with the refusal it made, if any.
 fn refused_on(span: &Stage, refusal: Option<&GatewayError>) {
     if let Some(refusal) = refusal {
-        span.set(KeyValue::new("error.type", refusal.code()));
+        span.set("error.type", refusal.code());
         span.fail(refusal.code());
     }
 }
@@ -214,7 +213,7 @@ async fn reserve(
             None => {}
         }
     }
-    span.set(KeyValue::new("tollgate.budgets.worst_case_micros", worst));
+    span.set("tollgate.budgets.worst_case_micros", worst);
     let waiting = budget::Waiting { max_wait: proxy.limits.budget_wait, ..budget::Waiting::default() };
     budget::admit(proxy.shared.as_ref(), budgets, worst, proxy.clock.today(), waiting).await.map_err(|refusal| {
         match refusal {

@@ -34,7 +34,6 @@ use crate::routing::config::{RetryOn, Sticky};
 use crate::routing::table::{Route, Target};
 use crate::telemetry::traces::{RequestTrace, Stage};
 use crate::upstream::{FailureKind, Outbound, Phase, Upstream, UpstreamBody, UpstreamFailure, UpstreamResponse};
-use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 use tollgate_openai::Api;
 
@@ -157,20 +156,21 @@ fn attempt_stage(
     let op = operation(call.path);
     let stage = trace.child_named(format!("{op} {model}"), SpanKind::Client);
     let (upstream_name, target) = labels;
-    let mut attributes = vec![
-        KeyValue::new("gen_ai.operation.name", op),
-        KeyValue::new("gen_ai.request.model", model.to_owned()),
-        KeyValue::new("tollgate.upstream", upstream_name.to_owned()),
-        KeyValue::new("tollgate.attempt", i64::from(n)),
-        KeyValue::new("tollgate.attempt.reason", reason.as_str()),
-    ];
-    if target != "-" {
-        attributes.push(KeyValue::new("tollgate.target", target.to_owned()));
-    }
+    let reason = reason.as_str();
     let (host, port) = upstream.authority();
-    attributes.push(KeyValue::new("server.address", host.to_owned()));
-    attributes.push(KeyValue::new("server.port", i64::from(port)));
-    stage.set_all(attributes);
+    let attributes = [
+        ("gen_ai.operation.name", op.into()),
+        ("gen_ai.request.model", model.into()),
+        ("tollgate.upstream", upstream_name.into()),
+        ("tollgate.attempt", n.into()),
+        ("tollgate.attempt.reason", reason.into()),
+        ("server.address", host.into()),
+        ("server.port", port.into()),
+        ("tollgate.target", target.into()),
+    ];
+    // The target is left out where there is none (`-`).
+    let count = if target == "-" { attributes.len() - 1 } else { attributes.len() };
+    stage.set_all(&attributes[..count]);
     stage
 }
 
@@ -180,19 +180,19 @@ fn record_attempt(stage: &Stage, result: &Result<UpstreamResponse, UpstreamFailu
         return;
     }
     let label = outcome(result);
-    stage.set(KeyValue::new("tollgate.attempt.outcome", label));
+    stage.set("tollgate.attempt.outcome", label);
     match result {
         Ok(response) => {
-            stage.set(KeyValue::new("http.response.status_code", i64::from(response.status().as_u16())));
+            stage.set("http.response.status_code", response.status().as_u16());
             if !response.status().is_success() {
-                stage.set(KeyValue::new("error.type", response.status().as_u16().to_string()));
+                stage.set("error.type", response.status().as_str());
             }
             if response.status().is_server_error() || response.status() == StatusCode::TOO_MANY_REQUESTS {
                 stage.fail(label);
             }
         }
         Err(_) => {
-            stage.set(KeyValue::new("error.type", label));
+            stage.set("error.type", label);
             stage.fail(label);
         }
     }
@@ -398,7 +398,7 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
                 let (answer, verdict, healthy) = look(route, &target.upstream, result).await;
                 target.breaker.record(admission, healthy, monotonic_ms());
                 if let Verdict::Retry { class, .. } = &verdict {
-                    stage.set(KeyValue::new("tollgate.attempt.retryable", route.retries(*class)));
+                    stage.set("tollgate.attempt.retryable", route.retries(*class));
                     reason = if attempt < route.attempts_per_target {
                         Reason::Retry(*class)
                     } else {
@@ -441,7 +441,7 @@ pub async fn routed<'a>(route: &'a Route, call: &Call<'_>) -> Result<Served<'a>,
                 1,
                 reason,
             );
-            stage.set(KeyValue::new("tollgate.attempt.breakers_open", true));
+            stage.set("tollgate.attempt.breakers_open", true);
             let result = try_target(target, call, &stage).await?;
             let (answer, _, healthy) = look(route, &target.upstream, result).await;
             target.breaker.record(BreakerAdmission::Allowed, healthy, monotonic_ms());

@@ -50,7 +50,6 @@ use crate::routing::reload::Routes;
 use crate::shared::Shared;
 use crate::telemetry::traces::{RequestTrace, Stage};
 use crate::upstream::Upstream;
-use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 
 pub use admission::BUDGET_HEADER;
@@ -231,9 +230,9 @@ pub(crate) fn begin(
         request::endpoint_name(parts.uri.path()),
     );
     if let Some(trace) = parts.extensions.get::<RequestTrace>() {
-        trace.set_all([
-            KeyValue::new("tollgate.tenant.id", principal.tenant_id().to_owned()),
-            KeyValue::new("tollgate.key.id", principal.key.id.clone()),
+        trace.set_all(&[
+            ("tollgate.tenant.id", principal.tenant_id().into()),
+            ("tollgate.key.id", principal.key.id.as_str().into()),
         ]);
         exchange.traced(trace.clone());
     }
@@ -317,7 +316,7 @@ async fn forward_get_inner(
         exchange.mark_sent();
     }
     let stage = Stage::under(parts.extensions.get::<RequestTrace>(), "list models", SpanKind::Client);
-    stage.set(KeyValue::new("tollgate.upstream", "default"));
+    stage.set("tollgate.upstream", "default");
     let outbound = crate::upstream::Outbound {
         method: Method::GET,
         api: tollgate_openai::Api::OpenAi,
@@ -328,7 +327,7 @@ async fn forward_get_inner(
     };
     let upstream_response = proxy.upstream.send(outbound, None).await;
     if let Ok(response) = &upstream_response {
-        stage.set(KeyValue::new("http.response.status_code", i64::from(response.status().as_u16())));
+        stage.set("http.response.status_code", response.status().as_u16());
     }
     drop(stage);
     let upstream_response = upstream_response?;

@@ -1,6 +1,6 @@
-//! The span queue's far end: finished spans arrive on a bounded channel
-//! (see [`super::span::Recorder`]) and a background task sends them to the
-//! collector in batches.
+//! The span queue's far end: finished spans arrive on a bounded channel,
+//! already encoded (see [`super::span::Recorder`]), and a background task
+//! sends them to the collector in batches.
 //!
 //! Written here rather than using the SDK's `BatchSpanProcessor` because a
 //! full queue must be visible as a metric (`tollgate_trace_spans_dropped_total`)
@@ -10,10 +10,12 @@
 
 use std::time::Duration;
 
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use prometheus::IntCounterVec;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use super::otlp::{Encoder, OtlpExporter};
+use super::span::EncodedSpan;
 
 /// How the export task batches.
 #[derive(Debug, Clone, Copy)]
@@ -27,25 +29,26 @@ pub struct Batching {
 }
 
 /// Sends spans to `exporter` until cancelled, then sends what is queued.
-pub async fn run<E: SpanExporter>(
-    exporter: E,
-    mut spans: mpsc::Receiver<SpanData>,
+pub async fn run(
+    exporter: OtlpExporter,
+    encoder: Encoder,
+    mut spans: mpsc::Receiver<EncodedSpan>,
     batching: Batching,
     results: IntCounterVec,
     cancel: CancellationToken,
 ) {
     let ok = results.with_label_values(&["ok"]);
     let failed = results.with_label_values(&["error"]);
-    let send = |batch: Vec<SpanData>| {
-        let export = exporter.export(batch);
+    let send = |batch: &[EncodedSpan]| {
+        let export = exporter.export(encoder.encode(batch));
         let ok = ok.clone();
         let failed = failed.clone();
         async move {
             match tokio::time::timeout(batching.timeout, export).await {
                 Ok(Ok(())) => ok.inc(),
-                Ok(Err(e)) => {
+                Ok(Err(error)) => {
                     failed.inc();
-                    tracing::debug!(error = %e, "trace export failed; the batch is dropped");
+                    tracing::debug!(error, "trace export failed; the batch is dropped");
                 }
                 Err(_) => {
                     failed.inc();
@@ -68,7 +71,8 @@ pub async fn run<E: SpanExporter>(
         // Let the batch fill for up to the interval, unless stopping.
         let deadline = tokio::time::Instant::now() + batching.interval;
         crate::background::gather(&mut spans, &mut batch, batching.batch_size, deadline, &cancel).await;
-        send(std::mem::replace(&mut batch, Vec::with_capacity(batching.batch_size))).await;
+        send(&batch).await;
+        batch.clear();
     }
     // Stopping: what is queued goes out, within one export timeout.
     spans.close();
@@ -77,7 +81,7 @@ pub async fn run<E: SpanExporter>(
     }
     let drain = async {
         for chunk in batch.chunks(batching.batch_size.max(1)) {
-            send(chunk.to_vec()).await;
+            send(chunk).await;
         }
     };
     if tokio::time::timeout(batching.timeout, drain).await.is_err() {

@@ -22,6 +22,7 @@ pub mod config;
 pub mod export;
 pub mod otlp;
 pub mod span;
+mod wire;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -36,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use config::{OtlpConfig, OtlpProtocol};
+pub use span::Attribute;
+pub use wire::AttributeValue;
 
 /// The application's span recorder: present when `[telemetry.otlp]` is set.
 #[derive(Debug)]
@@ -57,8 +60,8 @@ impl Tracing {
             .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .with_attributes(config.resource_attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
             .build();
-        let mut exporter = build_exporter(config)?;
-        opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
+        let exporter = build_exporter(config)?;
+        let encoder = otlp::Encoder::new(&resource);
         let (recorder, spans) =
             span::Recorder::new(config.queue_size, metrics.trace_spans_dropped.clone(), config.sampling_ratio);
         let batching = export::Batching {
@@ -66,7 +69,7 @@ impl Tracing {
             interval: config.export_interval,
             timeout: config.timeout,
         };
-        background.spawn(export::run(exporter, spans, batching, metrics.trace_exports.clone(), cancel));
+        background.spawn(export::run(exporter, encoder, spans, batching, metrics.trace_exports.clone(), cancel));
         tracing::info!(
             endpoint = %config.export_url(),
             protocol = ?config.protocol,
@@ -78,7 +81,7 @@ impl Tracing {
 
     /// The server span of one request: a child of the caller's trace when
     /// it sent a valid `traceparent`, else the root of a new trace.
-    pub fn request(&self, headers: &HeaderMap, name: String, attributes: Vec<KeyValue>) -> RequestTrace {
+    pub fn request(&self, headers: &HeaderMap, name: String, attributes: &[Attribute<'_>]) -> RequestTrace {
         let caller = self.propagator.extract(&Headers(headers));
         let caller = caller.span();
         let span = self.recorder.start(Some(caller.span_context()), name.into(), SpanKind::Server, attributes);
@@ -153,12 +156,22 @@ pub struct RequestTrace {
 }
 
 impl RequestTrace {
-    pub fn set(&self, attribute: KeyValue) {
-        self.span.set_attributes([attribute]);
+    pub fn set<'a>(&self, key: &'a str, value: impl Into<AttributeValue<'a>>) {
+        self.span.set_attributes(&[(key, value.into())]);
     }
 
-    pub fn set_all(&self, attributes: impl IntoIterator<Item = KeyValue>) {
+    /// Sets every attribute under one lock of the span.
+    pub fn set_all(&self, attributes: &[Attribute<'_>]) {
         self.span.set_attributes(attributes);
+    }
+
+    /// Sets the same attributes on the request's span and on `stage`,
+    /// encoding them once.
+    pub fn set_all_with(&self, stage: &Stage, attributes: &[Attribute<'_>]) {
+        match &stage.span {
+            Some(span) => span::LiveSpan::set_on_each(&[span, &self.span], attributes),
+            None => self.span.set_attributes(attributes),
+        }
     }
 
     /// Marks the request failed (a server error, in HTTP's terms).
@@ -177,9 +190,31 @@ impl RequestTrace {
     }
 
     /// The trace and span ids, as log lines carry them.
-    pub fn ids(&self) -> (String, String) {
+    pub fn ids(&self) -> LogIds {
         let context = self.span.context();
-        (hex::encode(context.trace_id().to_bytes()), hex::encode(context.span_id().to_bytes()))
+        let mut ids = LogIds { trace_id: [b'0'; 32], span_id: [b'0'; 16] };
+        // Both buffers are exactly twice the ids' sizes, so neither fails.
+        let _ = hex::encode_to_slice(context.trace_id().to_bytes(), &mut ids.trace_id);
+        let _ = hex::encode_to_slice(context.span_id().to_bytes(), &mut ids.span_id);
+        ids
+    }
+}
+
+/// A request's trace and span ids in lowercase hex, written in place
+/// (`hex::encode` builds its string a character at a time).
+#[derive(Debug, Clone, Copy)]
+pub struct LogIds {
+    trace_id: [u8; 32],
+    span_id: [u8; 16],
+}
+
+impl LogIds {
+    pub fn trace_id(&self) -> &str {
+        std::str::from_utf8(&self.trace_id).unwrap_or_default()
+    }
+
+    pub fn span_id(&self) -> &str {
+        std::str::from_utf8(&self.span_id).unwrap_or_default()
     }
 }
 
@@ -206,14 +241,14 @@ impl Stage {
         self.span.is_some()
     }
 
-    pub fn set(&self, attribute: KeyValue) {
+    pub fn set<'a>(&self, key: &'a str, value: impl Into<AttributeValue<'a>>) {
         if let Some(span) = &self.span {
-            span.set_attributes([attribute]);
+            span.set_attributes(&[(key, value.into())]);
         }
     }
 
     /// Sets every attribute under one lock of the span.
-    pub fn set_all(&self, attributes: impl IntoIterator<Item = KeyValue>) {
+    pub fn set_all(&self, attributes: &[Attribute<'_>]) {
         if let Some(span) = &self.span {
             span.set_attributes(attributes);
         }
@@ -246,9 +281,9 @@ impl Stage {
     }
 }
 
-/// `error.type` and the status of a span that ended in a gateway error.
-pub fn error_attributes(code: &'static str) -> KeyValue {
-    KeyValue::new("error.type", code)
+/// `error.type` of a span that ended in a gateway error.
+pub fn error_attribute(code: &'static str) -> Attribute<'static> {
+    ("error.type", AttributeValue::Str(code))
 }
 
 #[cfg(test)]
@@ -259,11 +294,13 @@ mod tests {
     fn ids_are_written_as_w3c_trace_context_writes_them() {
         let dropped = prometheus::IntCounter::new("dropped", "dropped").unwrap();
         let (recorder, _spans) = span::Recorder::new(4, dropped, 1.0);
-        let trace =
-            RequestTrace { span: Arc::new(recorder.start(None, "request".into(), SpanKind::Server, Vec::new())) };
+        let trace = RequestTrace { span: Arc::new(recorder.start(None, "request".into(), SpanKind::Server, &[])) };
         let context = trace.span.context().clone();
-        let (trace_id, span_id) = trace.ids();
-        assert_eq!((trace_id, span_id), (context.trace_id().to_string(), context.span_id().to_string()));
+        let ids = trace.ids();
+        assert_eq!(
+            (ids.trace_id(), ids.span_id()),
+            (&*context.trace_id().to_string(), &*context.span_id().to_string())
+        );
         let stage = trace.child("attempt", SpanKind::Client);
         let stage_context = stage.span.as_ref().unwrap().context().clone();
         assert_eq!(
@@ -276,7 +313,7 @@ mod tests {
     fn the_empty_stage_does_nothing() {
         let stage = Stage::under(None, "admission", SpanKind::Internal);
         assert!(!stage.is_on());
-        stage.set(KeyValue::new("a", 1));
+        stage.set("a", 1_i64);
         assert!(stage.traceparent().is_none());
         assert!(!stage.child("x", SpanKind::Client).is_on());
     }

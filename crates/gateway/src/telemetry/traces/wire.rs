@@ -1,0 +1,277 @@
+//! Protobuf's wire format, as much of it as OTLP trace export writes:
+//! varints, fixed-width numbers, length-delimited fields, and attributes
+//! (`KeyValue` messages holding an `AnyValue`).
+//!
+//! Lengths are worked out arithmetically before a message is written, so
+//! each message is written once, in place, with no intermediate structs.
+
+use opentelemetry::{Array, Value};
+
+/// Protobuf wire types.
+pub const VARINT: u32 = 0;
+pub const FIXED64: u32 = 1;
+pub const LENGTH_DELIMITED: u32 = 2;
+pub const FIXED32: u32 = 5;
+
+pub fn varint_len(mut value: u64) -> usize {
+    let mut len = 1;
+    while value >= 0x80 {
+        value >>= 7;
+        len += 1;
+    }
+    len
+}
+
+pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+pub fn key_len(field: u32) -> usize {
+    varint_len(u64::from(field << 3))
+}
+
+pub fn put_key(out: &mut Vec<u8>, field: u32, wire: u32) {
+    put_varint(out, u64::from((field << 3) | wire));
+}
+
+/// A length-delimited field whose contents are `len` bytes long: its whole
+/// size.
+pub fn delimited_len(field: u32, len: usize) -> usize {
+    key_len(field) + varint_len(len as u64) + len
+}
+
+pub fn put_delimited_header(out: &mut Vec<u8>, field: u32, len: usize) {
+    put_key(out, field, LENGTH_DELIMITED);
+    put_varint(out, len as u64);
+}
+
+pub fn put_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    put_delimited_header(out, field, bytes.len());
+    out.extend_from_slice(bytes);
+}
+
+/// A string or bytes field as proto3 writes it: left out when empty.
+pub fn put_nonempty(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    if !bytes.is_empty() {
+        put_bytes(out, field, bytes);
+    }
+}
+
+pub fn nonempty_len(field: u32, len: usize) -> usize {
+    if len == 0 { 0 } else { delimited_len(field, len) }
+}
+
+/// The size of what [`put_uint`] writes.
+pub fn uint_len(field: u32, value: u64) -> usize {
+    if value == 0 { 0 } else { key_len(field) + varint_len(value) }
+}
+
+/// An integer field as proto3 writes it: left out when zero.
+pub fn put_uint(out: &mut Vec<u8>, field: u32, value: u64) {
+    if value != 0 {
+        put_key(out, field, VARINT);
+        put_varint(out, value);
+    }
+}
+
+/// The size of what [`put_fixed64`] writes.
+pub fn fixed64_len(field: u32, value: u64) -> usize {
+    if value == 0 { 0 } else { key_len(field) + 8 }
+}
+
+pub fn put_fixed64(out: &mut Vec<u8>, field: u32, value: u64) {
+    if value != 0 {
+        put_key(out, field, FIXED64);
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+}
+
+/// A span attribute's value: what the gateway's spans record.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AttributeValue<'a> {
+    Str(&'a str),
+    I64(i64),
+    Bool(bool),
+}
+
+impl<'a> From<&'a str> for AttributeValue<'a> {
+    fn from(value: &'a str) -> Self {
+        Self::Str(value)
+    }
+}
+
+impl<'a> From<&'a String> for AttributeValue<'a> {
+    fn from(value: &'a String) -> Self {
+        Self::Str(value)
+    }
+}
+
+impl From<i64> for AttributeValue<'_> {
+    fn from(value: i64) -> Self {
+        Self::I64(value)
+    }
+}
+
+impl From<i32> for AttributeValue<'_> {
+    fn from(value: i32) -> Self {
+        Self::I64(i64::from(value))
+    }
+}
+
+impl From<u16> for AttributeValue<'_> {
+    fn from(value: u16) -> Self {
+        Self::I64(i64::from(value))
+    }
+}
+
+impl From<u32> for AttributeValue<'_> {
+    fn from(value: u32) -> Self {
+        Self::I64(i64::from(value))
+    }
+}
+
+impl From<u64> for AttributeValue<'_> {
+    /// Saturating: an attribute is an `int64`.
+    fn from(value: u64) -> Self {
+        Self::I64(i64::try_from(value).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<usize> for AttributeValue<'_> {
+    fn from(value: usize) -> Self {
+        Self::I64(i64::try_from(value).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<bool> for AttributeValue<'_> {
+    fn from(value: bool) -> Self {
+        Self::Bool(value)
+    }
+}
+
+/// The length of an `AnyValue` message holding `value`.
+fn attribute_value_len(value: AttributeValue<'_>) -> usize {
+    match value {
+        AttributeValue::Bool(_) => 2,
+        AttributeValue::I64(i) => 1 + varint_len(i as u64),
+        AttributeValue::Str(s) => delimited_len(1, s.len()),
+    }
+}
+
+/// An `AnyValue`'s fields. A oneof member is written even when it holds its
+/// type's default (`false`, `0`, `""`): that is what says which it is.
+fn put_attribute_value(out: &mut Vec<u8>, value: AttributeValue<'_>) {
+    match value {
+        AttributeValue::Bool(b) => {
+            put_key(out, 2, VARINT);
+            out.push(u8::from(b));
+        }
+        AttributeValue::I64(i) => {
+            put_key(out, 3, VARINT);
+            put_varint(out, i as u64);
+        }
+        AttributeValue::Str(s) => put_bytes(out, 1, s.as_bytes()),
+    }
+}
+
+/// The size of what [`put_attribute`] writes.
+pub fn attribute_len(field: u32, key: &str, value: AttributeValue<'_>) -> usize {
+    delimited_len(field, nonempty_len(1, key.len()) + delimited_len(2, attribute_value_len(value)))
+}
+
+/// One `KeyValue` message as repeated field `field`.
+pub fn put_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: AttributeValue<'_>) {
+    let value_len = attribute_value_len(value);
+    put_delimited_header(out, field, nonempty_len(1, key.len()) + delimited_len(2, value_len));
+    put_nonempty(out, 1, key.as_bytes());
+    put_delimited_header(out, 2, value_len);
+    put_attribute_value(out, value);
+}
+
+/// The length of an `AnyValue` message holding an OpenTelemetry value
+/// (resource attributes, which may hold any of them).
+fn any_value_len(value: &Value) -> usize {
+    match value {
+        Value::Bool(_) => 2,
+        Value::I64(i) => 1 + varint_len(*i as u64),
+        Value::F64(_) => 9,
+        Value::String(s) => delimited_len(1, s.as_str().len()),
+        Value::Array(array) => delimited_len(5, array_len(array)),
+        _ => 0,
+    }
+}
+
+/// The length of an `ArrayValue` message: each element an `AnyValue`.
+fn array_len(array: &Array) -> usize {
+    fn sum<T>(values: &[T], one: impl Fn(&T) -> usize) -> usize {
+        values.iter().map(|v| delimited_len(1, one(v))).sum()
+    }
+    match array {
+        Array::Bool(values) => sum(values, |_| 2),
+        Array::I64(values) => sum(values, |i| 1 + varint_len(*i as u64)),
+        Array::F64(values) => sum(values, |_| 9),
+        Array::String(values) => sum(values, |s| delimited_len(1, s.as_str().len())),
+        _ => 0,
+    }
+}
+
+fn put_any_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Bool(b) => put_attribute_value(out, AttributeValue::Bool(*b)),
+        Value::I64(i) => put_attribute_value(out, AttributeValue::I64(*i)),
+        Value::F64(f) => {
+            put_key(out, 4, FIXED64);
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        Value::String(s) => put_attribute_value(out, AttributeValue::Str(s.as_str())),
+        Value::Array(array) => {
+            put_delimited_header(out, 5, array_len(array));
+            match array {
+                Array::Bool(values) => values.iter().for_each(|v| put_element(out, &Value::Bool(*v))),
+                Array::I64(values) => values.iter().for_each(|v| put_element(out, &Value::I64(*v))),
+                Array::F64(values) => values.iter().for_each(|v| put_element(out, &Value::F64(*v))),
+                Array::String(values) => values.iter().for_each(|v| {
+                    put_delimited_header(out, 1, delimited_len(1, v.as_str().len()));
+                    put_bytes(out, 1, v.as_str().as_bytes());
+                }),
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One `ArrayValue.values` element.
+fn put_element(out: &mut Vec<u8>, value: &Value) {
+    put_delimited_header(out, 1, any_value_len(value));
+    put_any_value(out, value);
+}
+
+/// One `KeyValue` message holding an OpenTelemetry value, as repeated
+/// field `field`.
+pub fn put_otel_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
+    let value_len = any_value_len(value);
+    put_delimited_header(out, field, nonempty_len(1, key.len()) + delimited_len(2, value_len));
+    put_nonempty(out, 1, key.as_bytes());
+    put_delimited_header(out, 2, value_len);
+    put_any_value(out, value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_take_the_bytes_protobuf_gives_them() {
+        for value in [0, 1, 127, 128, 16_383, 16_384, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, value);
+            assert_eq!(out.len(), varint_len(value), "{value}");
+            assert_eq!(prost::encoding::decode_varint(&mut out.as_slice()).unwrap(), value);
+        }
+    }
+}
