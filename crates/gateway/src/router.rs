@@ -166,7 +166,7 @@ async fn trace_request(
         ("http.route", route.into()),
         ("tollgate.request_id", request_id.into()),
     ];
-    let trace = traces.request(request.headers(), format!("{method} {route}"), &attributes);
+    let trace = traces.request(request.headers(), traces::span_name(method, route), &attributes);
     let ids = trace.ids();
     let log_span = Span::current();
     log_span.record("trace_id", ids.trace_id());

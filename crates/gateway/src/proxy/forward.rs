@@ -154,7 +154,7 @@ fn attempt_stage(
 ) -> Stage {
     let Some(trace) = call.trace else { return Stage::default() };
     let op = operation(call.path);
-    let stage = trace.child_named(format!("{op} {model}"), SpanKind::Client);
+    let stage = trace.child_named(crate::telemetry::traces::span_name(op, model), SpanKind::Client);
     let (upstream_name, target) = labels;
     let reason = reason.as_str();
     let (host, port) = upstream.authority();

@@ -118,7 +118,9 @@ impl Recorder {
                 dropped_attributes: 0,
                 status: Status::Unset,
             };
-            record.add(attributes);
+            if !attributes.is_empty() {
+                record.add(attributes);
+            }
             record
         });
         LiveSpan { recorder: self.clone(), context, record: Mutex::new(record) }
