@@ -50,6 +50,7 @@ pub struct Metrics {
     pub ledger_write_failures: IntCounter,
     pub ledger_dead_letters: IntCounter,
     pub trace_spans_dropped: IntCounter,
+    pub trace_spans_rejected: IntCounter,
     pub log_lines_dropped: IntCounter,
     pub trace_exports: IntCounterVec,
     pub budget_utilisation: IntGaugeVec,
@@ -168,12 +169,17 @@ impl Metrics {
         }
         let trace_exports = r.counter(
             "trace_exports_total",
-            "Batches of spans sent to the OTLP collector, by result: ok, or error (the batch is dropped).",
+            "Batches of spans sent to the OTLP collector, by result: ok, partial (the collector rejected some \
+             spans or warned), or error (the batch is dropped).",
             &["result"],
         )?;
-        for result in ["ok", "error"] {
+        for result in ["ok", "partial", "error"] {
             trace_exports.with_label_values(&[result]);
         }
+        let trace_spans_rejected = r.plain_counter(
+            "trace_spans_rejected_total",
+            "Spans the OTLP collector answered it rejected (a partial success), after taking their batch.",
+        )?;
         let trace_spans_dropped = r.plain_counter(
             "trace_spans_dropped_total",
             "Spans dropped before export because the export queue was full (the collector is slow or down).",
@@ -185,6 +191,7 @@ impl Metrics {
         Ok(Self {
             trace_exports,
             trace_spans_dropped,
+            trace_spans_rejected,
             log_lines_dropped,
             requests: r.counter(
                 "requests_total",

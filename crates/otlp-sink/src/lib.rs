@@ -16,7 +16,9 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -114,10 +116,25 @@ struct Shared {
     seen: AtomicUsize,
     /// The headers (gRPC metadata) of the last export.
     last_headers: Mutex<BTreeMap<String, String>>,
+    /// Accepted exports are answered as a partial success: this many spans
+    /// rejected (at most the export's own), with this message.
+    rejecting: Mutex<Option<(u64, String)>>,
 }
 
 impl Shared {
-    async fn take(&self, request: ExportTraceServiceRequest, headers: BTreeMap<String, String>) -> bool {
+    /// The answer to an accepted export of `spans` spans.
+    fn answer(&self, spans: usize) -> ExportTraceServiceResponse {
+        let rejecting = self.rejecting.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        ExportTraceServiceResponse {
+            partial_success: rejecting.map(|(rejected, message)| ExportTracePartialSuccess {
+                rejected_spans: i64::try_from(rejected.min(spans as u64)).unwrap_or(i64::MAX),
+                error_message: message,
+            }),
+        }
+    }
+
+    /// Takes an export; `Some(spans in it)` when accepted.
+    async fn take(&self, request: ExportTraceServiceRequest, headers: BTreeMap<String, String>) -> Option<usize> {
         *self.last_headers.lock().unwrap_or_else(PoisonError::into_inner) = headers;
         self.exports.fetch_add(1, Ordering::Relaxed);
         let delay = self.delay_ms.load(Ordering::Relaxed);
@@ -127,16 +144,17 @@ impl Shared {
         if self.counting_only.load(Ordering::Relaxed) {
             let count = request.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
             self.seen.fetch_add(count, Ordering::Relaxed);
-            return !self.failing.load(Ordering::Relaxed);
+            return (!self.failing.load(Ordering::Relaxed)).then_some(count);
         }
         let spans = flatten(request);
-        self.seen.fetch_add(spans.len(), Ordering::Relaxed);
+        let count = spans.len();
+        self.seen.fetch_add(count, Ordering::Relaxed);
         if self.failing.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
         self.spans.lock().unwrap_or_else(PoisonError::into_inner).extend(spans);
         self.arrived.notify_waiters();
-        true
+        Some(count)
     }
 }
 
@@ -227,6 +245,14 @@ impl Sink {
         self.shared.failing.store(failing, Ordering::Relaxed);
     }
 
+    /// Answers every accepted export from now on as a partial success:
+    /// `rejected` of its spans (at most all of them) rejected, with
+    /// `message`; `None` answers with a full success again.
+    pub fn set_rejecting(&self, rejecting: Option<(u64, &str)>) {
+        *self.shared.rejecting.lock().unwrap_or_else(PoisonError::into_inner) =
+            rejecting.map(|(rejected, message)| (rejected, message.to_owned()));
+    }
+
     /// Counts the spans of every export from now on without keeping them
     /// (`spans_seen` still counts; `spans` and `wait_for` see no new ones).
     pub fn set_counting_only(&self, counting_only: bool) {
@@ -265,10 +291,10 @@ async fn http_export(State(shared): State<Arc<Shared>>, headers: axum::http::Hea
         .iter()
         .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
         .collect();
-    if !shared.take(request, headers).await {
+    let Some(spans) = shared.take(request, headers).await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "refusing exports").into_response();
-    }
-    let answer = ExportTraceServiceResponse::default().encode_to_vec();
+    };
+    let answer = shared.answer(spans).encode_to_vec();
     ([(header::CONTENT_TYPE, "application/x-protobuf")], answer).into_response()
 }
 
@@ -292,10 +318,9 @@ impl TraceService for GrpcExport {
                 tonic::metadata::KeyAndValueRef::Binary(..) => None,
             })
             .collect();
-        if self.shared.take(request.into_inner(), headers).await {
-            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-        } else {
-            Err(tonic::Status::unavailable("refusing exports"))
+        match self.shared.take(request.into_inner(), headers).await {
+            Some(spans) => Ok(tonic::Response::new(self.shared.answer(spans))),
+            None => Err(tonic::Status::unavailable("refusing exports")),
         }
     }
 }

@@ -458,3 +458,37 @@ async fn export_headers_reach_the_collector_over_either_protocol() {
         assert_eq!(headers.get("x-collector-token").map(String::as_str), Some("token-1"), "{transport:?}: {headers:?}");
     }
 }
+
+#[tokio::test]
+async fn spans_a_collector_rejects_are_counted_over_either_protocol() {
+    for transport in [Transport::Grpc, Transport::HttpProtobuf] {
+        let sink = Sink::start(transport).await.unwrap();
+        sink.set_rejecting(Some((2, "span too large")));
+        let otlp = export_to(&sink);
+        let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
+        let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
+        assert_eq!(response.status(), 200);
+        sink.wait_for(PATIENCE, |spans| spans.iter().any(|s| s.kind == SERVER)).await;
+        // Every batch the sink answered, answered as a partial success.
+        wait_until("each partial success is counted", PATIENCE, async || {
+            let partial = scrape(&gw, "tollgate_trace_exports_total{result=\"partial\"}").await;
+            partial >= 1.0 && partial == sink.exports() as f64
+        })
+        .await;
+        let rejected = scrape(&gw, "tollgate_trace_spans_rejected_total").await;
+        let partial = scrape(&gw, "tollgate_trace_exports_total{result=\"partial\"}").await;
+        // Two spans a batch, or one from a batch of one.
+        assert!((partial..=2.0 * partial).contains(&rejected), "{transport:?}: {rejected} rejected in {partial}");
+        assert_eq!(scrape(&gw, "tollgate_trace_exports_total{result=\"error\"}").await, 0.0, "{transport:?}");
+
+        // A full success again: counted as ok, nothing more rejected.
+        sink.set_rejecting(None);
+        let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
+        assert_eq!(response.status(), 200);
+        wait_until("a full success is counted", PATIENCE, async || {
+            scrape(&gw, "tollgate_trace_exports_total{result=\"ok\"}").await >= 1.0
+        })
+        .await;
+        assert_eq!(scrape(&gw, "tollgate_trace_spans_rejected_total").await, rejected, "{transport:?}");
+    }
+}

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use prometheus::IntCounterVec;
+use prometheus::{IntCounter, IntCounterVec};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,35 +28,71 @@ pub struct Batching {
     pub timeout: Duration,
 }
 
+/// How often, at most, a collector's partial success is logged as a
+/// warning (each is counted).
+const PARTIAL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// What the export task counts.
+#[derive(Debug, Clone)]
+pub struct ExportMetrics {
+    /// Batches by result: ok, partial (the collector rejected some of its
+    /// spans or warned), error.
+    pub results: IntCounterVec,
+    /// Spans the collector said it rejected.
+    pub rejected: IntCounter,
+}
+
+/// Sends one batch at a time and counts what came of it.
+struct Sender {
+    exporter: OtlpExporter,
+    encoder: Encoder,
+    metrics: ExportMetrics,
+    timeout: Duration,
+    last_warning: Option<tokio::time::Instant>,
+}
+
+impl Sender {
+    async fn send(&mut self, batch: &[EncodedSpan]) {
+        let export = self.exporter.export(self.encoder.encode(batch));
+        let result = match tokio::time::timeout(self.timeout, export).await {
+            Ok(Ok(None)) => "ok",
+            Ok(Ok(Some(partial))) => {
+                self.metrics.rejected.inc_by(partial.rejected_spans);
+                let now = tokio::time::Instant::now();
+                if self.last_warning.is_none_or(|last| now.duration_since(last) >= PARTIAL_WARNING_EVERY) {
+                    self.last_warning = Some(now);
+                    tracing::warn!(
+                        rejected_spans = partial.rejected_spans,
+                        message = partial.message,
+                        "the trace collector did not take all of a batch (counted in \
+                         tollgate_trace_spans_rejected_total; warned at most once a minute)"
+                    );
+                }
+                "partial"
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(error, "trace export failed; the batch is dropped");
+                "error"
+            }
+            Err(_) => {
+                tracing::debug!(timeout = ?self.timeout, "trace export timed out; the batch is dropped");
+                "error"
+            }
+        };
+        self.metrics.results.with_label_values(&[result]).inc();
+    }
+}
+
 /// Sends spans to `exporter` until cancelled, then sends what is queued.
 pub async fn run(
     exporter: OtlpExporter,
     encoder: Encoder,
     mut spans: mpsc::Receiver<EncodedSpan>,
     batching: Batching,
-    results: IntCounterVec,
+    metrics: ExportMetrics,
     cancel: CancellationToken,
 ) {
-    let ok = results.with_label_values(&["ok"]);
-    let failed = results.with_label_values(&["error"]);
-    let send = |batch: &[EncodedSpan]| {
-        let export = exporter.export(encoder.encode(batch));
-        let ok = ok.clone();
-        let failed = failed.clone();
-        async move {
-            match tokio::time::timeout(batching.timeout, export).await {
-                Ok(Ok(())) => ok.inc(),
-                Ok(Err(error)) => {
-                    failed.inc();
-                    tracing::debug!(error, "trace export failed; the batch is dropped");
-                }
-                Err(_) => {
-                    failed.inc();
-                    tracing::debug!(timeout = ?batching.timeout, "trace export timed out; the batch is dropped");
-                }
-            }
-        }
-    };
+    let mut sender = Sender { exporter, encoder, metrics, timeout: batching.timeout, last_warning: None };
     let mut batch = Vec::with_capacity(batching.batch_size);
     loop {
         tokio::select! {
@@ -71,7 +107,7 @@ pub async fn run(
         // Let the batch fill for up to the interval, unless stopping.
         let deadline = tokio::time::Instant::now() + batching.interval;
         crate::background::gather(&mut spans, &mut batch, batching.batch_size, deadline, &cancel).await;
-        send(&batch).await;
+        sender.send(&batch).await;
         batch.clear();
     }
     // Stopping: what is queued goes out, within one export timeout.
@@ -81,7 +117,7 @@ pub async fn run(
     }
     let drain = async {
         for chunk in batch.chunks(batching.batch_size.max(1)) {
-            send(chunk).await;
+            sender.send(chunk).await;
         }
     };
     if tokio::time::timeout(batching.timeout, drain).await.is_err() {

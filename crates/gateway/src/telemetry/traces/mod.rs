@@ -69,7 +69,11 @@ impl Tracing {
             interval: config.export_interval,
             timeout: config.timeout,
         };
-        background.spawn(export::run(exporter, encoder, spans, batching, metrics.trace_exports.clone(), cancel));
+        let export_metrics = export::ExportMetrics {
+            results: metrics.trace_exports.clone(),
+            rejected: metrics.trace_spans_rejected.clone(),
+        };
+        background.spawn(export::run(exporter, encoder, spans, batching, export_metrics, cancel));
         tracing::info!(
             endpoint = %config.export_url(),
             protocol = ?config.protocol,

@@ -17,7 +17,10 @@ use bytes::{Buf as _, BufMut as _, Bytes};
 use opentelemetry_sdk::Resource;
 
 use super::span::EncodedSpan;
-use super::wire::{delimited_len, nonempty_len, put_bytes, put_delimited_header, put_nonempty, put_otel_attribute};
+use super::wire::{
+    PartialSuccess, delimited_len, nonempty_len, partial_success, put_bytes, put_delimited_header, put_nonempty,
+    put_otel_attribute,
+};
 
 /// The instrumentation scope the gateway's spans are recorded under.
 pub const SCOPE_NAME: &str = "tollgate";
@@ -88,8 +91,10 @@ impl OtlpExporter {
         Self { transport }
     }
 
-    /// Sends one encoded request; the error says what went wrong.
-    pub async fn export(&self, request: Vec<u8>) -> Result<(), String> {
+    /// Sends one encoded request. Accepted, the collector's answer may
+    /// still say it rejected some of the spans; the error says what went
+    /// wrong.
+    pub async fn export(&self, request: Vec<u8>) -> Result<Option<PartialSuccess>, String> {
         let body = Bytes::from(request);
         match &self.transport {
             Transport::Grpc { channel, metadata } => {
@@ -100,7 +105,7 @@ impl OtlpExporter {
                 let path = http::uri::PathAndQuery::from_static(EXPORT_PATH);
                 grpc.unary(request, path, BytesCodec)
                     .await
-                    .map(drop)
+                    .map(|answer| partial_success(answer.get_ref()))
                     .map_err(|status| format!("the collector answered {status}"))
             }
             Transport::Http { client, url, headers } => {
@@ -113,14 +118,35 @@ impl OtlpExporter {
                     .await
                     .map_err(|e| format!("cannot reach the collector: {e}"))?;
                 let status = response.status();
-                if status.is_success() { Ok(()) } else { Err(format!("the collector answered {status}")) }
+                if !status.is_success() {
+                    return Err(format!("the collector answered {status}"));
+                }
+                Ok(read_answer(response).await.and_then(|answer| partial_success(&answer)))
             }
         }
     }
 }
 
+/// The most of a collector's HTTP answer read for a partial success: the
+/// message is a count and a line of text.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// A collector's HTTP answer, unless it is longer than an answer can
+/// sensibly be or fails midway (the spans were accepted either way).
+async fn read_answer(mut response: reqwest::Response) -> Option<Vec<u8>> {
+    let mut answer = Vec::new();
+    while let Some(chunk) = response.chunk().await.ok()? {
+        if answer.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return None;
+        }
+        answer.extend_from_slice(&chunk);
+    }
+    Some(answer)
+}
+
 /// Sends encoded bytes as they are and reads the answer as bytes (a
-/// collector's `ExportTraceServiceResponse` is not looked into).
+/// collector's `ExportTraceServiceResponse`, read by
+/// [`partial_success`]).
 #[derive(Debug, Clone, Copy)]
 struct BytesCodec;
 

@@ -259,6 +259,85 @@ pub fn put_otel_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: &Valu
     put_any_value(out, value);
 }
 
+/// One field read from a message: its number and, for the wire types a
+/// reader here needs, its value.
+enum Field<'a> {
+    Varint(u32, u64),
+    Delimited(u32, &'a [u8]),
+    /// A fixed-width field, read past.
+    Other,
+}
+
+/// Reads `message`'s fields in order; `None` when it is not well formed.
+fn fields(mut message: &[u8]) -> Option<Vec<Field<'_>>> {
+    let mut fields = Vec::new();
+    while !message.is_empty() {
+        let key = read_varint(&mut message)?;
+        let number = u32::try_from(key >> 3).ok()?;
+        let field = match (key & 7) as u32 {
+            VARINT => Field::Varint(number, read_varint(&mut message)?),
+            LENGTH_DELIMITED => {
+                let len = usize::try_from(read_varint(&mut message)?).ok()?;
+                let (contents, rest) = message.split_at_checked(len)?;
+                message = rest;
+                Field::Delimited(number, contents)
+            }
+            FIXED64 => {
+                message = message.get(8..)?;
+                Field::Other
+            }
+            FIXED32 => {
+                message = message.get(4..)?;
+                Field::Other
+            }
+            _ => return None,
+        };
+        fields.push(field);
+    }
+    Some(fields)
+}
+
+fn read_varint(input: &mut &[u8]) -> Option<u64> {
+    let mut value = 0_u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = input.split_first()?;
+        *input = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// What a collector's `ExportTraceServiceResponse` says it did not take.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PartialSuccess {
+    pub rejected_spans: u64,
+    pub message: String,
+}
+
+/// The `partial_success` of an `ExportTraceServiceResponse`, when the
+/// collector reported one (spans rejected, or a warning). An answer that
+/// is empty or cannot be read reports none: the export itself succeeded.
+pub fn partial_success(response: &[u8]) -> Option<PartialSuccess> {
+    let mut partial = None;
+    for field in fields(response)? {
+        let Field::Delimited(1, contents) = field else { continue };
+        let mut found = PartialSuccess::default();
+        for inner in fields(contents)? {
+            match inner {
+                // An int64 as a varint; a negative count means nothing.
+                Field::Varint(1, n) => found.rejected_spans = u64::try_from(n as i64).unwrap_or(0),
+                Field::Delimited(2, text) => found.message = String::from_utf8_lossy(text).into_owned(),
+                _ => {}
+            }
+        }
+        partial = Some(found);
+    }
+    partial.filter(|p| p.rejected_spans > 0 || !p.message.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +349,41 @@ mod tests {
             put_varint(&mut out, value);
             assert_eq!(out.len(), varint_len(value), "{value}");
             assert_eq!(prost::encoding::decode_varint(&mut out.as_slice()).unwrap(), value);
+            assert_eq!(read_varint(&mut out.as_slice()), Some(value));
         }
+    }
+
+    #[test]
+    fn a_partial_success_is_read_from_the_collectors_answer() {
+        use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceResponse};
+        use prost::Message as _;
+        let answer = |rejected_spans: i64, error_message: &str| {
+            ExportTraceServiceResponse {
+                partial_success: Some(ExportTracePartialSuccess {
+                    rejected_spans,
+                    error_message: error_message.to_owned(),
+                }),
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(
+            partial_success(&answer(3, "span too large")),
+            Some(PartialSuccess { rejected_spans: 3, message: "span too large".into() })
+        );
+        assert_eq!(
+            partial_success(&answer(0, "deprecated field")),
+            Some(PartialSuccess { rejected_spans: 0, message: "deprecated field".into() }),
+            "a warning without rejections"
+        );
+        assert_eq!(partial_success(&answer(0, "")), None, "an empty partial success is a full one");
+        assert_eq!(partial_success(&answer(-1, "")), None);
+        assert_eq!(partial_success(&ExportTraceServiceResponse::default().encode_to_vec()), None);
+        assert_eq!(partial_success(b""), None);
+        // Fields it does not know are read past; a cut-off answer reports nothing.
+        let mut with_unknown = vec![0x11, 1, 2, 3, 4, 5, 6, 7, 8, 0x1d, 1, 2, 3, 4];
+        with_unknown.extend(answer(2, ""));
+        assert_eq!(partial_success(&with_unknown).map(|p| p.rejected_spans), Some(2));
+        let full = answer(2, "x");
+        assert_eq!(partial_success(&full[..full.len() - 1]), None);
     }
 }
