@@ -1364,6 +1364,47 @@ mod tests {
         assert!((1..=SENDER_TTL_MS).contains(&ttl), "kept for a day, not for ever: {ttl}");
     }
 
+    /// Redis restarted without its data (the sender key gone with the
+    /// counters), or restored from a snapshot older than the last batch
+    /// (the sender key behind): the batches still to come apply, once each,
+    /// and numbering goes on.
+    #[tokio::test]
+    async fn batches_after_a_redis_restart_or_an_older_snapshot_apply_once() {
+        let (prefix, shared) = connected(0).await;
+        let mut conn = shared.connection();
+        let set = async |conn: &mut ConnectionManager, key: &str, value: i64| {
+            let _: () = redis::cmd("SET").arg(format!("{prefix}:{key}")).arg(value).query_async(conn).await.unwrap();
+        };
+        set(&mut conn, "rpm", 100).await;
+        for number in 1..=2 {
+            assert!(shared.send_adjustments(&Sent { number, deltas: vec![("rpm".to_owned(), -10)] }).await);
+        }
+        assert_eq!(stored(&mut conn, &prefix, "rpm").await.0, Some(80));
+
+        // Restarted empty; the counter made again by a new admission.
+        let _: () = redis::cmd("DEL")
+            .arg(format!("{prefix}:{}", shared.sender_key))
+            .arg(format!("{prefix}:rpm"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        set(&mut conn, "rpm", 50).await;
+        assert!(shared.send_adjustments(&Sent { number: 3, deltas: vec![("rpm".to_owned(), -5)] }).await);
+        assert_eq!(stored(&mut conn, &prefix, "rpm").await.0, Some(45));
+        assert_eq!(stored(&mut conn, &prefix, &shared.sender_key).await.0, Some(3));
+
+        // Restored from a snapshot taken after the first batch.
+        set(&mut conn, &shared.sender_key, 1).await;
+        set(&mut conn, "rpm", 200).await;
+        let fourth = Sent { number: 4, deltas: vec![("rpm".to_owned(), -5)] };
+        assert!(shared.send_adjustments(&fourth).await);
+        assert!(shared.send_adjustments(&fourth).await);
+        assert_eq!(stored(&mut conn, &prefix, "rpm").await.0, Some(195), "applied, and once");
+        let (number, ttl) = stored(&mut conn, &prefix, &shared.sender_key).await;
+        assert_eq!(number, Some(4));
+        assert!((1..=SENDER_TTL_MS).contains(&ttl), "the restored key gets its TTL back: {ttl}");
+    }
+
     /// Corrections that cannot reach Redis wait, the failed batch and the
     /// ones after it, and are applied once it answers, each once.
     #[tokio::test]
