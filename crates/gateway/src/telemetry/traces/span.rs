@@ -40,6 +40,10 @@ const FLAG_IS_REMOTE: u32 = 0x200;
 /// spans mostly need.
 const FIRST_ATTRIBUTE_BYTES: usize = 512;
 
+/// What one of the gateway's attributes takes encoded, about: a dotted
+/// key and a short value.
+const TYPICAL_ATTRIBUTE_BYTES: usize = 48;
+
 /// `Span.attributes`.
 const ATTRIBUTES_FIELD: u32 = 9;
 
@@ -169,14 +173,13 @@ struct Record {
 
 impl Record {
     fn add(&mut self, attributes: &[Attribute<'_>]) {
-        // Room for the batch at once, and for a few more on a span's first
-        // batch: growing the buffer attribute by attribute reallocated it
-        // several times over per span.
-        let room = MAX_ATTRIBUTES.saturating_sub(self.attribute_count);
-        let needed: usize =
-            attributes.iter().take(room).map(|&(k, v)| wire::attribute_len(ATTRIBUTES_FIELD, k, v)).sum();
+        // Room for the batch at once, by a typical size (sizing it exactly
+        // cost a quarter of writing it), and for a few more on a span's
+        // first batch: growing the buffer attribute by attribute
+        // reallocated it several times over per span.
+        let typical = attributes.len() * TYPICAL_ATTRIBUTE_BYTES;
         let first = if self.attributes.capacity() == 0 { FIRST_ATTRIBUTE_BYTES } else { 0 };
-        self.attributes.reserve(needed.max(first));
+        self.attributes.reserve(typical.max(first));
         for &(key, value) in attributes {
             if self.attribute_count < MAX_ATTRIBUTES {
                 wire::put_attribute(&mut self.attributes, ATTRIBUTES_FIELD, key, value);
@@ -195,8 +198,7 @@ impl Record {
             return self.add(attributes);
         }
         if shared.is_empty() {
-            let len = attributes.iter().map(|&(k, v)| wire::attribute_len(ATTRIBUTES_FIELD, k, v)).sum();
-            shared.reserve_exact(len);
+            shared.reserve(attributes.len() * TYPICAL_ATTRIBUTE_BYTES);
             for &(key, value) in attributes {
                 wire::put_attribute(shared, ATTRIBUTES_FIELD, key, value);
             }

@@ -13,11 +13,13 @@ pub const FIXED64: u32 = 1;
 pub const LENGTH_DELIMITED: u32 = 2;
 pub const FIXED32: u32 = 5;
 
-/// The bytes a varint takes: one per started group of 7 bits, worked out
-/// from the highest bit set rather than by shifting in a loop.
-pub fn varint_len(value: u64) -> usize {
-    let bits = 64 - (value | 1).leading_zeros() as usize;
-    bits.div_ceil(7)
+pub fn varint_len(mut value: u64) -> usize {
+    let mut len = 1;
+    while value >= 0x80 {
+        value >>= 7;
+        len += 1;
+    }
+    len
 }
 
 pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -174,11 +176,6 @@ fn put_attribute_value(out: &mut Vec<u8>, value: AttributeValue<'_>) {
         }
         AttributeValue::Str(s) => put_bytes(out, 1, s.as_bytes()),
     }
-}
-
-/// The size of what [`put_attribute`] writes.
-pub fn attribute_len(field: u32, key: &str, value: AttributeValue<'_>) -> usize {
-    delimited_len(field, nonempty_len(1, key.len()) + delimited_len(2, attribute_value_len(value)))
 }
 
 /// One `KeyValue` message as repeated field `field`.
