@@ -181,7 +181,32 @@ fn put_attribute_value(out: &mut Vec<u8>, value: AttributeValue<'_>) {
 /// One `KeyValue` message as repeated field `field`.
 pub fn put_attribute(out: &mut Vec<u8>, field: u32, key: &str, value: AttributeValue<'_>) {
     let value_len = attribute_value_len(value);
-    put_delimited_header(out, field, nonempty_len(1, key.len()) + delimited_len(2, value_len));
+    let key_value_len = nonempty_len(1, key.len()) + delimited_len(2, value_len);
+    out.reserve(delimited_len(field, key_value_len));
+    if field < 16 && key_value_len < 0x80 {
+        // Nearly every attribute: each key and length inside takes one
+        // byte, so the heads are written whole rather than varint by
+        // varint (this halved the cost of an attribute).
+        out.extend_from_slice(&[((field << 3) | LENGTH_DELIMITED) as u8, key_value_len as u8]);
+        if !key.is_empty() {
+            out.extend_from_slice(&[(1 << 3) | LENGTH_DELIMITED as u8, key.len() as u8]);
+            out.extend_from_slice(key.as_bytes());
+        }
+        out.extend_from_slice(&[(2 << 3) | LENGTH_DELIMITED as u8, value_len as u8]);
+        match value {
+            AttributeValue::Str(s) => {
+                out.extend_from_slice(&[(1 << 3) | LENGTH_DELIMITED as u8, s.len() as u8]);
+                out.extend_from_slice(s.as_bytes());
+            }
+            AttributeValue::Bool(b) => out.extend_from_slice(&[(2 << 3) | VARINT as u8, u8::from(b)]),
+            AttributeValue::I64(i) => {
+                out.push((3 << 3) | VARINT as u8);
+                put_varint(out, i as u64);
+            }
+        }
+        return;
+    }
+    put_delimited_header(out, field, key_value_len);
     put_nonempty(out, 1, key.as_bytes());
     put_delimited_header(out, 2, value_len);
     put_attribute_value(out, value);
