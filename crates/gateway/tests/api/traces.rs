@@ -492,3 +492,27 @@ async fn spans_a_collector_rejects_are_counted_over_either_protocol() {
         assert_eq!(scrape(&gw, "tollgate_trace_spans_rejected_total").await, rejected, "{transport:?}");
     }
 }
+
+#[tokio::test]
+async fn exports_overlap_while_the_collector_is_slow_to_answer() {
+    for transport in [Transport::Grpc, Transport::HttpProtobuf] {
+        let sink = Sink::start(transport).await.unwrap();
+        sink.set_delay(Duration::from_secs(2));
+        let mut otlp = export_to(&sink);
+        // A batch per span: two requests' spans are eight exports.
+        otlp.batch_size = 1;
+        otlp.timeout = Duration::from_secs(20);
+        let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
+        for _ in 0..2 {
+            let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
+            assert_eq!(response.status(), 200);
+        }
+        // The sink counts an export when it arrives, then holds its answer.
+        wait_until("four exports are in flight at once", PATIENCE, async || sink.exports() >= 4).await;
+        let answered = scrape(&gw, "tollgate_trace_exports_total{result=\"ok\"}").await;
+        assert_eq!((sink.exports(), answered), (4, 0.0), "{transport:?}: four at most, none answered yet");
+        // Each answer frees a place: all eight arrive.
+        let spans = sink.wait_for(PATIENCE, |spans| spans.len() >= 8).await;
+        assert_eq!(spans.len(), 8, "{transport:?}");
+    }
+}
