@@ -516,3 +516,24 @@ async fn exports_overlap_while_the_collector_is_slow_to_answer() {
         assert_eq!(spans.len(), 8, "{transport:?}");
     }
 }
+
+#[tokio::test]
+async fn spans_queued_or_in_flight_at_shutdown_reach_the_collector() {
+    let sink = Sink::start(Transport::Grpc).await.unwrap();
+    // Slow answers keep exports in flight while more spans queue behind them.
+    sink.set_delay(Duration::from_secs(1));
+    let mut otlp = export_to(&sink);
+    otlp.batch_size = 1;
+    otlp.timeout = Duration::from_secs(20);
+    let mut gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
+    for _ in 0..3 {
+        let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
+        assert_eq!(response.status(), 200);
+    }
+    wait_until("exports are in flight", PATIENCE, async || sink.exports() >= 1).await;
+    assert!(sink.spans().len() < 12, "not all exported before the shutdown");
+    gw.begin_shutdown().await.unwrap().unwrap();
+    let spans = sink.spans();
+    assert_eq!(spans.len(), 12, "four spans a request, none lost at shutdown");
+    assert_eq!(spans.iter().filter(|s| s.kind == SERVER).count(), 3);
+}
