@@ -468,7 +468,8 @@ async fn spans_a_collector_rejects_are_counted_over_either_protocol() {
         let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
         let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
         assert_eq!(response.status(), 200);
-        sink.wait_for(PATIENCE, |spans| spans.iter().any(|s| s.kind == SERVER)).await;
+        // All four of the request's spans exported: no batch comes after.
+        sink.wait_for(PATIENCE, |spans| spans.len() >= 4).await;
         // Every batch the sink answered, answered as a partial success.
         wait_until("each partial success is counted", PATIENCE, async || {
             let partial = scrape(&gw, "tollgate_trace_exports_total{result=\"partial\"}").await;
