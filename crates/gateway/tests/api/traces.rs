@@ -34,8 +34,17 @@ fn export_to(sink: &Sink) -> OtlpConfig {
 }
 
 async fn traced_gateway(sink: &Sink) -> TestGateway {
-    let otlp = export_to(sink);
+    gateway_exporting(export_to(sink)).await
+}
+
+async fn gateway_exporting(otlp: OtlpConfig) -> TestGateway {
     TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await
+}
+
+/// One plain chat completion, answered.
+async fn chat(gw: &TestGateway) {
+    let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
+    assert_eq!(response.status(), 200);
 }
 
 /// The spans of the trace `trace_id`, once its server span and `more`
@@ -291,7 +300,7 @@ async fn sampling_keeps_the_ratio_asked_but_follows_a_sampled_caller() {
     let sink = Sink::start(Transport::HttpProtobuf).await.unwrap();
     let mut otlp = export_to(&sink);
     otlp.sampling_ratio = 0.0;
-    let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
+    let gw = gateway_exporting(otlp).await;
     let chat = json!({"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}]});
     // Started here: not sampled, yet the upstream still gets a traceparent
     // (unsampled), so its own sampling can follow.
@@ -375,7 +384,7 @@ async fn a_slow_collector_costs_dropped_spans_not_slower_requests() {
     otlp.queue_size = 8;
     otlp.batch_size = 4;
     otlp.timeout = Duration::from_secs(5);
-    let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
+    let gw = gateway_exporting(otlp).await;
     let requests = (0..40).map(|_| {
         gw.http
             .post(gw.url("/v1/chat/completions"))
@@ -450,9 +459,8 @@ async fn export_headers_reach_the_collector_over_either_protocol() {
             value_env: None,
             value_file: None,
         });
-        let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
-        let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
-        assert_eq!(response.status(), 200);
+        let gw = gateway_exporting(otlp).await;
+        chat(&gw).await;
         sink.wait_for(PATIENCE, |spans| spans.iter().any(|s| s.kind == SERVER)).await;
         let headers = sink.last_headers();
         assert_eq!(headers.get("x-collector-token").map(String::as_str), Some("token-1"), "{transport:?}: {headers:?}");
@@ -465,9 +473,8 @@ async fn spans_a_collector_rejects_are_counted_over_either_protocol() {
         let sink = Sink::start(transport).await.unwrap();
         sink.set_rejecting(Some((2, "span too large")));
         let otlp = export_to(&sink);
-        let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
-        let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
-        assert_eq!(response.status(), 200);
+        let gw = gateway_exporting(otlp).await;
+        chat(&gw).await;
         // All four of the request's spans exported: no batch comes after.
         sink.wait_for(PATIENCE, |spans| spans.len() >= 4).await;
         // Every batch the sink answered, answered as a partial success.
@@ -484,8 +491,7 @@ async fn spans_a_collector_rejects_are_counted_over_either_protocol() {
 
         // A full success again: counted as ok, nothing more rejected.
         sink.set_rejecting(None);
-        let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
-        assert_eq!(response.status(), 200);
+        chat(&gw).await;
         wait_until("a full success is counted", PATIENCE, async || {
             scrape(&gw, "tollgate_trace_exports_total{result=\"ok\"}").await >= 1.0
         })
@@ -503,10 +509,9 @@ async fn exports_overlap_while_the_collector_is_slow_to_answer() {
         // A batch per span: two requests' spans are eight exports.
         otlp.batch_size = 1;
         otlp.timeout = Duration::from_secs(20);
-        let gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
+        let gw = gateway_exporting(otlp).await;
         for _ in 0..2 {
-            let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
-            assert_eq!(response.status(), 200);
+            chat(&gw).await;
         }
         // The sink counts an export when it arrives, then holds its answer.
         wait_until("four exports are in flight at once", PATIENCE, async || sink.exports() >= 4).await;
@@ -526,10 +531,9 @@ async fn spans_queued_or_in_flight_at_shutdown_reach_the_collector() {
     let mut otlp = export_to(&sink);
     otlp.batch_size = 1;
     otlp.timeout = Duration::from_secs(20);
-    let mut gw = TestGateway::start_with(move |c: &mut Config| c.telemetry.otlp = Some(otlp)).await;
+    let mut gw = gateway_exporting(otlp).await;
     for _ in 0..3 {
-        let response = gw.post_json("/v1/chat/completions", r#"{"model":"gpt-4.1","messages":[]}"#).await;
-        assert_eq!(response.status(), 200);
+        chat(&gw).await;
     }
     wait_until("exports are in flight", PATIENCE, async || sink.exports() >= 1).await;
     assert!(sink.spans().len() < 12, "not all exported before the shutdown");
