@@ -542,3 +542,26 @@ async fn spans_queued_or_in_flight_at_shutdown_reach_the_collector() {
     assert_eq!(spans.len(), 12, "four spans a request, none lost at shutdown");
     assert_eq!(spans.iter().filter(|s| s.kind == SERVER).count(), 3);
 }
+
+#[tokio::test]
+async fn a_client_leaving_before_the_answer_ends_its_trace_as_disconnected() {
+    let sink = Sink::start(Transport::Grpc).await.unwrap();
+    let gw = traced_gateway(&sink).await;
+    let left = gw
+        .http
+        .post(gw.url("/v1/chat/completions"))
+        .header("traceparent", caller_traceparent())
+        .header("x-fake-latency-ms", "2000")
+        .timeout(Duration::from_millis(200))
+        .json(&json!({"model": "gpt-4.1", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await;
+    assert!(left.is_err(), "the client gave up first");
+    // Server, admission and the abandoned attempt.
+    let spans = trace_of(&sink, CALLER_TRACE, 2).await;
+    let server = server_span(&spans);
+    assert_eq!(server.int_attr("tollgate.status"), Some(499), "{server:#?}");
+    assert_eq!(server.str_attr("tollgate.error_class"), Some("client:disconnected"));
+    let attempt = spans.iter().find(|s| s.kind == CLIENT).expect("the attempt's span ended too");
+    assert_eq!(attempt.parent_span_id, server.span_id);
+}
