@@ -42,8 +42,8 @@ use crate::upstream::Upstream;
 
 pub struct Application {
     public: TcpListener,
-    public_router: Router,
-    admin: Option<(TcpListener, Router)>,
+    public_router: router::Routes,
+    admin: Option<(TcpListener, router::Routes)>,
     readiness: Readiness,
     shutdown_grace: Duration,
     connections: ConnectionLimits,

@@ -13,6 +13,10 @@
 //! 4. Routes. The body limit is applied where the body is read
 //!    (`proxy::body`), so that it answers with our envelope.
 //!
+//! `POST` to the four body-carrying OpenAI routes ([`FAST_PATHS`]) is
+//! dispatched before the router, to a stack built here with the same
+//! layers (1–3, then 5 and 6 below) and the same handler (see [`Routes`]).
+//!
 //! On the `/v1` routes only (as a route layer, so unknown paths are 404
 //! before any key check):
 //!
@@ -29,6 +33,7 @@
 //!    rate limits and budgets go after it, in that order.
 
 use std::any::Any;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,9 +43,12 @@ use axum::extract::{MatchedPath, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use http::Method;
 use tollgate_openai::Api;
-use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
@@ -53,8 +61,46 @@ use crate::request_id::{RequestId, RequestIdLayer};
 use crate::telemetry::traces::{self, Tracing};
 use crate::tenant_usage::{self, TenantUsageState};
 
-/// The public router. `admin` is merged in when the admin API has no
-/// listener of its own.
+/// What a listener serves: its router, and on the public listener, in front
+/// of it, the path nearly every request takes.
+#[derive(Clone)]
+pub struct Routes {
+    /// `POST` to one of [`FAST_PATHS`], with the same layers and handler as
+    /// the router's route, reached without the router: its path lookup,
+    /// matched-path and path-parameter extensions, method dispatch and the
+    /// boxed services of each level cost about as much per request as the
+    /// key check. The router keeps these routes too (other methods get its
+    /// 405, and nothing else depends on which of the two served a request).
+    posts: Option<BoxCloneSyncService<Request, Response, Infallible>>,
+    router: Router,
+}
+
+/// The OpenAI API's body-carrying endpoints, served by `proxy::forward_post`.
+const FAST_PATHS: [&str; 4] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"];
+
+impl Routes {
+    /// Serves `request` by the fast path when it is one, else the router.
+    pub async fn serve(self, request: Request) -> Response {
+        let fast = request.method() == Method::POST && FAST_PATHS.contains(&request.uri().path());
+        let result = match self.posts {
+            Some(posts) if fast => posts.oneshot(request).await,
+            _ => self.router.oneshot(request).await,
+        };
+        match result {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+}
+
+impl From<Router> for Routes {
+    fn from(router: Router) -> Self {
+        Self { posts: None, router }
+    }
+}
+
+/// The public listener's routes. `admin` is merged in when the admin API
+/// has no listener of its own.
 pub fn build(
     proxy: Arc<Proxy>,
     readiness: Readiness,
@@ -62,7 +108,8 @@ pub fn build(
     usage: Arc<TenantUsageState>,
     admin: Option<Router>,
     traces: Option<Arc<Tracing>>,
-) -> Router {
+) -> Routes {
+    let posts = fast_posts(proxy.clone(), auth.clone(), traces.clone());
     let mut v1 = Router::new()
         .route("/v1/chat/completions", post(proxy::forward_post))
         .route("/v1/completions", post(proxy::forward_post))
@@ -108,12 +155,35 @@ pub fn build(
     if let Some(admin) = admin {
         router = router.merge(admin);
     }
-    with_common_layers(router)
+    Routes { posts: Some(posts), router: with_common_layers(router) }
 }
 
-/// The admin listener's router: the admin API and the health endpoints.
-pub fn build_admin(admin: Router, readiness: Readiness) -> Router {
-    with_common_layers(admin.merge(ops_routes(readiness)))
+/// The admin listener's routes: the admin API and the health endpoints.
+pub fn build_admin(admin: Router, readiness: Readiness) -> Routes {
+    Routes::from(with_common_layers(admin.merge(ops_routes(readiness))))
+}
+
+/// The fast path's service: the common layers, the server span when traces
+/// are exported, the key check, `proxy::forward_post`, in the order the
+/// router stacks them for the same routes.
+fn fast_posts(
+    proxy: Arc<Proxy>,
+    auth: Arc<Authenticator>,
+    traces: Option<Arc<Tracing>>,
+) -> BoxCloneSyncService<Request, Response, Infallible> {
+    let handler = tower::service_fn(move |request: Request| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy::forward_post(State(proxy), request).await) }
+    });
+    let service = ServiceBuilder::new()
+        .map_response(IntoResponse::into_response)
+        .layer(RequestIdLayer)
+        .layer(access_log())
+        .layer(CatchPanicLayer::custom(panic_response))
+        .option_layer(traces.map(|traces| axum::middleware::from_fn_with_state(traces, trace_request)))
+        .layer(AuthLayer::new(auth))
+        .service(handler);
+    BoxCloneSyncService::new(service)
 }
 
 fn ops_routes(readiness: Readiness) -> Router {
@@ -122,18 +192,23 @@ fn ops_routes(readiness: Readiness) -> Router {
 
 fn with_common_layers(router: Router) -> Router {
     router.fallback(unknown_route).method_not_allowed_fallback(method_not_allowed).layer(
-        ServiceBuilder::new()
-            .layer(RequestIdLayer)
-            .layer(
-                TraceLayer::new_for_http()
-                    .make_span_with(make_span)
-                    .on_request(())
-                    .on_response(on_response)
-                    .on_failure(()),
-            )
-            .layer(CatchPanicLayer::custom(panic_response)),
+        ServiceBuilder::new().layer(RequestIdLayer).layer(access_log()).layer(CatchPanicLayer::custom(panic_response)),
     )
 }
+
+/// The request's log span and its one access line.
+fn access_log<B>() -> TraceLayer<SharedClassifier<ServerErrorsAsFailures>, MakeSpan, (), OnResponse<B>, (), (), ()> {
+    TraceLayer::new_for_http()
+        .make_span_with(make_span as MakeSpan)
+        .on_request(())
+        .on_response(on_response as OnResponse<B>)
+        .on_body_chunk(())
+        .on_eos(())
+        .on_failure(())
+}
+
+type MakeSpan = fn(&Request) -> Span;
+type OnResponse<B> = fn(&http::Response<B>, Duration, &Span);
 
 fn make_span(request: &Request) -> Span {
     let request_id = request.extensions().get::<RequestId>().map_or("", RequestId::as_str);

@@ -12,6 +12,7 @@
 //! caller falls back to the conflict-skipping insert, which counts exactly
 //! the new records. Either way no record is stored or counted twice.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::Serialize;
@@ -66,7 +67,7 @@ struct Rollup<'a> {
     day: String,
     tenant_id: &'a str,
     key_id: &'a str,
-    model: String,
+    model: Cow<'a, str>,
     requests: i64,
     errors: i64,
     estimated_requests: i64,
@@ -81,15 +82,17 @@ struct Rollup<'a> {
 
 /// The batch's sums per (day, tenant, key, model), in key order: replicas
 /// upserting overlapping groups take the row locks in the same order, so
-/// two batches cannot deadlock on each other.
+/// two batches cannot deadlock on each other. A day is keyed by its first
+/// millisecond, which orders as its `YYYY-MM-DD` name does; the key borrows
+/// everything else from the events, so finding a group allocates nothing.
 fn rollup_json(events: &[UsageEvent]) -> StoreResult<String> {
-    let mut groups: BTreeMap<(String, &str, &str, String), Rollup<'_>> = BTreeMap::new();
-    let mut day_cache: Option<(i64, String)> = None;
+    let mut groups: BTreeMap<(i64, &str, &str, Cow<'_, str>), Rollup<'_>> = BTreeMap::new();
+    let mut days = Days::default();
     for e in events {
-        let day = day_cached(&mut day_cache, e.at);
-        let model = storable(&e.requested_model).into_owned();
-        let group = groups.entry((day.clone(), &e.tenant_id, &e.key_id, model.clone())).or_insert_with(|| Rollup {
-            day,
+        let (start, day) = days.of(e.at);
+        let model = storable(&e.requested_model);
+        let group = groups.entry((start, &e.tenant_id, &e.key_id, model.clone())).or_insert_with(|| Rollup {
+            day: day.to_owned(),
             tenant_id: &e.tenant_id,
             key_id: &e.key_id,
             model,
@@ -110,17 +113,25 @@ fn rollup_json(events: &[UsageEvent]) -> StoreResult<String> {
     serde_json::to_string(&rows).map_err(|e| crate::StoreError::Corrupt(e.to_string()))
 }
 
-/// The UTC day of `at`, formatted once per day a batch spans rather than
-/// once per record.
-fn day_cached(cache: &mut Option<(i64, String)>, at: i64) -> String {
-    let start = crate::usage::day_start_ms(at);
-    match cache {
-        Some((cached_start, day)) if *cached_start == start => day.clone(),
-        _ => {
-            let day = crate::usage::day_of(at);
-            *cache = Some((start, day.clone()));
-            day
+/// A UTC day in milliseconds: Unix time has no leap seconds.
+const DAY_MS: i64 = 86_400_000;
+
+/// The UTC day of each record, worked out and formatted once per day a
+/// batch spans rather than once per record.
+#[derive(Default)]
+struct Days {
+    /// The last day asked for: its first millisecond and its name.
+    last: Option<(i64, String)>,
+}
+
+impl Days {
+    /// The first millisecond and the `YYYY-MM-DD` name of `at`'s UTC day.
+    fn of(&mut self, at: i64) -> (i64, &str) {
+        if !matches!(&self.last, Some((start, _)) if (*start..start.saturating_add(DAY_MS)).contains(&at)) {
+            self.last = None;
         }
+        let (start, day) = self.last.get_or_insert_with(|| (crate::usage::day_start_ms(at), crate::usage::day_of(at)));
+        (*start, day)
     }
 }
 
@@ -143,15 +154,15 @@ const FIELDS: i16 = 30;
 /// its column's type, so a mismatch fails the whole `COPY` and never stores
 /// a wrong value.
 fn copy_binary(events: &[UsageEvent]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BINARY_HEADER.len() + events.len() * 384 + BINARY_TRAILER.len());
+    let mut out = Vec::with_capacity(BINARY_HEADER.len() + events.len() * 448 + BINARY_TRAILER.len());
     out.extend_from_slice(BINARY_HEADER);
-    let mut day_cache: Option<(i64, String)> = None;
+    let mut days = Days::default();
     for e in events {
-        let day = day_cached(&mut day_cache, e.at);
+        let (_, day) = days.of(e.at);
         let mut row = Row::start(&mut out);
         row.text(&e.id);
         row.bigint(e.at);
-        row.text(&day);
+        row.text(day);
         row.text(&e.request_id);
         row.text(&e.tenant_id);
         row.text(&e.key_id);
@@ -201,8 +212,11 @@ impl<'a> Row<'a> {
 
     fn text(&mut self, value: &str) {
         // Postgres text cannot hold NUL: stored as U+FFFD, as the general
-        // path does (`storable`). Nearly no value has one.
-        let value = storable(value);
+        // path does (`storable`). Nearly no value has one; a pass without an
+        // early exit finds out in wide comparisons.
+        if value.bytes().fold(false, |any, b| any | (b == 0)) {
+            return self.text(&value.replace('\0', "\u{fffd}"));
+        }
         // A field longer than i32 cannot be sent; no request gets this far
         // with one (bodies are capped far below), and the COPY would refuse it.
         let len = i32::try_from(value.len()).unwrap_or(i32::MAX);
@@ -217,14 +231,20 @@ impl<'a> Row<'a> {
         }
     }
 
+    // Length and value as one fixed-size copy, which compiles to a few
+    // stores rather than two calls.
     fn bigint(&mut self, value: i64) {
-        self.out.extend_from_slice(&8i32.to_be_bytes());
-        self.out.extend_from_slice(&value.to_be_bytes());
+        let mut field = [0u8; 12];
+        field[..4].copy_from_slice(&8i32.to_be_bytes());
+        field[4..].copy_from_slice(&value.to_be_bytes());
+        self.out.extend_from_slice(&field);
     }
 
     fn integer(&mut self, value: i32) {
-        self.out.extend_from_slice(&4i32.to_be_bytes());
-        self.out.extend_from_slice(&value.to_be_bytes());
+        let mut field = [0u8; 8];
+        field[..4].copy_from_slice(&4i32.to_be_bytes());
+        field[4..].copy_from_slice(&value.to_be_bytes());
+        self.out.extend_from_slice(&field);
     }
 
     fn flag(&mut self, value: bool) {
@@ -302,6 +322,18 @@ mod tests {
             }
             rows.push(fields);
         }
+    }
+
+    #[test]
+    fn each_record_gets_its_own_utc_day_across_midnight_and_back() {
+        let midnight = 1_772_409_600_000; // 2026-03-02T00:00:00Z
+        let mut days = Days::default();
+        assert_eq!(days.of(midnight - 1), (midnight - DAY_MS, "2026-03-01"));
+        assert_eq!(days.of(midnight - DAY_MS), (midnight - DAY_MS, "2026-03-01"), "its first millisecond");
+        assert_eq!(days.of(midnight), (midnight, "2026-03-02"));
+        assert_eq!(days.of(midnight + DAY_MS - 1), (midnight, "2026-03-02"), "its last millisecond");
+        assert_eq!(days.of(midnight - 5), (midnight - DAY_MS, "2026-03-01"), "an earlier day again");
+        assert_eq!(days.of(-1), (-DAY_MS, "1969-12-31"), "before 1970");
     }
 
     #[test]

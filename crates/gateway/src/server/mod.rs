@@ -20,12 +20,12 @@
 
 pub mod body;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::ConnectInfo;
 use http::{Request, Version, header};
 use hyper::body::Incoming;
@@ -36,7 +36,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+
+use crate::router::Routes;
 
 use crate::config::ServerConfig;
 use body::{BodyLimits, Discard, RequestBody};
@@ -68,7 +69,7 @@ impl ConnectionLimits {
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
-    router: Router,
+    routes: Routes,
     limits: ConnectionLimits,
     stop: CancellationToken,
 ) {
@@ -117,7 +118,7 @@ pub async fn serve(
             stream,
             remote,
             builders.clone(),
-            router.clone(),
+            routes.clone(),
             limits.clone(),
             stop.clone(),
             permit,
@@ -212,7 +213,7 @@ async fn connection(
     stream: TcpStream,
     remote: SocketAddr,
     builders: Arc<Builders>,
-    router: Router,
+    routes: Routes,
     limits: ConnectionLimits,
     stop: CancellationToken,
     _slot: OwnedSemaphorePermit,
@@ -241,10 +242,10 @@ async fn connection(
         hyper::service::service_fn(move |request: Request<Incoming>| {
             let in_flight = InFlight::begin(&activity);
             let request = prepare(request, remote, &bodies, &activity);
-            let router = router.clone();
+            let routes = routes.clone();
             async move {
-                let response = router.oneshot(request).await;
-                response.map(|r| r.map(|body| body::Tracked::new(body, in_flight)))
+                let response = routes.serve(request).await;
+                Ok::<_, Infallible>(response.map(|body| body::Tracked::new(body, in_flight)))
             }
         })
     };
