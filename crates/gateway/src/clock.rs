@@ -16,6 +16,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, NaiveDate, Utc};
 
+/// The system clock in milliseconds since the Unix epoch, for timestamps
+/// that record when something happened rather than decide anything.
+pub fn system_now_ms() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+        // A system clock set before 1970.
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
 /// Cheap to clone; every clone reads the same time.
 #[derive(Debug, Clone, Default)]
 pub struct Clock {
@@ -52,11 +62,7 @@ impl Clock {
     /// request, and a `DateTime` splits the time into a calendar date that
     /// `timestamp_millis` then adds back up.
     pub fn now_ms(&self) -> i64 {
-        let now = match SystemTime::now().duration_since(UNIX_EPOCH) {
-            Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
-            // A system clock set before 1970.
-            Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
-        };
+        let now = system_now_ms();
         match &self.offset_ms {
             None => now,
             Some(offset) => now.saturating_add(offset.load(Ordering::Acquire)),

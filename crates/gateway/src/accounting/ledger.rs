@@ -103,7 +103,7 @@ impl AccountingHealth {
 }
 
 fn now_ms() -> u64 {
-    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
+    u64::try_from(crate::clock::system_now_ms()).unwrap_or(0)
 }
 
 impl Ledger {
@@ -264,8 +264,12 @@ impl Writer {
             return;
         }
         self.queued.fetch_sub(batch.len().min(self.queued.load(Ordering::Relaxed)), Ordering::Relaxed);
-        let events = std::mem::take(batch);
+        let mut events = std::mem::take(batch);
         if self.spool.is_empty() && self.store(&events).await {
+            // The next batch fills the same allocation rather than growing a
+            // new one record by record (each growth copies every record).
+            events.clear();
+            *batch = events;
             return;
         }
         let spool = self.spool.clone();

@@ -242,7 +242,7 @@ impl Exchange {
         accounting.metrics.in_flight.inc();
         let mut exchange = Self::closed_blank(accounting);
         exchange.closed = false;
-        exchange.at_ms = chrono::Utc::now().timestamp_millis();
+        exchange.at_ms = crate::clock::system_now_ms();
         request_id.clone_into(&mut exchange.request_id);
         tenant_id.clone_into(&mut exchange.tenant_id);
         key_id.clone_into(&mut exchange.key_id);
