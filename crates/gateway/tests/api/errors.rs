@@ -1,6 +1,8 @@
 //! Errors the gateway itself produces: always an OpenAI envelope, never
 //! anything sent upstream.
 
+use serde_json::json;
+
 use crate::helpers::{TestGateway, envelope};
 
 #[tokio::test]
@@ -63,9 +65,18 @@ async fn unknown_routes_are_404_and_wrong_methods_405_envelopes() {
         assert_eq!(response.status(), 404, "{path}");
         assert_eq!(envelope(response).await["error"]["code"], "unknown_url");
     }
-    let response = gw.http.get(gw.url("/v1/chat/completions")).send().await.unwrap();
-    assert_eq!(response.status(), 405);
-    assert_eq!(envelope(response).await["error"]["code"], "method_not_allowed");
+    // Near misses of the paths dispatched before the router reach the router.
+    for path in ["/v1/chat/completions/", "/V1/chat/completions", "/v1/chat/completions/x", "/v1/embedding"] {
+        let response = gw.http.post(gw.url(path)).bearer_auth(&gw.key).json(&json!({})).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+        assert!(response.headers().contains_key("x-request-id"), "{path}");
+        assert_eq!(envelope(response).await["error"]["code"], "unknown_url");
+    }
+    for path in ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"] {
+        let response = gw.http.get(gw.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 405, "{path}");
+        assert_eq!(envelope(response).await["error"]["code"], "method_not_allowed");
+    }
     let response = gw.http.delete(gw.url("/v1/models")).send().await.unwrap();
     assert_eq!(response.status(), 405);
     envelope(response).await;
