@@ -5,6 +5,8 @@
 //! is parsed. This keeps usage extraction cheap on large bodies (embeddings)
 //! and lets the stream relay ignore every event that carries no usage.
 
+mod object;
+
 use std::sync::LazyLock;
 
 use serde::Deserialize;
@@ -43,7 +45,7 @@ impl Usage {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
 struct Details {
     #[serde(default)]
     cached_tokens: Option<u64>,
@@ -53,7 +55,7 @@ struct Details {
 
 /// Both vocabularies: chat/completions/embeddings (`prompt_tokens`, …) and
 /// the responses API (`input_tokens`, …).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
 struct RawUsage {
     #[serde(default)]
     prompt_tokens: Option<u64>,
@@ -166,11 +168,18 @@ pub fn find_usage(bytes: &[u8]) -> UsageField {
     if value.starts_with(b"null") {
         return UsageField::Null;
     }
-    let mut stream = serde_json::Deserializer::from_slice(value).into_iter::<RawUsage>();
-    match stream.next() {
-        Some(Ok(raw)) => UsageField::Present(raw.into(), key_start, value_start + stream.byte_offset()),
-        _ => UsageField::Absent,
+    match object::read(value).or_else(|| with_serde(value)) {
+        Some((raw, len)) => UsageField::Present(raw.into(), key_start, value_start + len),
+        None => UsageField::Absent,
     }
+}
+
+/// The usage object at the start of `value` as serde reads it, and the
+/// offset just past it; `None` when it is not one.
+fn with_serde(value: &[u8]) -> Option<(RawUsage, usize)> {
+    let mut stream = serde_json::Deserializer::from_slice(value).into_iter::<RawUsage>();
+    let raw = stream.next()?.ok()?;
+    Some((raw, stream.byte_offset()))
 }
 
 /// The first `model` string in a JSON document (the upstream's model name).
