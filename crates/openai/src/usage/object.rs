@@ -78,22 +78,30 @@ impl<'a> Reader<'a> {
     /// `{`, each member through `member` (with the reader on its value),
     /// then `}`.
     fn object(&mut self, mut member: impl FnMut(&mut Self, &[u8]) -> Option<()>) -> Option<()> {
-        self.expect(b'{')?;
+        self.sequence(b'{', b'}', |reader| {
+            let key = reader.plain_string()?;
+            reader.expect(b':')?;
+            reader.skip_whitespace();
+            member(reader, key)
+        })
+    }
+
+    /// `open`, items separated by commas, `close`; the reader is on each
+    /// item's first byte when `item` is called.
+    fn sequence(&mut self, open: u8, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.expect(open)?;
         self.skip_whitespace();
-        if self.peek() == Some(b'}') {
+        if self.peek() == Some(close) {
             self.at += 1;
             return Some(());
         }
         loop {
             self.skip_whitespace();
-            let key = self.plain_string()?;
-            self.expect(b':')?;
-            self.skip_whitespace();
-            member(self, key)?;
+            item(self)?;
             self.skip_whitespace();
             match self.peek()? {
                 b',' => self.at += 1,
-                b'}' => {
+                byte if byte == close => {
                     self.at += 1;
                     return Some(());
                 }
@@ -179,34 +187,12 @@ impl<'a> Reader<'a> {
         match self.peek()? {
             b'"' => self.plain_string().map(drop),
             b'{' => self.object(|reader, _| reader.skip_value(depth + 1)),
-            b'[' => self.array(depth),
+            b'[' => self.sequence(b'[', b']', |reader| reader.skip_value(depth + 1)),
             b'-' | b'0'..=b'9' => self.number(),
             b't' => self.literal(b"true").then_some(()),
             b'f' => self.literal(b"false").then_some(()),
             b'n' => self.literal(b"null").then_some(()),
             _ => None,
-        }
-    }
-
-    fn array(&mut self, depth: usize) -> Option<()> {
-        self.expect(b'[')?;
-        self.skip_whitespace();
-        if self.peek() == Some(b']') {
-            self.at += 1;
-            return Some(());
-        }
-        loop {
-            self.skip_whitespace();
-            self.skip_value(depth + 1)?;
-            self.skip_whitespace();
-            match self.peek()? {
-                b',' => self.at += 1,
-                b']' => {
-                    self.at += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
         }
     }
 
