@@ -264,12 +264,9 @@ impl Writer {
             return;
         }
         self.queued.fetch_sub(batch.len().min(self.queued.load(Ordering::Relaxed)), Ordering::Relaxed);
-        let mut events = std::mem::take(batch);
+        let events = std::mem::take(batch);
         if self.spool.is_empty() && self.store(&events).await {
-            // The next batch fills the same allocation rather than growing a
-            // new one record by record (each growth copies every record).
-            events.clear();
-            *batch = events;
+            *batch = emptied_for_reuse(events, self.settings.batch_size);
             return;
         }
         let spool = self.spool.clone();
@@ -386,5 +383,37 @@ impl Writer {
             }
             tracing::info!(records = events.len(), "replayed spooled usage records");
         }
+    }
+}
+
+/// A written batch's allocation, emptied for the next batch to fill rather
+/// than growing a new one record by record (each growth copies every
+/// record). Not past the batch size: a batch that took in a burst of
+/// overflow (up to [`OVERFLOW_CAPACITY`] records) must not keep that much
+/// memory for good.
+fn emptied_for_reuse<T>(mut events: Vec<T>, batch_size: usize) -> Vec<T> {
+    if events.capacity() > batch_size.max(1) {
+        return Vec::with_capacity(batch_size);
+    }
+    events.clear();
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_allocation_is_kept_up_to_the_batch_size() {
+        let mut written = Vec::with_capacity(8);
+        written.extend(0..8u64);
+        let reused = emptied_for_reuse(written, 8);
+        assert!(reused.is_empty());
+        assert_eq!(reused.capacity(), 8, "the same allocation, emptied");
+
+        let burst: Vec<u64> = (0..1_000).collect();
+        let after_burst = emptied_for_reuse(burst, 8);
+        assert!(after_burst.is_empty());
+        assert_eq!(after_burst.capacity(), 8, "a burst's allocation is let go");
     }
 }

@@ -37,9 +37,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::router::Routes;
-
 use crate::config::ServerConfig;
+use crate::router::Routes;
 use body::{BodyLimits, Discard, RequestBody};
 
 /// What every connection of every listener is held to.
