@@ -9,6 +9,7 @@
 pub mod estimate;
 pub mod ledger;
 pub mod pricing;
+pub mod sample;
 pub mod spool;
 pub mod tap;
 

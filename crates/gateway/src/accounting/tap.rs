@@ -5,7 +5,8 @@
 //! have them. When the gateway asked the upstream for usage on the client's
 //! behalf, the usage-only chunk is dropped and the `"usage":null` members are
 //! removed, so the client sees the stream it asked for. Until usage arrives,
-//! events are kept (up to a bound) for a token estimate should it never come.
+//! an even sample of the events is kept (see [`StreamSample`]) for a token
+//! estimate should it never come.
 //!
 //! Gemini and Anthropic streams are read in their own vocabulary: Gemini's
 //! `usageMetadata` (final on the chunk with `finishReason`), Anthropic's
@@ -18,17 +19,13 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tollgate_openai::usage::{has_empty_choices, null_usage_member, remove_member};
-use tollgate_openai::{Api, SseEvent, SseScanner, Usage, UsageField, anthropic, find_model, find_usage, gemini};
+use tollgate_openai::{Api, SseEvent, Usage, UsageField, anthropic, find_model, find_usage, gemini};
 
-use super::{Exchange, Outcome, estimate};
+use super::sample::StreamSample;
+use super::{Exchange, Outcome};
 use crate::proxy::relay::Shape;
-
-/// Event bytes kept for estimating output when usage never comes. Usage
-/// normally arrives only at a stream's end, so every open stream holds up to
-/// this much: small, and past it the estimate is scaled by the bytes seen.
-const MAX_KEPT_BYTES: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub struct StreamTap {
@@ -44,13 +41,8 @@ pub struct StreamTap {
     anthropic: anthropic::StreamUsage,
     upstream_model: Option<String>,
     first_event: Option<Duration>,
-    /// Events kept for an estimate, copied end to end into one buffer: an
-    /// event is a slice of the upstream read buffer it arrived in (often
-    /// hundreds of KB), and holding the slice would pin that whole buffer
-    /// for the stream's lifetime.
-    kept: BytesMut,
-    /// Bytes of every event that could have been kept (kept or not).
-    seen: u64,
+    /// Events kept for an estimate, should usage never come.
+    sample: StreamSample,
     status: u16,
 }
 
@@ -65,8 +57,7 @@ impl StreamTap {
             anthropic: anthropic::StreamUsage::default(),
             upstream_model: None,
             first_event: None,
-            kept: BytesMut::new(),
-            seen: 0,
+            sample: StreamSample::default(),
             status,
         }
     }
@@ -88,7 +79,7 @@ impl StreamTap {
                 if let Some(usage) = gemini::find_usage(bytes) {
                     if gemini::is_end(&event) {
                         self.usage = Some(usage);
-                        self.kept.clear();
+                        self.sample.discard();
                     } else {
                         self.partial = Some(usage);
                     }
@@ -104,7 +95,7 @@ impl StreamTap {
                 if self.anthropic.observe(bytes) {
                     if anthropic::is_message_delta(&event) {
                         self.usage = self.anthropic.usage();
-                        self.kept.clear();
+                        self.sample.discard();
                     } else {
                         self.partial = self.anthropic.usage();
                     }
@@ -133,7 +124,7 @@ impl StreamTap {
             }
             UsageField::Present(usage, start, end) => {
                 self.usage = Some(usage);
-                self.kept.clear();
+                self.sample.discard();
                 if self.strip_usage {
                     if has_empty_choices(bytes) {
                         return None;
@@ -150,10 +141,7 @@ impl StreamTap {
 
     fn keep(&mut self, event: &SseEvent) {
         if self.usage.is_none() {
-            self.seen = self.seen.saturating_add(event.as_bytes().len() as u64);
-            if self.kept.len() < MAX_KEPT_BYTES {
-                self.kept.extend_from_slice(event.as_bytes());
-            }
+            self.sample.offer(event);
         }
     }
 
@@ -174,8 +162,7 @@ impl StreamTap {
             error_class,
             usage: self.usage,
             partial: self.partial,
-            kept: std::mem::take(&mut self.kept),
-            seen: self.seen,
+            sample: std::mem::take(&mut self.sample),
             upstream_model: self.upstream_model.take(),
             first_event: self.first_event,
             status: self.status,
@@ -197,35 +184,16 @@ struct StreamEnd {
     error_class: Option<String>,
     usage: Option<Usage>,
     partial: Option<Usage>,
-    kept: BytesMut,
-    seen: u64,
+    sample: StreamSample,
     upstream_model: Option<String>,
     first_event: Option<Duration>,
     status: u16,
 }
 
 impl StreamEnd {
-    /// Output tokens estimated from the kept events.
-    fn estimate_output(&mut self) -> u64 {
-        let mut events = Vec::new();
-        let mut scanner = SseScanner::new(usize::MAX);
-        // Whole events only were kept, so the scanner cannot fail here.
-        let kept = std::mem::take(&mut self.kept).freeze();
-        let kept_bytes = kept.len() as u64;
-        if scanner.push(kept, &mut events).is_err() {
-            return 0;
-        }
-        let counted = estimate::stream_tokens(&events);
-        // Past the kept bytes, the rest of the stream is assumed to be like
-        // its beginning.
-        if kept_bytes == 0 || self.seen <= kept_bytes {
-            return counted;
-        }
-        u64::try_from(u128::from(counted) * u128::from(self.seen) / u128::from(kept_bytes)).unwrap_or(u64::MAX)
-    }
-
     fn close(mut self) {
-        let estimated_output = if self.usage.is_none() { self.estimate_output() } else { 0 };
+        let estimated_output =
+            if self.usage.is_none() { std::mem::take(&mut self.sample).estimate_tokens() } else { 0 };
         // Cut short after the input was counted: that count, and the output
         // estimated from what was relayed.
         let (usage, usage_estimated) = match (self.usage, self.partial) {

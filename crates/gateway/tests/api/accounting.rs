@@ -457,13 +457,17 @@ async fn a_long_estimate_holds_up_no_other_request_and_the_answer_still_carries_
     assert!(record["prompt_tokens"].as_i64().unwrap() > 100_000, "{record}");
 }
 
-/// A stream keeps only its first events for an estimate (memory per open
-/// stream stays small); the output past them is scaled by the bytes seen.
+/// A stream keeps only a sample of its events for an estimate (memory per
+/// open stream stays small); the sample's tokens are scaled by the bytes
+/// seen. Its content here changes along the stream (`tok7 `, then `tok1234 `:
+/// more tokens per chunk past the first thousand), so a sample of the
+/// beginning alone would miss the second stream's longer end.
 #[tokio::test]
-async fn estimates_of_streams_longer_than_what_is_kept_grow_with_the_stream() {
+async fn estimates_of_streams_longer_than_what_is_kept_follow_the_whole_stream() {
     let gw = TestGateway::start().await;
     let client = client_with_key(&gw.key);
     let body = json!({"model": "gpt-4.1", "stream": true, "messages": [{"role": "user", "content": "go"}]});
+    let mut exact = HashMap::new();
     for (id, chunks) in [("long", "1500"), ("twice-as-long", "3000")] {
         let text = client
             .post(gw.url("/v1/chat/completions"))
@@ -478,15 +482,21 @@ async fn estimates_of_streams_longer_than_what_is_kept_grow_with_the_stream() {
             .await
             .unwrap();
         assert!(text.len() > 128 * 1024, "the stream is longer than what is kept: {} bytes", text.len());
+        let content: String = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+            .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+            .collect();
+        exact.insert(id, tiktoken_rs::o200k_base_singleton().encode_with_special_tokens(&content).len() as f64);
     }
     let records = ledger_records(&gw, 2).await;
-    let completion = |id: &str| {
+    for id in ["long", "twice-as-long"] {
         let record = records.iter().find(|r| r["request_id"] == id).unwrap();
         assert_eq!(record["estimated"], true);
-        record["completion_tokens"].as_i64().unwrap()
-    };
-    let (long, longer) = (completion("long"), completion("twice-as-long"));
-    assert!(long > 0);
-    let ratio = longer as f64 / long as f64;
-    assert!((1.8..2.2).contains(&ratio), "{longer} vs {long} tokens: ratio {ratio}");
+        let estimated = record["completion_tokens"].as_f64().unwrap();
+        let error = (estimated - exact[id]).abs() / exact[id];
+        assert!(error < 0.1, "{id}: estimated {estimated} tokens for {}: off by {:.1} %", exact[id], error * 100.0);
+    }
+    assert!(exact["twice-as-long"] > 2.1 * exact["long"], "the second stream's end says more per chunk: {exact:?}");
 }
