@@ -217,11 +217,14 @@ pub struct Exchange {
     /// The request's server span, when traces are exported: the record
     /// gives it the usage and cost, and holds it open to the stream's end.
     trace: Option<RequestTrace>,
-    /// The relay's span, ended with the record.
-    relay: Stage,
+    /// The relay's span, ended with the record. Boxed, as is the outcome
+    /// below: both are rare (traced requests, estimates), and inline they
+    /// were a third of the record, which every request moves several times
+    /// and every open stream holds.
+    relay: Option<Box<Stage>>,
     /// Handed to an estimate job with this outcome: the job closes it. If
     /// the job never runs (its runtime is gone), `Drop` closes it here.
-    awaiting_estimate: Option<Outcome>,
+    awaiting_estimate: Option<Box<Outcome>>,
 }
 
 /// Bodies up to this size are copied out of the buffer they were read into.
@@ -276,7 +279,7 @@ impl Exchange {
             request_body: Bytes::new(),
             admission: None,
             trace: None,
-            relay: Stage::default(),
+            relay: None,
             awaiting_estimate: None,
         }
     }
@@ -299,7 +302,7 @@ impl Exchange {
 
     /// The relay has begun: its span ends when the record closes.
     pub fn relaying(&mut self, stage: Stage) {
-        self.relay = stage;
+        self.relay = stage.is_on().then(|| Box::new(stage));
     }
 
     /// Keeps the request body for the prompt estimate until the record
@@ -442,7 +445,8 @@ impl Exchange {
         // Streams and failures end here: the upstream's part lasted until now.
         let upstream = self.upstream_elapsed.or_else(|| self.sent_at.map(|t| t.elapsed()));
         if let Some(trace) = self.trace.take() {
-            annotate(&trace, &std::mem::take(&mut self.relay), &event, usage.billed_output());
+            let relay = self.relay.take().map(|relay| *relay).unwrap_or_default();
+            annotate(&trace, &relay, &event, usage.billed_output());
         }
         let priced = self.accounting.is_priced(&event.requested_model);
         self.accounting.metrics.observe(&event, priced, total, upstream);
@@ -461,11 +465,11 @@ impl Exchange {
         let husk = Exchange::closed_blank(self.accounting.clone());
         let mut detached = std::mem::replace(self, husk);
         detached.closed = false;
-        detached.awaiting_estimate = Some(outcome);
+        detached.awaiting_estimate = Some(Box::new(outcome));
         let estimates = detached.accounting.estimates.clone();
         estimates.spawn(move || {
             if let Some(outcome) = detached.awaiting_estimate.take() {
-                detached.record(outcome);
+                detached.record(*outcome);
             }
         });
         0
@@ -477,7 +481,7 @@ impl Drop for Exchange {
         if let Some(outcome) = self.awaiting_estimate.take() {
             // The estimate job was dropped unrun: estimate here, once.
             estimate::Estimates::run_here(|| {
-                self.record(outcome);
+                self.record(*outcome);
             });
             return;
         }
