@@ -37,20 +37,15 @@ pub struct StreamSample {
     offered: u64,
     /// Bytes of every event offered, kept or not.
     seen: u64,
-    max_bytes: usize,
 }
 
 impl Default for StreamSample {
     fn default() -> Self {
-        Self::with_bound(MAX_SAMPLE_BYTES)
+        Self { kept: BytesMut::new(), stride: 1, offered: 0, seen: 0 }
     }
 }
 
 impl StreamSample {
-    fn with_bound(max_bytes: usize) -> Self {
-        Self { kept: BytesMut::new(), stride: 1, offered: 0, seen: 0, max_bytes }
-    }
-
     pub fn offer(&mut self, event: &SseEvent) {
         let bytes = event.as_bytes();
         let place = self.offered;
@@ -62,10 +57,10 @@ impl StreamSample {
         if self.kept.is_empty() {
             // Allocated once, at its bound: growing by doubling would
             // overshoot it.
-            self.kept.reserve(self.max_bytes.max(bytes.len()));
-        } else if self.kept.len() + bytes.len() > self.max_bytes {
+            self.kept.reserve(MAX_SAMPLE_BYTES.max(bytes.len()));
+        } else if self.kept.len() + bytes.len() > MAX_SAMPLE_BYTES {
             self.halve();
-            if !place.is_multiple_of(self.stride) || self.kept.len() + bytes.len() > self.max_bytes {
+            if !place.is_multiple_of(self.stride) || self.kept.len() + bytes.len() > MAX_SAMPLE_BYTES {
                 return;
             }
         }
@@ -76,7 +71,7 @@ impl StreamSample {
     /// stays even over the stream.
     fn halve(&mut self) {
         let events = split(std::mem::take(&mut self.kept).freeze());
-        let mut kept = BytesMut::with_capacity(self.max_bytes);
+        let mut kept = BytesMut::with_capacity(MAX_SAMPLE_BYTES);
         for event in events.iter().step_by(2) {
             kept.extend_from_slice(event.as_bytes());
         }
@@ -174,6 +169,18 @@ mod tests {
         sample.offer(&chunk(" more"));
         assert_eq!(sample.kept_bytes(), big.as_bytes().len(), "the big event, and nothing past the bound");
         assert!(sample.estimate_tokens() >= tokens_of(std::slice::from_ref(&big)));
+    }
+
+    #[test]
+    fn a_stream_of_events_each_larger_than_the_bound_keeps_one_and_scales_it() {
+        let events: Vec<SseEvent> = (0..50).map(|_| chunk(&" many tokens".repeat(300))).collect();
+        let mut sample = StreamSample::default();
+        for event in &events {
+            sample.offer(event);
+            assert_eq!(sample.kept_bytes(), events[0].as_bytes().len(), "one event held, however many come");
+        }
+        let (estimated, exact) = (sample.estimate_tokens() as f64, tokens_of(&events) as f64);
+        assert!((estimated - exact).abs() / exact < 0.1, "estimated {estimated} tokens for {exact}");
     }
 
     #[test]

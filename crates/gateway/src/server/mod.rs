@@ -154,6 +154,7 @@ impl Builders {
     fn new(limits: &ConnectionLimits) -> Self {
         let mut http1 = http1::Builder::new();
         http1.timer(TokioTimer::new()).keep_alive(true).header_read_timeout(limits.header_read_timeout);
+        // `either` may serve HTTP/1 too: the same settings as `http1`.
         let builder = || {
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new()).keep_alive(true).header_read_timeout(limits.header_read_timeout);
