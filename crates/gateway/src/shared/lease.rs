@@ -29,6 +29,8 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use smallvec::SmallVec;
+
 use crate::fast_hash::FastMap;
 
 /// The largest share of a limit one block may be.
@@ -45,7 +47,7 @@ pub const IDLE_MS: u64 = 1_000;
 const RENEW_MS: u64 = 5_000;
 
 /// One counter's lease.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Lease {
     /// Allowance held and not yet used; below zero only until the deficit
     /// is sent to Redis (see [`Leases::absorb`]).
@@ -98,9 +100,43 @@ pub enum Taken {
     Ask { extras: Vec<i64> },
 }
 
+/// The leases, in a slab the key index points into: a request finds each
+/// of its counters' leases once, checks them all, then takes from them by
+/// position (a map of leases would be searched twice per counter, once to
+/// check and once to take).
+#[derive(Debug, Default)]
+struct Table {
+    slots: Vec<Lease>,
+    index: FastMap<String, usize>,
+}
+
+impl Table {
+    fn find(&self, key: &str) -> Option<usize> {
+        self.index.get(key).copied()
+    }
+
+    fn get_mut(&mut self, key: &str) -> Option<&mut Lease> {
+        let at = self.find(key)?;
+        self.slots.get_mut(at)
+    }
+
+    /// The lease of `key`, added as `lease` if there is none.
+    fn entry(&mut self, key: &str, lease: impl FnOnce() -> Lease) -> &mut Lease {
+        let at = match self.find(key) {
+            Some(at) => at,
+            None => {
+                self.slots.push(lease());
+                self.index.insert(key.to_owned(), self.slots.len() - 1);
+                self.slots.len() - 1
+            }
+        };
+        &mut self.slots[at]
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Leases {
-    table: Mutex<FastMap<String, Lease>>,
+    table: Mutex<Table>,
     /// Requests' worth in a block; 0: no leases.
     requests_per_block: i64,
     admitted: AtomicU64,
@@ -129,36 +165,20 @@ impl Leases {
     /// a lease with room for it.
     pub fn take(&self, wants: &[Want<'_>], now_ms: u64) -> Taken {
         let mut table = lock(&self.table);
-        let leasable =
-            wants.iter().all(|w| table.get(w.key).is_some_and(|l| l.limit == w.limit && l.remaining >= w.amount));
-        if !leasable {
-            let extras = wants
-                .iter()
-                .map(|w| {
-                    let block = self.block(w.limit, w.amount);
-                    if block == 0 {
-                        return 0;
-                    }
-                    if !table.contains_key(w.key) {
-                        table.insert(w.key.to_owned(), Lease::empty(0, w.limit, now_ms));
-                    }
-                    let Some(lease) = table.get_mut(w.key) else { return 0 };
-                    lease.used_ms = now_ms;
-                    // A block is on its way already, or this lease still
-                    // has half of one.
-                    if lease.topping_up || (lease.limit == w.limit && lease.remaining >= block / 2 + w.amount) {
-                        return 0;
-                    }
-                    lease.topping_up = true;
-                    block
-                })
-                .collect();
-            return Taken::Ask { extras };
+        // Where each counter's lease is; a request has a handful of counters.
+        let mut found: SmallVec<[usize; 6]> = SmallVec::new();
+        for want in wants {
+            match table.find(want.key) {
+                Some(at) if table.slots[at].limit == want.limit && table.slots[at].remaining >= want.amount => {
+                    found.push(at);
+                }
+                _ => return Taken::Ask { extras: self.ask(&mut table, wants, now_ms) },
+            }
         }
         let mut values = Vec::with_capacity(wants.len());
         let mut top_ups = Vec::new();
-        for (index, want) in wants.iter().enumerate() {
-            let Some(lease) = table.get_mut(want.key) else { continue };
+        for (index, (want, &at)) in wants.iter().zip(&found).enumerate() {
+            let lease = &mut table.slots[at];
             lease.remaining -= want.amount;
             lease.used_ms = now_ms;
             values.push(lease.seen - lease.remaining);
@@ -175,6 +195,29 @@ impl Leases {
         drop(table);
         self.admitted.fetch_add(1, Ordering::Relaxed);
         Taken::Leased { values, top_ups }
+    }
+
+    /// The blocks a request its leases could not take asks Redis for, per
+    /// counter (0 where none is wanted).
+    fn ask(&self, table: &mut Table, wants: &[Want<'_>], now_ms: u64) -> Vec<i64> {
+        wants
+            .iter()
+            .map(|w| {
+                let block = self.block(w.limit, w.amount);
+                if block == 0 {
+                    return 0;
+                }
+                let lease = table.entry(w.key, || Lease::empty(0, w.limit, now_ms));
+                lease.used_ms = now_ms;
+                // A block is on its way already, or this lease still has
+                // half of one.
+                if lease.topping_up || (lease.limit == w.limit && lease.remaining >= block / 2 + w.amount) {
+                    return 0;
+                }
+                lease.topping_up = true;
+                block
+            })
+            .collect()
     }
 
     /// Applies a correction to `key`'s lease, if this replica holds one.
@@ -199,10 +242,7 @@ impl Leases {
     /// leaving the counter at `value`.
     pub fn granted(&self, key: &str, grant: i64, value: i64, limit: i64, now_ms: u64) {
         let mut table = lock(&self.table);
-        if !table.contains_key(key) {
-            table.insert(key.to_owned(), Lease::empty(value, limit, now_ms));
-        }
-        let Some(lease) = table.get_mut(key) else { return };
+        let lease = table.entry(key, || Lease::empty(value, limit, now_ms));
         lease.remaining += grant;
         lease.seen = value;
         lease.limit = limit;
@@ -223,9 +263,15 @@ impl Leases {
     /// that give it back.
     pub fn retire(&self, now_ms: u64, all: bool) -> Vec<(String, i64)> {
         let mut given_back = Vec::new();
-        lock(&self.table).retain(|key, lease| {
+        let mut table = lock(&self.table);
+        let Table { slots, index } = &mut *table;
+        let mut kept = Vec::with_capacity(if all { 0 } else { slots.len() });
+        index.retain(|key, at| {
+            let Some(&lease) = slots.get(*at) else { return false };
             let idle = now_ms.saturating_sub(lease.used_ms) >= IDLE_MS;
             if !(all || idle) {
+                *at = kept.len();
+                kept.push(lease);
                 return true;
             }
             if lease.remaining != 0 {
@@ -233,12 +279,14 @@ impl Leases {
             }
             false
         });
+        *slots = kept;
         given_back
     }
 
     #[cfg(test)]
     pub fn remaining(&self, key: &str) -> Option<i64> {
-        lock(&self.table).get(key).map(|l| l.remaining)
+        let table = lock(&self.table);
+        table.find(key).map(|at| table.slots[at].remaining)
     }
 }
 
@@ -335,6 +383,33 @@ mod tests {
         assert_eq!(idle, [("a".to_owned(), -64)], "c held nothing; b is in use");
         assert_eq!(leases.retire(IDLE_MS, true), [("b".to_owned(), -63)]);
         assert_eq!(leases.remaining("b"), None);
+    }
+
+    #[test]
+    fn leases_kept_by_a_retirement_still_take_from_their_own_counters() {
+        let leases = Leases::new(64);
+        for (key, grant) in [("a", 64), ("b", 100), ("c", 200), ("d", 300)] {
+            leases.granted(key, grant, grant, LIMIT, 0);
+        }
+        // b and d stay in use; a and c go idle and are given back, which
+        // moves the kept leases within the table.
+        for key in ["b", "d"] {
+            assert!(matches!(leases.take(&[want(key, 1, LIMIT)], IDLE_MS - 1), Taken::Leased { .. }));
+        }
+        let mut idle = leases.retire(IDLE_MS, false);
+        idle.sort();
+        assert_eq!(idle, [("a".to_owned(), -64), ("c".to_owned(), -200)]);
+        let Taken::Leased { values, .. } = leases.take(&[want("d", 10, LIMIT), want("b", 5, LIMIT)], IDLE_MS + 1)
+        else {
+            panic!("not leased")
+        };
+        assert_eq!(values, [300 - 289, 100 - 94]);
+        assert_eq!((leases.remaining("b"), leases.remaining("d")), (Some(94), Some(289)));
+        // A counter given back starts a new lease.
+        assert_eq!(leases.take(&[want("a", 1, LIMIT)], IDLE_MS + 1), Taken::Ask { extras: vec![64] });
+        leases.granted("a", 64, 500, LIMIT, IDLE_MS + 1);
+        assert_eq!(leases.remaining("a"), Some(64));
+        assert_eq!(leases.remaining("d"), Some(289), "untouched by the new one");
     }
 
     #[test]
