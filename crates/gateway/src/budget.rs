@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use chrono::NaiveDate;
 use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
@@ -53,6 +53,40 @@ pub struct BudgetState {
     queue: Mutex<()>,
     /// Woken on every local settlement or cancellation.
     settled: Notify,
+    /// The current period's counters in Redis, when it holds them.
+    shared_counters: ArcSwapOption<SharedCounters>,
+}
+
+/// A budget's two counters in Redis for one period, and when that period
+/// ends. Built at the period's first request and kept: naming them and
+/// working out the period's end per request was a few hundred instructions
+/// of every admission and settlement.
+#[derive(Debug)]
+pub struct SharedCounters {
+    start: NaiveDate,
+    /// `budget:<id>:<YYYYMMDD of the period's start>`: settled spend plus
+    /// reservations in flight.
+    committed: Arc<str>,
+    /// Settled spend only ([`crate::shared::spent_key`]).
+    spent: String,
+    /// When the period ends (ms since the epoch); `None`: it never does.
+    end_ms: Option<i64>,
+}
+
+impl SharedCounters {
+    fn new(budget: &Budget, start: NaiveDate) -> Self {
+        let committed: Arc<str> = shared_budget_key(&budget.id, start).into();
+        let end_ms =
+            budget.period.end(start).map(|end| end.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp_millis()));
+        Self { start, spent: crate::shared::spent_key(&committed), committed, end_ms }
+    }
+
+    /// How long Redis keeps the counters from now: a day past the period's
+    /// end, so late settlements land; 0 (no expiry) for a period that never
+    /// ends.
+    fn ttl_ms(&self, now_ms: i64) -> u64 {
+        self.end_ms.map_or(0, |end_ms| (end_ms - now_ms).max(0) as u64 + 86_400_000)
+    }
 }
 
 impl BudgetState {
@@ -68,7 +102,19 @@ impl BudgetState {
             spent: AtomicI64::new(spent),
             queue: Mutex::new(()),
             settled: Notify::new(),
+            shared_counters: ArcSwapOption::empty(),
         }
+    }
+
+    /// The budget's counters in Redis for the period holding `today`.
+    fn shared_counters(&self, today: NaiveDate) -> Arc<SharedCounters> {
+        let start = self.budget.period.start(today);
+        if let Some(current) = self.shared_counters.load_full().filter(|c| c.start == start) {
+            return current;
+        }
+        let counters = Arc::new(SharedCounters::new(&self.budget, start));
+        self.shared_counters.store(Some(counters.clone()));
+        counters
     }
 
     /// Starts a new period when `today` is past the current one. Spend the
@@ -102,7 +148,7 @@ pub struct Reservation {
     period_start: i64,
     amount: i64,
     /// The shared counter the reservation was made on, when Redis holds it.
-    shared: Option<(Arc<Shared>, String)>,
+    shared: Option<(Arc<Shared>, Arc<SharedCounters>)>,
     /// What the shared counter held after this reservation.
     shared_committed: Option<i64>,
     /// Settled or cancelled already; else `Drop` cancels it, so a
@@ -303,22 +349,20 @@ async fn attempt(
 ) -> Attempt {
     let Some(shared) = shared.filter(|s| s.available()) else { return reserve(states, worst_case, today) };
     let mut plan = Vec::with_capacity(states.len());
+    let mut counters = Vec::with_capacity(states.len());
+    let now_ms = chrono::Utc::now().timestamp_millis();
     for state in states {
-        let start = state.budget.period.start(today);
-        let key = shared_budget_key(&state.budget.id, start);
-        let ttl_ms = state.budget.period.end(start).map_or(0, |end| {
-            let end_ms = end.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp_millis());
-            (end_ms - chrono::Utc::now().timestamp_millis()).max(0) as u64 + 86_400_000
-        });
+        let shared_counters = state.shared_counters(today);
         state.roll(today);
         plan.push(crate::shared::BudgetCounter {
-            key,
+            key: shared_counters.committed.clone(),
+            ttl_ms: shared_counters.ttl_ms(now_ms),
             initial: state.spent(),
             amount: state.budget.amount_micros,
             worst_case,
             hard: state.budget.hard,
-            ttl_ms,
         });
+        counters.push(shared_counters);
     }
     let last = states.len().saturating_sub(1);
     match shared.reserve(&plan).await {
@@ -328,13 +372,13 @@ async fn attempt(
         Some(ReserveVerdict::Admitted(values)) => Attempt::Reserved(
             states
                 .iter()
-                .zip(plan)
+                .zip(counters)
                 .zip(values)
-                .map(|((state, counter), committed)| Reservation {
+                .map(|((state, counters), committed)| Reservation {
                     state: state.clone(),
                     period_start: state.period_start.load(Ordering::Acquire),
                     amount: worst_case,
-                    shared: Some((shared.clone(), counter.key)),
+                    shared: Some((shared.clone(), counters)),
                     shared_committed: Some(committed),
                     released: false,
                 })
@@ -400,9 +444,9 @@ impl Reservation {
         match self.shared.take() {
             // The shared counter is per period: the reservation is always
             // replaced on the counter it was made on.
-            Some((shared, key)) => {
-                shared.adjust(&crate::shared::spent_key(&key), cost);
-                shared.adjust(&key, cost - self.amount);
+            Some((shared, counters)) => {
+                shared.adjust(&counters.spent, cost);
+                shared.adjust(&counters.committed, cost - self.amount);
             }
             None => {
                 let same_period = state.period_start.load(Ordering::Acquire) == self.period_start;
@@ -422,8 +466,8 @@ impl Reservation {
 
     fn release_unused(&mut self) {
         self.released = true;
-        if let Some((shared, key)) = self.shared.take() {
-            shared.adjust(&key, -self.amount);
+        if let Some((shared, counters)) = self.shared.take() {
+            shared.adjust(&counters.committed, -self.amount);
         } else if self.state.period_start.load(Ordering::Acquire) == self.period_start {
             self.state.committed.fetch_sub(self.amount, Ordering::AcqRel);
         }
@@ -464,6 +508,23 @@ mod tests {
         for start in [day(2026, 3, 9), day(999, 1, 2), day(10_000, 5, 6)] {
             assert_eq!(shared_budget_key("x", start), format!("budget:x:{}", start.format("%Y%m%d")));
         }
+    }
+
+    /// The counters' names are built once per period and follow it.
+    #[test]
+    fn shared_counters_are_named_once_per_period_and_expire_a_day_after_it() {
+        let day = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap();
+        let state = state(1_000, true);
+        let first = state.shared_counters(day(2026, 12, 7));
+        assert_eq!(&*first.committed, format!("budget:{}:20261201", state.budget.id));
+        assert_eq!(first.spent, format!("budget:{}:20261201:spent", state.budget.id));
+        assert!(Arc::ptr_eq(&first, &state.shared_counters(day(2026, 12, 31))), "the same period: kept");
+        let next = state.shared_counters(day(2027, 1, 1));
+        assert_eq!(&*next.committed, format!("budget:{}:20270101", state.budget.id));
+        // Expiry: a day past the period's end (2027-02-01), from now.
+        let end_ms = day(2027, 2, 1).and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis();
+        assert_eq!(next.ttl_ms(end_ms - 1_000), 1_000 + 86_400_000);
+        assert_eq!(next.ttl_ms(end_ms + 5_000), 86_400_000, "late: never negative");
     }
 
     fn state(amount: i64, hard: bool) -> Arc<BudgetState> {

@@ -295,7 +295,8 @@ impl Expiry {
 #[derive(Debug, Clone)]
 pub struct BudgetCounter {
     /// The committed counter's key; its settled spend is [`spent_key`].
-    pub key: String,
+    /// Shared: the budget builds it once per period, not per request.
+    pub key: Arc<str>,
     /// Both counters' value when they do not exist yet (settled spend from
     /// the ledger).
     pub initial: i64,
@@ -877,14 +878,14 @@ impl Shared {
             lease::Taken::Leased { values, top_ups } => {
                 for TopUp { index, extra } in top_ups {
                     let budget = &budgets[index];
-                    let keys = vec![budget.key.clone(), spent_key(&budget.key)];
+                    let keys = vec![budget.key.to_string(), spent_key(&budget.key)];
                     self.top_up(CheckKind::Reserve, keys, reserve_args(budget, 0, extra).to_vec());
                 }
                 return Some(ReserveVerdict::Admitted(values));
             }
             lease::Taken::Ask { extras } => extras,
         };
-        let keys: Vec<String> = budgets.iter().flat_map(|b| [b.key.clone(), spent_key(&b.key)]).collect();
+        let keys: Vec<String> = budgets.iter().flat_map(|b| [b.key.to_string(), spent_key(&b.key)]).collect();
         let args: Vec<i64> = budgets
             .iter()
             .zip(extras)
@@ -1247,7 +1248,7 @@ mod tests {
             [LimitCounter { key: "rl:t:rpm@1".to_owned(), limit: 10, amount: 3, expiry: Expiry::Created(60_000) }];
         assert!(matches!(shared.admit(&counter).await, Some(Verdict::Admitted(v)) if v == [3]));
         let budget = BudgetCounter {
-            key: "budget:b:20261201".to_owned(),
+            key: "budget:b:20261201".into(),
             initial: 100,
             amount: 1_000,
             worst_case: 50,
@@ -1320,7 +1321,7 @@ mod tests {
     async fn a_hard_budget_tells_exhausted_from_busy_and_admits_to_its_end() {
         let (prefix, shared, cancel, sender) = started().await;
         let budget = |worst_case: i64| BudgetCounter {
-            key: "budget:b:1".to_owned(),
+            key: "budget:b:1".into(),
             initial: 200,
             amount: 1_000,
             worst_case,
@@ -1671,7 +1672,7 @@ mod tests {
             shared.adjust("inflight", -1);
         }
         let budget = BudgetCounter {
-            key: "budget:b:1".to_owned(),
+            key: "budget:b:1".into(),
             initial: 5_000,
             amount: 1_000_000_000,
             worst_case: 1_000,
