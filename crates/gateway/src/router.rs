@@ -171,9 +171,11 @@ fn fast_posts(
     auth: Arc<Authenticator>,
     traces: Option<Arc<Tracing>>,
 ) -> BoxCloneSyncService<Request, Response, Infallible> {
+    // The handler's future holds every stage's state (kilobytes): boxed
+    // where it is made, so the layers above move a pointer, not all of it.
     let handler = tower::service_fn(move |request: Request| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy::forward_post(State(proxy), request).await) }
+        Box::pin(async move { Ok::<_, Infallible>(proxy::forward_post(State(proxy), request).await) })
     });
     let service = ServiceBuilder::new()
         .map_response(IntoResponse::into_response)

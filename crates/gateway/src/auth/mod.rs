@@ -16,13 +16,14 @@ pub mod throttle;
 pub mod token;
 pub mod touches;
 
+use std::future::{Ready, ready};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
 use http::Request;
 use tollgate_store::TenantStatus;
 use tower::{Layer, Service};
@@ -145,7 +146,10 @@ pub struct AuthService<S> {
     query_key: bool,
 }
 
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+/// The inner service's future, or a refusal ready at once. Not boxed
+/// here: the inner future is moved as it is (the fast path's is a box
+/// already), where boxing it would copy the whole of it for every request.
+type AuthFuture<F, E> = Either<F, Ready<Result<Response, E>>>;
 
 impl<S, B> Service<Request<B>> for AuthService<S>
 where
@@ -155,7 +159,7 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response, S::Error>>;
+    type Future = AuthFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -166,7 +170,7 @@ where
         let ip = peer_ip(request.extensions());
         if let Some(retry_after) = self.auth.failures.refused(ip, now_ms) {
             self.auth.metrics.auth_failures.with_label_values(&["throttled"]).inc();
-            return Box::pin(async move { Ok(GatewayError::AuthThrottled { retry_after }.into_response()) });
+            return Either::Right(ready(Ok(GatewayError::AuthThrottled { retry_after }.into_response())));
         }
         let mut presented = credentials::presented_key(request.headers());
         if presented.is_none() && self.query_key {
@@ -181,14 +185,14 @@ where
         match authenticated {
             Ok(principal) => {
                 request.extensions_mut().insert(principal);
-                Box::pin(self.inner.call(request))
+                Either::Left(self.inner.call(request))
             }
             Err(error) => {
                 self.auth.metrics.auth_failures.with_label_values(&[error.code()]).inc();
                 if let GatewayError::Unauthenticated(_) = error {
                     self.auth.failures.record(ip, now_ms);
                 }
-                Box::pin(async move { Ok(error.into_response()) })
+                Either::Right(ready(Ok(error.into_response())))
             }
         }
     }
