@@ -106,9 +106,8 @@ impl BudgetState {
         }
     }
 
-    /// The budget's counters in Redis for the period holding `today`.
-    fn shared_counters(&self, today: NaiveDate) -> Arc<SharedCounters> {
-        let start = self.budget.period.start(today);
+    /// The budget's counters in Redis for the period starting on `start`.
+    fn shared_counters(&self, start: NaiveDate) -> Arc<SharedCounters> {
         if let Some(current) = self.shared_counters.load_full().filter(|c| c.start == start) {
             return current;
         }
@@ -117,11 +116,11 @@ impl BudgetState {
         counters
     }
 
-    /// Starts a new period when `today` is past the current one. Spend the
-    /// ledger already has for the new period is loaded by the book's
-    /// refresh; until then the new period starts from zero here.
-    fn roll(&self, today: NaiveDate) -> i64 {
-        let start = day_number(self.budget.period.start(today));
+    /// Starts the period beginning on `start` when it is not the current
+    /// one. Spend the ledger already has for the new period is loaded by the
+    /// book's refresh; until then the new period starts from zero here.
+    fn roll(&self, start: NaiveDate) -> i64 {
+        let start = day_number(start);
         let current = self.period_start.load(Ordering::Acquire);
         if start != current
             && self.period_start.compare_exchange(current, start, Ordering::AcqRel, Ordering::Acquire).is_ok()
@@ -352,8 +351,9 @@ async fn attempt(
     let mut counters = Vec::with_capacity(states.len());
     let now_ms = chrono::Utc::now().timestamp_millis();
     for state in states {
-        let shared_counters = state.shared_counters(today);
-        state.roll(today);
+        let start = state.budget.period.start(today);
+        let shared_counters = state.shared_counters(start);
+        state.roll(start);
         plan.push(crate::shared::BudgetCounter {
             key: shared_counters.committed.clone(),
             ttl_ms: shared_counters.ttl_ms(now_ms),
@@ -391,7 +391,7 @@ async fn attempt(
 fn reserve(states: &[Arc<BudgetState>], worst_case: i64, today: NaiveDate) -> Attempt {
     let mut held: Vec<Reservation> = Vec::with_capacity(states.len());
     for (index, state) in states.iter().enumerate() {
-        let period_start = state.roll(today);
+        let period_start = state.roll(state.budget.period.start(today));
         if state.budget.hard {
             let amount = state.budget.amount_micros;
             let spent = state.spent();
@@ -515,11 +515,12 @@ mod tests {
     fn shared_counters_are_named_once_per_period_and_expire_a_day_after_it() {
         let day = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap();
         let state = state(1_000, true);
-        let first = state.shared_counters(day(2026, 12, 7));
+        let start_of = |today| state.budget.period.start(today);
+        let first = state.shared_counters(start_of(day(2026, 12, 7)));
         assert_eq!(&*first.committed, format!("budget:{}:20261201", state.budget.id));
         assert_eq!(first.spent, format!("budget:{}:20261201:spent", state.budget.id));
-        assert!(Arc::ptr_eq(&first, &state.shared_counters(day(2026, 12, 31))), "the same period: kept");
-        let next = state.shared_counters(day(2027, 1, 1));
+        assert!(Arc::ptr_eq(&first, &state.shared_counters(start_of(day(2026, 12, 31)))), "the same period: kept");
+        let next = state.shared_counters(start_of(day(2027, 1, 1)));
         assert_eq!(&*next.committed, format!("budget:{}:20270101", state.budget.id));
         // Expiry: a day past the period's end (2027-02-01), from now.
         let end_ms = day(2027, 2, 1).and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis();

@@ -147,8 +147,9 @@ pub struct AuthService<S> {
 }
 
 /// The inner service's future, or a refusal ready at once. Not boxed
-/// here: the inner future is moved as it is (the fast path's is a box
-/// already), where boxing it would copy the whole of it for every request.
+/// again here: the fast path's handler boxes its own future, and the
+/// router's route futures are small, so a box here would only add an
+/// allocation per request.
 type AuthFuture<F, E> = Either<F, Ready<Result<Response, E>>>;
 
 impl<S, B> Service<Request<B>> for AuthService<S>
