@@ -267,7 +267,7 @@ async fn run_with(
     let mut targets = vec![upstream.target(), nginx.target(), gateway.target()];
     // TOLLGATE_BENCH_BASELINE=/path/to/another/tollgate: that build too, on
     // its own database, measured in turn with the others (scenarios a–d; in
-    // (g), its Redis-shared gateway).
+    // (g), its Redis-shared gateway; in (h), its traced gateway).
     let baseline_binary = std::env::var_os("TOLLGATE_BENCH_BASELINE");
     let baseline_db = match &baseline_binary {
         Some(_) => Some(BenchDb::create(postgres, "baseline").await?),
@@ -554,6 +554,10 @@ async fn traced(
     // The receiver shares the load generator's CPU: it counts, nothing more.
     sink.set_counting_only(true);
     let db = BenchDb::create(postgres, "traced").await?;
+    let baseline_db = match std::env::var_os("TOLLGATE_BENCH_BASELINE") {
+        Some(binary) => Some((std::path::PathBuf::from(binary), BenchDb::create(postgres, "baseline_traced").await?)),
+        None => None,
+    };
     let result = async {
         let settings = [
             ("TOLLGATE_TELEMETRY__OTLP__ENDPOINT", sink.endpoint()),
@@ -562,14 +566,32 @@ async fn traced(
         let with_traces = Gateway::start_with_settings(cpus, upstream.addr, &db, None, None, &settings).await?;
         let mut traced_target = with_traces.target();
         traced_target.name = "gateway, traced";
-        let targets = [upstream.target(), gateway.target(), traced_target];
-        load::run(cpus, &targets[2], plan.warmup, Some(500), plan.rate_connections).await?;
+        let mut targets = vec![upstream.target(), gateway.target(), traced_target];
+        // With TOLLGATE_BENCH_BASELINE, that build traced too (its own
+        // database; its spans go to the same receiver), measured in turn.
+        let baseline = match &baseline_db {
+            Some((binary, db)) => {
+                let baseline = Gateway::start_binary(binary, cpus, upstream.addr, db, None, None, &settings).await?;
+                let mut target = baseline.target();
+                target.name = "baseline, traced";
+                targets.push(target);
+                Some(baseline)
+            }
+            None => None,
+        };
+        for target in &targets[2..] {
+            load::run(cpus, target, plan.warmup, Some(500), plan.rate_connections).await?;
+        }
         let latency = interleaved(plan, cpus, &targets, Some(rate), plan.rate_connections).await?;
         let throughput = interleaved(plan, cpus, &targets, None, plan.throughput_connections).await?;
         let spans_dropped = with_traces.metric("tollgate_trace_spans_dropped_total").await?;
+        drop(baseline);
         anyhow::Ok(Traced { rate, latency, throughput, spans_received: sink.spans_seen(), spans_dropped })
     }
     .await;
     db.drop_now().await;
+    if let Some((_, db)) = baseline_db {
+        db.drop_now().await;
+    }
     result
 }
