@@ -31,7 +31,7 @@ use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 use tollgate_store::{Budget, Store, StoreResult};
 
-use crate::shared::{ReserveVerdict, Shared};
+use crate::shared::{self, ReserveVerdict, Shared};
 
 fn day_number(day: NaiveDate) -> i64 {
     i64::from(day.num_days_from_ce())
@@ -287,25 +287,76 @@ pub async fn admit(
     today: NaiveDate,
     waiting: Waiting,
 ) -> Result<Vec<Reservation>, Refusal> {
-    let blocked_on = match attempt(shared, states, worst_case, today).await {
-        Attempt::Reserved(held) => return Ok(held),
-        Attempt::Exhausted(index) => return Err(exhausted(&states[index])),
-        Attempt::Blocked(index) => index,
+    match admit_now(shared, states, worst_case, today, waiting) {
+        Ok(decided) => decided,
+        Err(pending) => admit_pending(states, worst_case, today, waiting, pending).await,
+    }
+}
+
+/// What [`admit_now`] could not decide without waiting.
+#[derive(Debug)]
+pub enum Pending {
+    /// The leases could not take it: Redis is to be asked.
+    Asking(Asking),
+    /// In-flight reservations on the budget at `index` are in the way: the
+    /// request waits its turn (and tries Redis again, if it is configured).
+    Blocked { shared: Option<Arc<Shared>>, index: usize },
+}
+
+/// Decides without waiting when it can: on local counters, or from this
+/// replica's leases of the shared ones (most requests). Else what is left,
+/// to hand to [`admit_pending`] with the same budgets; it must follow.
+pub fn admit_now(
+    shared: Option<&Arc<Shared>>,
+    states: &[Arc<BudgetState>],
+    worst_case: i64,
+    today: NaiveDate,
+    waiting: Waiting,
+) -> Result<Result<Vec<Reservation>, Refusal>, Pending> {
+    match attempt_now(shared, states, worst_case, today) {
+        Ok(Attempt::Reserved(held)) => Ok(Ok(held)),
+        Ok(Attempt::Exhausted(index)) => Ok(Err(exhausted(&states[index]))),
+        Ok(Attempt::Blocked(index)) if waiting.max_wait.is_zero() => Ok(Err(busy(&states[index], waiting))),
+        Ok(Attempt::Blocked(index)) => Err(Pending::Blocked { shared: shared.cloned(), index }),
+        Err(asking) => Err(Pending::Asking(asking)),
+    }
+}
+
+/// Finishes what [`admit_now`] left: asks Redis, and when only other
+/// requests' reservations are in the way, waits its turn.
+pub async fn admit_pending(
+    states: &[Arc<BudgetState>],
+    worst_case: i64,
+    today: NaiveDate,
+    waiting: Waiting,
+    pending: Pending,
+) -> Result<Vec<Reservation>, Refusal> {
+    let (shared, blocked_on) = match pending {
+        Pending::Blocked { shared, index } => (shared, index),
+        Pending::Asking(asking) => {
+            let shared = asking.shared.clone();
+            match attempt_asking(states, worst_case, today, asking).await {
+                Attempt::Reserved(held) => return Ok(held),
+                Attempt::Exhausted(index) => return Err(exhausted(&states[index])),
+                Attempt::Blocked(index) => (Some(shared), index),
+            }
+        }
     };
     let queue = &states[blocked_on];
-    let busy = || Refusal::Busy { budget_id: queue.budget.id.clone(), retry_after: waiting.retry_after };
     if waiting.max_wait.is_zero() {
-        return Err(busy());
+        return Err(busy(queue, waiting));
     }
     let deadline = Instant::now() + waiting.max_wait;
-    let Ok(_turn) = tokio::time::timeout_at(deadline, queue.queue.lock()).await else { return Err(busy()) };
+    let Ok(_turn) = tokio::time::timeout_at(deadline, queue.queue.lock()).await else {
+        return Err(busy(queue, waiting));
+    };
     loop {
         // Registered before the attempt, so a settlement between the
         // attempt and the wait is not missed.
         let settled = queue.settled.notified();
         tokio::pin!(settled);
         settled.as_mut().enable();
-        match attempt(shared, states, worst_case, today).await {
+        match attempt(shared.as_ref(), states, worst_case, today).await {
             Attempt::Reserved(held) => return Ok(held),
             Attempt::Exhausted(index) => return Err(exhausted(&states[index])),
             Attempt::Blocked(_) => {}
@@ -316,7 +367,7 @@ pub async fn admit(
             () = tokio::time::sleep_until(next_look) => {}
         }
         if Instant::now() >= deadline {
-            return Err(busy());
+            return Err(busy(queue, waiting));
         }
     }
 }
@@ -338,6 +389,10 @@ fn exhausted(state: &BudgetState) -> Refusal {
     Refusal::Exhausted { budget_id: state.budget.id.clone(), period: state.budget.period.as_str() }
 }
 
+fn busy(state: &BudgetState, waiting: Waiting) -> Refusal {
+    Refusal::Busy { budget_id: state.budget.id.clone(), retry_after: waiting.retry_after }
+}
+
 /// One try on the counters every replica shares when Redis is configured
 /// and reachable, else on the local ones.
 async fn attempt(
@@ -346,7 +401,31 @@ async fn attempt(
     worst_case: i64,
     today: NaiveDate,
 ) -> Attempt {
-    let Some(shared) = shared.filter(|s| s.available()) else { return reserve(states, worst_case, today) };
+    match attempt_now(shared, states, worst_case, today) {
+        Ok(attempt) => attempt,
+        Err(asking) => attempt_asking(states, worst_case, today, asking).await,
+    }
+}
+
+/// A reservation the leases could not take: the counters to ask Redis
+/// about and the blocks to ask for with them.
+#[derive(Debug)]
+pub struct Asking {
+    shared: Arc<Shared>,
+    plan: Vec<crate::shared::BudgetCounter>,
+    counters: Vec<Arc<SharedCounters>>,
+    blocks: shared::Asking,
+}
+
+/// One try without waiting: on the local counters, or from this replica's
+/// leases of the shared ones. Else the question for Redis.
+fn attempt_now(
+    shared: Option<&Arc<Shared>>,
+    states: &[Arc<BudgetState>],
+    worst_case: i64,
+    today: NaiveDate,
+) -> Result<Attempt, Asking> {
+    let Some(shared) = shared.filter(|s| s.available()) else { return Ok(reserve(states, worst_case, today)) };
     let mut plan = Vec::with_capacity(states.len());
     let mut counters = Vec::with_capacity(states.len());
     let now_ms = chrono::Utc::now().timestamp_millis();
@@ -364,12 +443,35 @@ async fn attempt(
         });
         counters.push(shared_counters);
     }
-    let last = states.len().saturating_sub(1);
-    match shared.reserve(&plan).await {
+    match shared.reserve_leased(&plan) {
+        Ok(verdict) => Ok(judge(shared, states, worst_case, counters, verdict)),
+        Err(blocks) => Err(Asking { shared: shared.clone(), plan, counters, blocks }),
+    }
+}
+
+/// Asks Redis what [`attempt_now`] could not decide; on the local counters
+/// when Redis does not answer.
+async fn attempt_asking(states: &[Arc<BudgetState>], worst_case: i64, today: NaiveDate, asking: Asking) -> Attempt {
+    let Asking { shared, plan, counters, blocks } = asking;
+    match shared.reserve_asking(&plan, blocks).await {
         None => reserve(states, worst_case, today),
-        Some(ReserveVerdict::Exhausted(index)) => Attempt::Exhausted(index.min(last)),
-        Some(ReserveVerdict::Busy(index)) => Attempt::Blocked(index.min(last)),
-        Some(ReserveVerdict::Admitted(values)) => Attempt::Reserved(
+        Some(verdict) => judge(&shared, states, worst_case, counters, verdict),
+    }
+}
+
+/// The reservations or refusal a shared verdict makes.
+fn judge(
+    shared: &Arc<Shared>,
+    states: &[Arc<BudgetState>],
+    worst_case: i64,
+    counters: Vec<Arc<SharedCounters>>,
+    verdict: ReserveVerdict,
+) -> Attempt {
+    let last = states.len().saturating_sub(1);
+    match verdict {
+        ReserveVerdict::Exhausted(index) => Attempt::Exhausted(index.min(last)),
+        ReserveVerdict::Busy(index) => Attempt::Blocked(index.min(last)),
+        ReserveVerdict::Admitted(values) => Attempt::Reserved(
             states
                 .iter()
                 .zip(counters)

@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, RedisResult, RedisWrite, Script, ToRedisArgs, Value};
+use smallvec::SmallVec;
 use tokio_util::sync::CancellationToken;
 
 use crate::fast_hash::FastMap;
@@ -251,6 +252,13 @@ pub enum Verdict {
     /// Refused by the counter at this index, whose value was this.
     Refused { index: usize, value: i64 },
 }
+
+/// A check this replica's leases could not decide: the block to ask Redis
+/// for with it, per counter (0 where none is wanted). The leases asked are
+/// marked as waiting for their blocks, so it must be sent.
+#[derive(Debug)]
+#[must_use = "the leases wait for the blocks it asks for"]
+pub struct Asking(Vec<i64>);
 
 /// Outcome of a shared budget reservation.
 #[derive(Debug)]
@@ -839,18 +847,35 @@ impl Shared {
     /// when they hold enough, else in Redis. `None`: Redis is unavailable,
     /// decide locally.
     pub async fn admit(&self, counters: &[LimitCounter]) -> Option<Verdict> {
-        let wants: Vec<Want<'_>> =
+        match self.admit_leased(counters) {
+            Ok(verdict) => Some(verdict),
+            Err(asking) => self.admit_asking(counters, asking).await,
+        }
+    }
+
+    /// Admits against `counters` from this replica's leases, without a
+    /// round trip, when they hold enough for all of them (most requests).
+    /// Else what to ask Redis for: hand it to [`Shared::admit_asking`],
+    /// which must follow (the leases now wait for the blocks it asks).
+    pub fn admit_leased(&self, counters: &[LimitCounter]) -> Result<Verdict, Asking> {
+        let wants: SmallVec<[Want<'_>; 6]> =
             counters.iter().map(|c| Want { key: &c.key, amount: c.amount, limit: saturating(c.limit) }).collect();
-        let extras = match self.leases.take(&wants, self.lease_now()) {
+        match self.leases.take(&wants, self.lease_now()) {
             lease::Taken::Leased { values, top_ups } => {
                 for TopUp { index, extra } in top_ups {
                     let counter = &counters[index];
                     self.top_up(CheckKind::Admit, vec![counter.key.clone()], admit_args(counter, 0, extra).to_vec());
                 }
-                return Some(Verdict::Admitted(values));
+                Ok(Verdict::Admitted(values))
             }
-            lease::Taken::Ask { extras } => extras,
-        };
+            lease::Taken::Ask { extras } => Err(Asking(extras)),
+        }
+    }
+
+    /// Admits against `counters` in Redis, asking for the blocks
+    /// [`Shared::admit_leased`] found wanting. `None`: Redis is
+    /// unavailable, decide locally.
+    pub async fn admit_asking(&self, counters: &[LimitCounter], Asking(extras): Asking) -> Option<Verdict> {
         let keys: Vec<String> = counters.iter().map(|c| c.key.clone()).collect();
         let args: Vec<i64> = counters
             .iter()
@@ -872,19 +897,35 @@ impl Shared {
     /// leases when they hold enough, else in Redis. `None`: Redis is
     /// unavailable, decide locally.
     pub async fn reserve(&self, budgets: &[BudgetCounter]) -> Option<ReserveVerdict> {
-        let wants: Vec<Want<'_>> =
+        match self.reserve_leased(budgets) {
+            Ok(verdict) => Some(verdict),
+            Err(asking) => self.reserve_asking(budgets, asking).await,
+        }
+    }
+
+    /// Reserves on budget counters from this replica's leases when they
+    /// hold enough for all of them; else what to ask Redis for, to hand to
+    /// [`Shared::reserve_asking`], which must follow.
+    pub fn reserve_leased(&self, budgets: &[BudgetCounter]) -> Result<ReserveVerdict, Asking> {
+        let wants: SmallVec<[Want<'_>; 6]> =
             budgets.iter().map(|b| Want { key: &b.key, amount: b.worst_case, limit: b.amount }).collect();
-        let extras = match self.leases.take(&wants, self.lease_now()) {
+        match self.leases.take(&wants, self.lease_now()) {
             lease::Taken::Leased { values, top_ups } => {
                 for TopUp { index, extra } in top_ups {
                     let budget = &budgets[index];
                     let keys = vec![budget.key.to_string(), spent_key(&budget.key)];
                     self.top_up(CheckKind::Reserve, keys, reserve_args(budget, 0, extra).to_vec());
                 }
-                return Some(ReserveVerdict::Admitted(values));
+                Ok(ReserveVerdict::Admitted(values))
             }
-            lease::Taken::Ask { extras } => extras,
-        };
+            lease::Taken::Ask { extras } => Err(Asking(extras)),
+        }
+    }
+
+    /// Reserves on budget counters in Redis, asking for the blocks
+    /// [`Shared::reserve_leased`] found wanting. `None`: Redis is
+    /// unavailable, decide locally.
+    pub async fn reserve_asking(&self, budgets: &[BudgetCounter], Asking(extras): Asking) -> Option<ReserveVerdict> {
         let keys: Vec<String> = budgets.iter().flat_map(|b| [b.key.to_string(), spent_key(&b.key)]).collect();
         let args: Vec<i64> = budgets
             .iter()

@@ -19,7 +19,7 @@ use tollgate_store::Limits;
 use local::LocalLimits;
 
 use crate::clock::Clock;
-use crate::shared::{Expiry, LimitCounter, Shared, Verdict};
+use crate::shared::{Asking, Expiry, LimitCounter, Shared, Verdict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -268,6 +268,88 @@ impl Drop for Permit {
     }
 }
 
+/// A rate-limit check waiting on Redis: the counters asked about, each
+/// one's kind, and the blocks asked for the leases.
+#[derive(Debug)]
+pub struct Pending {
+    shared: Arc<Shared>,
+    kinds: Vec<Kind>,
+    counters: Vec<LimitCounter>,
+    asking: Asking,
+    tokens: u64,
+    window: Window,
+}
+
+/// The shared counters `checks` touch, and each one's kind. Refused at once
+/// when the estimate alone exceeds a token limit.
+fn plan_shared(checks: &[Check], tokens: u64, window: &Window) -> Result<(Vec<Kind>, Vec<LimitCounter>), Throttled> {
+    let amount = i64::try_from(tokens).unwrap_or(i64::MAX);
+    // Each counter's kind, beside the counters Redis is asked about
+    // (whose keys move into the permit once admitted: no copies).
+    let mut kinds: Vec<Kind> = Vec::with_capacity(checks.len() * 3);
+    let mut counters: Vec<LimitCounter> = Vec::with_capacity(checks.len() * 3);
+    for check in checks {
+        let mut plan = |kind: Kind, limit: u64, amount: i64, expiry: Expiry| {
+            kinds.push(kind);
+            counters.push(LimitCounter { key: shared_key(check, kind, window), limit, amount, expiry });
+        };
+        if let Some(limit) = check.max_concurrent {
+            plan(Kind::Concurrency, limit, 1, Expiry::Renewed(INFLIGHT_TTL_MS));
+        }
+        if let Some(limit) = check.rpm {
+            plan(Kind::Requests, limit, 1, Expiry::Created(WINDOW_TTL_MS));
+        }
+        if let Some(limit) = check.tpm {
+            if tokens > limit {
+                return Err(Throttled { kind: Kind::Tokens, limit, too_large: true, retry_after: window.remaining() });
+            }
+            plan(Kind::Tokens, limit, amount, Expiry::Created(WINDOW_TTL_MS));
+        }
+    }
+    Ok((kinds, counters))
+}
+
+/// The permit or refusal a shared verdict makes. `None` for a verdict that
+/// names no counter asked about (decide locally).
+fn judge(
+    shared: &Arc<Shared>,
+    verdict: Verdict,
+    kinds: Vec<Kind>,
+    counters: Vec<LimitCounter>,
+    tokens: u64,
+    window: &Window,
+) -> Option<Result<Permit, Throttled>> {
+    match verdict {
+        Verdict::Refused { index, .. } => {
+            let (kind, limit) = (*kinds.get(index)?, counters.get(index)?.limit);
+            let retry_after = if kind == Kind::Concurrency { Duration::from_secs(1) } else { window.remaining() };
+            Some(Err(Throttled { kind, limit, too_large: false, retry_after }))
+        }
+        Verdict::Admitted(values) => {
+            let taken: Vec<Taken> = counters
+                .into_iter()
+                .zip(kinds)
+                .zip(values)
+                .map(|((counter, kind), used)| Taken {
+                    kind,
+                    key: counter.key,
+                    amount: counter.amount,
+                    limit: counter.limit,
+                    used,
+                    local: None,
+                })
+                .collect();
+            let allowance = Taken::allowance(&taken, window.remaining());
+            Some(Ok(Permit {
+                counters: Counters::Shared(shared.clone()),
+                taken,
+                reserved_tokens: i64::try_from(tokens).unwrap_or(i64::MAX),
+                allowance,
+            }))
+        }
+    }
+}
+
 /// A counter's name in Redis (before the deployment's prefix).
 fn shared_key(check: &Check, kind: Kind, window: &Window) -> String {
     let mut out = String::with_capacity(check.scope.len() + 27);
@@ -291,14 +373,53 @@ impl RateLimiter {
     }
 
     pub async fn admit(self: &Arc<Self>, checks: &[Check], tokens: u64, now_ms: u64) -> Result<Permit, Throttled> {
-        let window = Window::at(now_ms);
-        if let Some(shared) = self.shared.as_ref().filter(|s| s.available())
-            && let Some(result) = self.admit_shared(shared, checks, tokens, &window).await
-        {
-            return result;
+        match self.admit_now(checks, tokens, now_ms) {
+            Ok(decided) => decided,
+            Err(pending) => self.admit_pending(checks, pending).await,
         }
+    }
+
+    /// Decides without waiting when it can: on local counters, or from
+    /// this replica's leases of the shared ones (most requests). Else the
+    /// question for Redis, to hand to [`RateLimiter::admit_pending`] with
+    /// the same `checks`; it must follow.
+    pub fn admit_now(&self, checks: &[Check], tokens: u64, now_ms: u64) -> Result<Result<Permit, Throttled>, Pending> {
+        let window = Window::at(now_ms);
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.available()) {
+            let (kinds, counters) = match plan_shared(checks, tokens, &window) {
+                Ok(planned) => planned,
+                Err(throttled) => return Ok(Err(throttled)),
+            };
+            match shared.admit_leased(&counters) {
+                Ok(verdict) => {
+                    if let Some(decided) = judge(shared, verdict, kinds, counters, tokens, &window) {
+                        return Ok(decided);
+                    }
+                }
+                Err(asking) => {
+                    return Err(Pending { shared: shared.clone(), kinds, counters, asking, tokens, window });
+                }
+            }
+        }
+        Ok(self.admit_local(checks, tokens, &window))
+    }
+
+    /// Asks Redis what [`RateLimiter::admit_now`] could not decide; on
+    /// local counters when Redis does not answer.
+    pub async fn admit_pending(&self, checks: &[Check], pending: Pending) -> Result<Permit, Throttled> {
+        let Pending { shared, kinds, counters, asking, tokens, window } = pending;
+        let verdict = shared.admit_asking(&counters, asking).await;
+        match verdict.and_then(|verdict| judge(&shared, verdict, kinds, counters, tokens, &window)) {
+            Some(decided) => decided,
+            None => self.admit_local(checks, tokens, &window),
+        }
+    }
+
+    /// Admits on this replica's own counters: there is no Redis, or it is
+    /// unavailable (each replica then takes its share of the limit).
+    fn admit_local(&self, checks: &[Check], tokens: u64, window: &Window) -> Result<Permit, Throttled> {
         let divisor = if self.shared.is_some() { self.replicas } else { 1 };
-        let taken = self.local.admit(checks, tokens, &window, divisor)?;
+        let taken = self.local.admit(checks, tokens, window, divisor)?;
         let allowance = Taken::allowance(&taken, window.remaining());
         Ok(Permit {
             counters: Counters::Local,
@@ -306,69 +427,6 @@ impl RateLimiter {
             reserved_tokens: i64::try_from(tokens).unwrap_or(i64::MAX),
             allowance,
         })
-    }
-
-    /// `None` when Redis is unavailable.
-    async fn admit_shared(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
-        checks: &[Check],
-        tokens: u64,
-        window: &Window,
-    ) -> Option<Result<Permit, Throttled>> {
-        let amount = i64::try_from(tokens).unwrap_or(i64::MAX);
-        // Each counter's kind, beside the counters Redis is asked about
-        // (whose keys move into the permit once admitted: no copies).
-        let mut kinds: Vec<Kind> = Vec::with_capacity(checks.len() * 3);
-        let mut counters: Vec<LimitCounter> = Vec::with_capacity(checks.len() * 3);
-        for check in checks {
-            let mut plan = |kind: Kind, limit: u64, amount: i64, expiry: Expiry| {
-                kinds.push(kind);
-                counters.push(LimitCounter { key: shared_key(check, kind, window), limit, amount, expiry });
-            };
-            if let Some(limit) = check.max_concurrent {
-                plan(Kind::Concurrency, limit, 1, Expiry::Renewed(INFLIGHT_TTL_MS));
-            }
-            if let Some(limit) = check.rpm {
-                plan(Kind::Requests, limit, 1, Expiry::Created(WINDOW_TTL_MS));
-            }
-            if let Some(limit) = check.tpm {
-                if tokens > limit {
-                    let retry_after = window.remaining();
-                    return Some(Err(Throttled { kind: Kind::Tokens, limit, too_large: true, retry_after }));
-                }
-                plan(Kind::Tokens, limit, amount, Expiry::Created(WINDOW_TTL_MS));
-            }
-        }
-        match shared.admit(&counters).await? {
-            Verdict::Refused { index, .. } => {
-                let (kind, limit) = (*kinds.get(index)?, counters.get(index)?.limit);
-                let retry_after = if kind == Kind::Concurrency { Duration::from_secs(1) } else { window.remaining() };
-                Some(Err(Throttled { kind, limit, too_large: false, retry_after }))
-            }
-            Verdict::Admitted(values) => {
-                let taken: Vec<Taken> = counters
-                    .into_iter()
-                    .zip(kinds)
-                    .zip(values)
-                    .map(|((counter, kind), used)| Taken {
-                        kind,
-                        key: counter.key,
-                        amount: counter.amount,
-                        limit: counter.limit,
-                        used,
-                        local: None,
-                    })
-                    .collect();
-                let allowance = Taken::allowance(&taken, window.remaining());
-                Some(Ok(Permit {
-                    counters: Counters::Shared(shared.clone()),
-                    taken,
-                    reserved_tokens: amount,
-                    allowance,
-                }))
-            }
-        }
     }
 
     /// Forgets windows older than the previous one.

@@ -8,6 +8,8 @@
 //! cost ([`Admission::settle`]); dropped unsettled (a failure before
 //! anything was billed), it gives back everything it holds.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -18,8 +20,8 @@ use crate::auth::Principal;
 use crate::budget::{self, Reservation};
 use crate::error::GatewayError;
 use crate::limits::{self, Allowance, Permit};
-use crate::telemetry::traces::Stage;
-use opentelemetry::trace::SpanKind;
+use crate::telemetry::traces::{Attribute, Stage};
+use smallvec::SmallVec;
 
 /// What a request asks of the limits and budgets.
 #[derive(Debug, Clone, Copy)]
@@ -103,19 +105,35 @@ impl Drop for Admission {
     }
 }
 
+/// An admission decided at once, or the part that waits on Redis or on
+/// other requests' reservations.
+pub enum Admitting<'a> {
+    Now(Result<Admission, GatewayError>),
+    Later(Pin<Box<dyn Future<Output = Result<Admission, GatewayError>> + Send + 'a>>),
+}
+
+impl Admitting<'_> {
+    pub async fn decided(self) -> Result<Admission, GatewayError> {
+        match self {
+            Self::Now(decided) => decided,
+            Self::Later(later) => later.await,
+        }
+    }
+}
+
 /// Admits a request against its tenant's and key's limits and budgets.
 ///
-/// The two checks run together: with Redis, both queue at once and go out
-/// in the same script call (see `shared`), so admission costs one round
-/// trip, not two. Whatever one of them took is given back (by dropping the
-/// `Admission`) when the other refuses; a refusal by the rate limits is the
-/// one reported when both refuse.
-pub async fn admit(
-    proxy: &Proxy,
-    principal: &Principal,
-    demand: Demand<'_>,
-    stage: &Stage,
-) -> Result<Admission, GatewayError> {
+/// Most requests are decided here without waiting: on local counters, or
+/// from the blocks this replica leases of the shared ones. Only a request
+/// that needs Redis, or waits for other requests' reservations, gets a
+/// future, boxed: the common path then neither builds nor moves the
+/// kilobytes of state the waiting takes. The two checks' waits run
+/// together: with Redis, both queue at once and go out in the same script
+/// call (see `shared`), so admission costs one round trip, not two.
+/// Whatever one of them took is given back (by dropping the `Admission`)
+/// when the other refuses; a refusal by the rate limits is the one reported
+/// when both refuse.
+pub fn admit<'a>(proxy: &'a Proxy, principal: &Principal, demand: Demand<'_>, stage: &'a Stage) -> Admitting<'a> {
     let checks = limits::checks_for(
         principal.tenant_id(),
         &principal.tenant.policy.limits,
@@ -124,34 +142,70 @@ pub async fn admit(
         &principal.key.limits,
     );
     let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);
-    let limits = async {
-        if checks.is_empty() {
-            return Ok(None);
-        }
-        let span = stage.child("rate_limits", SpanKind::Internal);
-        let estimate = (demand.forwarded_bytes as u64 / 4).saturating_add(demand.max_output);
+    let estimate = (demand.forwarded_bytes as u64 / 4).saturating_add(demand.max_output);
+    let worst = if budgets.is_empty() { Ok(0) } else { worst_case(proxy, &budgets, demand) };
+    let asked = Asked { checks: checks.len(), estimate, budgets: budgets.len(), worst: *worst.as_ref().unwrap_or(&0) };
+    let limits = if checks.is_empty() {
+        Ok(Ok(None))
+    } else {
         let now = u64::try_from(proxy.clock.now_ms()).unwrap_or(0);
-        let result = proxy.limiter.admit(&checks, estimate, now).await.map(Some).map_err(GatewayError::RateLimited);
-        span.set_all(&[
-            ("tollgate.limits.checks", checks.len().into()),
-            ("tollgate.limits.estimated_tokens", estimate.into()),
-        ]);
-        refused_on(&span, result.as_ref().err());
-        result
+        proxy
+            .limiter
+            .admit_now(&checks, estimate, now)
+            .map(|decided| decided.map(Some).map_err(GatewayError::RateLimited))
     };
-    let reserved = async {
-        if budgets.is_empty() {
-            return Ok(Vec::new());
-        }
-        let span = stage.child("budgets", SpanKind::Internal);
-        span.set("tollgate.budgets", budgets.len());
-        let result = reserve(proxy, &budgets, demand, &span).await;
-        refused_on(&span, result.as_ref().err());
-        result
+    let waiting = budget::Waiting { max_wait: proxy.limits.budget_wait, ..budget::Waiting::default() };
+    let today = proxy.clock.today();
+    let reserved = match worst {
+        _ if budgets.is_empty() => Ok(Ok(Vec::new())),
+        Err(unpriced) => Ok(Err(unpriced)),
+        Ok(worst) => budget::admit_now(proxy.shared.as_ref(), &budgets, worst, today, waiting)
+            .map(|decided| decided.map_err(budget_refusal)),
     };
-    let (permit, reserved) = tokio::join!(limits, reserved);
+    let (limits, reserved) = match (limits, reserved) {
+        (Ok(limits), Ok(reserved)) => return Admitting::Now(conclude(limits, reserved, asked, stage)),
+        pending => pending,
+    };
+    Admitting::Later(Box::pin(async move {
+        let limits = async {
+            match limits {
+                Ok(decided) => decided,
+                Err(pending) => {
+                    proxy.limiter.admit_pending(&checks, pending).await.map(Some).map_err(GatewayError::RateLimited)
+                }
+            }
+        };
+        let reserved = async {
+            match reserved {
+                Ok(decided) => decided,
+                Err(pending) => {
+                    budget::admit_pending(&budgets, asked.worst, today, waiting, pending).await.map_err(budget_refusal)
+                }
+            }
+        };
+        let (limits, reserved) = tokio::join!(limits, reserved);
+        conclude(limits, reserved, asked, stage)
+    }))
+}
+
+/// What the checks were asked for, for the admission's span.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    checks: usize,
+    estimate: u64,
+    budgets: usize,
+    worst: i64,
+}
+
+/// The admission both checks' outcomes make, or the refusal to report.
+fn conclude(
+    limits: Result<Option<Permit>, GatewayError>,
+    reserved: Result<Vec<Reservation>, GatewayError>,
+    asked: Asked,
+    stage: &Stage,
+) -> Result<Admission, GatewayError> {
     let mut admission = Admission::default();
-    let limits_refusal = match permit {
+    let limits_refusal = match limits {
         Ok(permit) => {
             if let Some(permit) = permit {
                 admission.grants.allowance = Some(permit.allowance);
@@ -170,38 +224,56 @@ pub async fn admit(
         Err(refusal) => Some(refusal),
     };
     // On refusal `admission` is dropped here, giving back what was taken.
-    match limits_refusal.or(budget_refusal) {
-        Some(refusal) => {
-            stage.set("tollgate.admission.result", refusal.code());
-            Err(refusal)
-        }
-        None => {
-            stage.set("tollgate.admission.result", "admitted");
-            Ok(admission)
-        }
+    let refusal = limits_refusal.or(budget_refusal);
+    if stage.is_on() {
+        describe(stage, asked, refusal.as_ref());
+    }
+    match refusal {
+        Some(refusal) => Err(refusal),
+        None => Ok(admission),
     }
 }
 
-/// Marks a check's span with the refusal it made, if any.
-fn refused_on(span: &Stage, refusal: Option<&GatewayError>) {
+fn budget_refusal(refusal: budget::Refusal) -> GatewayError {
+    match refusal {
+        budget::Refusal::Exhausted { budget_id, period } => GatewayError::BudgetExhausted { budget_id, period },
+        budget::Refusal::Busy { budget_id, retry_after } => GatewayError::BudgetBusy { budget_id, retry_after },
+    }
+}
+
+/// What the admission's span says: the checks made, what they were asked
+/// for, and the outcome. The rate limits and budgets are attributes of this
+/// one span, not spans of their own: decided in memory (local counters, a
+/// lease) they take about a microsecond, and a span each cost more than the
+/// checks themselves (with Redis, the admission's own span times the round
+/// trip both share).
+fn describe(stage: &Stage, asked: Asked, refusal: Option<&GatewayError>) {
+    let Asked { checks, estimate, budgets, worst } = asked;
+    let result = refusal.map_or("admitted", GatewayError::code);
+    let mut attributes = SmallVec::<[Attribute<'_>; 6]>::new();
+    attributes.push(("tollgate.admission.result", result.into()));
+    if checks > 0 {
+        attributes.push(("tollgate.limits.checks", checks.into()));
+        attributes.push(("tollgate.limits.estimated_tokens", estimate.into()));
+    }
+    if budgets > 0 {
+        attributes.push(("tollgate.budgets", budgets.into()));
+        attributes.push(("tollgate.budgets.worst_case_micros", worst.into()));
+    }
     if let Some(refusal) = refusal {
-        span.set("error.type", refusal.code());
-        span.fail(refusal.code());
+        attributes.push(("error.type", refusal.code().into()));
+        stage.fail(refusal.code());
     }
+    stage.set_all(&attributes);
 }
 
-/// Reserves the request's worst case on its budgets: the prompt at the
-/// input price and the whole output limit at the output price. The prompt
-/// bound is the forwarded body's length in bytes: every tokenizer in use
-/// (byte-level BPE, SentencePiece with byte fallback) spends at least one
-/// byte of text per token, whatever the script, so no prompt can have more
-/// tokens than its request has bytes.
-async fn reserve(
-    proxy: &Proxy,
-    budgets: &[Arc<budget::BudgetState>],
-    demand: Demand<'_>,
-    span: &Stage,
-) -> Result<Vec<Reservation>, GatewayError> {
+/// The request's worst-case cost on its budgets: the prompt at the input
+/// price and the whole output limit at the output price, for the dearest of
+/// the models that may serve it. The prompt bound is the forwarded body's
+/// length in bytes: every tokenizer in use (byte-level BPE, SentencePiece
+/// with byte fallback) spends at least one byte of text per token, whatever
+/// the script, so no prompt can have more tokens than its request has bytes.
+fn worst_case(proxy: &Proxy, budgets: &[Arc<budget::BudgetState>], demand: Demand<'_>) -> Result<i64, GatewayError> {
     let mut worst = 0i64;
     for model in demand.models {
         match proxy.accounting.worst_case_micros(model, demand.forwarded_bytes as u64, demand.max_output) {
@@ -213,12 +285,5 @@ async fn reserve(
             None => {}
         }
     }
-    span.set("tollgate.budgets.worst_case_micros", worst);
-    let waiting = budget::Waiting { max_wait: proxy.limits.budget_wait, ..budget::Waiting::default() };
-    budget::admit(proxy.shared.as_ref(), budgets, worst, proxy.clock.today(), waiting).await.map_err(|refusal| {
-        match refusal {
-            budget::Refusal::Exhausted { budget_id, period } => GatewayError::BudgetExhausted { budget_id, period },
-            budget::Refusal::Busy { budget_id, retry_after } => GatewayError::BudgetBusy { budget_id, retry_after },
-        }
-    })
+    Ok(worst)
 }

@@ -172,7 +172,7 @@ pub(crate) async fn admit_forward_relay(
     let trace = parts.extensions.get::<RequestTrace>();
     let admission = {
         let stage = Stage::under(trace, "admission", SpanKind::Internal);
-        admission::admit(proxy, principal, demand, &stage).await?
+        admission::admit(proxy, principal, demand, &stage).decided().await?
     };
     let grants = admission.grants();
     if let Some(exchange) = slot.as_mut() {

@@ -14,12 +14,13 @@ use tollgate_gateway::routing::config::{BreakerConfig, GroupConfig, Overrides, R
 use tollgate_gateway::telemetry::traces::config::{ExportHeader, OtlpConfig, OtlpProtocol};
 use tollgate_otlp_sink::{Sink, Span, Transport};
 
-use crate::helpers::{PATIENCE, TestGateway, scraped_value, wait_until};
+use crate::helpers::{PATIENCE, TestGateway, client_with_key, scraped_value, wait_until};
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
+const STATUS_UNSET: i32 = 0;
 const STATUS_ERROR: i32 = 2;
 
 fn export_to(sink: &Sink) -> OtlpConfig {
@@ -95,7 +96,8 @@ async fn a_streamed_request_continues_the_callers_trace_with_a_span_per_stage() 
     let text = response.text().await.unwrap();
     assert!(text.contains("[DONE]"), "{text}");
 
-    let spans = trace_of(&sink, CALLER_TRACE, 4).await;
+    // The server span, admission, the attempt and the relay.
+    let spans = trace_of(&sink, CALLER_TRACE, 3).await;
     let server = server_span(&spans);
     assert_eq!(server.name, "POST /v1/chat/completions");
     assert_eq!(server.parent_span_id, CALLER_SPAN, "the caller's span is the parent");
@@ -120,9 +122,13 @@ async fn a_streamed_request_continues_the_callers_trace_with_a_span_per_stage() 
     let admission = named(&spans, "admission");
     assert_eq!(admission.parent_span_id, server.span_id);
     assert_eq!(admission.str_attr("tollgate.admission.result"), Some("admitted"));
-    let budgets = named(&spans, "budgets");
-    assert_eq!(budgets.parent_span_id, admission.span_id);
-    assert!(budgets.int_attr("tollgate.budgets.worst_case_micros").unwrap() > 0);
+    assert_eq!(admission.status_code, STATUS_UNSET);
+    // The checks are the admission span's attributes, not spans of their own.
+    assert_eq!(admission.int_attr("tollgate.budgets"), Some(1));
+    assert!(admission.int_attr("tollgate.budgets.worst_case_micros").unwrap() > 0);
+    assert!(admission.attr("error.type").is_none());
+    assert!(spans.iter().all(|s| s.parent_span_id != admission.span_id), "{spans:#?}");
+    assert_eq!(spans.len(), 4, "{spans:#?}");
 
     let attempt = named(&spans, "chat gemini-2.5-flash");
     assert_eq!(attempt.kind, CLIENT);
@@ -264,15 +270,16 @@ async fn refused_requests_are_traced_with_their_refusal() {
     let body: Value = response.json().await.unwrap();
     let code = body["error"]["code"].as_str().unwrap().to_owned();
     assert!(status == 402 || status == 429, "{status} {body}");
-    let spans = trace_of(&sink, trace_id, 2).await;
+    let spans = trace_of(&sink, trace_id, 1).await;
     let server = server_span(&spans);
     assert_eq!(server.int_attr("http.response.status_code"), Some(i64::from(status)));
     assert_eq!(server.str_attr("error.type"), Some(code.as_str()));
     assert_eq!(server.str_attr("tollgate.tenant.id"), Some("test"));
     let admission = named(&spans, "admission");
     assert_eq!(admission.str_attr("tollgate.admission.result"), Some(code.as_str()));
-    let budgets = named(&spans, "budgets");
-    assert_eq!(budgets.status_code, STATUS_ERROR);
+    assert_eq!(admission.str_attr("error.type"), Some(code.as_str()));
+    assert_eq!(admission.status_code, STATUS_ERROR);
+    assert_eq!(admission.int_attr("tollgate.budgets"), Some(1));
     assert!(spans.iter().all(|s| s.kind != CLIENT), "nothing was sent upstream");
     assert!(gw.fake.requests().is_empty());
 
@@ -564,4 +571,43 @@ async fn a_client_leaving_before_the_answer_ends_its_trace_as_disconnected() {
     assert_eq!(server.str_attr("tollgate.error_class"), Some("client:disconnected"));
     let attempt = spans.iter().find(|s| s.kind == CLIENT).expect("the attempt's span ended too");
     assert_eq!(attempt.parent_span_id, server.span_id);
+}
+
+#[tokio::test]
+async fn the_admission_span_carries_the_rate_limits_it_checked_and_their_refusal() {
+    let sink = Sink::start(Transport::Grpc).await.unwrap();
+    let gw = traced_gateway(&sink).await;
+    let (status, body) = gw
+        .admin(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"id": "one-a-minute", "display_name": "one", "policy": {"limits": {"rpm": 1}}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let client = client_with_key(&gw.create_key("one-a-minute", json!({"name": "k"})).await);
+    gw.clock.to_next_minute();
+    let mut admissions = Vec::new();
+    for (trace_id, expected) in [("55555555555555555555555555555555", 200), ("66666666666666666666666666666666", 429)] {
+        let response = client
+            .post(gw.url("/v1/chat/completions"))
+            .header("traceparent", format!("00-{trace_id}-7777777777777777-01"))
+            .body(r#"{"model":"gpt-4.1","max_tokens":10,"messages":[]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected);
+        let spans = trace_of(&sink, trace_id, 1).await;
+        admissions.push(named(&spans, "admission").clone());
+    }
+    let [admitted, refused] = &admissions[..] else { unreachable!() };
+    assert_eq!(admitted.str_attr("tollgate.admission.result"), Some("admitted"));
+    assert!(admitted.int_attr("tollgate.limits.checks").unwrap() >= 1);
+    // A quarter of the forwarded bytes plus the output limit.
+    assert!(admitted.int_attr("tollgate.limits.estimated_tokens").unwrap() >= 10);
+    assert!(admitted.attr("tollgate.budgets").is_none(), "no budget to check");
+    assert_eq!(admitted.status_code, STATUS_UNSET);
+    assert_eq!(refused.str_attr("tollgate.admission.result"), Some("rate_limit_exceeded"));
+    assert_eq!(refused.str_attr("error.type"), Some("rate_limit_exceeded"));
+    assert_eq!(refused.status_code, STATUS_ERROR);
 }
