@@ -1663,6 +1663,50 @@ mod tests {
         }
     }
 
+    /// Admission in two steps: the leases decide at once, or say what to
+    /// ask Redis for; asked once, the block that comes back decides the
+    /// next requests at once (no call, nothing awaited).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_the_leases_cannot_decide_is_asked_of_redis_once_then_decided_at_once() {
+        let (prefix, shared, cancel, sender) = started_with_leases(64).await;
+        let calls = || shared.checks.calls.load(Ordering::Relaxed);
+        let rpm =
+            [LimitCounter { key: "split@1".to_owned(), limit: 1_000_000, amount: 1, expiry: Expiry::Created(120_000) }];
+        // No lease yet: nothing decided and nothing sent until asked.
+        let Err(asking) = shared.admit_leased(&rpm) else { panic!("decided without a lease") };
+        assert_eq!(calls(), 0);
+        assert!(matches!(shared.admit_asking(&rpm, asking).await, Some(Verdict::Admitted(v)) if v == [65]));
+        assert_eq!(calls(), 1, "one round trip, which brought a block");
+        // The block decides the next requests at once.
+        assert!(matches!(shared.admit_leased(&rpm), Ok(Verdict::Admitted(v)) if v == [2]));
+        assert!(matches!(shared.admit_leased(&rpm), Ok(Verdict::Admitted(v)) if v == [3]));
+        assert_eq!(calls(), 1);
+
+        let budget = [BudgetCounter {
+            key: "budget:split:1".into(),
+            initial: 0,
+            amount: 1_000_000_000,
+            worst_case: 1_000,
+            hard: true,
+            ttl_ms: 86_400_000,
+        }];
+        let Err(asking) = shared.reserve_leased(&budget) else { panic!("reserved without a lease") };
+        assert_eq!(calls(), 1);
+        assert!(matches!(shared.reserve_asking(&budget, asking).await, Some(ReserveVerdict::Admitted(_))));
+        assert_eq!(calls(), 2);
+        assert!(matches!(shared.reserve_leased(&budget), Ok(ReserveVerdict::Admitted(_))));
+        assert_eq!(calls(), 2, "reserved from the lease");
+        assert_eq!(shared.lease_admissions(), 3);
+
+        shared.give_back_leases(true);
+        shared.flush().await;
+        let mut conn = shared.connection();
+        assert_eq!(stored(&mut conn, &prefix, "split@1").await.0, Some(3), "exactly the three admitted");
+        assert_eq!(stored(&mut conn, &prefix, "budget:split:1").await.0, Some(2_000), "exactly the two reserved");
+        cancel.cancel();
+        sender.await.unwrap();
+    }
+
     /// The first admission asks Redis and brings back a block; the next
     /// ones are admitted from it without a call, until it runs low and a
     /// top-up comes in the background. Given back, the block leaves Redis
