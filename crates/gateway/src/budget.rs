@@ -279,7 +279,9 @@ impl BudgetBook {
 
 /// Reserves `worst_case` on every budget, or on none. When only other
 /// requests' reservations are in the way, waits its turn (see the module
-/// docs) for at most `waiting.max_wait`.
+/// docs) for at most `waiting.max_wait`. (The request path takes the two
+/// steps, [`admit_now`] and [`admit_pending`], itself.)
+#[cfg(test)]
 pub async fn admit(
     shared: Option<&Arc<Shared>>,
     states: &[Arc<BudgetState>],

@@ -845,7 +845,9 @@ impl Shared {
 
     /// Admits against `counters`, all or none: from this replica's leases
     /// when they hold enough, else in Redis. `None`: Redis is unavailable,
-    /// decide locally.
+    /// decide locally. (The request path takes the two steps itself, so as
+    /// to await nothing when the leases decide.)
+    #[cfg(test)]
     pub async fn admit(&self, counters: &[LimitCounter]) -> Option<Verdict> {
         match self.admit_leased(counters) {
             Ok(verdict) => Some(verdict),
@@ -895,7 +897,9 @@ impl Shared {
 
     /// Reserves on budget counters, all or none: from this replica's
     /// leases when they hold enough, else in Redis. `None`: Redis is
-    /// unavailable, decide locally.
+    /// unavailable, decide locally. (The request path takes the two steps
+    /// itself.)
+    #[cfg(test)]
     pub async fn reserve(&self, budgets: &[BudgetCounter]) -> Option<ReserveVerdict> {
         match self.reserve_leased(budgets) {
             Ok(verdict) => Some(verdict),
