@@ -112,15 +112,6 @@ pub enum Admitting<'a> {
     Later(Pin<Box<dyn Future<Output = Result<Admission, GatewayError>> + Send + 'a>>),
 }
 
-impl Admitting<'_> {
-    pub async fn decided(self) -> Result<Admission, GatewayError> {
-        match self {
-            Self::Now(decided) => decided,
-            Self::Later(later) => later.await,
-        }
-    }
-}
-
 /// Admits a request against its tenant's and key's limits and budgets.
 ///
 /// Most requests are decided here without waiting: on local counters, or

@@ -172,7 +172,12 @@ pub(crate) async fn admit_forward_relay(
     let trace = parts.extensions.get::<RequestTrace>();
     let admission = {
         let stage = Stage::under(trace, "admission", SpanKind::Internal);
-        admission::admit(proxy, principal, demand, &stage).decided().await?
+        // Matched here rather than awaited through a helper: a decided
+        // admission then builds no future at all.
+        match admission::admit(proxy, principal, demand, &stage) {
+            admission::Admitting::Now(decided) => decided?,
+            admission::Admitting::Later(waiting) => waiting.await?,
+        }
     };
     let grants = admission.grants();
     if let Some(exchange) = slot.as_mut() {
