@@ -291,13 +291,22 @@ pub async fn admit(
 ) -> Result<Vec<Reservation>, Refusal> {
     match admit_now(shared, states, worst_case, today, waiting) {
         Ok(decided) => decided,
-        Err(pending) => admit_pending(states, worst_case, today, waiting, pending).await,
+        Err(pending) => admit_pending(states, pending).await,
     }
 }
 
-/// What [`admit_now`] could not decide without waiting.
+/// What [`admit_now`] could not decide without waiting, with what it was
+/// asked.
 #[derive(Debug)]
-pub enum Pending {
+pub struct Pending {
+    worst_case: i64,
+    today: NaiveDate,
+    waiting: Waiting,
+    left: Left,
+}
+
+#[derive(Debug)]
+enum Left {
     /// The leases could not take it: Redis is to be asked.
     Asking(Asking),
     /// In-flight reservations on the budget at `index` are in the way: the
@@ -314,28 +323,25 @@ pub fn admit_now(
     worst_case: i64,
     today: NaiveDate,
     waiting: Waiting,
-) -> Result<Result<Vec<Reservation>, Refusal>, Pending> {
-    match attempt_now(shared, states, worst_case, today) {
-        Ok(Attempt::Reserved(held)) => Ok(Ok(held)),
-        Ok(Attempt::Exhausted(index)) => Ok(Err(exhausted(&states[index]))),
-        Ok(Attempt::Blocked(index)) if waiting.max_wait.is_zero() => Ok(Err(busy(&states[index], waiting))),
-        Ok(Attempt::Blocked(index)) => Err(Pending::Blocked { shared: shared.cloned(), index }),
-        Err(asking) => Err(Pending::Asking(asking)),
-    }
+) -> Result<Result<Vec<Reservation>, Refusal>, Box<Pending>> {
+    let left = match attempt_now(shared, states, worst_case, today) {
+        Ok(Attempt::Reserved(held)) => return Ok(Ok(held)),
+        Ok(Attempt::Exhausted(index)) => return Ok(Err(exhausted(&states[index]))),
+        Ok(Attempt::Blocked(index)) if waiting.max_wait.is_zero() => return Ok(Err(busy(&states[index], waiting))),
+        Ok(Attempt::Blocked(index)) => Left::Blocked { shared: shared.cloned(), index },
+        Err(asking) => Left::Asking(asking),
+    };
+    // Boxed: rare, and the common answer stays small.
+    Err(Box::new(Pending { worst_case, today, waiting, left }))
 }
 
 /// Finishes what [`admit_now`] left: asks Redis, and when only other
 /// requests' reservations are in the way, waits its turn.
-pub async fn admit_pending(
-    states: &[Arc<BudgetState>],
-    worst_case: i64,
-    today: NaiveDate,
-    waiting: Waiting,
-    pending: Pending,
-) -> Result<Vec<Reservation>, Refusal> {
-    let (shared, blocked_on) = match pending {
-        Pending::Blocked { shared, index } => (shared, index),
-        Pending::Asking(asking) => {
+pub async fn admit_pending(states: &[Arc<BudgetState>], pending: Box<Pending>) -> Result<Vec<Reservation>, Refusal> {
+    let Pending { worst_case, today, waiting, left } = *pending;
+    let (shared, blocked_on) = match left {
+        Left::Blocked { shared, index } => (shared, index),
+        Left::Asking(asking) => {
             let shared = asking.shared.clone();
             match attempt_asking(states, worst_case, today, asking).await {
                 Attempt::Reserved(held) => return Ok(held),

@@ -145,13 +145,14 @@ pub fn admit<'a>(proxy: &'a Proxy, principal: &Principal, demand: Demand<'_>, st
             .admit_now(&checks, estimate, now)
             .map(|decided| decided.map(Some).map_err(GatewayError::RateLimited))
     };
-    let waiting = budget::Waiting { max_wait: proxy.limits.budget_wait, ..budget::Waiting::default() };
-    let today = proxy.clock.today();
     let reserved = match worst {
         _ if budgets.is_empty() => Ok(Ok(Vec::new())),
         Err(unpriced) => Ok(Err(unpriced)),
-        Ok(worst) => budget::admit_now(proxy.shared.as_ref(), &budgets, worst, today, waiting)
-            .map(|decided| decided.map_err(budget_refusal)),
+        Ok(worst) => {
+            let waiting = budget::Waiting { max_wait: proxy.limits.budget_wait, ..budget::Waiting::default() };
+            budget::admit_now(proxy.shared.as_ref(), &budgets, worst, proxy.clock.today(), waiting)
+                .map(|decided| decided.map_err(budget_refusal))
+        }
     };
     let (limits, reserved) = match (limits, reserved) {
         (Ok(limits), Ok(reserved)) => return Admitting::Now(conclude(limits, reserved, asked, stage)),
@@ -169,9 +170,7 @@ pub fn admit<'a>(proxy: &'a Proxy, principal: &Principal, demand: Demand<'_>, st
         let reserved = async {
             match reserved {
                 Ok(decided) => decided,
-                Err(pending) => {
-                    budget::admit_pending(&budgets, asked.worst, today, waiting, pending).await.map_err(budget_refusal)
-                }
+                Err(pending) => budget::admit_pending(&budgets, pending).await.map_err(budget_refusal),
             }
         };
         let (limits, reserved) = tokio::join!(limits, reserved);
