@@ -163,6 +163,15 @@ impl TestGateway {
         assert!(status == 201 || status == 409, "create tenant {id}: {status} {body}");
     }
 
+    /// Creates tenant `id` with `policy` and returns a client holding a new
+    /// key of it.
+    pub async fn tenant_with_policy(&self, id: &str, policy: serde_json::Value) -> reqwest::Client {
+        let body = serde_json::json!({"id": id, "display_name": id, "policy": policy});
+        let (status, body) = self.admin(reqwest::Method::POST, "/admin/v1/tenants", Some(body)).await;
+        assert_eq!(status, 201, "{body}");
+        client_with_key(&self.create_key(id, serde_json::json!({"name": "k"})).await)
+    }
+
     /// Creates a key under `tenant` and returns its secret.
     pub async fn create_key(&self, tenant: &str, body: serde_json::Value) -> String {
         let (status, created) =

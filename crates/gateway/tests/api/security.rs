@@ -2,18 +2,9 @@
 //! accounting, reach the operator's upstream account, dodge billing or
 //! caps, or flood the metrics.
 
-use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::helpers::{Db, PATIENCE, TestGateway, client_with_key, envelope, wait_until};
-
-async fn tenant_with_policy(gw: &TestGateway, id: &str, policy: Value) -> reqwest::Client {
-    let (status, body) = gw
-        .admin(Method::POST, "/admin/v1/tenants", Some(json!({"id": id, "display_name": id, "policy": policy})))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    client_with_key(&gw.create_key(id, json!({"name": "k"})).await)
-}
 
 async fn metrics(gw: &TestGateway) -> String {
     gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap()
@@ -171,12 +162,12 @@ async fn a_missing_model_is_refused_on_every_endpoint_and_never_slips_past_an_al
 #[tokio::test]
 async fn policy_caps_hold_however_and_wherever_the_setting_is_spelled() {
     let gw = TestGateway::start().await;
-    let client = tenant_with_policy(
-        &gw,
-        "capped",
-        json!({"max_thinking_budget": 1024, "max_reasoning_effort": "low", "over_cap": "clamp"}),
-    )
-    .await;
+    let client = gw
+        .tenant_with_policy(
+            "capped",
+            json!({"max_thinking_budget": 1024, "max_reasoning_effort": "low", "over_cap": "clamp"}),
+        )
+        .await;
     let sneaky = json!({"model": "gemini-2.5-pro", "messages": [],
         "google": {"thinking_config": {"thinking_budget": 512}},
         "extra_body": {"google": {"thinking_config": {"thinking_budget": 24576}}}});
@@ -194,7 +185,7 @@ async fn policy_caps_hold_however_and_wherever_the_setting_is_spelled() {
     assert_eq!(sent[1].json()["google"]["thinkingConfig"]["thinkingBudget"], 1024);
     assert_eq!(sent[2].json()["reasoning"]["effort"], "low");
 
-    let strict = tenant_with_policy(&gw, "strict", json!({"max_thinking_budget": 1024, "over_cap": "reject"})).await;
+    let strict = gw.tenant_with_policy("strict", json!({"max_thinking_budget": 1024, "over_cap": "reject"})).await;
     let response = strict.post(gw.url("/v1/chat/completions")).json(&sneaky).send().await.unwrap();
     assert_eq!(response.status(), 400);
     assert_eq!(envelope(response).await["error"]["code"], "over_policy_cap");
@@ -204,7 +195,7 @@ async fn policy_caps_hold_however_and_wherever_the_setting_is_spelled() {
 #[tokio::test]
 async fn the_larger_output_limit_counts_against_token_limits() {
     let gw = TestGateway::start().await;
-    let client = tenant_with_policy(&gw, "tpm", json!({"limits": {"tpm": 1000}})).await;
+    let client = gw.tenant_with_policy("tpm", json!({"limits": {"tpm": 1000}})).await;
     let body = json!({"model": "gpt-4.1", "max_completion_tokens": 1, "max_tokens": 100000, "messages": []});
     let response = client.post(gw.url("/v1/chat/completions")).json(&body).send().await.unwrap();
     assert_eq!(response.status(), 429);

@@ -14,7 +14,7 @@ use tollgate_gateway::routing::config::{BreakerConfig, GroupConfig, Overrides, R
 use tollgate_gateway::telemetry::traces::config::{ExportHeader, OtlpConfig, OtlpProtocol};
 use tollgate_otlp_sink::{Sink, Span, Transport};
 
-use crate::helpers::{PATIENCE, TestGateway, client_with_key, scraped_value, wait_until};
+use crate::helpers::{PATIENCE, TestGateway, scraped_value, wait_until};
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
@@ -577,15 +577,7 @@ async fn a_client_leaving_before_the_answer_ends_its_trace_as_disconnected() {
 async fn the_admission_span_carries_the_rate_limits_it_checked_and_their_refusal() {
     let sink = Sink::start(Transport::Grpc).await.unwrap();
     let gw = traced_gateway(&sink).await;
-    let (status, body) = gw
-        .admin(
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"id": "one-a-minute", "display_name": "one", "policy": {"limits": {"rpm": 1}}})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let client = client_with_key(&gw.create_key("one-a-minute", json!({"name": "k"})).await);
+    let client = gw.tenant_with_policy("one-a-minute", json!({"limits": {"rpm": 1}})).await;
     gw.clock.to_next_minute();
     let mut admissions = Vec::new();
     for (trace_id, expected) in [("55555555555555555555555555555555", 200), ("66666666666666666666666666666666", 429)] {
