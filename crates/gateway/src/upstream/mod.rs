@@ -5,6 +5,7 @@
 //! redirect, so a redirect means a wrong base URL and becomes a 502.
 
 mod lanes;
+mod plain;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +41,25 @@ pub enum UpstreamSetupError {
 }
 
 /// An upstream answer whose body has not been read yet.
-pub type UpstreamResponse = http::Response<Incoming>;
+pub type UpstreamResponse = http::Response<ResponseBody>;
+
+/// An answer's body as the connection it came on gives it.
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// Over hyper-util's client (https, HTTP/2).
+    Pooled(Incoming),
+    /// Over the gateway's own HTTP/1.1 connection (plain http).
+    Plain(plain::Body),
+}
+
+/// A body that failed while it was read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{0}")]
+    Pooled(#[source] hyper::Error),
+    #[error("{0}")]
+    Plain(#[source] std::io::Error),
+}
 
 /// How far a call to the upstream got when it failed: what decides whether
 /// another attempt (the same target again, or a fallback) is safe and can
@@ -132,9 +151,23 @@ fn http1_host(uri: &Uri) -> Option<HeaderValue> {
     HeaderValue::from_str(&value).ok()
 }
 
+/// How requests reach the upstream.
+enum Transport {
+    /// hyper-util's pooled clients; more than one when connections may be
+    /// HTTP/2.
+    Pooled(lanes::Lanes<HttpClient>),
+    /// HTTP/1.1 over plain TCP (an `http://` base URL not marked `http2`).
+    Plain(plain::Client),
+}
+
+/// The transport one request goes by.
+enum Via<'a> {
+    Pooled(&'a HttpClient),
+    Plain(&'a plain::Client),
+}
+
 pub struct Upstream {
-    /// Pooled clients; more than one when connections may be HTTP/2.
-    clients: lanes::Lanes<HttpClient>,
+    transport: Transport,
     /// e.g. `https://api.cometapi.com/v1`, checked once; a request's URI is
     /// this followed by its path and query.
     base: ApiRoot,
@@ -214,12 +247,23 @@ impl Upstream {
             UpstreamProtocol::Http2 => true,
             UpstreamProtocol::Auto => parsed.scheme_str() == Some("https"),
         };
-        let clients = lanes::Lanes::new(multiplexed, config.http2_streams_per_connection, move || {
-            builder.build(connector.clone())
-        });
+        let plain = parsed.scheme_str() == Some("http") && config.protocol != UpstreamProtocol::Http2;
+        let transport = if plain {
+            Transport::Plain(plain::Client::new(
+                parsed.host().unwrap_or_default(),
+                parsed.port_u16().unwrap_or(80),
+                config.connect_timeout,
+                config.pool_max_idle_per_host,
+                config.pool_idle_timeout,
+            ))
+        } else {
+            Transport::Pooled(lanes::Lanes::new(multiplexed, config.http2_streams_per_connection, move || {
+                builder.build(connector.clone())
+            }))
+        };
         let root = |url: String| ApiRoot::new(url, multiplexed);
         Ok(Self {
-            clients,
+            transport,
             base: root(base),
             keys,
             in_flight: config.max_in_flight.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
@@ -284,9 +328,15 @@ impl Upstream {
                     .map_err(|_| UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::AtCapacity })?,
             ),
         };
-        let (client, place) = self.clients.take();
+        let (via, place) = match &self.transport {
+            Transport::Pooled(lanes) => {
+                let (client, place) = lanes.take();
+                (Via::Pooled(client), place)
+            }
+            Transport::Plain(client) => (Via::Plain(client), None),
+        };
         let method = outbound.method.clone();
-        let mut response = self.send_with_keys(client, method, (uri, root.host.as_ref()), &outbound, body).await?;
+        let mut response = self.send_with_keys(via, method, (uri, root.host.as_ref()), &outbound, body).await?;
         if permit.is_some() || place.is_some() {
             response.extensions_mut().insert(InFlightSlot { _held: Arc::new((permit, place)) });
         }
@@ -295,7 +345,7 @@ impl Upstream {
 
     async fn send_with_keys(
         &self,
-        client: &HttpClient,
+        via: Via<'_>,
         method: Method,
         target: (Uri, Option<&HeaderValue>),
         outgoing: &Outbound<'_>,
@@ -305,7 +355,7 @@ impl Upstream {
         let body = body.unwrap_or_default();
         let now = crate::proxy::forward::monotonic_ms();
         let key = self.keys.take(now);
-        let response = self.attempt(client, &method, target, outgoing, body.clone(), key.as_ref()).await?;
+        let response = self.attempt(&via, &method, target, outgoing, body.clone(), key.as_ref()).await?;
         // The upstream refused this key: set it aside and, if there is
         // another, send the same request again with it (nothing was done).
         if let Some(key) = key
@@ -313,7 +363,7 @@ impl Upstream {
         {
             self.keys.set_aside(&key, now);
             if let Some(other) = self.keys.take_other(now, Some(&key)).filter(|_| self.keys.has_other(&key, now)) {
-                return self.attempt(client, &method, target, outgoing, body, Some(&other)).await;
+                return self.attempt(&via, &method, target, outgoing, body, Some(&other)).await;
             }
         }
         Ok(response)
@@ -322,22 +372,18 @@ impl Upstream {
     /// One request with one key.
     async fn attempt(
         &self,
-        client: &HttpClient,
+        via: &Via<'_>,
         method: &Method,
         (uri, host): (&Uri, Option<&HeaderValue>),
         outgoing: &Outbound<'_>,
         body: Bytes,
         key: Option<&TakenKey>,
     ) -> Result<UpstreamResponse, UpstreamFailure> {
-        let mut request = http::Request::new(Full::new(body));
-        *request.method_mut() = method.clone();
-        *request.uri_mut() = uri.clone();
-        let headers = request.headers_mut();
-        headers.reserve(outgoing.client_headers.len() + 3);
+        let mut headers = HeaderMap::with_capacity(outgoing.client_headers.len() + 4);
         if let Some(host) = host {
             headers.insert(header::HOST, host.clone());
         }
-        self.forwarded.copy_request_headers(outgoing.client_headers, headers);
+        self.forwarded.copy_request_headers(outgoing.client_headers, &mut headers);
         headers.insert(X_REQUEST_ID.clone(), outgoing.request_id.header_value().clone());
         // The attempt's own span becomes the upstream's parent.
         if let Some(traceparent) = &outgoing.traceparent {
@@ -357,12 +403,33 @@ impl Upstream {
             };
         }
 
-        match tokio::time::timeout(self.first_byte_timeout, client.request(request)).await {
+        let sending = async {
+            match via {
+                Via::Pooled(client) => {
+                    let mut request = http::Request::new(Full::new(body));
+                    *request.method_mut() = method.clone();
+                    *request.uri_mut() = uri.clone();
+                    *request.headers_mut() = headers;
+                    match client.request(request).await {
+                        Ok(response) => Ok(response.map(ResponseBody::Pooled)),
+                        // A connect error means the request never left.
+                        Err(e) if e.is_connect() => Err(classify(&e, Phase::BeforeSend)),
+                        Err(e) => Err(classify(&e, Phase::AfterSend)),
+                    }
+                }
+                Via::Plain(client) => {
+                    let path = uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
+                    match client.send(method, path, &headers, &body).await {
+                        Ok(response) => Ok(response.map(ResponseBody::Plain)),
+                        Err(e) if e.is_connect() => Err(classify(&e, Phase::BeforeSend)),
+                        Err(e) => Err(classify(&e, Phase::AfterSend)),
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(self.first_byte_timeout, sending).await {
             Err(_elapsed) => Err(UpstreamFailure { phase: Phase::AfterSend, kind: FailureKind::Timeout }),
-            // A connect error means the request never left.
-            Ok(Err(e)) if e.is_connect() => Err(classify(&e, Phase::BeforeSend)),
-            Ok(Err(e)) => Err(classify(&e, Phase::AfterSend)),
-            Ok(Ok(response)) => Ok(response),
+            Ok(result) => result,
         }
     }
 
@@ -424,18 +491,18 @@ pub struct InFlightSlot {
 /// forward stage, which looks before it commits to an answer.
 #[derive(Debug)]
 pub enum UpstreamBody {
-    Live(Incoming),
+    Live(ResponseBody),
     /// A first piece read ahead, then the rest.
     Started {
         first: Option<Bytes>,
-        rest: Incoming,
+        rest: ResponseBody,
     },
     /// Read whole.
     Read(Option<Bytes>),
 }
 
 impl UpstreamBody {
-    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, hyper::Error> {
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, BodyError> {
         match self {
             Self::Live(body) => next_chunk(body).await,
             Self::Started { first, rest } => match first.take() {
@@ -448,13 +515,18 @@ impl UpstreamBody {
 }
 
 /// The next piece of an upstream body, skipping trailers; `None` at its end.
-pub async fn next_chunk(body: &mut Incoming) -> Result<Option<Bytes>, hyper::Error> {
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            return Ok(Some(data));
+pub async fn next_chunk(body: &mut ResponseBody) -> Result<Option<Bytes>, BodyError> {
+    match body {
+        ResponseBody::Pooled(body) => {
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.map_err(BodyError::Pooled)?.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+            Ok(None)
         }
+        ResponseBody::Plain(body) => body.next_chunk().await.map_err(BodyError::Plain),
     }
-    Ok(None)
 }
 
 /// rustls is built without a default crypto provider; ring is the smaller

@@ -1,0 +1,510 @@
+//! HTTP/1.1 to an upstream over plain TCP, the gateway's own.
+//!
+//! Why not hyper-util's client here, as for https and HTTP/2: measured with
+//! 5,000 concurrent streams (`bench`, scenario d), each HTTP/1.1 upstream
+//! connection cost about 24 KiB over hyper (an 8 KiB read buffer and an 8 KiB
+//! header write buffer per connection, a 9 KiB block of the channel between
+//! the request and the connection's own task, that task), and every
+//! response chunk crossed from the connection's task to the request's.
+//! Here the request's task reads the socket itself, and a connection costs
+//! its socket and one read buffer (4 KiB while a stream waits for its next
+//! event). The request is written whole (head and body in one vectored
+//! write); the answer's head is parsed by `httparse`, as in hyper.
+//!
+//! What it does not do, because the gateway never needs it: request bodies
+//! that stream, `Expect: 100-continue`, upgrades, pipelining, proxies, TLS
+//! (https upstreams go through hyper-util and rustls).
+
+mod chunked;
+mod head;
+mod pool;
+
+use std::io::{self, IoSlice};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use chunked::{ChunkedDecoder, Decoded};
+use head::{Framing, HeadError};
+
+/// A response head larger than this is refused.
+const MAX_HEAD: usize = 64 * 1024;
+/// What a connection reads at a time at first: an event of a stream, or a
+/// small answer whole.
+const FIRST_READ: usize = 4 * 1024;
+/// What it reads at a time at most, for large answers.
+const MAX_READ: usize = 64 * 1024;
+
+/// Where the upstream is, as configured.
+#[derive(Debug, Clone)]
+enum Address {
+    Ip(SocketAddr),
+    /// Resolved on each new connection, as the system resolver says.
+    Name(String, u16),
+}
+
+pub struct Client {
+    address: Address,
+    connect_timeout: Duration,
+    pool: Arc<pool::Pool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(#[source] io::Error),
+    #[error("upstream connection failed: {0}")]
+    Io(#[source] io::Error),
+    #[error(transparent)]
+    Head(#[from] HeadError),
+}
+
+impl SendError {
+    /// No connection was made: the request never left.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(_))
+    }
+}
+
+impl Client {
+    /// `host` as a URI gives it (IPv6 in brackets).
+    pub fn new(host: &str, port: u16, connect_timeout: Duration, max_idle: usize, idle_timeout: Duration) -> Self {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let address = match bare.parse::<IpAddr>() {
+            Ok(ip) => Address::Ip(SocketAddr::new(ip, port)),
+            Err(_) => Address::Name(bare.to_owned(), port),
+        };
+        Self { address, connect_timeout, pool: Arc::new(pool::Pool::new(max_idle, idle_timeout)) }
+    }
+
+    /// Sends a request and reads its answer's head. `headers` include
+    /// `Host`; the body's length is added here.
+    pub async fn send(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<http::Response<Body>, SendError> {
+        let head = head::encode_request(method, path_and_query, headers, body.len());
+        let mut connection = match self.pool.take() {
+            Some(stream) => {
+                let mut reused = Connection::new(stream);
+                match reused.write_request(&head, body).await {
+                    Ok(()) => reused,
+                    // The upstream closed the idle connection just as it was
+                    // taken: the request did not reach it whole, so it goes
+                    // once more on a new connection.
+                    Err(_) => self.connect_and_write(&head, body).await?,
+                }
+            }
+            None => self.connect_and_write(&head, body).await?,
+        };
+        let head = connection.read_head(method).await?;
+        let state = match head.framing {
+            Framing::Empty => BodyState::Done,
+            Framing::Length(n) => BodyState::Length(n),
+            Framing::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
+            Framing::UntilClose => BodyState::UntilClose,
+        };
+        let mut body =
+            Body { connection: Some(connection), state, keep_alive: head.keep_alive, pool: self.pool.clone() };
+        if matches!(body.state, BodyState::Done) {
+            body.finish();
+        }
+        let mut response = http::Response::new(body);
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        Ok(response)
+    }
+
+    async fn connect_and_write(&self, head: &[u8], body: &Bytes) -> Result<Connection, SendError> {
+        let mut connection = Connection::new(self.connect().await.map_err(SendError::Connect)?);
+        connection.write_request(head, body).await.map_err(SendError::Io)?;
+        Ok(connection)
+    }
+
+    async fn connect(&self) -> io::Result<TcpStream> {
+        let connecting = async {
+            match &self.address {
+                Address::Ip(address) => TcpStream::connect(address).await,
+                Address::Name(host, port) => {
+                    let mut last = None;
+                    for address in tokio::net::lookup_host((host.as_str(), *port)).await? {
+                        match TcpStream::connect(address).await {
+                            Ok(stream) => return Ok(stream),
+                            Err(e) => last = Some(e),
+                        }
+                    }
+                    Err(last.unwrap_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, "the upstream's host resolved to no address")
+                    }))
+                }
+            }
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting to the upstream timed out"))??;
+        stream.set_nodelay(true)?;
+        socket2::SockRef::from(&stream)
+            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)))?;
+        Ok(stream)
+    }
+
+    /// Idle connections now.
+    #[cfg(test)]
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle()
+    }
+}
+
+/// A connection in use, with what has been read from it and not yet taken.
+struct Connection {
+    stream: TcpStream,
+    buf: BytesMut,
+    read_size: usize,
+}
+
+impl Connection {
+    fn new(stream: TcpStream) -> Self {
+        Self { stream, buf: BytesMut::new(), read_size: FIRST_READ }
+    }
+
+    async fn write_request(&mut self, head: &[u8], body: &[u8]) -> io::Result<()> {
+        let mut parts = [IoSlice::new(head), IoSlice::new(body)];
+        let mut left: &mut [IoSlice<'_>] = &mut parts;
+        while left.iter().any(|part| !part.is_empty()) {
+            let written = self.stream.write_vectored(left).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut left, written);
+        }
+        Ok(())
+    }
+
+    async fn read_head(&mut self, method: &Method) -> Result<head::ResponseHead, SendError> {
+        loop {
+            if let Some(head) = head::parse_response(&mut self.buf, method)? {
+                return Ok(head);
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(HeadError::Invalid(format!("the head is larger than {MAX_HEAD} bytes")).into());
+            }
+            if self.fill().await.map_err(SendError::Io)? == 0 {
+                return Err(SendError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upstream closed the connection before answering",
+                )));
+            }
+        }
+    }
+
+    /// Reads what the socket has into the buffer; 0 at its end. A read
+    /// that fills all the room it had doubles the next one's, so large
+    /// answers take few reads and a stream's small events keep a small
+    /// buffer.
+    async fn fill(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
+            self.buf.reserve(self.read_size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let read = self.stream.read_buf(&mut self.buf).await?;
+        if read == room && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        Ok(read)
+    }
+}
+
+enum BodyState {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+/// An answer's body, read from its connection as it is asked for. Read to
+/// its end, the connection goes back to the pool; dropped before, it is
+/// closed (the upstream sees the request cancelled).
+pub struct Body {
+    connection: Option<Connection>,
+    state: BodyState,
+    keep_alive: bool,
+    pool: Arc<pool::Pool>,
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("plain::Body").field("done", &matches!(self.state, BodyState::Done)).finish_non_exhaustive()
+    }
+}
+
+impl Body {
+    /// The next piece of the body; `None` at its end.
+    pub async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            let Some(connection) = self.connection.as_mut() else { return Ok(None) };
+            let buf = &mut connection.buf;
+            match &mut self.state {
+                BodyState::Done => return Ok(None),
+                BodyState::Length(left) => {
+                    if !buf.is_empty() {
+                        let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                        let chunk = buf.split_to(n).freeze();
+                        *left -= n as u64;
+                        if *left == 0 {
+                            self.finish();
+                        }
+                        return Ok(Some(chunk));
+                    }
+                }
+                BodyState::UntilClose => {
+                    if !buf.is_empty() {
+                        return Ok(Some(buf.split().freeze()));
+                    }
+                }
+                BodyState::Chunked(decoder) => {
+                    match decoder.decode(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+                        Decoded::Data(chunk) => return Ok(Some(chunk)),
+                        Decoded::End => {
+                            self.finish();
+                            return Ok(None);
+                        }
+                        Decoded::NeedMore => {}
+                    }
+                }
+            }
+            if connection.fill().await? == 0 {
+                if matches!(self.state, BodyState::UntilClose) {
+                    self.state = BodyState::Done;
+                    self.connection = None;
+                    return Ok(None);
+                }
+                self.connection = None;
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upstream closed the connection before the body's end",
+                ));
+            }
+        }
+    }
+
+    /// The body is read whole: its connection is kept for the next request
+    /// when it may be and nothing unasked followed the body.
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        if let Some(connection) = self.connection.take()
+            && self.keep_alive
+            && connection.buf.is_empty()
+        {
+            self.pool.put(connection.stream);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncBufReadExt;
+    use tokio::net::TcpListener;
+
+    /// What the scripted upstream does with a request.
+    enum Answer {
+        Send(&'static [u8]),
+        SendAndClose(&'static [u8]),
+    }
+
+    /// A scripted upstream over real TCP: each connection's requests are
+    /// read (head and `content-length` body) and answered by `answer`,
+    /// given the request's number on its connection.
+    struct Scripted {
+        address: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        closed: Arc<tokio::sync::Notify>,
+    }
+
+    impl Scripted {
+        async fn start(answer: fn(usize) -> Answer) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let closed = Arc::new(tokio::sync::Notify::new());
+            let (count, notify) = (accepted.clone(), closed.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let notify = notify.clone();
+                    tokio::spawn(async move {
+                        let (read, mut write) = stream.into_split();
+                        let mut read = tokio::io::BufReader::new(read);
+                        for nth in 0.. {
+                            let mut length = 0;
+                            loop {
+                                let mut line = String::new();
+                                if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                    notify.notify_one();
+                                    return;
+                                }
+                                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                                    length = value.trim().parse().unwrap();
+                                }
+                                if line == "\r\n" {
+                                    break;
+                                }
+                            }
+                            let mut body = vec![0; length];
+                            read.read_exact(&mut body).await.unwrap();
+                            let (bytes, close) = match answer(nth) {
+                                Answer::Send(bytes) => (bytes, false),
+                                Answer::SendAndClose(bytes) => (bytes, true),
+                            };
+                            if write.write_all(bytes).await.is_err() || close {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            Self { address, accepted, closed }
+        }
+
+        fn client(&self) -> Client {
+            let ip = self.address.ip().to_string();
+            Client::new(&ip, self.address.port(), Duration::from_secs(5), 8, Duration::from_secs(60))
+        }
+
+        fn connections(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+    }
+
+    async fn post(client: &Client) -> Result<http::Response<Body>, SendError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, http::HeaderValue::from_static("upstream"));
+        client.send(&Method::POST, "/v1/chat/completions", &headers, &Bytes::from_static(b"{\"model\":\"m\"}")).await
+    }
+
+    async fn read_all(body: &mut Body) -> io::Result<Vec<u8>> {
+        let mut all = Vec::new();
+        while let Some(chunk) = body.next_chunk().await? {
+            all.extend_from_slice(&chunk);
+        }
+        Ok(all)
+    }
+
+    async fn wait_until(mut condition: impl FnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !condition() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("condition within 10 s");
+    }
+
+    const JSON: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"n\":1}";
+    const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+    const CUT: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this";
+
+    #[tokio::test]
+    async fn answers_read_to_their_end_leave_their_connection_for_the_next_request() {
+        let upstream = Scripted::start(|nth| Answer::Send(if nth % 2 == 0 { JSON } else { CHUNKED })).await;
+        let client = upstream.client();
+        for expected in ["{\"n\":1}", "abcde", "{\"n\":1}", "abcde"] {
+            let mut response = post(&client).await.unwrap();
+            assert_eq!(response.status(), http::StatusCode::OK);
+            assert_eq!(read_all(response.body_mut()).await.unwrap(), expected.as_bytes());
+            assert_eq!(client.idle_connections(), 1);
+        }
+        assert_eq!(upstream.connections(), 1, "one connection carried all four");
+    }
+
+    #[tokio::test]
+    async fn a_body_left_before_its_end_closes_its_connection() {
+        let upstream =
+            Scripted::start(|_| Answer::Send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n"))
+                .await;
+        let client = upstream.client();
+        let closed = upstream.closed.notified();
+        let mut response = post(&client).await.unwrap();
+        assert_eq!(response.body_mut().next_chunk().await.unwrap().as_deref(), Some(&b"abc"[..]));
+        // The upstream is still sending: the body waits for it.
+        assert!(tokio::time::timeout(Duration::from_millis(50), response.body_mut().next_chunk()).await.is_err());
+        drop(response);
+        tokio::time::timeout(Duration::from_secs(10), closed).await.expect("the upstream sees the connection close");
+        assert_eq!(client.idle_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error_and_one_without_length_ends_with_its_connection() {
+        let cut = Scripted::start(|_| Answer::SendAndClose(CUT)).await;
+        let mut response = post(&cut.client()).await.unwrap();
+        assert_eq!(response.body_mut().next_chunk().await.unwrap().as_deref(), Some(&b"only this"[..]));
+        let error = response.body_mut().next_chunk().await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+
+        let until_close = Scripted::start(|_| Answer::SendAndClose(b"HTTP/1.1 200 OK\r\n\r\nall of it")).await;
+        let client = until_close.client();
+        let mut response = post(&client).await.unwrap();
+        assert_eq!(read_all(response.body_mut()).await.unwrap(), b"all of it");
+        assert_eq!(client.idle_connections(), 0, "its end was the connection's");
+
+        let bad_chunks =
+            Scripted::start(|_| Answer::Send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nxyz\r\n")).await;
+        let mut response = post(&bad_chunks.client()).await.unwrap();
+        assert_eq!(response.body_mut().next_chunk().await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
+        let upstream = Scripted::start(|_| Answer::SendAndClose(JSON)).await;
+        let client = upstream.client();
+        let mut response = post(&client).await.unwrap();
+        assert_eq!(read_all(response.body_mut()).await.unwrap(), b"{\"n\":1}");
+        assert_eq!(client.idle_connections(), 1, "kept: the answer did not say it would close");
+        // Its close is seen (by the sweep, or when next taken) and the next
+        // request goes on a new connection.
+        wait_until(|| client.idle_connections() == 0).await;
+        let mut response = post(&client).await.unwrap();
+        assert_eq!(read_all(response.body_mut()).await.unwrap(), b"{\"n\":1}");
+        assert_eq!(upstream.connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn heads_that_are_garbage_endless_or_missing_are_errors() {
+        let garbage = Scripted::start(|_| Answer::Send(b"<html>502 Bad Gateway</html>\r\n\r\n")).await;
+        assert!(matches!(post(&garbage.client()).await, Err(SendError::Head(_))));
+        static ENDLESS: std::sync::LazyLock<&'static [u8]> = std::sync::LazyLock::new(|| {
+            let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+            while head.len() <= MAX_HEAD {
+                head.extend_from_slice(b"x-padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+            }
+            head.leak()
+        });
+        let endless = Scripted::start(|_| Answer::Send(&ENDLESS)).await;
+        assert!(matches!(post(&endless.client()).await, Err(SendError::Head(_))));
+        let silent = Scripted::start(|_| Answer::SendAndClose(b"")).await;
+        let error = post(&silent.client()).await.unwrap_err();
+        assert!(matches!(&error, SendError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof), "{error}");
+        assert!(!error.is_connect(), "the request was sent");
+    }
+
+    #[tokio::test]
+    async fn a_connection_refused_never_sent_the_request() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let client = Client::new("127.0.0.1", address.port(), Duration::from_secs(5), 8, Duration::from_secs(60));
+        let error = post(&client).await.unwrap_err();
+        assert!(error.is_connect(), "{error}");
+    }
+}
