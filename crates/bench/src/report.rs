@@ -297,14 +297,15 @@ pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
         );
     }
 
-    out.push_str("\n## (d) Memory\n\nResident set size (nginx: master and worker).\n\n| path | after start | after warm-up | with slow streams open |\n|---|---|---|---|\n");
+    out.push_str("\n## (d) Memory\n\nResident set size (nginx: master and worker). \"Before the streams\" is after the scenarios above ran on the same process (the HTTP/2 gateway is started for (d) alone).\n\n| path | after start | after warm-up | before the streams | with slow streams open |\n|---|---|---|---|---|\n");
     for m in &results.memory {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} ({} streams) |",
+            "| {} | {} | {} | {} | {} ({} streams) |",
             m.target,
             mib(m.idle_kib),
             mib(m.idle_after_warmup_kib),
+            mib(m.before_streams_kib),
             mib(m.with_streams_kib),
             m.streams_open
         );

@@ -136,6 +136,9 @@ pub struct Memory {
     pub target: &'static str,
     pub idle_kib: u64,
     pub idle_after_warmup_kib: u64,
+    /// Just before the streams open: after the scenarios before (d), which
+    /// ran on the same process.
+    pub before_streams_kib: u64,
     pub with_streams_kib: u64,
     pub streams_open: usize,
 }
@@ -410,13 +413,21 @@ async fn memory_with_streams(
 ) -> anyhow::Result<Memory> {
     println!("(d) memory with {} streams open: {}", plan.held_streams, target.name);
     let held_http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build()?;
+    let before_streams_kib = rss_kib(target.pid);
     let (held, open) = streams::hold_open(&held_http, target, plan.held_streams).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let with_streams_kib = rss_kib(target.pid);
     drop(held);
     // Let the cancelled streams wind down before the next target.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok(Memory { target: target.name, idle_kib, idle_after_warmup_kib, with_streams_kib, streams_open: open })
+    Ok(Memory {
+        target: target.name,
+        idle_kib,
+        idle_after_warmup_kib,
+        before_streams_kib,
+        with_streams_kib,
+        streams_open: open,
+    })
 }
 
 async fn many_keys(

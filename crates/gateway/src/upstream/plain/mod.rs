@@ -7,7 +7,7 @@
 //! the request and the connection's own task, that task), and every
 //! response chunk crossed from the connection's task to the request's.
 //! Here the request's task reads the socket itself, and a connection costs
-//! its socket and one read buffer (4 KiB while a stream waits for its next
+//! its socket and one read buffer (2 KiB while a stream waits for its next
 //! event). The request is written whole (head and body in one vectored
 //! write); the answer's head is parsed by `httparse`, as in hyper.
 //!
@@ -36,7 +36,7 @@ use head::{Framing, HeadError};
 const MAX_HEAD: usize = 64 * 1024;
 /// What a connection reads at a time at first: an event of a stream, or a
 /// small answer whole.
-const FIRST_READ: usize = 4 * 1024;
+const FIRST_READ: usize = 2 * 1024;
 /// What it reads at a time at most, for large answers.
 const MAX_READ: usize = 64 * 1024;
 
