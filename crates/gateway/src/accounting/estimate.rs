@@ -12,10 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 fn count(text: &str) -> u64 {
-    if text.is_empty() {
-        return 0;
-    }
-    tiktoken_rs::o200k_base_singleton().encode_with_special_tokens(text).len() as u64
+    super::tokens::count(text)
 }
 
 /// Where estimates run. Tokenizing up to megabytes of text, and building
@@ -132,7 +129,7 @@ fn as_estimate_job<T>(job: impl FnOnce() -> T) -> T {
 
 /// Builds the tokenizer ahead of the first estimate (it takes a moment).
 pub fn warm_up() {
-    let _ = count("warm up");
+    super::tokens::warm_up();
 }
 
 /// The text of a message, prompt or answer: each string ends with a line

@@ -12,6 +12,7 @@ pub mod pricing;
 pub mod sample;
 pub mod spool;
 pub mod tap;
+pub mod tokens;
 
 use std::path::PathBuf;
 use std::sync::Arc;
