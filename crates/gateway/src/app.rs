@@ -353,8 +353,9 @@ fn start_accounting(
     background.spawn(writer.run(records, cancel.clone()));
     background.spawn(accounting.clone().watch_prices(settings.pricing_reload_interval, cancel.clone()));
     background.spawn(maintain_ledger(store.clone(), settings.retention_days, cancel.clone()));
-    // The tokenizer is large (≈45 MB) and only needed when an upstream omits
-    // usage, so by default it is built at the first estimate.
+    // The tokenizer takes about 10 MB once built (briefly 45 MB while it is
+    // built) and is only needed when an upstream omits usage, so by default
+    // it is built at the first estimate.
     if settings.preload_tokenizer {
         background.spawn_blocking(estimate::warm_up);
     }

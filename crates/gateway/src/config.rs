@@ -244,7 +244,7 @@ pub struct AccountingConfig {
     pub write_timeout: Duration,
     /// Days of per-request records kept (0 = forever). Daily rollups are kept.
     pub retention_days: u32,
-    /// Build the tokenizer (about 45 MB) at start-up rather than at the first
+    /// Build the tokenizer (about 10 MB once built) at start-up rather than at the first
     /// request whose usage must be estimated.
     pub preload_tokenizer: bool,
 }
