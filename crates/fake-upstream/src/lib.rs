@@ -78,6 +78,7 @@ struct Shared {
     streams_started: AtomicUsize,
     streams_cancelled: AtomicUsize,
     streams_completed: AtomicUsize,
+    connections: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,7 +110,7 @@ impl FakeUpstream {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared { recording, defaults: Mutex::new(defaults), ..Shared::default() });
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(serve(listener, router(shared.clone()), stopped));
+        tokio::spawn(serve(listener, router(shared.clone()), shared.clone(), stopped));
         Ok(Self { addr, shared, _stop: stop })
     }
 
@@ -157,6 +158,11 @@ impl FakeUpstream {
     pub fn streams_completed(&self) -> usize {
         self.shared.streams_completed.load(Ordering::SeqCst)
     }
+
+    /// Connections accepted since start.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
 }
 
 /// Lets a handler drop its own connection without answering.
@@ -165,13 +171,14 @@ struct ConnectionKill(Arc<Notify>);
 
 /// Serves connections by hand (rather than `axum::serve`) so that a handler
 /// can close its connection without a response: the `reset` fault.
-async fn serve(listener: TcpListener, app: Router, mut stopped: oneshot::Receiver<()>) {
+async fn serve(listener: TcpListener, app: Router, shared: Arc<Shared>, mut stopped: oneshot::Receiver<()>) {
     loop {
         let accepted = tokio::select! {
             _ = &mut stopped => return,
             accepted = listener.accept() => accepted,
         };
         let Ok((tcp, _)) = accepted else { continue };
+        shared.connections.fetch_add(1, Ordering::SeqCst);
         let _ = tcp.set_nodelay(true);
         let kill = Arc::new(Notify::new());
         let app = app.clone();

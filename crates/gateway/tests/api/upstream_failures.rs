@@ -45,6 +45,38 @@ async fn a_connection_reset_before_the_answer_is_a_502_envelope() {
 }
 
 #[tokio::test]
+async fn one_upstream_connection_carries_request_after_request_and_a_broken_one_is_replaced() {
+    let gw = TestGateway::start().await;
+    for body in [CHAT, STREAM, CHAT, STREAM, CHAT] {
+        let response = gw.post_json("/v1/chat/completions", body).await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    assert_eq!(gw.fake.connections(), 1, "answers read to their end leave the connection for the next");
+
+    // The upstream closes the connection instead of answering: that request
+    // fails, and the next goes on a new connection.
+    gw.fake.enqueue_fault(Fault::Reset);
+    assert_eq!(gw.post_json("/v1/chat/completions", CHAT).await.status(), 502);
+    let response = gw.post_json("/v1/chat/completions", CHAT).await;
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    assert_eq!(gw.fake.connections(), 2);
+
+    // A stream cut mid-way leaves its connection unusable: the next request
+    // opens another.
+    gw.fake.enqueue_fault(Fault::DropMidStream { after_chunks: 2 });
+    let cut = gw.post_json("/v1/chat/completions", STREAM).await;
+    assert_eq!(cut.status(), 200);
+    let relayed = String::from_utf8(cut.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(relayed.contains("\"error\""), "the client is told the stream broke: {relayed}");
+    let response = gw.post_json("/v1/chat/completions", CHAT).await;
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    assert_eq!(gw.fake.connections(), 3);
+}
+
+#[tokio::test]
 async fn an_upstream_that_does_not_answer_in_time_is_a_504_envelope() {
     let gw = TestGateway::start_with(|c| c.upstream.first_byte_timeout = Duration::from_millis(300)).await;
     gw.fake.enqueue_fault(Fault::Stall);
