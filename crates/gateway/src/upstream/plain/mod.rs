@@ -311,6 +311,7 @@ impl Body {
 
 #[cfg(test)]
 mod tests {
+    use super::pool::tests::wait_until;
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncBufReadExt;
@@ -399,16 +400,6 @@ mod tests {
             all.extend_from_slice(&chunk);
         }
         Ok(all)
-    }
-
-    async fn wait_until(mut condition: impl FnMut() -> bool) {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while !condition() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("condition within 10 s");
     }
 
     const JSON: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"n\":1}";

@@ -127,7 +127,7 @@ fn is_open(stream: &TcpStream) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
@@ -138,7 +138,8 @@ mod tests {
         (client.unwrap(), accepted.unwrap().0)
     }
 
-    async fn wait_until(mut condition: impl FnMut() -> bool) {
+    /// Waits until `condition` holds, at most 10 s (also the client's tests').
+    pub(in crate::upstream::plain) async fn wait_until(mut condition: impl FnMut() -> bool) {
         tokio::time::timeout(Duration::from_secs(10), async {
             while !condition() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
