@@ -12,6 +12,8 @@ use crate::proxy::forward::monotonic_ms;
 /// How often idle connections are looked over, at most: one the upstream
 /// closed is dropped within this, instead of lingering half-closed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// And at least: a tiny `pool_idle_timeout` does not make the sweeper spin.
+const SWEEP_AT_MOST_EVERY: Duration = Duration::from_millis(100);
 
 pub struct Pool {
     /// Oldest first; connections are taken from the back.
@@ -27,10 +29,12 @@ struct Idle {
 }
 
 impl Pool {
+    /// Keeps at most `max_idle` connections for `idle_timeout` each; none
+    /// when either is zero.
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Self {
             idle: Mutex::new(Vec::new()),
-            max_idle,
+            max_idle: if idle_timeout.is_zero() { 0 } else { max_idle },
             idle_timeout_ms: u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX),
             sweeping: AtomicBool::new(false),
         }
@@ -106,7 +110,7 @@ impl Pool {
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let pool: Weak<Self> = Arc::downgrade(self);
-        let every = SWEEP_EVERY.min(Duration::from_millis(self.idle_timeout_ms.max(1)));
+        let every = Duration::from_millis(self.idle_timeout_ms).clamp(SWEEP_AT_MOST_EVERY, SWEEP_EVERY);
         runtime.spawn(async move {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -195,6 +199,10 @@ pub(super) mod tests {
         let (d, _pd) = pair(&listener).await;
         off.put(d);
         assert_eq!(off.idle(), 0, "pool_max_idle_per_host = 0 keeps none");
+        let no_time = Arc::new(Pool::new(8, Duration::ZERO));
+        let (e, _pe) = pair(&listener).await;
+        no_time.put(e);
+        assert_eq!(no_time.idle(), 0, "pool_idle_timeout = 0 keeps none");
     }
 
     #[tokio::test]
