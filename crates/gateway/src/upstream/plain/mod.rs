@@ -131,26 +131,45 @@ impl Client {
     }
 
     async fn connect(&self) -> io::Result<TcpStream> {
-        let connecting = async {
-            match &self.address {
-                Address::Ip(address) => TcpStream::connect(address).await,
-                Address::Name(host, port) => {
-                    let mut last = None;
-                    for address in tokio::net::lookup_host((host.as_str(), *port)).await? {
-                        match TcpStream::connect(address).await {
-                            Ok(stream) => return Ok(stream),
-                            Err(e) => last = Some(e),
+        let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connecting to the upstream timed out");
+        let stream = match &self.address {
+            Address::Ip(address) => tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
+                .await
+                .map_err(|_| timed_out())??,
+            Address::Name(host, port) => {
+                let deadline = tokio::time::Instant::now() + self.connect_timeout;
+                let addresses: Vec<SocketAddr> =
+                    tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.as_str(), *port)))
+                        .await
+                        .map_err(|_| timed_out())??
+                        .collect();
+                // Each address gets an equal share of what is left, as
+                // hyper's connector gives them: one that never answers does
+                // not use up the time of the others.
+                let mut last = None;
+                let mut connected = None;
+                for (i, address) in addresses.iter().enumerate() {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let share = left / u32::try_from(addresses.len() - i).unwrap_or(u32::MAX);
+                    match tokio::time::timeout(share, TcpStream::connect(address)).await {
+                        Ok(Ok(stream)) => {
+                            connected = Some(stream);
+                            break;
                         }
+                        Ok(Err(e)) => last = Some(e),
+                        Err(_) => last = Some(timed_out()),
                     }
-                    Err(last.unwrap_or_else(|| {
-                        io::Error::new(io::ErrorKind::NotFound, "the upstream's host resolved to no address")
-                    }))
+                }
+                match connected {
+                    Some(stream) => stream,
+                    None => {
+                        return Err(last.unwrap_or_else(|| {
+                            io::Error::new(io::ErrorKind::NotFound, "the upstream's host resolved to no address")
+                        }));
+                    }
                 }
             }
         };
-        let stream = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting to the upstream timed out"))??;
         stream.set_nodelay(true)?;
         socket2::SockRef::from(&stream)
             .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)))?;
@@ -487,6 +506,21 @@ mod tests {
         let error = post(&silent.client()).await.unwrap_err();
         assert!(matches!(&error, SendError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof), "{error}");
         assert!(!error.is_connect(), "the request was sent");
+    }
+
+    #[tokio::test]
+    async fn a_host_name_is_resolved_and_its_addresses_tried_in_turn() {
+        let upstream = Scripted::start(|_| Answer::Send(JSON)).await;
+        // `localhost` may resolve to ::1 first, where nothing listens: the
+        // next address is tried.
+        let client =
+            Client::new("localhost", upstream.address.port(), Duration::from_secs(5), 8, Duration::from_secs(60));
+        assert!(matches!(client.address, Address::Name(ref host, _) if host == "localhost"));
+        let mut response = post(&client).await.unwrap();
+        assert_eq!(read_all(response.body_mut()).await.unwrap(), b"{\"n\":1}");
+
+        let v6 = Client::new("[::1]", 8080, Duration::from_secs(5), 8, Duration::from_secs(60));
+        assert!(matches!(v6.address, Address::Ip(address) if address == "[::1]:8080".parse().unwrap()));
     }
 
     #[tokio::test]
