@@ -1,7 +1,9 @@
 //! A request's head as it goes on the wire, and a response's head as it
 //! comes back: status, headers, and how its body is framed.
 
-use bytes::{Buf, BytesMut};
+use std::mem::MaybeUninit;
+
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
@@ -70,13 +72,16 @@ pub enum HeadError {
 /// does not hold all of it. Interim (1xx) responses are skipped.
 pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, HeadError> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut slots);
-        let len = match parsed.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(HeadError::Invalid(e.to_string())),
-        };
+        // Slots left uninitialised: an array of `EMPTY_HEADER`s is written
+        // whole (3 KiB) before every parse.
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len =
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(HeadError::Invalid(e.to_string())),
+            };
         let code = parsed.code.unwrap_or_default();
         let status = StatusCode::from_u16(code).map_err(|_| HeadError::Invalid(format!("status {code}")))?;
         if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -87,12 +92,23 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Resp
             continue;
         }
         let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+        // One copy of the head that every value points into, rather than
+        // an allocation per value. A copy, not the read buffer itself: a
+        // value kept for a long stream would otherwise keep that buffer.
+        let head = Bytes::copy_from_slice(&buf[..len]);
+        let start_of_head = buf.as_ptr().addr();
         let mut headers = HeaderMap::with_capacity(parsed.headers.len());
         for header in parsed.headers.iter() {
             let name = HeaderName::from_bytes(header.name.as_bytes())
                 .map_err(|_| HeadError::Invalid(format!("header name {:?}", header.name)))?;
-            let value = HeaderValue::from_bytes(header.value)
-                .map_err(|_| HeadError::Invalid(format!("value of {}", header.name)))?;
+            // httparse hands out slices of `buf`'s head.
+            let start = header.value.as_ptr().addr().wrapping_sub(start_of_head);
+            let within_head = start.checked_add(header.value.len()).filter(|&end| end <= head.len());
+            let value = match within_head {
+                Some(end) => HeaderValue::from_maybe_shared(head.slice(start..end)),
+                None => HeaderValue::from_bytes(header.value),
+            }
+            .map_err(|_| HeadError::Invalid(format!("value of {}", header.name)))?;
             headers.append(name, value);
         }
         buf.advance(len);
@@ -197,6 +213,22 @@ mod tests {
         assert_eq!(head.framing, Framing::Length(2));
         assert!(head.keep_alive);
         assert_eq!(&buf[..], b"{}");
+    }
+
+    #[test]
+    fn header_values_are_the_upstreams_bytes_and_outlive_the_read_buffer() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nx-empty:\r\nset-cookie: a=1\r\nX-Vendor:  caf\xe9 \t\r\nset-cookie: b=2\r\ncontent-length: 3\r\n\r\nabc"[..],
+        );
+        let head = parse_response(&mut buf, &Method::POST).unwrap().unwrap();
+        // The read buffer is reused for the next answer on the connection.
+        buf.clear();
+        buf.extend_from_slice(&[b'z'; 512]);
+        assert_eq!(head.headers["x-empty"], "");
+        assert_eq!(head.headers["x-vendor"].as_bytes(), b"caf\xe9", "surrounding whitespace trimmed, obs-text kept");
+        let cookies: Vec<_> = head.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"], "repeated headers kept in order");
+        assert_eq!(head.headers.len(), 5);
     }
 
     #[test]

@@ -210,7 +210,10 @@ impl Connection {
 
     async fn read_head(&mut self, method: &Method) -> Result<head::ResponseHead, SendError> {
         loop {
-            if let Some(head) = head::parse_response(&mut self.buf, method)? {
+            // Nothing to parse before the first read.
+            if !self.buf.is_empty()
+                && let Some(head) = head::parse_response(&mut self.buf, method)?
+            {
                 return Ok(head);
             }
             if self.buf.len() >= MAX_HEAD {
