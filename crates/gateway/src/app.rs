@@ -110,10 +110,11 @@ impl Application {
                 "no bootstrap admin token configured; only admin tokens already issued can use the admin API"
             );
         }
-        let upstream = Arc::new(Upstream::new(&config.upstream)?);
+        let opened = |name: &str| metrics.upstream_connections_opened.with_label_values(&[name]);
+        let upstream = Arc::new(Upstream::new(&config.upstream, opened("default"))?);
         let mut by_name = std::collections::HashMap::from([("default".to_owned(), upstream.clone())]);
         for extra in &config.upstreams {
-            by_name.insert(extra.name.clone(), Arc::new(Upstream::new(extra)?));
+            by_name.insert(extra.name.clone(), Arc::new(Upstream::new(extra, opened(&extra.name))?));
         }
         // Key files are reread when they change: a key rotates without a restart.
         let with_key_files = std::iter::once(("default", &config.upstream))

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub shared_corrections_waiting: IntGauge,
     pub shared_lease_admissions: IntCounter,
     pub upstream_attempts: IntCounterVec,
+    pub upstream_connections_opened: IntCounterVec,
     pub breakers_open: IntGauge,
     pub upstream_keys_set_aside: IntCounter,
     pub ledger_write_failures: IntCounter,
@@ -260,6 +261,12 @@ impl Metrics {
                 "Attempts sent upstream by upstream, route target (`-` without a route) and outcome \
                  (ok, client_error, rate_limited, server_error, timeout, connect).",
                 &["upstream", "target", "outcome"],
+            )?,
+            upstream_connections_opened: r.counter(
+                "upstream_connections_opened_total",
+                "Connections opened to each upstream (TCP, and TLS on https). With keep-alive working it \
+                 grows far slower than upstream_attempts_total; growing with it, connections are not reused.",
+                &["upstream"],
             )?,
             breakers_open: r.gauge("breakers_open", "Route targets whose circuit breaker is open or half-open.")?,
             upstream_keys_set_aside: r.plain_counter(

@@ -18,6 +18,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus::IntCounter;
 use secrecy::ExposeSecret;
 
 use tollgate_openai::Api;
@@ -118,7 +119,35 @@ impl From<UpstreamFailure> for GatewayError {
 /// about a seventh of the gateway's CPU per proxied request (callgrind).
 /// The gateway needs none of that: one base URL, no redirects, no proxies,
 /// no decompression.
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpClient = Client<HttpsConnector<Counted>, Full<Bytes>>;
+
+/// hyper-util's connector, counting the connections it opens.
+#[derive(Clone)]
+struct Counted {
+    inner: HttpConnector,
+    opened: IntCounter,
+}
+
+impl tower::Service<Uri> for Counted {
+    type Response = <HttpConnector as tower::Service<Uri>>::Response;
+    type Error = <HttpConnector as tower::Service<Uri>>::Error;
+    // Boxed: a new connection is rare next to the requests it carries.
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let opened = self.opened.clone();
+        Box::pin(async move {
+            let connection = connecting.await?;
+            opened.inc();
+            Ok(connection)
+        })
+    }
+}
 
 /// An API root and, when requests to it go over HTTP/1, the `Host` header
 /// they carry. hyper-util would otherwise format that header from the URI
@@ -194,7 +223,9 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Self, UpstreamSetupError> {
+    /// The client for one configured upstream; each connection it opens is
+    /// counted in `opened`.
+    pub fn new(config: &UpstreamConfig, opened: IntCounter) -> Result<Self, UpstreamSetupError> {
         install_crypto_provider();
 
         let env_key = match &config.api_key_file {
@@ -229,6 +260,7 @@ impl Upstream {
         let builder = hyper_rustls::HttpsConnectorBuilder::new().try_with_platform_verifier()?.https_or_http();
         // https: ALPN offers what the protocol allows; plain http: HTTP/2 only
         // by prior knowledge (`http2`), else HTTP/1.1.
+        let http = Counted { inner: http, opened: opened.clone() };
         let connector = match config.protocol {
             UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
             UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
@@ -249,13 +281,16 @@ impl Upstream {
         };
         let plain = parsed.scheme_str() == Some("http") && config.protocol != UpstreamProtocol::Http2;
         let transport = if plain {
-            Transport::Plain(plain::Client::new(
-                parsed.host().unwrap_or_default(),
-                parsed.port_u16().unwrap_or(80),
-                config.connect_timeout,
-                config.pool_max_idle_per_host,
-                config.pool_idle_timeout,
-            ))
+            Transport::Plain(
+                plain::Client::new(
+                    parsed.host().unwrap_or_default(),
+                    parsed.port_u16().unwrap_or(80),
+                    config.connect_timeout,
+                    config.pool_max_idle_per_host,
+                    config.pool_idle_timeout,
+                )
+                .counting_connections(opened),
+            )
         } else {
             Transport::Pooled(lanes::Lanes::new(multiplexed, config.http2_streams_per_connection, move || {
                 builder.build(connector.clone())
@@ -586,10 +621,11 @@ mod tests {
     #[test]
     fn base_urls_must_be_http_or_https_roots() {
         let with = |url: &str| UpstreamConfig { base_url: url.to_owned(), ..UpstreamConfig::default() };
-        assert!(Upstream::new(&with("https://api.cometapi.com/v1/")).is_ok());
-        assert!(Upstream::new(&with("http://127.0.0.1:9/v1")).is_ok());
+        let opened = || IntCounter::new("opened", "opened").unwrap();
+        assert!(Upstream::new(&with("https://api.cometapi.com/v1/"), opened()).is_ok());
+        assert!(Upstream::new(&with("http://127.0.0.1:9/v1"), opened()).is_ok());
         for bad in ["ftp://x/v1", "/v1", "https://x/v1?a=b", "not a url"] {
-            assert!(matches!(Upstream::new(&with(bad)), Err(UpstreamSetupError::BaseUrl(_))), "{bad}");
+            assert!(matches!(Upstream::new(&with(bad), opened()), Err(UpstreamSetupError::BaseUrl(_))), "{bad}");
         }
     }
 

@@ -139,6 +139,13 @@ impl TestGateway {
         format!("http://{}{path}", self.admin_addr)
     }
 
+    /// One series' value from `/metrics` (`name` or `name{labels}`, as
+    /// scraped), failing the test when it is not there.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let metrics = self.anonymous.get(self.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        scraped_value(&metrics, series).unwrap_or_else(|| panic!("no {series} in {metrics}"))
+    }
+
     /// An admin call with the bootstrap token; returns status and JSON body.
     pub async fn admin(
         &self,

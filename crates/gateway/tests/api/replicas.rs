@@ -352,11 +352,6 @@ async fn alternately(a: &TestGateway, b: &TestGateway, n: usize) {
     }
 }
 
-async fn metric(gw: &TestGateway, series: &str) -> f64 {
-    let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
-    scraped_value(&metrics, series).unwrap_or_else(|| panic!("no {series} in {metrics}"))
-}
-
 /// Shuts both replicas down, then checks Redis holds, under `prefix`,
 /// exactly `requests` this minute, none in flight, and the budget
 /// committed to exactly its settled spend: nothing leased or reserved is
@@ -397,7 +392,7 @@ async fn leased_limits_are_given_back_at_shutdown_leaving_redis_exact() {
     let (a, b, _db, budget) = leasing_pair(&redis_url(), &prefix).await;
     alternately(&a, &b, 40).await;
     for gw in [&a, &b] {
-        let leased = metric(gw, "tollgate_shared_lease_admissions_total").await;
+        let leased = gw.metric("tollgate_shared_lease_admissions_total").await;
         assert!(leased >= 30.0, "most checks were admitted from leases: {leased}");
     }
     shut_down_leaving_redis_exact(a, b, &prefix, &budget, 40).await;
@@ -417,12 +412,12 @@ async fn leases_given_back_during_a_redis_outage_reach_it_once_it_answers() {
     // A second idle, each replica gives its leases back; that cannot reach
     // Redis, so it waits.
     for gw in [&a, &b] {
-        let waiting = async || metric(gw, "tollgate_shared_corrections_waiting").await > 0.0;
+        let waiting = async || gw.metric("tollgate_shared_corrections_waiting").await > 0.0;
         wait_until("the give-backs wait for Redis", PATIENCE, waiting).await;
     }
     link.restore().await;
     for gw in [&a, &b] {
-        let applied = async || metric(gw, "tollgate_shared_corrections_waiting").await == 0.0;
+        let applied = async || gw.metric("tollgate_shared_corrections_waiting").await == 0.0;
         wait_until("the give-backs are applied once Redis answers", PATIENCE, applied).await;
     }
     shut_down_leaving_redis_exact(a, b, &prefix, &budget, 40).await;
@@ -453,9 +448,9 @@ async fn clients_leaving_mid_stream_leave_leased_counters_exact() {
         assert!(stream.next().await.unwrap().unwrap().starts_with(b"data: "));
     }
     for gw in [&a, &b] {
-        let settled = async || metric(gw, "tollgate_in_flight_requests").await == 0.0;
+        let settled = async || gw.metric("tollgate_in_flight_requests").await == 0.0;
         wait_until("the abandoned streams are settled", PATIENCE, settled).await;
-        assert!(metric(gw, "tollgate_shared_lease_admissions_total").await >= 5.0, "the replica leased");
+        assert!(gw.metric("tollgate_shared_lease_admissions_total").await >= 5.0, "the replica leased");
     }
     assert_eq!(a.fake.streams_cancelled() + b.fake.streams_cancelled(), 4);
     shut_down_leaving_redis_exact(a, b, &prefix, &budget, 14).await;

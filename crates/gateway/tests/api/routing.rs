@@ -483,6 +483,11 @@ async fn an_upstream_can_be_spoken_to_in_http2_over_plain_http() {
     assert!(backup.requests().iter().all(|r| r.version == http::Version::HTTP_2), "prior-knowledge HTTP/2");
     chat(&gw, &json!({"model": "gpt-4.1", "messages": []})).await;
     assert_eq!(gw.fake.requests()[0].version, http::Version::HTTP_11, "the default upstream stays on HTTP/1.1");
+    // Each upstream's connections are counted under its name, whichever
+    // client carries them: both requests to `backup` shared one.
+    assert_eq!(gw.metric(r#"tollgate_upstream_connections_opened_total{upstream="backup"}"#).await, 1.0);
+    assert_eq!(backup.connections(), 1);
+    assert_eq!(gw.metric(r#"tollgate_upstream_connections_opened_total{upstream="default"}"#).await, 1.0);
 }
 
 #[tokio::test]

@@ -53,6 +53,8 @@ async fn one_upstream_connection_carries_request_after_request_and_a_broken_one_
         response.bytes().await.unwrap();
     }
     assert_eq!(gw.fake.connections(), 1, "answers read to their end leave the connection for the next");
+    let opened = async || gw.metric(r#"tollgate_upstream_connections_opened_total{upstream="default"}"#).await;
+    assert_eq!(opened().await, 1.0, "the connections the upstream saw are the ones counted");
 
     // The upstream closes the connection instead of answering: that request
     // fails, and the next goes on a new connection.
@@ -62,6 +64,7 @@ async fn one_upstream_connection_carries_request_after_request_and_a_broken_one_
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
     assert_eq!(gw.fake.connections(), 2);
+    assert_eq!(opened().await, 2.0);
 
     // A stream cut mid-way leaves its connection unusable: the next request
     // opens another.
@@ -74,6 +77,7 @@ async fn one_upstream_connection_carries_request_after_request_and_a_broken_one_
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
     assert_eq!(gw.fake.connections(), 3);
+    assert_eq!(opened().await, 3.0);
 }
 
 #[tokio::test]

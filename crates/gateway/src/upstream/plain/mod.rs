@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method};
+use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -52,6 +53,7 @@ pub struct Client {
     address: Address,
     connect_timeout: Duration,
     pool: Arc<pool::Pool>,
+    opened: Option<IntCounter>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +81,13 @@ impl Client {
             Ok(ip) => Address::Ip(SocketAddr::new(ip, port)),
             Err(_) => Address::Name(bare.to_owned(), port),
         };
-        Self { address, connect_timeout, pool: Arc::new(pool::Pool::new(max_idle, idle_timeout)) }
+        Self { address, connect_timeout, pool: Arc::new(pool::Pool::new(max_idle, idle_timeout)), opened: None }
+    }
+
+    /// Counts each connection opened in `opened`.
+    pub fn counting_connections(mut self, opened: IntCounter) -> Self {
+        self.opened = Some(opened);
+        self
     }
 
     /// Sends a request and reads its answer's head. `headers` include
@@ -126,6 +134,9 @@ impl Client {
 
     async fn connect_and_write(&self, head: &[u8], body: &Bytes) -> Result<Connection, SendError> {
         let mut connection = Connection::new(self.connect().await.map_err(SendError::Connect)?);
+        if let Some(opened) = &self.opened {
+            opened.inc();
+        }
         connection.write_request(head, body).await.map_err(SendError::Io)?;
         Ok(connection)
     }
