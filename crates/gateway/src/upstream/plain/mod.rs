@@ -100,11 +100,11 @@ impl Client {
         body: &Bytes,
     ) -> Result<http::Response<Body>, SendError> {
         let head = head::encode_request(method, path_and_query, headers, body.len());
-        let mut connection = match self.pool.take() {
+        let (mut connection, written) = match self.pool.take() {
             Some(stream) => {
                 let mut reused = Connection::new(stream);
                 match reused.write_request(&head, body).await {
-                    Ok(()) => reused,
+                    Ok(()) => (reused, Ok(())),
                     // The upstream closed the idle connection just as it was
                     // taken: the request did not reach it whole, so it goes
                     // once more on a new connection.
@@ -113,7 +113,18 @@ impl Client {
             }
             None => self.connect_and_write(&head, body).await?,
         };
-        let head = connection.read_head(method).await?;
+        let cut_short = written.is_err();
+        let mut head = match written {
+            Ok(()) => connection.read_head(method).await?,
+            // An upstream may answer before it has read the whole body (a
+            // 413 from a proxy in front of a model server) and close the
+            // connection unread, which resets it and fails the write. Its
+            // answer is still there to read; without one, the write's
+            // error stands.
+            Err(error) => connection.read_head(method).await.map_err(|_| SendError::Io(error))?,
+        };
+        // A request cut short leaves the connection in no state to reuse.
+        head.keep_alive &= !cut_short;
         let state = match head.framing {
             Framing::Empty => BodyState::Done,
             Framing::Length(n) => BodyState::Length(n),
@@ -132,13 +143,14 @@ impl Client {
         Ok(response)
     }
 
-    async fn connect_and_write(&self, head: &[u8], body: &Bytes) -> Result<Connection, SendError> {
+    /// A new connection and how writing the request on it went.
+    async fn connect_and_write(&self, head: &[u8], body: &Bytes) -> Result<(Connection, io::Result<()>), SendError> {
         let mut connection = Connection::new(self.connect().await.map_err(SendError::Connect)?);
         if let Some(opened) = &self.opened {
             opened.inc();
         }
-        connection.write_request(head, body).await.map_err(SendError::Io)?;
-        Ok(connection)
+        let written = connection.write_request(head, body).await;
+        Ok((connection, written))
     }
 
     async fn connect(&self) -> io::Result<TcpStream> {
@@ -419,6 +431,41 @@ mod tests {
         fn connections(&self) -> usize {
             self.accepted.load(Ordering::SeqCst)
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_sent_before_the_body_was_read_is_relayed_though_the_upstream_reset_the_connection() {
+        const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n\
+            content-length: 21\r\nconnection: close\r\n\r\n{\"error\":\"too large\"}";
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            // The head only, then the answer, then close with the body
+            // unread: the kernel resets the connection.
+            let mut head = Vec::new();
+            let mut byte = [0; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            stream.write_all(TOO_LARGE).await.unwrap();
+        });
+        let client = Client::new("127.0.0.1", address.port(), Duration::from_secs(5), 8, Duration::from_secs(60));
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, http::HeaderValue::from_static("upstream"));
+        // Far more than the socket buffers hold: the write is still going
+        // when the reset comes.
+        let body = Bytes::from(vec![b'x'; 64 << 20]);
+        let response = client
+            .send(&Method::POST, "/v1/chat/completions", &headers, &body)
+            .await
+            .expect("the upstream's answer, not the failed write");
+        assert_eq!(response.status(), 413);
+        let mut body = response.into_body();
+        assert_eq!(read_all(&mut body).await.unwrap(), b"{\"error\":\"too large\"}");
+        upstream.await.unwrap();
+        assert_eq!(client.pool.idle(), 0, "a connection whose request was cut short is not kept");
     }
 
     async fn post(client: &Client) -> Result<http::Response<Body>, SendError> {
