@@ -9,7 +9,9 @@
 //! Here the request's task reads the socket itself, and a connection costs
 //! its socket and one read buffer (2 KiB while a stream waits for its next
 //! event). The request is written whole (head and body in one vectored
-//! write); the answer's head is parsed by `httparse`, as in hyper.
+//! write); the answer's head is parsed by `httparse`, as in hyper. An
+//! answer the upstream sent before reading the whole body (then resetting
+//! the connection, which fails the write) is still read and relayed.
 //!
 //! What it does not do, because the gateway never needs it: request bodies
 //! that stream, `Expect: 100-continue`, upgrades, pipelining, proxies, TLS
