@@ -113,15 +113,24 @@ impl Drop for BackgroundThread {
     }
 }
 
-/// How often a gathering batch looks for new items.
-const GATHER_TICK: Duration = Duration::from_millis(10);
+/// How often a gathering batch looks for new items, at most and at least.
+/// Between the two, often enough that what arrives at the rate seen so far
+/// fills at most a quarter of the room left (in the batch, or in the
+/// channel if that is smaller) between looks: a slow flow is looked at a
+/// few times per batch rather than a hundred times a second, a fast one
+/// every 10 ms as before.
+const GATHER_TICK_MIN: Duration = Duration::from_millis(10);
+/// Short enough that a flow jumping from slow to full speed between two
+/// looks cannot fill a trace queue of the default size (8,192 spans at
+/// about 90,000 a second in the benchmark).
+const GATHER_TICK_MAX: Duration = Duration::from_millis(50);
 
 /// Fills `batch` from `items` until it holds `max`, `deadline` passes, the
 /// channel is closed and empty, or `cancel` fires. It takes what the channel
-/// holds every [`GATHER_TICK`] instead of waiting on it: a wait would have
-/// every item sent from the request runtime wake this thread (a system
-/// call and a context switch each, several microseconds per request), where
-/// polling wakes it a hundred times a second at most.
+/// holds every tick (see [`GATHER_TICK_MIN`]) instead of waiting on it: a
+/// wait would have every item sent from the request runtime wake this
+/// thread (a system call and a context switch each, several microseconds
+/// per request), where polling wakes it at most a hundred times a second.
 pub async fn gather<T>(
     items: &mut mpsc::Receiver<T>,
     batch: &mut Vec<T>,
@@ -129,6 +138,8 @@ pub async fn gather<T>(
     deadline: Instant,
     cancel: &CancellationToken,
 ) {
+    let started = Instant::now();
+    let held_at_start = batch.len();
     while batch.len() < max {
         if !items.is_empty() {
             // Returns at once: items are waiting.
@@ -139,12 +150,27 @@ pub async fn gather<T>(
         if items.is_closed() || now >= deadline || cancel.is_cancelled() {
             return;
         }
+        let room = (max - batch.len()).min(items.capacity());
+        let tick = next_tick(batch.len() - held_at_start, now - started, room);
         tokio::select! {
             biased;
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep_until((now + GATHER_TICK).min(deadline)) => {}
+            () = tokio::time::sleep_until((now + tick).min(deadline)) => {}
         }
     }
+}
+
+/// How long until the next look: `taken` items arrived in `elapsed`, and
+/// `room` more can be held before something must give.
+fn next_tick(taken: usize, elapsed: Duration, room: usize) -> Duration {
+    if elapsed.is_zero() {
+        // No rate yet: the items that started the batch came at once.
+        return GATHER_TICK_MIN;
+    }
+    // None in `elapsed` bounds the rate as one would.
+    let quarter_room = (room / 4).max(1) as f64;
+    let per_item = elapsed.as_secs_f64() / taken.max(1) as f64;
+    Duration::from_secs_f64(per_item * quarter_room).clamp(GATHER_TICK_MIN, GATHER_TICK_MAX)
 }
 
 /// Lowers the calling thread's priority: on Linux, `setpriority` for "the
@@ -213,6 +239,25 @@ mod tests {
         let mut batch = Vec::new();
         gather(&mut rx, &mut batch, 100, Instant::now() + Duration::from_secs(1), &cancel).await;
         assert_eq!(batch, [1]);
+    }
+
+    #[test]
+    fn a_slow_flow_is_looked_at_rarely_and_a_fast_one_every_tick() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_tick(6, Duration::ZERO, 100), GATHER_TICK_MIN, "no rate yet");
+        // A ledger at 1,000 records a second, batches of 5,000: a look per
+        // 50 ms instead of per 10.
+        assert_eq!(next_tick(10, ms(10), 5_000), GATHER_TICK_MAX);
+        // Spans at 4,000 a second into batches of 512: a quarter of the
+        // room (128) arrives in 32 ms.
+        assert_eq!(next_tick(40, ms(10), 512), ms(32));
+        // At 88,000 a second the floor holds.
+        assert_eq!(next_tick(880, ms(10), 512), GATHER_TICK_MIN);
+        // The channel's room counts when it is the smaller.
+        assert_eq!(next_tick(40, ms(10), 100), GATHER_TICK_MIN, "25 items arrive in 6 ms");
+        // Nothing arrived: at most one item per the time waited so far.
+        assert_eq!(next_tick(0, ms(20), 8), GATHER_TICK_MAX.min(ms(40)));
+        assert_eq!(next_tick(0, ms(10), 4), GATHER_TICK_MIN);
     }
 
     #[test]
