@@ -11,9 +11,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-fn count(text: &str) -> u64 {
-    super::tokens::count(text)
-}
+use super::tokens::count;
 
 /// Where estimates run. Tokenizing up to megabytes of text, and building
 /// the tokenizer the first time (tens of MB of tables, a large fraction of

@@ -375,6 +375,14 @@ impl Upstream {
     /// percent-encoded as the client sent it.
     pub async fn send(&self, outbound: Outbound<'_>, body: Option<Bytes>) -> Result<UpstreamResponse, UpstreamFailure> {
         let root = if outbound.api == Api::Gemini { &self.gemini_base } else { &self.base };
+        let permit = match &self.in_flight {
+            None => None,
+            Some(cap) => Some(
+                cap.clone()
+                    .try_acquire_owned()
+                    .map_err(|_| UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::AtCapacity })?,
+            ),
+        };
         // Paths are the gateway's own routes and checked identifiers, so
         // they are valid here; were one not, the request never leaves.
         let invalid = UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::Unreachable };
@@ -385,15 +393,6 @@ impl Upstream {
                 (Via::Pooled(client, uri), place)
             }
             Transport::Plain(client) => (Via::Plain(client, root.request_target(outbound.path).ok_or(invalid)?), None),
-        };
-
-        let permit = match &self.in_flight {
-            None => None,
-            Some(cap) => Some(
-                cap.clone()
-                    .try_acquire_owned()
-                    .map_err(|_| UpstreamFailure { phase: Phase::BeforeSend, kind: FailureKind::AtCapacity })?,
-            ),
         };
         let method = outbound.method.clone();
         let mut response = self.send_with_keys(via, method, root.host.as_ref(), &outbound, body).await?;
