@@ -10,8 +10,8 @@
 //! its socket and one read buffer (2 KiB while a stream waits for its next
 //! event). The request is written whole (head and body in one vectored
 //! write); the answer's head is parsed by `httparse`, as in hyper. An
-//! answer the upstream sent before reading the whole body (then resetting
-//! the connection, which fails the write) is still read and relayed.
+//! answer the upstream sends before it has read the whole body is relayed,
+//! whether it then resets the connection or only stops reading.
 //!
 //! What it does not do, because the gateway never needs it: request bodies
 //! that stream, `Expect: 100-continue`, upgrades, pipelining, proxies, TLS
@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method};
 use prometheus::IntCounter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use chunked::{ChunkedDecoder, Decoded};
@@ -220,11 +220,42 @@ impl Connection {
         Self { stream, buf: BytesMut::new(), read_size: FIRST_READ }
     }
 
+    /// Writes the request. While a large body waits for room to be sent,
+    /// the connection is also watched for an answer: an upstream may answer
+    /// before it has read the body (a 413) and then neither read on nor
+    /// close. An answer (or the connection's end) stops the writing with an
+    /// error, and what arrived stays in the buffer for `read_head`.
     async fn write_request(&mut self, head: &[u8], body: &[u8]) -> io::Result<()> {
         let mut parts = [IoSlice::new(head), IoSlice::new(body)];
         let mut left: &mut [IoSlice<'_>] = &mut parts;
         while left.iter().any(|part| !part.is_empty()) {
-            let written = self.stream.write_vectored(left).await?;
+            // Nearly every request goes whole in this first write.
+            let written = match self.stream.try_write_vectored(left) {
+                Ok(written) => written,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::select! {
+                        biased;
+                        readable = self.stream.readable() => {
+                            readable?;
+                            self.buf.reserve(self.read_size);
+                            return match self.stream.try_read_buf(&mut self.buf) {
+                                Ok(0) => Err(io::Error::new(
+                                    io::ErrorKind::UnexpectedEof,
+                                    "the upstream closed the connection while the request was sent",
+                                )),
+                                Ok(_) => Err(io::Error::other("the upstream answered before the request was sent whole")),
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                                Err(e) => Err(e),
+                            };
+                        }
+                        writable = self.stream.writable() => {
+                            writable?;
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             if written == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -362,6 +393,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncBufReadExt;
+    use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
     /// What the scripted upstream does with a request.
@@ -468,6 +500,42 @@ mod tests {
         assert_eq!(read_all(&mut body).await.unwrap(), b"{\"error\":\"too large\"}");
         upstream.await.unwrap();
         assert_eq!(client.pool.idle(), 0, "a connection whose request was cut short is not kept");
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_is_relayed_though_the_upstream_neither_reads_on_nor_closes() {
+        const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (done, mut finished) = tokio::sync::oneshot::channel::<()>();
+        let upstream = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            stream.write_all(TOO_LARGE).await.unwrap();
+            // Holds the connection, reading nothing more, until the test ends.
+            let _ = (&mut finished).await;
+            drop(stream);
+        });
+        let client = Client::new("127.0.0.1", address.port(), Duration::from_secs(5), 8, Duration::from_secs(60));
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, http::HeaderValue::from_static("upstream"));
+        let body = Bytes::from(vec![b'x'; 64 << 20]);
+        let sent = client.send(&Method::POST, "/v1/chat/completions", &headers, &body);
+        let response = tokio::time::timeout(Duration::from_secs(10), sent)
+            .await
+            .expect("the answer, without waiting for the body to be read")
+            .expect("the upstream's answer");
+        assert_eq!(response.status(), 413);
+        let mut body = response.into_body();
+        assert_eq!(read_all(&mut body).await.unwrap(), b"too large");
+        assert_eq!(client.pool.idle(), 0, "a connection whose request was cut short is not kept");
+        done.send(()).unwrap();
+        upstream.await.unwrap();
     }
 
     async fn post(client: &Client) -> Result<http::Response<Body>, SendError> {
