@@ -160,7 +160,9 @@ pub struct RedisConfig {
     /// How many requests' worth of each shared limit and budget a replica
     /// takes from Redis at a time and admits from by itself (at most a 64th
     /// of the limit; limits too small for two requests' worth are checked
-    /// in Redis request by request). 0: every admission asks Redis.
+    /// in Redis request by request). The smallest block: a replica that
+    /// uses its blocks up fast takes larger ones (see `shared::lease`).
+    /// 0: every admission asks Redis.
     pub lease_requests: u64,
 }
 

@@ -829,7 +829,9 @@ impl Shared {
             }
             let key = queued.lease_key(i);
             match admitted {
-                Some(numbers) => self.leases.granted(key, numbers[1 + n + i], numbers[1 + i], queued.limit(i), now),
+                Some(numbers) => {
+                    self.leases.granted(key, queued.extra(i), numbers[1 + n + i], numbers[1 + i], queued.limit(i), now);
+                }
                 None => self.leases.not_granted(key),
             }
         }
@@ -1733,9 +1735,13 @@ mod tests {
         // Two more leave 31 of the block, below half of it: one top-up.
         assert!(matches!(shared.admit(&rpm).await, Some(Verdict::Admitted(_))));
         assert!(matches!(shared.admit(&rpm).await, Some(Verdict::Admitted(_))));
-        until("the top-up is granted", || shared.leases.remaining("rpm@1") == Some(31 + 64)).await;
+        until("the top-up is granted", || shared.leases.remaining("rpm@1") > Some(31)).await;
         assert_eq!(shared.checks.calls.load(Ordering::Relaxed), 2);
-        assert_eq!(stored(&mut conn, &prefix, "rpm@1").await.0, Some(65 + 64));
+        // A block of 64, or twice that when the first ran low within
+        // `lease::FAST_MS` of its grant (this test's pace is the machine's).
+        let block = shared.leases.remaining("rpm@1").unwrap() - 31;
+        assert!(block == 64 || block == 128, "a block of {block}");
+        assert_eq!(stored(&mut conn, &prefix, "rpm@1").await.0, Some(65 + block));
 
         shared.give_back_leases(true);
         shared.flush().await;

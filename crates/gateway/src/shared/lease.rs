@@ -25,6 +25,17 @@
 //! Small limits never lease: a block must hold at least two requests'
 //! worth, so a limit of 10 requests a minute or 2 in flight is checked in
 //! Redis request by request, as exactly as before.
+//!
+//! A block starts at `redis.lease_requests` requests' worth and follows the
+//! replica's own pace: a lease that ran low within [`FAST_MS`] of its last
+//! block asks for twice as much next time, one that took longer than
+//! [`SLOW_MS`] for half as much (never below the configured size, never
+//! above a 64th of the limit). So a busy replica tops up a counter a few
+//! dozen times a second instead of once per 64 requests (at 20,000
+//! requests a second, about 300 script calls a second per counter; Redis
+//! runs every replica's calls one at a time), and what a replica can hold
+//! back from the others stays at about [`SLOW_MS`] of its own traffic, or a
+//! 64th of the limit when that is less.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +56,15 @@ const MOST_BLOCKS: i64 = 2;
 pub const IDLE_MS: u64 = 1_000;
 /// A lease in use is topped up (and its counter's TTL renewed) this often.
 const RENEW_MS: u64 = 5_000;
+/// A lease that runs low sooner than this after its last block asks for
+/// blocks twice as large.
+pub const FAST_MS: u64 = 50;
+/// A lease that runs low later than this after its last block asks for
+/// blocks half as large.
+pub const SLOW_MS: u64 = 400;
+/// The most a block grows: this many times the configured size (and never
+/// past a 64th of the limit).
+const MOST_SCALE: i64 = 256;
 
 /// One counter's lease.
 #[derive(Debug, Clone, Copy)]
@@ -64,11 +84,37 @@ struct Lease {
     topping_up: bool,
     /// The most it may hold: [`MOST_BLOCKS`] of the largest block granted.
     most: i64,
+    /// Its blocks, in configured blocks: 1, or grown by the pace of use.
+    scale: i64,
+    /// When its last block was granted.
+    block_ms: u64,
 }
 
 impl Lease {
     fn empty(seen: i64, limit: i64, now_ms: u64) -> Self {
-        Self { remaining: 0, seen, limit, renewed_ms: now_ms, used_ms: now_ms, topping_up: false, most: 0 }
+        Self {
+            remaining: 0,
+            seen,
+            limit,
+            renewed_ms: now_ms,
+            used_ms: now_ms,
+            topping_up: false,
+            most: 0,
+            scale: 1,
+            block_ms: now_ms,
+        }
+    }
+
+    /// Follows the pace the last block was used at, as it runs low at
+    /// `now_ms`: twice the blocks when it lasted under [`FAST_MS`], half
+    /// when it lasted over [`SLOW_MS`].
+    fn pace(&mut self, now_ms: u64) {
+        let lasted = now_ms.saturating_sub(self.block_ms);
+        if lasted < FAST_MS {
+            self.scale = (self.scale * 2).min(MOST_SCALE);
+        } else if lasted > SLOW_MS {
+            self.scale = (self.scale / 2).max(1);
+        }
     }
 }
 
@@ -156,8 +202,15 @@ impl Leases {
     /// this amount; 0 where leasing is off or the limit is too small for a
     /// block to hold two requests.
     pub fn block(&self, limit: i64, amount: i64) -> i64 {
+        self.scaled_block(limit, amount, 1)
+    }
+
+    /// [`Leases::block`], `scale` times over (still at most a 64th of the
+    /// limit).
+    fn scaled_block(&self, limit: i64, amount: i64, scale: i64) -> i64 {
         let unit = amount.max(1);
-        let block = unit.saturating_mul(self.requests_per_block).min(limit / BLOCK_SHARE_OF_LIMIT);
+        let block =
+            unit.saturating_mul(self.requests_per_block).saturating_mul(scale).min(limit / BLOCK_SHARE_OF_LIMIT);
         if block >= unit.saturating_mul(2) { block } else { 0 }
     }
 
@@ -185,11 +238,14 @@ impl Leases {
             if lease.topping_up {
                 continue;
             }
-            let block = self.block(want.limit, want.amount);
-            let low = lease.remaining < block / 2;
+            let low = lease.remaining < self.scaled_block(want.limit, want.amount, lease.scale) / 2;
+            if low {
+                lease.pace(now_ms);
+            }
             if low || now_ms.saturating_sub(lease.renewed_ms) >= RENEW_MS {
                 lease.topping_up = true;
-                top_ups.push(TopUp { index, extra: if low { block } else { 0 } });
+                let extra = if low { self.scaled_block(want.limit, want.amount, lease.scale) } else { 0 };
+                top_ups.push(TopUp { index, extra });
             }
         }
         drop(table);
@@ -203,12 +259,12 @@ impl Leases {
         wants
             .iter()
             .map(|w| {
-                let block = self.block(w.limit, w.amount);
-                if block == 0 {
+                if self.block(w.limit, w.amount) == 0 {
                     return 0;
                 }
                 let lease = table.entry(w.key, || Lease::empty(0, w.limit, now_ms));
                 lease.used_ms = now_ms;
+                let block = self.scaled_block(w.limit, w.amount, lease.scale);
                 // A block is on its way already, or this lease still has
                 // half of one.
                 if lease.topping_up || (lease.limit == w.limit && lease.remaining >= block / 2 + w.amount) {
@@ -238,9 +294,9 @@ impl Leases {
         Some(owed - excess)
     }
 
-    /// Redis granted `grant` more of `key` (0: renewed only) under `limit`,
-    /// leaving the counter at `value`.
-    pub fn granted(&self, key: &str, grant: i64, value: i64, limit: i64, now_ms: u64) {
+    /// Redis granted `grant` more of `key` (0: renewed only, or the block
+    /// `asked` for refused) under `limit`, leaving the counter at `value`.
+    pub fn granted(&self, key: &str, asked: i64, grant: i64, value: i64, limit: i64, now_ms: u64) {
         let mut table = lock(&self.table);
         let lease = table.entry(key, || Lease::empty(value, limit, now_ms));
         lease.remaining += grant;
@@ -248,6 +304,13 @@ impl Leases {
         lease.limit = limit;
         lease.most = lease.most.max(grant.saturating_mul(MOST_BLOCKS));
         lease.renewed_ms = now_ms;
+        if grant > 0 {
+            lease.block_ms = now_ms;
+        } else if asked > 0 {
+            // Near its limit (a block refused): smaller blocks may still
+            // be granted, down to the last few.
+            lease.scale = 1;
+        }
         lease.topping_up = false;
     }
 
@@ -324,12 +387,12 @@ mod tests {
         assert_eq!(leases.take(&wants, 0), Taken::Ask { extras: vec![64, 6_400] });
         // Asked already: the next request asks for none while they come.
         assert_eq!(leases.take(&wants, 0), Taken::Ask { extras: vec![0, 0] });
-        leases.granted("rpm", 64, 65, LIMIT, 0);
-        leases.granted("tpm", 50, 150, LIMIT, 0);
+        leases.granted("rpm", 64, 64, 65, LIMIT, 0);
+        leases.granted("tpm", 50, 50, 150, LIMIT, 0);
         // The token lease holds 50, less than 100: nothing is taken.
         assert!(matches!(leases.take(&wants, 1), Taken::Ask { .. }));
         assert_eq!((leases.remaining("rpm"), leases.remaining("tpm")), (Some(64), Some(50)));
-        leases.granted("tpm", 6_400, 6_550, LIMIT, 1);
+        leases.granted("tpm", 6_400, 6_400, 6_550, LIMIT, 1);
         let Taken::Leased { values, top_ups } = leases.take(&wants, 2) else { panic!("not leased") };
         assert_eq!(values, [65 - 63, 6_550 - 6_350]);
         assert!(top_ups.is_empty(), "both hold more than half a block");
@@ -340,15 +403,17 @@ mod tests {
     fn a_lease_below_half_a_block_asks_for_one_and_one_in_use_is_renewed() {
         let leases = Leases::new(64);
         let wants = [want("rpm", 1, LIMIT)];
-        leases.granted("rpm", 40, 40, LIMIT, 0);
+        leases.granted("rpm", 40, 40, 40, LIMIT, 0);
+        // Used at a pace the configured block suits: it neither grows nor shrinks.
+        let now = FAST_MS + 1;
         for _ in 0..8 {
-            assert!(matches!(leases.take(&wants, 1), Taken::Leased { ref top_ups, .. } if top_ups.is_empty()));
+            assert!(matches!(leases.take(&wants, now), Taken::Leased { ref top_ups, .. } if top_ups.is_empty()));
         }
-        let Taken::Leased { top_ups, .. } = leases.take(&wants, 1) else { panic!() };
+        let Taken::Leased { top_ups, .. } = leases.take(&wants, now) else { panic!() };
         assert_eq!(top_ups, [TopUp { index: 0, extra: 64 }], "31 left: below half a block");
-        let Taken::Leased { top_ups, .. } = leases.take(&wants, 1) else { panic!() };
+        let Taken::Leased { top_ups, .. } = leases.take(&wants, now) else { panic!() };
         assert!(top_ups.is_empty(), "one top-up at a time");
-        leases.granted("rpm", 64, 104, LIMIT, 2);
+        leases.granted("rpm", 64, 64, 104, LIMIT, 2);
         let Taken::Leased { top_ups, .. } = leases.take(&wants, RENEW_MS + 2) else { panic!() };
         assert_eq!(top_ups, [TopUp { index: 0, extra: 0 }], "renewed only");
         leases.not_granted("rpm");
@@ -359,7 +424,7 @@ mod tests {
     fn corrections_go_into_a_held_lease_and_usage_past_it_is_owed_to_redis() {
         let leases = Leases::new(64);
         assert_eq!(leases.absorb("tpm", -5), None, "no lease: Redis takes it");
-        leases.granted("tpm", 100, 100, LIMIT, 0);
+        leases.granted("tpm", 100, 100, 100, LIMIT, 0);
         assert_eq!(leases.absorb("tpm", -30), Some(0), "a reservation settled lower");
         assert_eq!(leases.remaining("tpm"), Some(130));
         assert_eq!(leases.absorb("tpm", 200), Some(70), "settled 200 higher: 70 past the lease");
@@ -374,9 +439,9 @@ mod tests {
     #[test]
     fn idle_leases_give_back_what_they_hold_and_shutdown_gives_back_all() {
         let leases = Leases::new(64);
-        leases.granted("a", 64, 64, LIMIT, 0);
-        leases.granted("b", 64, 64, LIMIT, 0);
-        leases.granted("c", 0, 10, LIMIT, 0);
+        leases.granted("a", 64, 64, 64, LIMIT, 0);
+        leases.granted("b", 64, 64, 64, LIMIT, 0);
+        leases.granted("c", 0, 0, 10, LIMIT, 0);
         assert!(matches!(leases.take(&[want("b", 1, LIMIT)], IDLE_MS - 1), Taken::Leased { .. }));
         let mut idle = leases.retire(IDLE_MS, false);
         idle.sort();
@@ -389,7 +454,7 @@ mod tests {
     fn leases_kept_by_a_retirement_still_take_from_their_own_counters() {
         let leases = Leases::new(64);
         for (key, grant) in [("a", 64), ("b", 100), ("c", 200), ("d", 300)] {
-            leases.granted(key, grant, grant, LIMIT, 0);
+            leases.granted(key, grant, grant, grant, LIMIT, 0);
         }
         // b and d stay in use; a and c go idle and are given back, which
         // moves the kept leases within the table.
@@ -407,7 +472,7 @@ mod tests {
         assert_eq!((leases.remaining("b"), leases.remaining("d")), (Some(94), Some(289)));
         // A counter given back starts a new lease.
         assert_eq!(leases.take(&[want("a", 1, LIMIT)], IDLE_MS + 1), Taken::Ask { extras: vec![64] });
-        leases.granted("a", 64, 500, LIMIT, IDLE_MS + 1);
+        leases.granted("a", 64, 64, 500, LIMIT, IDLE_MS + 1);
         assert_eq!(leases.remaining("a"), Some(64));
         assert_eq!(leases.remaining("d"), Some(289), "untouched by the new one");
     }
@@ -415,7 +480,7 @@ mod tests {
     #[test]
     fn a_lease_granted_under_another_limit_admits_nothing_more() {
         let leases = Leases::new(64);
-        leases.granted("rpm", 64, 64, LIMIT, 0);
+        leases.granted("rpm", 64, 64, 64, LIMIT, 0);
         // The limit was lowered: Redis decides, and grants nothing this
         // close to the new limit.
         let lowered = [want("rpm", 1, 100)];
@@ -424,7 +489,76 @@ mod tests {
         // Raised: Redis grants under the new limit, and the lease admits again.
         let raised = [want("rpm", 1, 2 * LIMIT)];
         assert_eq!(leases.take(&raised, 1), Taken::Ask { extras: vec![64] });
-        leases.granted("rpm", 64, 200, 2 * LIMIT, 1);
+        leases.granted("rpm", 64, 64, 200, 2 * LIMIT, 1);
         assert!(matches!(leases.take(&raised, 2), Taken::Leased { .. }));
+    }
+
+    /// Takes from `key`'s lease at `now` until it asks for a top-up, and
+    /// returns the block it asks for.
+    fn next_block(leases: &Leases, key: &str, limit: i64, now: u64) -> i64 {
+        let wants = [want(key, 1, limit)];
+        loop {
+            match leases.take(&wants, now) {
+                Taken::Leased { top_ups, .. } if top_ups.is_empty() => {}
+                Taken::Leased { top_ups, .. } => return top_ups[0].extra,
+                Taken::Ask { .. } => panic!("the lease ran dry before asking for a top-up"),
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_grow_with_a_fast_pace_up_to_a_64th_of_the_limit_and_shrink_when_it_slows() {
+        let leases = Leases::new(64);
+        let limit = 64 * 64 * 64 * 8;
+        let mut now = 0;
+        leases.granted("rpm", 64, 64, 64, limit, now);
+        // Each block runs low 10 ms after it came: twice the block each time.
+        let mut asked = Vec::new();
+        for _ in 0..9 {
+            now += 10;
+            let block = next_block(&leases, "rpm", limit, now);
+            asked.push(block);
+            leases.granted("rpm", block, block, 0, limit, now);
+        }
+        assert_eq!(asked, [128, 256, 512, 1_024, 2_048, 4_096, 8_192, 16_384, 16_384], "a 64th of the limit at most");
+        // Run low 100 ms after the last block: kept as it is.
+        now += 100;
+        assert_eq!(next_block(&leases, "rpm", limit, now), 16_384);
+        leases.granted("rpm", 16_384, 16_384, 0, limit, now);
+        // The pace slows (a block lasts a second): half each time, down
+        // to the configured block.
+        let mut asked = Vec::new();
+        for _ in 0..10 {
+            now += 1_000;
+            let block = next_block(&leases, "rpm", limit, now);
+            asked.push(block);
+            leases.granted("rpm", block, block, 0, limit, now);
+        }
+        assert_eq!(asked, [8_192, 4_096, 2_048, 1_024, 512, 256, 128, 64, 64, 64]);
+    }
+
+    #[test]
+    fn blocks_grow_at_most_256_fold_and_start_over_when_one_is_refused() {
+        let leases = Leases::new(64);
+        let mut now = 0;
+        leases.granted("rpm", 64, 64, 64, LIMIT, now);
+        let mut block = 64;
+        for _ in 0..12 {
+            now += 1;
+            block = next_block(&leases, "rpm", LIMIT, now);
+            leases.granted("rpm", block, block, 0, LIMIT, now);
+        }
+        assert_eq!(block, 64 * 256);
+        // Near the limit Redis refuses a block that large: the next ask is
+        // for the configured block again.
+        now += 1;
+        let asked = next_block(&leases, "rpm", LIMIT, now);
+        assert_eq!(asked, 64 * 256);
+        leases.granted("rpm", asked, 0, LIMIT - 10, LIMIT, now);
+        now += 100;
+        assert_eq!(next_block(&leases, "rpm", LIMIT, now), 64);
+        // A lease asked for anew (Ask) asks for its own scale too.
+        leases.granted("tpm", 0, 0, 0, LIMIT, now);
+        assert_eq!(leases.take(&[want("tpm", 1, LIMIT)], now), Taken::Ask { extras: vec![64] });
     }
 }
