@@ -183,6 +183,8 @@ pub struct Routed {
     /// without a round trip.
     pub checks: f64,
     pub leased: f64,
+    /// Its script calls to Redis, all told.
+    pub script_calls: f64,
 }
 
 /// (h): trace export at 100 % sampling against none.
@@ -530,7 +532,8 @@ async fn routed(
         }
         let checks = 2.0 * with_redis.metric("tollgate_requests_total").await?;
         let leased = with_redis.metric("tollgate_shared_lease_admissions_total").await?;
-        anyhow::Ok(Routed { rate, latency, throughput, checks, leased })
+        let script_calls = with_redis.metric("tollgate_shared_script_calls_total").await?;
+        anyhow::Ok(Routed { rate, latency, throughput, checks, leased, script_calls })
     }
     .await;
     db.drop_now().await;

@@ -456,6 +456,11 @@ impl GaugeSource for Gauges {
             m.shared_corrections_waiting.set(i64::try_from(shared.corrections_waiting()).unwrap_or(i64::MAX));
             let seen = m.shared_lease_admissions.get();
             m.shared_lease_admissions.inc_by(shared.lease_admissions().saturating_sub(seen));
+            let calls = shared.script_calls();
+            for (carrying, count) in [("checks", calls.checks), ("corrections", calls.corrections)] {
+                let counter = m.shared_script_calls.with_label_values(&[carrying]);
+                counter.inc_by(count.saturating_sub(counter.get()));
+            }
         }
         let seen = m.log_lines_dropped.get();
         m.log_lines_dropped.inc_by(crate::telemetry::dropped_log_lines().saturating_sub(seen));

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub shared_corrections_dropped: IntCounter,
     pub shared_corrections_waiting: IntGauge,
     pub shared_lease_admissions: IntCounter,
+    pub shared_script_calls: IntCounterVec,
     pub upstream_attempts: IntCounterVec,
     pub upstream_connections_opened: IntCounterVec,
     pub breakers_open: IntGauge,
@@ -168,6 +169,16 @@ impl Metrics {
         for result in ["applied", "rejected"] {
             routes_reloads.with_label_values(&[result]);
         }
+        let shared_script_calls = r.counter(
+            "shared_script_calls_total",
+            "Script calls this replica sent to Redis: with checks (admissions and lease top-ups), or corrections only.",
+            &["carrying"],
+        )?;
+        // Both series exist from the start (at 0 without Redis, as the
+        // other shared counters are).
+        for carrying in ["checks", "corrections"] {
+            shared_script_calls.with_label_values(&[carrying]);
+        }
         let trace_exports = r.counter(
             "trace_exports_total",
             "Batches of spans sent to the OTLP collector, by result: ok, partial (the collector rejected some \
@@ -285,6 +296,7 @@ impl Metrics {
                 "shared_lease_admissions_total",
                 "Requests admitted from allowance this replica leased from Redis, without a round trip.",
             )?,
+            shared_script_calls,
             budget_utilisation: r.gauges(
                 "budget_utilisation_percent",
                 "Spend this period (from the ledger, every alerts.check_interval) as a percentage of the budget.",

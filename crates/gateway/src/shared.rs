@@ -370,6 +370,8 @@ struct Pending {
     unsent: std::sync::Mutex<Option<Sent>>,
     /// Batches numbered so far.
     numbered: AtomicU64,
+    /// Script calls sent with corrections only, since start.
+    calls: AtomicU64,
 }
 
 impl Pending {
@@ -504,6 +506,15 @@ struct Checks {
     calls: AtomicU64,
 }
 
+/// Script calls a replica sent to Redis, by what they carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptCalls {
+    /// Admissions and lease top-ups.
+    pub checks: u64,
+    /// Corrections only (settlements, releases, leases given back).
+    pub corrections: u64,
+}
+
 pub struct Shared {
     client: redis::Client,
     /// Set once Redis has been reached and found able to run the script:
@@ -633,6 +644,15 @@ impl Shared {
     /// Requests admitted from this replica's leases, without a round trip.
     pub fn lease_admissions(&self) -> u64 {
         self.leases.admitted()
+    }
+
+    /// Script calls sent since start: with checks (admissions and lease
+    /// top-ups), and with corrections only.
+    pub fn script_calls(&self) -> ScriptCalls {
+        ScriptCalls {
+            checks: self.checks.calls.load(Ordering::Relaxed),
+            corrections: self.pending.calls.load(Ordering::Relaxed),
+        }
     }
 
     fn lease_now(&self) -> u64 {
@@ -1082,6 +1102,7 @@ impl Shared {
 
     /// One call with corrections only; whether Redis answered it.
     async fn send_adjustments(&self, sent: &Sent) -> bool {
+        self.pending.calls.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout(CALL_TIMEOUT, self.call_checks(Some(sent), &[])).await {
             Ok(Ok(_)) => {
                 self.succeeded();

@@ -394,6 +394,13 @@ async fn leased_limits_are_given_back_at_shutdown_leaving_redis_exact() {
     for gw in [&a, &b] {
         let leased = gw.metric("tollgate_shared_lease_admissions_total").await;
         assert!(leased >= 30.0, "most checks were admitted from leases: {leased}");
+        // Each replica served 20 requests: the first asked Redis (bringing
+        // blocks back), the rest were admitted from those blocks.
+        let calls = gw.metric(r#"tollgate_shared_script_calls_total{carrying="checks"}"#).await;
+        assert!((1.0..10.0).contains(&calls), "{calls} script calls with checks for 20 requests");
+        // Settled spend (not leased) goes to Redis as corrections.
+        let corrections = async || gw.metric(r#"tollgate_shared_script_calls_total{carrying="corrections"}"#).await;
+        wait_until("corrections are sent", PATIENCE, async || corrections().await >= 1.0).await;
     }
     shut_down_leaving_redis_exact(a, b, &prefix, &budget, 40).await;
 }
