@@ -555,7 +555,7 @@ impl Reservation {
             // The shared counter is per period: the reservation is always
             // replaced on the counter it was made on.
             Some((shared, counters)) => {
-                shared.adjust(&counters.spent, cost);
+                shared.settle_spend(&counters.spent, cost);
                 shared.adjust(&counters.committed, cost - self.amount);
             }
             None => {
