@@ -122,6 +122,23 @@ impl Registrar {
         self.add(name, IntCounterVec::new(Opts::new(name, help), labels)?)
     }
 
+    /// A counter with one label whose every value's series exists from the
+    /// start (at 0), so the first event shows as an increase rather than as
+    /// a series appearing.
+    fn counter_of_each(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        let counter = self.counter(name, help, &[label])?;
+        for value in values {
+            counter.with_label_values(&[value]);
+        }
+        Ok(counter)
+    }
+
     fn plain_counter(&mut self, name: &str, help: &str) -> prometheus::Result<IntCounter> {
         self.add(name, IntCounter::new(name, help)?)
     }
@@ -149,45 +166,32 @@ impl Metrics {
         let mut r = Registrar { registry: Registry::new_custom(Some("tollgate".to_owned()), None)?, names: Vec::new() };
         let build_info = r.gauges("build_info", "Always 1; the running version.", &["version"])?;
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let pricing_reloads = r.counter(
+        let pricing_reloads = r.counter_of_each(
             "pricing_reloads_total",
             "Changes of the pricing file seen, by result: applied, or rejected (the previous prices stay in force).",
-            &["result"],
+            "result",
+            &["applied", "rejected"],
         )?;
-        // Both series exist from the start, so a rejection shows as an
-        // increase rather than as a series appearing.
-        for result in ["applied", "rejected"] {
-            pricing_reloads.with_label_values(&[result]);
-        }
-        let routes_reloads = r.counter(
+        let routes_reloads = r.counter_of_each(
             "routes_reloads_total",
             "Changes of the routes file seen, by result: applied, or rejected (the routes in force stay).",
-            &["result"],
+            "result",
+            &["applied", "rejected"],
         )?;
-        // Both series exist from the start, so a rejection shows as an
-        // increase rather than as a series appearing.
-        for result in ["applied", "rejected"] {
-            routes_reloads.with_label_values(&[result]);
-        }
-        let shared_script_calls = r.counter(
+        // At 0 without Redis, as the other shared counters are.
+        let shared_script_calls = r.counter_of_each(
             "shared_script_calls_total",
             "Script calls this replica sent to Redis: with checks (admissions and lease top-ups), or corrections only.",
-            &["carrying"],
+            "carrying",
+            &["checks", "corrections"],
         )?;
-        // Both series exist from the start (at 0 without Redis, as the
-        // other shared counters are).
-        for carrying in ["checks", "corrections"] {
-            shared_script_calls.with_label_values(&[carrying]);
-        }
-        let trace_exports = r.counter(
+        let trace_exports = r.counter_of_each(
             "trace_exports_total",
             "Batches of spans sent to the OTLP collector, by result: ok, partial (the collector rejected some \
              spans or warned), or error (the batch is dropped).",
-            &["result"],
+            "result",
+            &["ok", "partial", "error"],
         )?;
-        for result in ["ok", "partial", "error"] {
-            trace_exports.with_label_values(&[result]);
-        }
         let trace_spans_rejected = r.plain_counter(
             "trace_spans_rejected_total",
             "Spans the OTLP collector answered it rejected (a partial success), after taking their batch.",
