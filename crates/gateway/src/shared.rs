@@ -22,7 +22,8 @@
 //! mostly are: they were a call every 10 ms, they are now a call every
 //! 250 ms. A check Redis refuses on a counter whose release still waits
 //! (a client's previous request has just ended; a small limit, checked in
-//! Redis, has no lease to take it) has that release sent at once and is
+//! Redis, has no lease to take it), and a reservation a small budget
+//! answers busy for the same reason, has that release sent at once and is
 //! asked again, once: otherwise a client keeping one request in flight,
 //! one after another, would be refused for up to the gather. (Carrying
 //! corrections in the next call with checks instead, which a
@@ -1020,11 +1021,26 @@ impl Shared {
     /// [`Shared::reserve_leased`] found wanting. `None`: Redis is
     /// unavailable, decide locally.
     pub async fn reserve_asking(&self, budgets: &[BudgetCounter], Asking(extras): Asking) -> Option<ReserveVerdict> {
+        let verdict = self.reserve_in_redis(budgets, &extras).await?;
+        // Held by a reservation whose release waits to be sent (a request
+        // just settled below its worst case): send it first and ask again,
+        // once, as a refused limit does.
+        if let ReserveVerdict::Busy(index) = verdict
+            && let Some(round) = budgets.get(index).and_then(|b| self.pending.release_round(&b.key))
+        {
+            self.send_releases_first(round).await;
+            return self.reserve_in_redis(budgets, &extras).await;
+        }
+        Some(verdict)
+    }
+
+    /// One reservation on `budgets` in Redis.
+    async fn reserve_in_redis(&self, budgets: &[BudgetCounter], extras: &[i64]) -> Option<ReserveVerdict> {
         let keys: Vec<String> = budgets.iter().flat_map(|b| [b.key.to_string(), spent_key(&b.key)]).collect();
         let args: Vec<i64> = budgets
             .iter()
             .zip(extras)
-            .flat_map(|(budget, extra)| reserve_args(budget, budget.worst_case, extra))
+            .flat_map(|(budget, &extra)| reserve_args(budget, budget.worst_case, extra))
             .collect();
         let numbers = self.check(CheckKind::Reserve, keys, args).await?;
         let n = budgets.len();
@@ -1688,6 +1704,37 @@ mod tests {
         );
         let mut conn = shared.connection();
         assert_eq!(stored(&mut conn, &prefix, "inflight").await.0, Some(1));
+        cancel.cancel();
+        sender.await.unwrap();
+        adjuster.await.unwrap();
+    }
+
+    /// The same for a budget too small to lease: held by a reservation
+    /// that has just settled below its worst case, whose release is still
+    /// to be sent, a reservation is asked again once it is in Redis, and
+    /// admitted; with nothing released, busy stands.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_budget_waits_for_a_release_still_to_be_sent() {
+        let (prefix, shared, cancel, sender) = started().await;
+        let adjuster = tokio::spawn(shared.clone().apply_adjustments(cancel.clone()));
+        let budget = BudgetCounter {
+            key: "budget:small:1".into(),
+            initial: 1_000,
+            amount: 2_500,
+            worst_case: 1_000,
+            hard: true,
+            ttl_ms: 0,
+        };
+        let reserve = async || shared.reserve(std::slice::from_ref(&budget)).await;
+        assert!(matches!(reserve().await, Some(ReserveVerdict::Admitted(v)) if v == [2_000]));
+        // It cost 100: settled spend and the reservation corrected, both
+        // waiting to be sent.
+        shared.settle_spend(&spent_key(&budget.key), 100);
+        shared.adjust(&budget.key, 100 - 1_000);
+        assert!(matches!(reserve().await, Some(ReserveVerdict::Admitted(v)) if v == [2_100]));
+        assert!(matches!(reserve().await, Some(ReserveVerdict::Busy(0))), "2,100 held, 1,000 more do not fit");
+        let mut conn = shared.connection();
+        assert_eq!(stored(&mut conn, &prefix, "budget:small:1").await.0, Some(2_100));
         cancel.cancel();
         sender.await.unwrap();
         adjuster.await.unwrap();
