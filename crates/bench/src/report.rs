@@ -339,6 +339,9 @@ pub fn render(plan: &Plan, cpus: &Cpus, results: &Results) -> String {
                 r.checks,
                 2_000.0 * r.script_calls / r.checks
             );
+            if let Some(per_request) = r.baseline_calls_per_request {
+                let _ = writeln!(out, "The baseline build sent {:.1} per 1,000 requests.", 1_000.0 * per_request);
+            }
         }
     }
     if let Some(t) = &results.traced {

@@ -185,6 +185,9 @@ pub struct Routed {
     pub leased: f64,
     /// Its script calls to Redis, all told.
     pub script_calls: f64,
+    /// The baseline build's script calls per request, when it runs beside
+    /// and counts them (builds before the metric do not).
+    pub baseline_calls_per_request: Option<f64>,
 }
 
 /// (h): trace export at 100 % sampling against none.
@@ -533,7 +536,15 @@ async fn routed(
         let checks = 2.0 * with_redis.metric("tollgate_requests_total").await?;
         let leased = with_redis.metric("tollgate_shared_lease_admissions_total").await?;
         let script_calls = with_redis.metric("tollgate_shared_script_calls_total").await?;
-        anyhow::Ok(Routed { rate, latency, throughput, checks, leased, script_calls })
+        let baseline_calls_per_request = match &baseline {
+            Some(baseline) => {
+                let calls = baseline.metric("tollgate_shared_script_calls_total").await?;
+                let requests = baseline.metric("tollgate_requests_total").await?;
+                (calls > 0.0 && requests > 0.0).then(|| calls / requests)
+            }
+            None => None,
+        };
+        anyhow::Ok(Routed { rate, latency, throughput, checks, leased, script_calls, baseline_calls_per_request })
     }
     .await;
     db.drop_now().await;
