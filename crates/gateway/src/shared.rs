@@ -934,16 +934,12 @@ impl Shared {
     /// [`Shared::admit_leased`] found wanting. `None`: Redis is
     /// unavailable, decide locally.
     pub async fn admit_asking(&self, counters: &[LimitCounter], Asking(extras): Asking) -> Option<Verdict> {
-        let verdict = self.admit_in_redis(counters, &extras).await?;
-        // Refused by a counter whose release waits to be sent (a client's
-        // previous request just ended): send it first and ask again, once.
-        if let Verdict::Refused { index, .. } = verdict
-            && let Some(round) = counters.get(index).and_then(|c| self.pending.release_round(&c.key))
-        {
-            self.send_releases_first(round).await;
-            return self.admit_in_redis(counters, &extras).await;
-        }
-        Some(verdict)
+        let refusing = |verdict: &Verdict| match verdict {
+            Verdict::Refused { index, .. } => counters.get(*index).map(|c| c.key.as_str()),
+            Verdict::Admitted(_) => None,
+        };
+        let extras = extras.as_slice();
+        self.past_waiting_releases(|| self.admit_in_redis(counters, extras), refusing).await
     }
 
     /// One check of `counters` in Redis.
@@ -962,6 +958,28 @@ impl Shared {
                 Some(Verdict::Refused { index: (numbers[1] - 1).max(0) as usize, value: numbers[2] })
             }
             _ => None,
+        }
+    }
+
+    /// Asks Redis with `ask`; when the answer was held back by a counter
+    /// (`holding`) whose release still waits to be sent (a client's
+    /// previous request just ended), sends that release first and asks
+    /// again, once.
+    async fn past_waiting_releases<'k, V, Asked>(
+        &self,
+        ask: impl Fn() -> Asked,
+        holding: impl Fn(&V) -> Option<&'k str>,
+    ) -> Option<V>
+    where
+        Asked: Future<Output = Option<V>>,
+    {
+        let verdict = ask().await?;
+        match holding(&verdict).and_then(|key| self.pending.release_round(key)) {
+            Some(round) => {
+                self.send_releases_first(round).await;
+                ask().await
+            }
+            None => Some(verdict),
         }
     }
 
@@ -1021,17 +1039,14 @@ impl Shared {
     /// [`Shared::reserve_leased`] found wanting. `None`: Redis is
     /// unavailable, decide locally.
     pub async fn reserve_asking(&self, budgets: &[BudgetCounter], Asking(extras): Asking) -> Option<ReserveVerdict> {
-        let verdict = self.reserve_in_redis(budgets, &extras).await?;
-        // Held by a reservation whose release waits to be sent (a request
-        // just settled below its worst case): send it first and ask again,
-        // once, as a refused limit does.
-        if let ReserveVerdict::Busy(index) = verdict
-            && let Some(round) = budgets.get(index).and_then(|b| self.pending.release_round(&b.key))
-        {
-            self.send_releases_first(round).await;
-            return self.reserve_in_redis(budgets, &extras).await;
-        }
-        Some(verdict)
+        // Busy: held by reservations, one of which may have just settled
+        // below its worst case. (Exhausted is settled spend: no release helps.)
+        let holding = |verdict: &ReserveVerdict| match verdict {
+            ReserveVerdict::Busy(index) => budgets.get(*index).map(|b| &*b.key),
+            ReserveVerdict::Admitted(_) | ReserveVerdict::Exhausted(_) => None,
+        };
+        let extras = extras.as_slice();
+        self.past_waiting_releases(|| self.reserve_in_redis(budgets, extras), holding).await
     }
 
     /// One reservation on `budgets` in Redis.

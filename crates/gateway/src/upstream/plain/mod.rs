@@ -467,34 +467,48 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_answer_sent_before_the_body_was_read_is_relayed_though_the_upstream_reset_the_connection() {
-        const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n\
-            content-length: 21\r\nconnection: close\r\n\r\n{\"error\":\"too large\"}";
+    /// An upstream that reads a request's head only and answers `answer`;
+    /// then it closes with the body unread (the kernel resets the
+    /// connection) or, with `hold`, keeps the connection open, reading
+    /// nothing more, until told.
+    async fn answering_before_the_body(
+        answer: &'static [u8],
+        hold: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> (Client, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let upstream = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
-            // The head only, then the answer, then close with the body
-            // unread: the kernel resets the connection.
             let mut head = Vec::new();
             let mut byte = [0; 1];
             while !head.ends_with(b"\r\n\r\n") {
                 stream.read_exact(&mut byte).await.unwrap();
                 head.push(byte[0]);
             }
-            stream.write_all(TOO_LARGE).await.unwrap();
+            stream.write_all(answer).await.unwrap();
+            if let Some(hold) = hold {
+                let _ = hold.await;
+            }
         });
         let client = Client::new("127.0.0.1", address.port(), Duration::from_secs(5), 8, Duration::from_secs(60));
+        (client, upstream)
+    }
+
+    /// A 64 MiB request: far more than the socket buffers hold, so its
+    /// write is still going when the upstream answers.
+    async fn send_large(client: &Client) -> Result<http::Response<Body>, SendError> {
         let mut headers = HeaderMap::new();
         headers.insert(http::header::HOST, http::HeaderValue::from_static("upstream"));
-        // Far more than the socket buffers hold: the write is still going
-        // when the reset comes.
         let body = Bytes::from(vec![b'x'; 64 << 20]);
-        let response = client
-            .send(&Method::POST, "/v1/chat/completions", &headers, &body)
-            .await
-            .expect("the upstream's answer, not the failed write");
+        client.send(&Method::POST, "/v1/chat/completions", &headers, &body).await
+    }
+
+    #[tokio::test]
+    async fn an_answer_sent_before_the_body_was_read_is_relayed_though_the_upstream_reset_the_connection() {
+        const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n\
+            content-length: 21\r\nconnection: close\r\n\r\n{\"error\":\"too large\"}";
+        let (client, upstream) = answering_before_the_body(TOO_LARGE, None).await;
+        let response = send_large(&client).await.expect("the upstream's answer, not the failed write");
         assert_eq!(response.status(), 413);
         let mut body = response.into_body();
         assert_eq!(read_all(&mut body).await.unwrap(), b"{\"error\":\"too large\"}");
@@ -505,28 +519,9 @@ mod tests {
     #[tokio::test]
     async fn an_early_answer_is_relayed_though_the_upstream_neither_reads_on_nor_closes() {
         const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (done, mut finished) = tokio::sync::oneshot::channel::<()>();
-        let upstream = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                stream.read_exact(&mut byte).await.unwrap();
-                head.push(byte[0]);
-            }
-            stream.write_all(TOO_LARGE).await.unwrap();
-            // Holds the connection, reading nothing more, until the test ends.
-            let _ = (&mut finished).await;
-            drop(stream);
-        });
-        let client = Client::new("127.0.0.1", address.port(), Duration::from_secs(5), 8, Duration::from_secs(60));
-        let mut headers = HeaderMap::new();
-        headers.insert(http::header::HOST, http::HeaderValue::from_static("upstream"));
-        let body = Bytes::from(vec![b'x'; 64 << 20]);
-        let sent = client.send(&Method::POST, "/v1/chat/completions", &headers, &body);
-        let response = tokio::time::timeout(Duration::from_secs(10), sent)
+        let (done, hold) = tokio::sync::oneshot::channel::<()>();
+        let (client, upstream) = answering_before_the_body(TOO_LARGE, Some(hold)).await;
+        let response = tokio::time::timeout(Duration::from_secs(10), send_large(&client))
             .await
             .expect("the answer, without waiting for the body to be read")
             .expect("the upstream's answer");
