@@ -7,9 +7,10 @@
 //! the request and the connection's own task, that task), and every
 //! response chunk crossed from the connection's task to the request's.
 //! Here the request's task reads the socket itself, and a connection costs
-//! its socket and one read buffer (2 KiB while a stream waits for its next
-//! event). The request is written whole (head and body in one vectored
-//! write); the answer's head is parsed by `httparse`, as in hyper. An
+//! its socket, and a read buffer only while there is something to read
+//! (none while a stream waits for its next event). The request is written
+//! whole (head and body in one vectored write); the answer's head is parsed
+//! by `httparse`, as in hyper. An
 //! answer the upstream sends before it has read the whole body is relayed,
 //! whether it then resets the connection or only stops reading.
 //!
@@ -288,7 +289,19 @@ impl Connection {
     /// that fills all the room it had doubles the next one's, so large
     /// answers take few reads and a stream's small events keep a small
     /// buffer.
+    ///
+    /// With nothing left unparsed, it waits for the socket before taking
+    /// room: a stream between events (most of its life) then holds no read
+    /// buffer, where keeping the rest of the last one cost each open stream
+    /// about 2 KiB (heaptrack, 5,000 streams). The events already read are
+    /// slices of the old buffer and free it once written to the client. A
+    /// new buffer per event costs one allocation; a stream's events are
+    /// tens of milliseconds apart.
     async fn fill(&mut self) -> io::Result<usize> {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            self.stream.readable().await?;
+        }
         if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
             self.buf.reserve(self.read_size);
         }
@@ -470,11 +483,11 @@ mod tests {
     /// An upstream that reads a request's head only and answers `answer`;
     /// then it closes with the body unread (the kernel resets the
     /// connection) or, with `hold`, keeps the connection open, reading
-    /// nothing more, until told.
+    /// nothing more, until told, and hands it back.
     async fn answering_before_the_body(
         answer: &'static [u8],
         hold: Option<tokio::sync::oneshot::Receiver<()>>,
-    ) -> (Client, tokio::task::JoinHandle<()>) {
+    ) -> (Client, tokio::task::JoinHandle<Option<TcpStream>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let upstream = tokio::spawn(async move {
@@ -486,8 +499,12 @@ mod tests {
                 head.push(byte[0]);
             }
             stream.write_all(answer).await.unwrap();
-            if let Some(hold) = hold {
-                let _ = hold.await;
+            match hold {
+                Some(hold) => {
+                    let _ = hold.await;
+                    Some(stream)
+                }
+                None => None,
             }
         });
         let client = Client::new("127.0.0.1", address.port(), Duration::from_secs(5), 8, Duration::from_secs(60));
@@ -578,6 +595,29 @@ mod tests {
         drop(response);
         tokio::time::timeout(Duration::from_secs(10), closed).await.expect("the upstream sees the connection close");
         assert_eq!(client.idle_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_waiting_for_its_next_event_holds_no_read_buffer() {
+        const FIRST: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+            transfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n";
+        const REST: &[u8] = b"9\r\ndata: 2\n\n\r\n0\r\n\r\n";
+        let (next, told) = tokio::sync::oneshot::channel::<()>();
+        let (client, upstream) = answering_before_the_body(FIRST, Some(told)).await;
+        let upstream = tokio::spawn(async move {
+            let mut stream = upstream.await.unwrap().expect("held open");
+            stream.write_all(REST).await.unwrap();
+        });
+        let mut response = post(&client).await.unwrap();
+        let body = response.body_mut();
+        assert_eq!(body.next_chunk().await.unwrap().as_deref(), Some(&b"data: 1\n\n"[..]));
+        // Polled once with nothing more sent: it waits on the socket.
+        assert!(futures_util::FutureExt::now_or_never(body.next_chunk()).is_none());
+        let waiting = body.connection.as_ref().expect("the stream is not over");
+        assert_eq!(waiting.buf.capacity(), 0, "no buffer is held between events");
+        next.send(()).unwrap();
+        assert_eq!(read_all(body).await.unwrap(), b"data: 2\n\n");
+        upstream.await.unwrap();
     }
 
     #[tokio::test]
