@@ -118,15 +118,32 @@ fn micros(d: Duration) -> u64 {
 
 /// Opens `count` slow streams at once and keeps them open until every one
 /// has its first event; returns them (dropping them closes them) and how
-/// many opened.
+/// many opened. Streams that did not open are told on the console, with why
+/// the first of them failed.
 pub async fn hold_open(http: &reqwest::Client, target: &Target, count: usize) -> (Vec<reqwest::Response>, usize) {
-    let opened = futures_util::stream::iter(0..count)
+    let results = futures_util::stream::iter(0..count)
         // Long, slow streams: they outlive the measurement.
-        .map(|_| async { request(http, target, 600, 100).send().await.ok().filter(|r| r.status().is_success()) })
+        .map(|_| async {
+            match request(http, target, 600, 100).send().await {
+                Ok(response) if response.status().is_success() => Ok(response),
+                Ok(response) => Err(format!("status {}", response.status())),
+                Err(e) => Err(format!("{e:?}")),
+            }
+        })
         .buffer_unordered(500)
-        .filter_map(|r| async move { r })
         .collect::<Vec<_>>()
         .await;
+    let mut opened = Vec::with_capacity(count);
+    let mut failed: Option<(usize, String)> = None;
+    for result in results {
+        match result {
+            Ok(response) => opened.push(response),
+            Err(why) => failed.get_or_insert((0, why)).0 += 1,
+        }
+    }
+    if let Some((n, first)) = failed {
+        println!("{}: {n} of {count} streams did not open; the first: {first}", target.name);
+    }
     let n = opened.len();
     (opened, n)
 }

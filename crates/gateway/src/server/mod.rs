@@ -241,10 +241,14 @@ async fn connection(
             let in_flight = InFlight::begin(&activity);
             let request = prepare(request, remote, &bodies, &activity);
             let routes = routes.clone();
-            async move {
+            // Boxed, and so freed once the answer's head is ready: hyper
+            // keeps room for this future as long as the connection is open,
+            // and inline it is about 1 KiB that a stream, or an idle
+            // keep-alive connection, would hold for nothing.
+            Box::pin(async move {
                 let response = routes.serve(request).await;
                 Ok::<_, Infallible>(response.map(|body| body::Tracked::new(body, in_flight)))
-            }
+            })
         })
     };
     let io = TokioIo::new(stream);
