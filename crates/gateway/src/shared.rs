@@ -1421,6 +1421,28 @@ mod tests {
         (prefix, shared, cancel, sender)
     }
 
+    /// Connected, with both of its tasks running: checks sent, corrections
+    /// applied. `Running::stop` cancels them and waits for both.
+    async fn running() -> (String, Arc<Shared>, Running) {
+        let (prefix, shared, cancel, sender) = started().await;
+        let corrections = tokio::spawn(shared.clone().apply_adjustments(cancel.clone()));
+        (prefix, shared, Running { cancel, tasks: [sender, corrections] })
+    }
+
+    struct Running {
+        cancel: CancellationToken,
+        tasks: [tokio::task::JoinHandle<()>; 2],
+    }
+
+    impl Running {
+        async fn stop(self) {
+            self.cancel.cancel();
+            for task in self.tasks {
+                task.await.unwrap();
+            }
+        }
+    }
+
     /// Connected under a prefix of its own, with no task sending checks yet.
     async fn connected(lease_requests: u64) -> (String, Arc<Shared>) {
         let prefix = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
@@ -1704,8 +1726,7 @@ mod tests {
     /// the refusal stands.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refusal_waits_for_a_release_still_to_be_sent() {
-        let (prefix, shared, cancel, sender) = started().await;
-        let adjuster = tokio::spawn(shared.clone().apply_adjustments(cancel.clone()));
+        let (prefix, shared, running) = running().await;
         let one_in_flight =
             [LimitCounter { key: "inflight".to_owned(), limit: 1, amount: 1, expiry: Expiry::Renewed(60_000) }];
         for _ in 0..20 {
@@ -1719,9 +1740,7 @@ mod tests {
         );
         let mut conn = shared.connection();
         assert_eq!(stored(&mut conn, &prefix, "inflight").await.0, Some(1));
-        cancel.cancel();
-        sender.await.unwrap();
-        adjuster.await.unwrap();
+        running.stop().await;
     }
 
     /// The same for a budget too small to lease: held by a reservation
@@ -1730,8 +1749,7 @@ mod tests {
     /// admitted; with nothing released, busy stands.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_busy_budget_waits_for_a_release_still_to_be_sent() {
-        let (prefix, shared, cancel, sender) = started().await;
-        let adjuster = tokio::spawn(shared.clone().apply_adjustments(cancel.clone()));
+        let (prefix, shared, running) = running().await;
         let budget = BudgetCounter {
             key: "budget:small:1".into(),
             initial: 1_000,
@@ -1750,9 +1768,7 @@ mod tests {
         assert!(matches!(reserve().await, Some(ReserveVerdict::Busy(0))), "2,100 held, 1,000 more do not fit");
         let mut conn = shared.connection();
         assert_eq!(stored(&mut conn, &prefix, "budget:small:1").await.0, Some(2_100));
-        cancel.cancel();
-        sender.await.unwrap();
-        adjuster.await.unwrap();
+        running.stop().await;
     }
 
     /// A server that cannot run what the script needs is refused with an

@@ -22,9 +22,9 @@ use super::tokens::count;
 /// One thread per core, started with the gateway. Tokenizing is CPU work,
 /// so more would not finish sooner; they would only take memory. A burst of
 /// jobs (every stream of a busy replica cancelled at once) queues on them.
-/// Why not the runtime's blocking pool, as before: a job that ends hands
-/// its turn to the next before its thread is idle again, so the pool
-/// started a thread for nearly every queued job (24 to 60 threads when
+/// Why not the runtime's blocking pool behind a semaphore: a job that ends
+/// hands its turn to the next before its thread is idle again, so the pool
+/// starts a thread for nearly every queued job (24 to 60 threads when
 /// 5,000 streams were cancelled, each leaving its stack and allocator cache
 /// behind: about 10 MiB of resident memory that stayed after a burst).
 #[derive(Debug, Clone)]

@@ -10,9 +10,9 @@
 //! its socket, and a read buffer only while there is something to read
 //! (none while a stream waits for its next event). The request is written
 //! whole (head and body in one vectored write); the answer's head is parsed
-//! by `httparse`, as in hyper. An
-//! answer the upstream sends before it has read the whole body is relayed,
-//! whether it then resets the connection or only stops reading.
+//! by `httparse`, as in hyper. An answer the upstream sends before it has
+//! read the whole body is relayed, whether it then resets the connection or
+//! only stops reading.
 //!
 //! What it does not do, because the gateway never needs it: request bodies
 //! that stream, `Expect: 100-continue`, upgrades, pipelining, proxies, TLS
