@@ -5,7 +5,7 @@ use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 
 /// Response headers at most, as hyper allows by default.
 const MAX_HEADERS: usize = 100;
@@ -99,7 +99,7 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Resp
         let start_of_head = buf.as_ptr().addr();
         let mut headers = HeaderMap::with_capacity(parsed.headers.len());
         for header in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(header.name.as_bytes())
+            let name = super::names::header_name(header.name.as_bytes())
                 .map_err(|_| HeadError::Invalid(format!("header name {:?}", header.name)))?;
             // httparse hands out slices of `buf`'s head.
             let start = header.value.as_ptr().addr().wrapping_sub(start_of_head);

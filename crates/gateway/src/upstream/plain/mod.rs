@@ -20,6 +20,7 @@
 
 mod chunked;
 mod head;
+mod names;
 mod pool;
 
 use std::io::{self, IoSlice};
