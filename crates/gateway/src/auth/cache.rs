@@ -25,6 +25,9 @@ pub struct CachedKey {
     pub revoked: bool,
     pub models: ModelRules,
     pub limits: Limits,
+    /// The rate limits' scopes, `t:<tenant id>` and `k:<key id>`, made
+    /// once here rather than for every request.
+    pub limit_scopes: LimitScopes,
     /// Seconds of the last time this key's use was queued for recording.
     pub(crate) last_touch_s: AtomicI64,
     /// The secret, once a request has presented one whose keyed hash
@@ -46,9 +49,23 @@ impl CachedKey {
             revoked: key.revoked_at.is_some(),
             models: ModelRules::new(&key.allowed_models),
             limits: key.limits.clone(),
+            limit_scopes: LimitScopes::new(&key.tenant_id, &key.id),
             last_touch_s: AtomicI64::new(0),
             verified_secret: OnceLock::new(),
         })
+    }
+}
+
+/// The names a key's and its tenant's rate-limit counters start with.
+#[derive(Debug, Clone)]
+pub struct LimitScopes {
+    pub tenant: Arc<str>,
+    pub key: Arc<str>,
+}
+
+impl LimitScopes {
+    pub fn new(tenant_id: &str, key_id: &str) -> Self {
+        Self { tenant: ["t:", tenant_id].concat().into(), key: ["k:", key_id].concat().into() }
     }
 }
 

@@ -18,6 +18,7 @@ use tollgate_store::Limits;
 
 use local::LocalLimits;
 
+use crate::auth::cache::LimitScopes;
 use crate::clock::Clock;
 use crate::shared::{Asking, Expiry, LimitCounter, Shared, Verdict};
 
@@ -59,14 +60,14 @@ impl Window {
 #[derive(Debug, Clone)]
 pub struct Check {
     /// `t:<tenant>` or `k:<key id>`.
-    pub scope: String,
+    pub scope: Arc<str>,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
     pub max_concurrent: Option<u64>,
 }
 
 impl Check {
-    pub fn new(scope: String, limits: &Limits) -> Option<Self> {
+    pub fn new(scope: Arc<str>, limits: &Limits) -> Option<Self> {
         let check = Self { scope, rpm: limits.rpm, tpm: limits.tpm, max_concurrent: limits.max_concurrent };
         (check.rpm.is_some() || check.tpm.is_some() || check.max_concurrent.is_some()).then_some(check)
     }
@@ -454,14 +455,13 @@ fn tighten(slot: &mut Option<(u64, u64)>, limit: u64, used: u64) {
 
 /// The checks for a request: the tenant's limits (its policy, else the
 /// configured defaults) and the key's own, if it has any.
-pub fn checks_for(tenant_id: &str, tenant: &Limits, defaults: &Limits, key_id: &str, key: &Limits) -> Vec<Check> {
+pub fn checks_for(scopes: &LimitScopes, tenant: &Limits, defaults: &Limits, key: &Limits) -> Vec<Check> {
     let tenant_limits = Limits {
         rpm: tenant.rpm.or(defaults.rpm),
         tpm: tenant.tpm.or(defaults.tpm),
         max_concurrent: tenant.max_concurrent.or(defaults.max_concurrent),
     };
-    // `concat`, not `format!`: this runs for every request.
-    [Check::new(["t:", tenant_id].concat(), &tenant_limits), Check::new(["k:", key_id].concat(), key)]
+    [Check::new(scopes.tenant.clone(), &tenant_limits), Check::new(scopes.key.clone(), key)]
         .into_iter()
         .flatten()
         .collect()

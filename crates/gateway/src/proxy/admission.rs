@@ -126,10 +126,9 @@ pub enum Admitting<'a> {
 /// when both refuse.
 pub fn admit<'a>(proxy: &'a Proxy, principal: &Principal, demand: Demand<'_>, stage: &'a Stage) -> Admitting<'a> {
     let checks = limits::checks_for(
-        principal.tenant_id(),
+        &principal.key.limit_scopes,
         &principal.tenant.policy.limits,
         &proxy.limits.defaults(),
-        &principal.key.id,
         &principal.key.limits,
     );
     let budgets = proxy.budgets.applicable(principal.tenant_id(), &principal.key.id);

@@ -47,7 +47,7 @@ impl ServedHeaders {
             ),
             None => (HeaderValue::from_static("default"), HeaderValue::from_str(&served.model).ok()),
         };
-        Self { upstream, model, attempts: HeaderValue::from(served.attempts) }
+        Self { upstream, model, attempts: attempts_value(served.attempts) }
     }
 
     pub fn write(self, headers: &mut http::HeaderMap) {
@@ -56,6 +56,16 @@ impl ServedHeaders {
             headers.insert(SERVED_BY_MODEL, model);
         }
         headers.insert(SERVED_ATTEMPTS, self.attempts);
+    }
+}
+
+/// `x-tollgate-attempts`: nearly always one digit, taken from a table;
+/// `HeaderValue::from(u32)` allocates for each.
+fn attempts_value(attempts: u32) -> HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match usize::try_from(attempts).ok().and_then(|n| DIGITS.get(n)) {
+        Some(digit) => HeaderValue::from_static(digit),
+        None => HeaderValue::from(attempts),
     }
 }
 
@@ -242,6 +252,13 @@ fn is_json(content_type: Option<&HeaderValue>, body: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attempts_are_written_as_their_decimal_digits() {
+        for attempts in [0, 1, 2, 9, 10, 11, 100, u32::MAX] {
+            assert_eq!(attempts_value(attempts), attempts.to_string().as_str());
+        }
+    }
 
     #[test]
     fn upstream_errors_are_classed_by_whose_fault_they_are() {
