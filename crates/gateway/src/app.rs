@@ -193,6 +193,7 @@ impl Application {
             budget_readings,
             shared: shared.clone(),
             routes: routes.clone(),
+            estimates: accounting.estimates.clone(),
         };
         // Prometheus scrapes the admin listener, never the public one.
         let admin_router = admin_router.merge(
@@ -432,6 +433,7 @@ struct Gauges {
     budget_readings: alerts::BudgetReadings,
     shared: Option<Arc<Shared>>,
     routes: Arc<Routes>,
+    estimates: estimate::Estimates,
 }
 
 impl GaugeSource for Gauges {
@@ -445,6 +447,7 @@ impl GaugeSource for Gauges {
         );
         m.key_cache_size.set(i64::try_from(self.cache.key_count()).unwrap_or(i64::MAX));
         m.ledger_queue_depth.set(i64::try_from(self.ledger.queue_depth()).unwrap_or(i64::MAX));
+        m.estimates_pending.set(i64::try_from(self.estimates.pending()).unwrap_or(i64::MAX));
         m.spool_bytes.set(i64::try_from(self.ledger.spool().bytes()).unwrap_or(i64::MAX));
         // Counters kept by the components are mirrored: the metric catches up
         // to the component's own count at each scrape.

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub key_cache_size: IntGauge,
     pub ledger_queue_depth: IntGauge,
+    pub estimates_pending: IntGauge,
     pub spool_bytes: IntGauge,
     pub redis_fallbacks: IntCounter,
     pub shared_corrections_dropped: IntCounter,
@@ -258,6 +259,11 @@ impl Metrics {
             auth_failures: r.counter("auth_failures_total", "Refused tenant keys by reason.", &["reason"])?,
             key_cache_size: r.gauge("key_cache_keys", "Keys in the in-memory authentication cache.")?,
             ledger_queue_depth: r.gauge("ledger_queue_depth", "Usage records waiting in memory for the database.")?,
+            estimates_pending: r.gauge(
+                "estimates_pending",
+                "Token estimates queued or running, each holding back a usage record (answers without usage, \
+                 streams cut short).",
+            )?,
             spool_bytes: r.gauge("ledger_spool_bytes", "Bytes of usage records waiting in the local spool.")?,
             ledger_write_failures: r.plain_counter(
                 "ledger_write_failures_total",

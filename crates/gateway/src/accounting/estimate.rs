@@ -106,6 +106,11 @@ impl Estimates {
         as_estimate_job(work)
     }
 
+    /// Jobs queued or running now (`tollgate_estimates_pending`).
+    pub fn pending(&self) -> usize {
+        self.tracker.len()
+    }
+
     /// Waits for the jobs started so far and any they start (shutdown).
     pub async fn wait(&self) {
         self.tracker.close();
@@ -289,6 +294,31 @@ mod tests {
         let (count_thread, flagged) = counted.unwrap();
         assert_ne!(count_thread, caller);
         assert!(flagged);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn pending_counts_the_jobs_queued_or_running_until_they_end() {
+        let estimates = Estimates::at_most(1);
+        assert_eq!(estimates.pending(), 0);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(released));
+        for _ in 0..3 {
+            let released = released.clone();
+            estimates.spawn(move || {
+                let _ = released.lock().unwrap().recv();
+            });
+        }
+        // One runs, two wait behind it on the one thread.
+        assert_eq!(estimates.pending(), 3);
+        release.send(()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while estimates.pending() != 2 {
+            assert!(std::time::Instant::now() < deadline, "one job ended: {} pending", estimates.pending());
+            tokio::task::yield_now().await;
+        }
+        drop(release);
+        estimates.wait().await;
+        assert_eq!(estimates.pending(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
