@@ -31,6 +31,8 @@ pub struct LoadFigures {
     /// Requests still in flight when the run's time was up (oha drops them;
     /// the target may have served them).
     pub aborted: u64,
+    /// The most frequent answer other than 200, and how many got it.
+    pub other_status: Option<(u16, u64)>,
 }
 
 pub fn oha() -> anyhow::Result<PathBuf> {
@@ -76,6 +78,11 @@ pub async fn run(
     let statuses = report["statusCodeDistribution"].as_object().context("no status codes in oha's output")?;
     let requests: u64 = statuses.values().filter_map(Value::as_u64).sum();
     let ok = statuses.get("200").and_then(Value::as_u64).unwrap_or(0);
+    let other_status = statuses
+        .iter()
+        .filter(|(code, _)| code.as_str() != "200")
+        .filter_map(|(code, n)| Some((code.parse::<u16>().ok()?, n.as_u64()?)))
+        .max_by_key(|&(_, n)| n);
     let mut errors = 0;
     let mut aborted = 0;
     for (error, n) in report["errorDistribution"].as_object().into_iter().flatten() {
@@ -92,5 +99,6 @@ pub async fn run(
         cpu_us_per_request: if requests == 0 { 0.0 } else { cpu_used as f64 / requests as f64 },
         errors,
         aborted,
+        other_status,
     })
 }

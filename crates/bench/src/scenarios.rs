@@ -121,6 +121,7 @@ fn median_of(target: &'static str, runs: &[LoadFigures]) -> Median {
             cpu_us_per_request: pick(|f| f.cpu_us_per_request),
             errors: runs.iter().map(|f| f.errors).sum(),
             aborted: runs.iter().map(|f| f.aborted).sum(),
+            other_status: runs.iter().filter_map(|f| f.other_status).max_by_key(|&(_, n)| n),
         },
     }
 }
@@ -231,9 +232,11 @@ async fn interleaved(
             let figures = load::run(cpus, target, plan.duration, rate, connections).await?;
             anyhow::ensure!(
                 figures.success_rate > 0.99,
-                "{} answered only {:.1} % of requests with 200",
+                "{} answered only {:.1} % of requests with 200 (most often otherwise: {}; no answer: {})",
                 target.name,
-                figures.success_rate * 100.0
+                figures.success_rate * 100.0,
+                figures.other_status.map_or_else(|| "none".to_owned(), |(code, n)| format!("{code}, {n} times")),
+                figures.errors,
             );
             runs[i].push(figures);
         }
