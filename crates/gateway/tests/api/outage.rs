@@ -66,3 +66,68 @@ async fn a_database_outage_loses_no_usage_record_and_no_request() {
     println!("40 requests served in {during_outage:?} while the database was unreachable");
     assert!(during_outage < Duration::from_secs(10), "the outage did not stall traffic: {during_outage:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_records_are_replayed_while_traffic_keeps_flowing() {
+    let db = tollgate_store::testing::TestDatabase::postgres().await;
+    let link = CuttableLink::start(service_addr(&db.url, 5432).await).await;
+    let via_link = through(&db.url, link.addr);
+    let fake = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
+    let gw = TestGateway::start_full(fake, Db::Url(via_link), |c| {
+        c.accounting.write_timeout = Duration::from_millis(500);
+        c.accounting.flush_interval = Duration::from_millis(20);
+    })
+    .await;
+    let chat = json!({"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}]});
+    let send = async |n: usize| {
+        for _ in 0..n {
+            let response = gw.http.post(gw.url("/v1/chat/completions")).json(&chat).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.bytes().await.unwrap();
+        }
+        n
+    };
+    let mut served = send(10).await;
+    link.cut();
+    served += send(20).await;
+    let spool_bytes = async || {
+        let metrics = gw.anonymous.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        scraped_value(&metrics, "tollgate_ledger_spool_bytes").unwrap()
+    };
+    wait_until("records in the spool", PATIENCE, async || spool_bytes().await > 0.0).await;
+    link.restore().await;
+
+    // Four clients keep sending while the spool is replayed: the replay
+    // must not wait for the traffic to stop (the writer takes new records
+    // first and replays when it finds none waiting).
+    let flowing = std::sync::atomic::AtomicBool::new(true);
+    let drained = async {
+        wait_until("the spool replayed while requests keep coming", PATIENCE, async || spool_bytes().await == 0.0)
+            .await;
+        flowing.store(false, std::sync::atomic::Ordering::Relaxed);
+    };
+    let clients = (0..4).map(|_| async {
+        let mut sent = 0;
+        while flowing.load(std::sync::atomic::Ordering::Relaxed) {
+            sent += send(1).await;
+        }
+        sent
+    });
+    let replaying = std::time::Instant::now();
+    let (sent, ()) = tokio::join!(futures_util::future::join_all(clients), drained);
+    served += sent.iter().sum::<usize>();
+    println!(
+        "the spool was replayed in {:?}, while {} requests were served",
+        replaying.elapsed(),
+        sent.iter().sum::<usize>()
+    );
+
+    let served = i64::try_from(served).unwrap();
+    let store = tollgate_store::Store::connect(&db.url, 2).await.unwrap();
+    let count = wait_for("a record for every request served", PATIENCE, async || {
+        let count = store.count_usage_events().await.unwrap();
+        (count >= served).then_some(count)
+    })
+    .await;
+    assert_eq!(count, served, "exactly one record per request served");
+}
