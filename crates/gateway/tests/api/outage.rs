@@ -97,16 +97,17 @@ async fn spooled_records_are_replayed_while_traffic_keeps_flowing() {
     wait_until("records in the spool", PATIENCE, async || spool_bytes().await > 0.0).await;
     link.restore().await;
 
-    // Four clients keep sending while the spool is replayed: the replay
-    // must not wait for the traffic to stop (the writer takes new records
-    // first and replays when it finds none waiting).
+    // Two clients keep sending while the spool is replayed: the replay
+    // must not wait for the traffic to stop. (The writer takes new records
+    // first and replays when it finds none waiting, which at this rate is
+    // within a few of its turns.)
     let flowing = std::sync::atomic::AtomicBool::new(true);
     let drained = async {
         wait_until("the spool replayed while requests keep coming", PATIENCE, async || spool_bytes().await == 0.0)
             .await;
         flowing.store(false, std::sync::atomic::Ordering::Relaxed);
     };
-    let clients = (0..4).map(|_| async {
+    let clients = (0..2).map(|_| async {
         let mut sent = 0;
         while flowing.load(std::sync::atomic::Ordering::Relaxed) {
             sent += send(1).await;
