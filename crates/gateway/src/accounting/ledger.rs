@@ -201,6 +201,24 @@ impl Writer {
         }
     }
 
+    /// One segment replayed when the spool holds records and the last
+    /// failure's wait is over; at once again after a success.
+    async fn replay_turn(&self, turn: &mut ReplayTurn) {
+        if self.spool.is_empty() || Instant::now() < turn.next {
+            return;
+        }
+        match self.replay_segment().await {
+            Replayed::Segment | Replayed::Empty => {
+                turn.next = Instant::now();
+                turn.backoff = self.settings.retry_interval;
+            }
+            Replayed::Failed => {
+                turn.next = Instant::now() + turn.backoff;
+                turn.backoff = (turn.backoff * 2).min(MAX_REPLAY_BACKOFF.max(self.settings.retry_interval));
+            }
+        }
+    }
+
     /// Records that waited beside a full channel.
     fn take_overflow(&self, batch: &mut Vec<UsageEvent>) {
         if self.shared.overflow_len.load(Ordering::Relaxed) == 0 {
@@ -218,6 +236,13 @@ impl Writer {
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Anything left from before a restart goes first.
         self.replay().await;
+        // Under steady traffic the branch taking new records is ready at
+        // every turn, so the retry's branch (reached only when no record
+        // waits) would never replay, and every new batch would follow the
+        // old ones into the spool. So each turn that finds the spool holding
+        // records also replays a segment of it, here in the loop: the writer
+        // appends nothing meanwhile, so the replay cannot chase new segments.
+        let mut turn = ReplayTurn { next: Instant::now(), backoff: self.settings.retry_interval };
         loop {
             tokio::select! {
                 biased;
@@ -237,6 +262,7 @@ impl Writer {
             let mut overflow = Vec::new();
             self.take_overflow(&mut overflow);
             self.write(&mut overflow).await;
+            self.replay_turn(&mut turn).await;
         }
         // Shutdown: take everything still queued.
         rx.close();
@@ -360,31 +386,55 @@ impl Writer {
     /// Moves spooled records into the database, oldest segment first, until
     /// the spool is empty or the database fails again.
     async fn replay(&self) {
-        loop {
-            let spool = self.spool.clone();
-            let oldest = match tokio::task::spawn_blocking(move || spool.oldest()).await {
-                Ok(Ok(Some(segment))) => segment,
-                Ok(Ok(None)) => return,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "cannot read the usage spool");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let (path, events) = oldest;
-            for chunk in events.chunks(self.settings.batch_size.max(1)) {
-                if !self.store(chunk).await {
-                    return;
-                }
+        while self.replay_segment().await == Replayed::Segment {}
+    }
+
+    /// Moves the oldest spooled segment into the database.
+    async fn replay_segment(&self) -> Replayed {
+        let spool = self.spool.clone();
+        let (path, events) = match tokio::task::spawn_blocking(move || spool.oldest()).await {
+            Ok(Ok(Some(segment))) => segment,
+            Ok(Ok(None)) => return Replayed::Empty,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the usage spool");
+                return Replayed::Failed;
             }
-            if let Err(e) = self.spool.remove(&path) {
-                tracing::error!(error = %e, "cannot remove a replayed spool segment");
-                return;
+            Err(_) => return Replayed::Failed,
+        };
+        for chunk in events.chunks(self.settings.batch_size.max(1)) {
+            if !self.store(chunk).await {
+                return Replayed::Failed;
             }
-            tracing::info!(records = events.len(), "replayed spooled usage records");
         }
+        if let Err(e) = self.spool.remove(&path) {
+            tracing::error!(error = %e, "cannot remove a replayed spool segment");
+            return Replayed::Failed;
+        }
+        tracing::info!(records = events.len(), "replayed spooled usage records");
+        Replayed::Segment
     }
 }
+
+/// What one replay step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replayed {
+    /// A segment reached the database and left the spool.
+    Segment,
+    Empty,
+    /// The database (or the spool) failed; the segment stays.
+    Failed,
+}
+
+/// When the loop replays next, and how long it waits after a failure
+/// (doubling up to [`MAX_REPLAY_BACKOFF`]).
+struct ReplayTurn {
+    next: Instant,
+    backoff: Duration,
+}
+
+/// The longest the writer waits between replays that fail: each failed one
+/// holds up new records for a write timeout while the database is away.
+const MAX_REPLAY_BACKOFF: Duration = Duration::from_secs(30);
 
 /// A written batch's allocation, emptied for the next batch to fill rather
 /// than growing a new one record by record (each growth copies every
@@ -402,6 +452,66 @@ fn emptied_for_reuse<T>(mut events: Vec<T>, batch_size: usize) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records keep arriving at a steady rate the database takes easily
+    /// but faster than one per write, so the writer finds some waiting after
+    /// every write: what spooled during an outage must still reach the
+    /// database while they come, not only once they stop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_spool_is_replayed_while_records_keep_arriving() {
+        let db = tollgate_store::testing::TestDatabase::postgres().await;
+        let store = Store::connect(&db.url, 4).await.unwrap();
+        store.migrate().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 30).unwrap());
+        let (ledger, rx) = Ledger::new(spool.clone());
+        let settings = LedgerSettings {
+            batch_size: 5000,
+            flush_interval: Duration::from_millis(20),
+            write_timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_millis(50),
+        };
+        let cancel = CancellationToken::new();
+        let writer = tokio::spawn(Writer::new(&ledger, store.clone(), settings).run(rx, cancel.clone()));
+        let event = |id: String| {
+            let mut event = super::super::spool::tests::event(&id);
+            event.at = i64::try_from(now_ms()).unwrap();
+            event
+        };
+        // What an outage left behind.
+        spool.append(&(0..100).map(|n| event(format!("spooled-{n}"))).collect::<Vec<_>>()).unwrap();
+
+        let arriving = std::sync::atomic::AtomicBool::new(true);
+        let feed = async {
+            // 20 records a millisecond.
+            let mut sent = 0;
+            let mut every = tokio::time::interval(Duration::from_millis(1));
+            while arriving.load(Ordering::Relaxed) {
+                every.tick().await;
+                for _ in 0..20 {
+                    ledger.record(event(format!("new-{sent}")));
+                    sent += 1;
+                }
+            }
+            sent
+        };
+        let drained = async {
+            let started = std::time::Instant::now();
+            while !spool.is_empty() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "the spool still holds {} bytes after 10 s of steady records",
+                    spool.bytes()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            arriving.store(false, Ordering::Relaxed);
+        };
+        let (sent, ()) = tokio::join!(feed, drained);
+        cancel.cancel();
+        writer.await.unwrap();
+        assert_eq!(store.count_usage_events().await.unwrap(), 100 + sent, "every record once");
+    }
 
     #[test]
     fn a_batch_allocation_is_kept_up_to_the_batch_size() {

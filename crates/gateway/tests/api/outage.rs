@@ -98,9 +98,8 @@ async fn spooled_records_are_replayed_while_traffic_keeps_flowing() {
     link.restore().await;
 
     // Two clients keep sending while the spool is replayed: the replay
-    // must not wait for the traffic to stop. (The writer takes new records
-    // first and replays when it finds none waiting, which at this rate is
-    // within a few of its turns.)
+    // must not wait for the traffic to stop (the writer replays a segment
+    // at each turn that finds the spool holding records).
     let flowing = std::sync::atomic::AtomicBool::new(true);
     let drained = async {
         wait_until("the spool replayed while requests keep coming", PATIENCE, async || spool_bytes().await == 0.0)
