@@ -9,8 +9,11 @@ use crate::helpers::{
 use reqwest::Method;
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_outage_loses_no_usage_record_and_no_request() {
+/// A gateway whose database is reached through a link the test can cut,
+/// with a short write timeout so a cut shows within the test's patience.
+async fn gateway_over_a_cuttable_link(
+    configure: impl FnOnce(&mut tollgate_gateway::config::Config),
+) -> (tollgate_store::testing::TestDatabase, CuttableLink, TestGateway) {
     let db = tollgate_store::testing::TestDatabase::postgres().await;
     let link = CuttableLink::start(service_addr(&db.url, 5432).await).await;
     let via_link = through(&db.url, link.addr);
@@ -18,9 +21,27 @@ async fn a_database_outage_loses_no_usage_record_and_no_request() {
     let fake = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
     let gw = TestGateway::start_full(fake, Db::Url(via_link), |c| {
         c.accounting.write_timeout = Duration::from_millis(500);
-        c.auth.refresh_interval = Duration::from_millis(200);
+        configure(c);
     })
     .await;
+    (db, link, gw)
+}
+
+/// Waits for the ledger to hold a record for each of the `served`
+/// requests, and checks it holds no more.
+async fn assert_one_record_per_request(db: &tollgate_store::testing::TestDatabase, served: i64) {
+    let store = tollgate_store::Store::connect(&db.url, 2).await.unwrap();
+    let count = wait_for("a record for every request served", PATIENCE, async || {
+        let count = store.count_usage_events().await.unwrap();
+        (count >= served).then_some(count)
+    })
+    .await;
+    assert_eq!(count, served, "exactly one record per request served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_loses_no_usage_record_and_no_request() {
+    let (db, link, gw) = gateway_over_a_cuttable_link(|c| c.auth.refresh_interval = Duration::from_millis(200)).await;
 
     let chat = json!({"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}]});
     let stream = json!({"model": "gemini-2.5-flash", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
@@ -54,13 +75,7 @@ async fn a_database_outage_loses_no_usage_record_and_no_request() {
     link.restore().await;
     send(20).await;
 
-    let store = tollgate_store::Store::connect(&db.url, 2).await.unwrap();
-    let count = wait_for("a record for every request served", PATIENCE, async || {
-        let count = store.count_usage_events().await.unwrap();
-        (count >= served).then_some(count)
-    })
-    .await;
-    assert_eq!(count, served, "exactly one record per request served");
+    assert_one_record_per_request(&db, served).await;
     let (_, summary) = gw.admin(Method::GET, "/admin/v1/usage/summary", None).await;
     assert_eq!(summary["data"][0]["requests"], served, "rollups count each record once");
     println!("40 requests served in {during_outage:?} while the database was unreachable");
@@ -69,15 +84,8 @@ async fn a_database_outage_loses_no_usage_record_and_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spooled_records_are_replayed_while_traffic_keeps_flowing() {
-    let db = tollgate_store::testing::TestDatabase::postgres().await;
-    let link = CuttableLink::start(service_addr(&db.url, 5432).await).await;
-    let via_link = through(&db.url, link.addr);
-    let fake = tollgate_fake_upstream::FakeUpstream::start().await.unwrap();
-    let gw = TestGateway::start_full(fake, Db::Url(via_link), |c| {
-        c.accounting.write_timeout = Duration::from_millis(500);
-        c.accounting.flush_interval = Duration::from_millis(20);
-    })
-    .await;
+    let (db, link, gw) =
+        gateway_over_a_cuttable_link(|c| c.accounting.flush_interval = Duration::from_millis(20)).await;
     let chat = json!({"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}]});
     let send = async |n: usize| {
         for _ in 0..n {
@@ -123,11 +131,5 @@ async fn spooled_records_are_replayed_while_traffic_keeps_flowing() {
     );
 
     let served = i64::try_from(served).unwrap();
-    let store = tollgate_store::Store::connect(&db.url, 2).await.unwrap();
-    let count = wait_for("a record for every request served", PATIENCE, async || {
-        let count = store.count_usage_events().await.unwrap();
-        (count >= served).then_some(count)
-    })
-    .await;
-    assert_eq!(count, served, "exactly one record per request served");
+    assert_one_record_per_request(&db, served).await;
 }
