@@ -202,21 +202,21 @@ impl Writer {
     }
 
     /// One segment replayed when the spool holds records and the last
-    /// failure's wait is over; at once again after a success.
-    async fn replay_turn(&self, turn: &mut ReplayTurn) {
+    /// failure's wait is over; at once again after a success. `true`: a
+    /// segment went to the database (there may be more).
+    async fn replay_turn(&self, turn: &mut ReplayTurn) -> bool {
         if self.spool.is_empty() || Instant::now() < turn.next {
-            return;
+            return false;
         }
-        match self.replay_segment().await {
-            Replayed::Segment | Replayed::Empty => {
-                turn.next = Instant::now();
-                turn.backoff = self.settings.retry_interval;
-            }
-            Replayed::Failed => {
-                turn.next = Instant::now() + turn.backoff;
-                turn.backoff = (turn.backoff * 2).min(MAX_REPLAY_BACKOFF.max(self.settings.retry_interval));
-            }
+        let replayed = self.replay_segment().await;
+        if replayed == Replayed::Failed {
+            turn.next = Instant::now() + turn.backoff;
+            turn.backoff = (turn.backoff * 2).min(MAX_REPLAY_BACKOFF.max(self.settings.retry_interval));
+        } else {
+            turn.next = Instant::now();
+            turn.backoff = self.settings.retry_interval;
         }
+        replayed == Replayed::Segment
     }
 
     /// Records that waited beside a full channel.
@@ -249,10 +249,10 @@ impl Writer {
                 () = cancel.cancelled() => break,
                 n = rx.recv_many(&mut batch, self.settings.batch_size) => if n == 0 { break },
                 () = self.shared.wake.notified() => self.take_overflow(&mut batch),
+                // No record waiting: the whole spool, unless the last replay
+                // failed and its wait is not over.
                 _ = retry.tick() => {
-                    if !self.spool.is_empty() {
-                        self.replay().await;
-                    }
+                    while self.replay_turn(&mut turn).await {}
                     continue;
                 }
             }
@@ -474,7 +474,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let writer = tokio::spawn(Writer::new(&ledger, store.clone(), settings).run(rx, cancel.clone()));
         let event = |id: String| {
-            let mut event = super::super::spool::tests::event(&id);
+            let mut event = crate::accounting::spool::tests::event(&id);
             event.at = i64::try_from(now_ms()).unwrap();
             event
         };
